@@ -1,0 +1,80 @@
+//! Timestamps. The pure crates never read a clock: callers pass a [`Timestamp`] in.
+
+use std::fmt;
+
+/// A UTC instant with nanosecond precision, as nanoseconds since the Unix epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Timestamp(i128);
+
+impl Timestamp {
+    /// From nanoseconds since the Unix epoch.
+    pub const fn from_unix_nanos(nanos: i128) -> Self {
+        Timestamp(nanos)
+    }
+
+    /// From whole seconds since the Unix epoch.
+    pub const fn from_unix_seconds(secs: i64) -> Self {
+        Timestamp(secs as i128 * 1_000_000_000)
+    }
+
+    /// Nanoseconds since the Unix epoch.
+    pub const fn unix_nanos(self) -> i128 {
+        self.0
+    }
+
+    /// Whole seconds since the Unix epoch (rounded down).
+    pub const fn unix_seconds(self) -> i64 {
+        self.0.div_euclid(1_000_000_000) as i64
+    }
+
+    /// This instant plus some milliseconds.
+    #[must_use]
+    pub const fn plus_millis(self, ms: i64) -> Self {
+        Timestamp(self.0 + ms as i128 * 1_000_000)
+    }
+
+    /// ISO-8601 UTC with seven fractional digits and `Z`, as Azure prints it
+    /// (`2022-08-31T22:02:50.5163352Z`).
+    pub fn to_iso(self) -> String {
+        self.to_string()
+    }
+
+    /// Parses an RFC 3339 timestamp (any number of fractional digits, any offset).
+    pub fn parse_iso(s: &str) -> Option<Self> {
+        let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
+        Some(Timestamp(t.unix_timestamp_nanos()))
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match time::OffsetDateTime::from_unix_timestamp_nanos(self.0) {
+            Ok(t) => write!(
+                f,
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:07}Z",
+                t.year(),
+                u8::from(t.month()),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second(),
+                t.nanosecond() / 100
+            ),
+            Err(_) => f.write_str("9999-12-31T23:59:59.9999999Z"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_like_azure() {
+        let t = Timestamp::from_unix_nanos(1_661_983_370_516_335_200);
+        assert_eq!(t.to_iso(), "2022-08-31T22:02:50.5163352Z");
+        assert_eq!(Timestamp::parse_iso("2022-08-31T22:02:50.5163352Z"), Some(t));
+        assert_eq!(Timestamp::from_unix_seconds(0).to_iso(), "1970-01-01T00:00:00.0000000Z");
+        assert_eq!(Timestamp::parse_iso("not a time"), None);
+    }
+}
