@@ -1,1 +1,368 @@
-//! placeholder
+//! Device attestation for the DPS engine.
+//!
+//! Attestation answers two questions at once: *is this device who it says it is*, and *which enrollment
+//! does it belong to*. The answer is a proof value, [`VerifiedDevice`], that only this crate can construct;
+//! the engine's assignment step takes one, so "assigned without attestation" does not compile.
+//!
+//! Symmetric-key resolution order (spec §4.3, §12 item 27):
+//! 1. An individual enrollment with the registration ID decides alone: its primary then secondary key must
+//!    verify the SAS; if it does and the enrollment is disabled, the answer is [`Attestation::Disabled`]
+//!    (no fallback to groups).
+//! 2. Otherwise every symmetric-key enrollment group is tried, in group-ID order: the device key is
+//!    `HMAC-SHA256(group key, registration ID)` for the primary then the secondary group key. The first group
+//!    whose derived key verifies decides; if it is disabled the answer is `Disabled`.
+//! 3. Nothing verifies: `401000 Unauthorized`.
+//!
+//! Expiry (with five minutes of skew) and the token's audience are checked before any key is tried.
+//! This crate does no I/O and reads no clock: `now` is an argument.
+#![forbid(unsafe_code)]
+
+use dps_proto::model::{AttestationType, EnrollmentGroup, IndividualEnrollment, ProvisioningStatus};
+use dps_proto::sas::{device_resource, SasToken, SymmetricKey};
+use dps_proto::{DpsError, EnrollmentGroupId, ErrorCode, IdScope, RegistrationId, Timestamp};
+
+/// The enrollment a device matched, borrowed from the caller's data.
+#[derive(Debug, Clone, Copy)]
+pub enum MatchedEnrollment<'a> {
+    /// An individual enrollment.
+    Individual(&'a IndividualEnrollment),
+    /// An enrollment group.
+    Group(&'a EnrollmentGroup),
+}
+
+impl MatchedEnrollment<'_> {
+    /// Whether the matched enrollment is disabled.
+    pub fn is_disabled(&self) -> bool {
+        let status = match self {
+            MatchedEnrollment::Individual(e) => e.provisioning_status,
+            MatchedEnrollment::Group(g) => g.provisioning_status,
+        };
+        status == Some(ProvisioningStatus::Disabled)
+    }
+
+    /// The group's ID when matched through a group.
+    pub fn group_id(&self) -> Option<&str> {
+        match self {
+            MatchedEnrollment::Group(g) => Some(&g.enrollment_group_id),
+            MatchedEnrollment::Individual(_) => None,
+        }
+    }
+}
+
+/// Proof that a device authenticated and which enrollment it belongs to. Only this crate constructs it.
+#[derive(Debug, Clone)]
+pub struct VerifiedDevice<'a> {
+    registration_id: RegistrationId,
+    enrollment: MatchedEnrollment<'a>,
+    primary_key: SymmetricKey,
+    secondary_key: SymmetricKey,
+    key_index: usize,
+}
+
+impl<'a> VerifiedDevice<'a> {
+    /// The authenticated registration ID.
+    pub fn registration_id(&self) -> &RegistrationId {
+        &self.registration_id
+    }
+
+    /// The enrollment it matched (always enabled).
+    pub fn enrollment(&self) -> MatchedEnrollment<'a> {
+        self.enrollment
+    }
+
+    /// The device's primary key (the enrollment's key, or the group-derived key): the credential its hub
+    /// identity gets.
+    pub fn primary_key(&self) -> &SymmetricKey {
+        &self.primary_key
+    }
+
+    /// The device's secondary key.
+    pub fn secondary_key(&self) -> &SymmetricKey {
+        &self.secondary_key
+    }
+
+    /// 0 when the primary key verified the token, 1 for the secondary.
+    pub fn key_index(&self) -> usize {
+        self.key_index
+    }
+}
+
+/// A device that authenticated but whose enrollment is disabled.
+#[derive(Debug, Clone)]
+pub struct DisabledDevice<'a> {
+    registration_id: RegistrationId,
+    enrollment: MatchedEnrollment<'a>,
+}
+
+impl<'a> DisabledDevice<'a> {
+    /// The authenticated registration ID.
+    pub fn registration_id(&self) -> &RegistrationId {
+        &self.registration_id
+    }
+
+    /// The disabled enrollment.
+    pub fn enrollment(&self) -> MatchedEnrollment<'a> {
+        self.enrollment
+    }
+}
+
+/// The outcome of a successful authentication.
+#[derive(Debug, Clone)]
+pub enum Attestation<'a> {
+    /// Authenticated, enrollment enabled: the device may be assigned.
+    Verified(VerifiedDevice<'a>),
+    /// Authenticated, enrollment disabled: the registration ends in status `disabled`.
+    Disabled(DisabledDevice<'a>),
+}
+
+fn keys_of(
+    attestation_keys: Option<&dps_proto::model::SymmetricKeyAttestation>,
+) -> Result<(SymmetricKey, SymmetricKey), DpsError> {
+    let internal = |what: &str| {
+        DpsError::with_message(ErrorCode::InternalError, format!("stored enrollment has no valid {what} key"))
+    };
+    let k = attestation_keys.ok_or_else(|| internal("symmetric"))?;
+    let primary = k.primary_key.as_deref().ok_or_else(|| internal("primary"))?;
+    let primary = SymmetricKey::parse(primary).map_err(|_| internal("primary"))?;
+    let secondary = match k.secondary_key.as_deref() {
+        Some(s) => SymmetricKey::parse(s).map_err(|_| internal("secondary"))?,
+        None => primary.clone(),
+    };
+    Ok((primary, secondary))
+}
+
+fn unauthorized(registration_id: &RegistrationId) -> DpsError {
+    DpsError::with_message(
+        ErrorCode::Unauthorized,
+        format!("Unauthorized: no enrollment accepts the SAS token of registration '{registration_id}'"),
+    )
+}
+
+/// Authenticates a symmetric-key device (see the crate docs for the resolution order).
+///
+/// `individual` is the individual enrollment with this registration ID, if any; `groups` are the instance's
+/// enrollment groups (non-symmetric-key groups are skipped), in the order to try them.
+pub fn attest_symmetric_key<'a>(
+    now: Timestamp,
+    id_scope: &IdScope,
+    registration_id: &RegistrationId,
+    token: &SasToken,
+    individual: Option<&'a IndividualEnrollment>,
+    groups: &'a [EnrollmentGroup],
+) -> Result<Attestation<'a>, DpsError> {
+    if token.is_expired(now) {
+        return Err(DpsError::with_message(
+            ErrorCode::TokenExpired,
+            format!("The SAS token expired at {} (now {}).", token.expiry(), now.unix_seconds()),
+        ));
+    }
+    let target = device_resource(id_scope.as_str(), registration_id.as_str());
+    if !token.audience_matches(&target) {
+        return Err(DpsError::with_message(
+            ErrorCode::Unauthorized,
+            format!("The SAS token's resource '{}' does not match '{target}'.", token.resource_decoded()),
+        ));
+    }
+
+    if let Some(e) = individual {
+        if e.attestation.kind != AttestationType::SymmetricKey {
+            return Err(DpsError::with_message(
+                ErrorCode::Unauthorized,
+                format!("The enrollment of '{registration_id}' does not use symmetric-key attestation."),
+            ));
+        }
+        let (primary, secondary) = keys_of(e.attestation.symmetric_key.as_ref())?;
+        let key_index = [&primary, &secondary]
+            .iter()
+            .position(|k| token.signature_matches(k))
+            .ok_or_else(|| unauthorized(registration_id))?;
+        let enrollment = MatchedEnrollment::Individual(e);
+        return Ok(decide(registration_id, enrollment, primary, secondary, key_index));
+    }
+
+    for g in groups {
+        if g.attestation.kind != AttestationType::SymmetricKey {
+            continue;
+        }
+        let Ok((group_primary, group_secondary)) = keys_of(g.attestation.symmetric_key.as_ref()) else {
+            continue;
+        };
+        let primary = group_primary.derive_device_key(registration_id.as_str());
+        if token.signature_matches(&primary) {
+            let secondary = group_secondary.derive_device_key(registration_id.as_str());
+            return Ok(decide(registration_id, MatchedEnrollment::Group(g), primary, secondary, 0));
+        }
+        let secondary = group_secondary.derive_device_key(registration_id.as_str());
+        if token.signature_matches(&secondary) {
+            return Ok(decide(registration_id, MatchedEnrollment::Group(g), primary, secondary, 1));
+        }
+    }
+    Err(unauthorized(registration_id))
+}
+
+fn decide<'a>(
+    registration_id: &RegistrationId,
+    enrollment: MatchedEnrollment<'a>,
+    primary_key: SymmetricKey,
+    secondary_key: SymmetricKey,
+    key_index: usize,
+) -> Attestation<'a> {
+    if enrollment.is_disabled() {
+        Attestation::Disabled(DisabledDevice { registration_id: registration_id.clone(), enrollment })
+    } else {
+        Attestation::Verified(VerifiedDevice {
+            registration_id: registration_id.clone(),
+            enrollment,
+            primary_key,
+            secondary_key,
+            key_index,
+        })
+    }
+}
+
+/// Parses an enrollment group ID from a matched group (stored groups always have valid IDs).
+pub fn group_id_of(group: &EnrollmentGroup) -> Result<EnrollmentGroupId, DpsError> {
+    EnrollmentGroupId::parse(&group.enrollment_group_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dps_proto::model::AttestationMechanism;
+    use dps_proto::sas::{build_token, encode_resource};
+
+    const NOW: i64 = 1_700_000_000;
+    const SCOPE: &str = "0ne00000001";
+
+    fn key(b: u8) -> SymmetricKey {
+        SymmetricKey::from_bytes(vec![b; 32])
+    }
+
+    fn individual(id: &str, k1: &SymmetricKey, k2: &SymmetricKey, disabled: bool) -> IndividualEnrollment {
+        serde_json::from_value(serde_json::json!({
+            "registrationId": id,
+            "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": k1.to_base64(), "secondaryKey": k2.to_base64()}},
+            "provisioningStatus": if disabled { "disabled" } else { "enabled" },
+        }))
+        .unwrap()
+    }
+
+    fn group(id: &str, k1: &SymmetricKey, k2: &SymmetricKey, disabled: bool) -> EnrollmentGroup {
+        EnrollmentGroup {
+            enrollment_group_id: id.into(),
+            attestation: AttestationMechanism::symmetric_key(Some(k1.to_base64()), Some(k2.to_base64())),
+            iot_hub_host_name: None,
+            initial_twin: None,
+            etag: None,
+            provisioning_status: Some(if disabled { ProvisioningStatus::Disabled } else { ProvisioningStatus::Enabled }),
+            reprovision_policy: None,
+            created_date_time_utc: None,
+            last_updated_date_time_utc: None,
+            allocation_policy: None,
+            iot_hubs: None,
+            custom_allocation_definition: None,
+            capabilities: None,
+        }
+    }
+
+    fn token_for(k: &SymmetricKey, id: &str, expiry: i64) -> SasToken {
+        let sr = encode_resource(&device_resource(SCOPE, id));
+        SasToken::parse(&build_token(k, &sr, expiry, Some("registration"))).unwrap()
+    }
+
+    fn run<'a>(
+        token: &SasToken,
+        id: &str,
+        ind: Option<&'a IndividualEnrollment>,
+        groups: &'a [EnrollmentGroup],
+    ) -> Result<Attestation<'a>, DpsError> {
+        attest_symmetric_key(
+            Timestamp::from_unix_seconds(NOW),
+            &IdScope::parse(SCOPE).unwrap(),
+            &RegistrationId::parse(id).unwrap(),
+            token,
+            ind,
+            groups,
+        )
+    }
+
+    #[test]
+    fn individual_primary_and_secondary() {
+        let e = individual("dev1", &key(1), &key(2), false);
+        let Attestation::Verified(v) = run(&token_for(&key(1), "dev1", NOW + 60), "dev1", Some(&e), &[]).unwrap()
+        else {
+            panic!("not verified")
+        };
+        assert_eq!(v.key_index(), 0);
+        assert!(matches!(v.enrollment(), MatchedEnrollment::Individual(_)));
+        let Attestation::Verified(v) = run(&token_for(&key(2), "dev1", NOW + 60), "dev1", Some(&e), &[]).unwrap()
+        else {
+            panic!("not verified")
+        };
+        assert_eq!(v.key_index(), 1);
+        assert_eq!(v.primary_key().as_bytes(), key(1).as_bytes());
+    }
+
+    #[test]
+    fn wrong_key_is_unauthorized_without_group_fallback() {
+        let e = individual("dev1", &key(1), &key(2), false);
+        let groups = [group("g1", &key(3), &key(4), false)];
+        let derived = key(3).derive_device_key("dev1");
+        let err = run(&token_for(&derived, "dev1", NOW + 60), "dev1", Some(&e), &groups).unwrap_err();
+        assert_eq!(err.code, ErrorCode::Unauthorized);
+    }
+
+    #[test]
+    fn expired_and_wrong_audience() {
+        let e = individual("dev1", &key(1), &key(2), false);
+        assert!(run(&token_for(&key(1), "dev1", NOW - 300), "dev1", Some(&e), &[]).is_ok());
+        let err = run(&token_for(&key(1), "dev1", NOW - 301), "dev1", Some(&e), &[]).unwrap_err();
+        assert_eq!(err.code, ErrorCode::TokenExpired);
+        let err = run(&token_for(&key(1), "other", NOW + 60), "dev1", Some(&e), &[]).unwrap_err();
+        assert_eq!(err.code, ErrorCode::Unauthorized);
+    }
+
+    #[test]
+    fn disabled_individual_stops_even_if_group_matches() {
+        let e = individual("dev1", &key(1), &key(2), true);
+        let groups = [group("g1", &key(1), &key(2), false)];
+        let r = run(&token_for(&key(1), "dev1", NOW + 60), "dev1", Some(&e), &groups).unwrap();
+        assert!(matches!(r, Attestation::Disabled(_)));
+    }
+
+    #[test]
+    fn group_derived_keys() {
+        let groups = [group("g1", &key(3), &key(4), false), group("g2", &key(5), &key(6), false)];
+        let t = token_for(&key(6).derive_device_key("dev-9"), "dev-9", NOW + 60);
+        let Attestation::Verified(v) = run(&t, "dev-9", None, &groups).unwrap() else { panic!("not verified") };
+        assert_eq!(v.enrollment().group_id(), Some("g2"));
+        assert_eq!(v.key_index(), 1);
+        assert_eq!(v.primary_key().as_bytes(), key(5).derive_device_key("dev-9").as_bytes());
+        // The group key itself is not a device key.
+        let t = token_for(&key(5), "dev-9", NOW + 60);
+        assert_eq!(run(&t, "dev-9", None, &groups).unwrap_err().code, ErrorCode::Unauthorized);
+    }
+
+    #[test]
+    fn disabled_group_stops_resolution() {
+        let groups = [group("a-disabled", &key(3), &key(4), true), group("b-enabled", &key(3), &key(4), false)];
+        let t = token_for(&key(3).derive_device_key("dev"), "dev", NOW + 60);
+        let r = run(&t, "dev", None, &groups).unwrap();
+        let Attestation::Disabled(d) = r else { panic!("expected disabled") };
+        assert_eq!(d.enrollment().group_id(), Some("a-disabled"));
+    }
+
+    #[test]
+    fn individual_with_other_attestation_refuses_sas() {
+        let mut e = individual("dev1", &key(1), &key(2), false);
+        e.attestation.kind = AttestationType::X509;
+        let err = run(&token_for(&key(1), "dev1", NOW + 60), "dev1", Some(&e), &[]).unwrap_err();
+        assert_eq!(err.code, ErrorCode::Unauthorized);
+    }
+
+    #[test]
+    fn unknown_device() {
+        let err = run(&token_for(&key(1), "nobody", NOW + 60), "nobody", None, &[]).unwrap_err();
+        assert_eq!(err.code, ErrorCode::Unauthorized);
+    }
+}

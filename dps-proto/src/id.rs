@@ -35,6 +35,23 @@ fn check_registration_like(what: &str, s: &str) -> Result<(), DpsError> {
     Ok(())
 }
 
+/// Implements serde as a string that is parsed on the way in.
+macro_rules! serde_as_string {
+    ($name:ident) => {
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+        impl<'de> serde::Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = <std::borrow::Cow<'de, str> as serde::Deserialize>::deserialize(d)?;
+                $name::parse(&s).map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
 macro_rules! case_insensitive_id {
     ($(#[$doc:meta])* $name:ident, $what:literal) => {
         $(#[$doc])*
@@ -99,6 +116,7 @@ macro_rules! case_insensitive_id {
                 Self::parse(s)
             }
         }
+        serde_as_string!($name);
     };
 }
 
@@ -170,6 +188,11 @@ impl fmt::Debug for IdScope {
         write!(f, "IdScope({:?})", self.original)
     }
 }
+
+serde_as_string!(IdScope);
+serde_as_string!(DeviceId);
+serde_as_string!(OperationId);
+serde_as_string!(Etag);
 
 /// An IoT Hub device ID: case-sensitive, 1-128 ASCII characters of alphanumerics and
 /// `- . % _ * ? ! ( ) , : = @ $ '` (spec §11.2).

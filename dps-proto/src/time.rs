@@ -2,35 +2,36 @@
 
 use std::fmt;
 
-/// A UTC instant with nanosecond precision, as nanoseconds since the Unix epoch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct Timestamp(i128);
+/// A UTC instant with nanosecond precision, as nanoseconds since the Unix epoch (years 1678 to 2262).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct Timestamp(i64);
 
 impl Timestamp {
     /// From nanoseconds since the Unix epoch.
-    pub const fn from_unix_nanos(nanos: i128) -> Self {
+    pub const fn from_unix_nanos(nanos: i64) -> Self {
         Timestamp(nanos)
     }
 
     /// From whole seconds since the Unix epoch.
     pub const fn from_unix_seconds(secs: i64) -> Self {
-        Timestamp(secs as i128 * 1_000_000_000)
+        Timestamp(secs.saturating_mul(1_000_000_000))
     }
 
     /// Nanoseconds since the Unix epoch.
-    pub const fn unix_nanos(self) -> i128 {
+    pub const fn unix_nanos(self) -> i64 {
         self.0
     }
 
     /// Whole seconds since the Unix epoch (rounded down).
     pub const fn unix_seconds(self) -> i64 {
-        self.0.div_euclid(1_000_000_000) as i64
+        self.0.div_euclid(1_000_000_000)
     }
 
     /// This instant plus some milliseconds.
     #[must_use]
     pub const fn plus_millis(self, ms: i64) -> Self {
-        Timestamp(self.0 + ms as i128 * 1_000_000)
+        Timestamp(self.0.saturating_add(ms.saturating_mul(1_000_000)))
     }
 
     /// ISO-8601 UTC with seven fractional digits and `Z`, as Azure prints it
@@ -42,13 +43,13 @@ impl Timestamp {
     /// Parses an RFC 3339 timestamp (any number of fractional digits, any offset).
     pub fn parse_iso(s: &str) -> Option<Self> {
         let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
-        Some(Timestamp(t.unix_timestamp_nanos()))
+        i64::try_from(t.unix_timestamp_nanos()).ok().map(Timestamp)
     }
 }
 
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match time::OffsetDateTime::from_unix_timestamp_nanos(self.0) {
+        match time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(self.0)) {
             Ok(t) => write!(
                 f,
                 "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:07}Z",

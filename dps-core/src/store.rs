@@ -1,0 +1,284 @@
+//! Storage as effects: the engine asks for a [`StoreOp`], the caller's store performs it and the result is
+//! fed back. Backends (in memory, SQLite, ...) live in `dps-store` and implement [`BlockingStore`] and/or
+//! [`AsyncStore`]; every backend runs the same conformance suite.
+//!
+//! Conditional writes are evaluated by the store, atomically: the engine never does an unguarded
+//! read-modify-write.
+
+use dps_proto::model::{EnrollmentGroup, IndividualEnrollment, RegistrationStatus, RegistrationSubstatus};
+use dps_proto::query::Query;
+use dps_proto::{EnrollmentGroupId, Etag, IfMatch, OperationId, RegistrationId, Timestamp};
+use serde::{Deserialize, Serialize};
+use std::future::Future;
+use std::sync::Arc;
+
+/// Which enrollment a registration came through.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum EnrollmentRef {
+    /// An individual enrollment (keyed by the registration ID).
+    Individual(RegistrationId),
+    /// An enrollment group.
+    Group(EnrollmentGroupId),
+}
+
+impl EnrollmentRef {
+    /// The group ID when the registration came through a group.
+    pub fn group_id(&self) -> Option<&EnrollmentGroupId> {
+        match self {
+            EnrollmentRef::Group(g) => Some(g),
+            EnrollmentRef::Individual(_) => None,
+        }
+    }
+}
+
+/// A device registration record (the service API's `DeviceRegistrationState`, plus the latest operation).
+///
+/// There is one record per registration ID; it carries the device's latest operation, so a poll for an
+/// older, superseded operation ID is answered 404.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistrationRecord {
+    /// Registration ID as the device sent it.
+    pub registration_id: RegistrationId,
+    /// The enrollment it matched.
+    pub enrollment: EnrollmentRef,
+    /// The latest operation.
+    pub operation_id: OperationId,
+    /// Status of the latest operation.
+    pub status: RegistrationStatus,
+    /// Substatus when assigned.
+    pub substatus: Option<RegistrationSubstatus>,
+    /// The hub the device is (or was last) assigned to.
+    pub assigned_hub: Option<String>,
+    /// The device ID in that hub.
+    pub device_id: Option<String>,
+    /// Six-digit error code when failed.
+    pub error_code: Option<u32>,
+    /// Error message when failed.
+    pub error_message: Option<String>,
+    /// Custom payload returned to the device.
+    pub payload: Option<serde_json::Value>,
+    /// When the record was first created.
+    pub created: Timestamp,
+    /// When it was last written.
+    pub last_updated: Timestamp,
+    /// Record ETag (changes on every write).
+    pub etag: Etag,
+}
+
+/// What a registration needs from storage, loaded in one round trip.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceContext {
+    /// The individual enrollment with this registration ID, if any.
+    pub individual: Option<IndividualEnrollment>,
+    /// When there is no individual enrollment: every symmetric-key enrollment group (enabled and disabled),
+    /// ordered by group ID. Empty when an individual enrollment exists.
+    pub symmetric_key_groups: Arc<Vec<EnrollmentGroup>>,
+    /// The device's registration record, if any.
+    pub registration: Option<RegistrationRecord>,
+}
+
+/// A write precondition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteCondition {
+    /// Create or replace.
+    Upsert,
+    /// Create only; fail with [`StoreError::AlreadyExists`] if present.
+    CreateOnly,
+    /// Replace only if present and matching; otherwise [`StoreError::NotFound`] or
+    /// [`StoreError::PreconditionFailed`].
+    IfMatch(IfMatch),
+}
+
+/// A page request: items strictly after `after` (by lowercase key), at most `limit` of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageRequest {
+    /// Continue after this key (exclusive).
+    pub after: Option<String>,
+    /// Maximum number of items (at least 1).
+    pub limit: usize,
+}
+
+/// One page of results.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page<T> {
+    /// The items, ordered by lowercase key.
+    pub items: Vec<T>,
+    /// Key to continue after, present only when more items exist.
+    pub next: Option<String>,
+}
+
+/// A storage operation requested by the engine.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum StoreOp {
+    /// Load the individual enrollment, (if none) the symmetric-key groups, and the registration record.
+    LoadDeviceContext {
+        /// The device.
+        registration_id: RegistrationId,
+    },
+    /// Write a registration record, durably, if the current record's ETag is `expected`
+    /// (`None`: no record may exist). Mismatch: [`StoreError::Conflict`].
+    CommitRegistration {
+        /// The record to write.
+        record: Box<RegistrationRecord>,
+        /// The ETag the engine read.
+        expected: Option<Etag>,
+    },
+    /// Read a registration record.
+    GetRegistration {
+        /// The device.
+        registration_id: RegistrationId,
+    },
+    /// Delete a registration record ([`StoreError::NotFound`] when absent).
+    DeleteRegistration {
+        /// The device.
+        registration_id: RegistrationId,
+        /// Optional precondition.
+        if_match: Option<IfMatch>,
+    },
+    /// Registration records that came through a group, by registration ID.
+    QueryRegistrations {
+        /// The group.
+        group_id: EnrollmentGroupId,
+        /// Paging.
+        page: PageRequest,
+    },
+    /// Read an individual enrollment.
+    GetEnrollment {
+        /// Its registration ID.
+        registration_id: RegistrationId,
+    },
+    /// Write an individual enrollment. The store keeps `createdDateTimeUtc` of an existing enrollment and
+    /// returns what it stored.
+    PutEnrollment {
+        /// The enrollment (with new etag and timestamps set by the engine).
+        enrollment: Box<IndividualEnrollment>,
+        /// The precondition.
+        condition: WriteCondition,
+    },
+    /// Delete an individual enrollment.
+    DeleteEnrollment {
+        /// Its registration ID.
+        registration_id: RegistrationId,
+        /// Optional precondition.
+        if_match: Option<IfMatch>,
+    },
+    /// Individual enrollments matching a query, by registration ID.
+    QueryEnrollments {
+        /// The filter (its source is `enrollments`).
+        query: Query,
+        /// Paging.
+        page: PageRequest,
+    },
+    /// Read an enrollment group.
+    GetGroup {
+        /// Its ID.
+        group_id: EnrollmentGroupId,
+    },
+    /// Write an enrollment group (keeps the existing creation time).
+    PutGroup {
+        /// The group.
+        group: Box<EnrollmentGroup>,
+        /// The precondition.
+        condition: WriteCondition,
+    },
+    /// Delete an enrollment group (its registration records stay, as in Azure).
+    DeleteGroup {
+        /// Its ID.
+        group_id: EnrollmentGroupId,
+        /// Optional precondition.
+        if_match: Option<IfMatch>,
+    },
+    /// Enrollment groups matching a query, by group ID.
+    QueryGroups {
+        /// The filter.
+        query: Query,
+        /// Paging.
+        page: PageRequest,
+    },
+}
+
+/// The result of a [`StoreOp`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum StoreResult {
+    /// For [`StoreOp::LoadDeviceContext`].
+    DeviceContext(DeviceContext),
+    /// For writes and deletes that return nothing.
+    Done,
+    /// For [`StoreOp::GetRegistration`].
+    Registration(Option<Box<RegistrationRecord>>),
+    /// For [`StoreOp::QueryRegistrations`].
+    Registrations(Page<RegistrationRecord>),
+    /// For [`StoreOp::GetEnrollment`] and [`StoreOp::PutEnrollment`].
+    Enrollment(Option<Box<IndividualEnrollment>>),
+    /// For [`StoreOp::QueryEnrollments`].
+    Enrollments(Page<IndividualEnrollment>),
+    /// For [`StoreOp::GetGroup`] and [`StoreOp::PutGroup`].
+    Group(Option<Box<EnrollmentGroup>>),
+    /// For [`StoreOp::QueryGroups`].
+    Groups(Page<EnrollmentGroup>),
+}
+
+/// Why a store operation did not happen.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The item does not exist.
+    #[error("not found")]
+    NotFound,
+    /// The item exists and the write was create-only.
+    #[error("already exists")]
+    AlreadyExists,
+    /// The If-Match precondition failed.
+    #[error("precondition failed")]
+    PreconditionFailed,
+    /// A registration commit lost a race with another registration of the same device.
+    #[error("conflicting concurrent write")]
+    Conflict,
+    /// The backend failed (I/O, corruption, shutdown).
+    #[error("storage backend failed: {message}")]
+    Backend {
+        /// What failed.
+        message: String,
+    },
+}
+
+/// A store that performs operations synchronously (in memory, or a blocking database client).
+pub trait BlockingStore {
+    /// Performs one operation.
+    fn execute(&self, op: StoreOp) -> Result<StoreResult, StoreError>;
+}
+
+/// A store whose operations complete asynchronously (e.g. a group-committing SQLite writer).
+pub trait AsyncStore {
+    /// Performs one operation.
+    fn execute(&self, op: StoreOp) -> impl Future<Output = Result<StoreResult, StoreError>> + Send;
+}
+
+impl<T: BlockingStore + ?Sized> BlockingStore for &T {
+    fn execute(&self, op: StoreOp) -> Result<StoreResult, StoreError> {
+        (**self).execute(op)
+    }
+}
+
+impl<T: BlockingStore + ?Sized> BlockingStore for Arc<T> {
+    fn execute(&self, op: StoreOp) -> Result<StoreResult, StoreError> {
+        (**self).execute(op)
+    }
+}
+
+/// Encodes a page key as an opaque continuation token.
+pub fn continuation_token(key: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key.as_bytes())
+}
+
+/// Decodes a continuation token produced by [`continuation_token`].
+pub fn parse_continuation_token(token: &str) -> Option<String> {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token.trim()).ok()?;
+    String::from_utf8(bytes).ok()
+}
