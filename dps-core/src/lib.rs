@@ -1,7 +1,36 @@
-//! The transport-agnostic DPS engine (sans-IO) and the device-side client state machine.
+//! The transport-agnostic DPS engine and the device-side client state machine.
+//!
+//! This crate does no I/O, reads no clock, spawns no threads and draws randomness only from an injected
+//! [`rand_core::RngCore`]. Requests become [`flow::Flow`] values — small state machines that ask for storage
+//! ([`store::StoreOp`]) and hub ([`hub::HubOp`]) work and answer with [`reply::Reply`] values. The
+//! drivers in [`flow`] run a flow against blocking or async backends; tests drive flows by hand in virtual
+//! time.
+//!
+//! ```text
+//! transport ──DeviceRequest──▶ Engine::device ──▶ DeviceFlow
+//!     ▲                                           │ Store(LoadDeviceContext) ─▶ store
+//!     │                                           │ attest (dps-attest: VerifiedDevice proof)
+//!     │                                           │ plan (dps-policy: allocation + reprovision)
+//!     │                                           │ Hub(ReadTwin/UpsertDevice/DeleteDevice) ─▶ hubs
+//!     │                                           │ Store(CommitRegistration) ─▶ store (durable)
+//!     └──────────────── Reply (202 + Retry-After) ◀┘
+//! ```
 #![forbid(unsafe_code)]
 
+pub mod client;
+pub mod config;
+pub mod device;
+pub mod engine;
+pub mod flow;
 pub mod hub;
+pub mod reply;
+pub mod service;
 pub mod store;
 
+pub use config::{AccessPolicy, EngineConfig, Rights, OWNER_POLICY};
+pub use dps_policy::{BillableOperation, LinkedHub, Meter, MeterEvent};
 pub use dps_proto as proto;
+pub use dps_proto::{DpsError, ErrorCode, Timestamp};
+pub use engine::{DeviceCall, DeviceRequest, Engine, EngineFlow, HttpRequest, ServiceRequest};
+pub use flow::{run_async, run_blocking, Flow, Input, Step};
+pub use reply::Reply;

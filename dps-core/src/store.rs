@@ -203,6 +203,8 @@ pub enum StoreOp {
 /// The result of a [`StoreOp`].
 #[derive(Debug, Clone)]
 #[non_exhaustive]
+// Results are moved once per step; boxing would add an allocation on the hot path for no gain.
+#[allow(clippy::large_enum_variant)]
 pub enum StoreResult {
     /// For [`StoreOp::LoadDeviceContext`].
     DeviceContext(DeviceContext),

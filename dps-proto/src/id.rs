@@ -393,13 +393,19 @@ impl ApiVersion {
         }
         let b = s.as_bytes();
         let date_ok = b.len() >= 10
-            && b[..10].iter().enumerate().all(|(i, c)| if i == 4 || i == 7 { *c == b'-' } else { c.is_ascii_digit() })
+            && b[..10]
+                .iter()
+                .enumerate()
+                .all(|(i, c)| if i == 4 || i == 7 { *c == b'-' } else { c.is_ascii_digit() })
             && (b.len() == 10
                 || (b[10] == b'-' && b.len() <= 40 && b[11..].iter().all(|c| c.is_ascii_alphanumeric())));
         if !date_ok {
             return Err(DpsError::with_message(
                 ErrorCode::InvalidApiVersion,
-                format!("api-version '{}' is not of the form YYYY-MM-DD[-preview]", s.chars().take(60).collect::<String>()),
+                format!(
+                    "api-version '{}' is not of the form YYYY-MM-DD[-preview]",
+                    s.chars().take(60).collect::<String>()
+                ),
             ));
         }
         Ok(ApiVersion::Other(s.to_owned()))

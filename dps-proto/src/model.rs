@@ -53,7 +53,10 @@ pub enum RegistrationStatus {
 impl RegistrationStatus {
     /// Whether this status ends an operation (assigned, failed, disabled).
     pub fn is_terminal(self) -> bool {
-        matches!(self, RegistrationStatus::Assigned | RegistrationStatus::Failed | RegistrationStatus::Disabled)
+        matches!(
+            self,
+            RegistrationStatus::Assigned | RegistrationStatus::Failed | RegistrationStatus::Disabled
+        )
     }
 
     /// The wire name.
@@ -300,7 +303,10 @@ impl X509Attestation {
     /// The same attestation with certificates removed and only their info kept.
     pub fn without_certificates(&self) -> Self {
         let strip = |c: &X509Certificates| X509Certificates {
-            primary: c.primary.as_ref().map(|x| X509CertificateWithInfo { certificate: None, info: x.info.clone() }),
+            primary: c
+                .primary
+                .as_ref()
+                .map(|x| X509CertificateWithInfo { certificate: None, info: x.info.clone() }),
             secondary: c
                 .secondary
                 .as_ref()

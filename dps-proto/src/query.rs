@@ -45,7 +45,9 @@ impl Query {
             let found = obj.iter().find(|(k, _)| k.eq_ignore_ascii_case(&c.field)).map(|(_, v)| v);
             match found {
                 Some(serde_json::Value::String(s)) => s.eq_ignore_ascii_case(&c.value),
-                Some(serde_json::Value::Bool(b)) => c.value.eq_ignore_ascii_case(if *b { "true" } else { "false" }),
+                Some(serde_json::Value::Bool(b)) => {
+                    c.value.eq_ignore_ascii_case(if *b { "true" } else { "false" })
+                }
                 Some(serde_json::Value::Number(n)) => n.to_string() == c.value,
                 _ => false,
             }
@@ -162,10 +164,13 @@ mod tests {
             QuerySource::Enrollments,
         )
         .unwrap();
-        assert_eq!(q.conditions, vec![Condition {
-            field: "iotHubHostName".into(),
-            value: "ContosoIoTHub.azure-devices.net".into()
-        }]);
+        assert_eq!(
+            q.conditions,
+            vec![Condition {
+                field: "iotHubHostName".into(),
+                value: "ContosoIoTHub.azure-devices.net".into()
+            }]
+        );
         assert!(q.matches(&json!({"iotHubHostName": "contosoiothub.azure-devices.net"})));
         assert!(!q.matches(&json!({"iotHubHostName": "other"})));
         assert!(!q.matches(&json!({})));
@@ -179,8 +184,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(q.conditions.len(), 2);
-        let q = parse_query("SELECT * FROM enrollments WHERE provisioningStatus = disabled", QuerySource::Enrollments)
-            .unwrap();
+        let q = parse_query(
+            "SELECT * FROM enrollments WHERE provisioningStatus = disabled",
+            QuerySource::Enrollments,
+        )
+        .unwrap();
         assert!(q.matches(&json!({"provisioningStatus": "disabled"})));
     }
 
@@ -201,7 +209,11 @@ mod tests {
             "SELECT * FROM enrollments WHERE a = 'unterminated",
             "DROP TABLE enrollments",
         ] {
-            assert_eq!(parse_query(bad, QuerySource::Enrollments).unwrap_err().code, ErrorCode::InvalidQuery, "{bad}");
+            assert_eq!(
+                parse_query(bad, QuerySource::Enrollments).unwrap_err().code,
+                ErrorCode::InvalidQuery,
+                "{bad}"
+            );
         }
     }
 }

@@ -64,8 +64,9 @@ fn a3_tpm_request_and_challenge() {
         r#"{"registrationId":"6rek5qncnygnkzflohxz4u6zlfly6ktm4klsc7xrbgvesqyllnfa","tpm":{"endorsementKey":"AToAAQALAAMAsgAgg3GXZ0SEs/gakMyNRqXXJP1S124GUgtk8qHaGzMUaaoABgCAAEMAEAgAAAAAAAEA","storageRootKey":"ARoAAQALAAMEcgAAAAYAgABDABAIAAAAAAABAA"}}"#,
     );
     assert!(r.tpm.unwrap().endorsement_key.unwrap().starts_with("AToAAQALAAMAsgAgg3GX"));
-    let _: TpmRegistrationChallenge =
-        same_after_round_trip(r#"{"authenticationKey":"ADQAIA==","keyName":"registration","message":"challenge"}"#);
+    let _: TpmRegistrationChallenge = same_after_round_trip(
+        r#"{"authenticationKey":"ADQAIA==","keyName":"registration","message":"challenge"}"#,
+    );
 }
 
 #[test]

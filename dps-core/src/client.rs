@@ -1,0 +1,1 @@
+//! Device-side client state machine (being written).

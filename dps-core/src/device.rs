@@ -1,0 +1,607 @@
+//! The device API flow: register, operation status, status lookup (spec §1, §12 items 3-10).
+//!
+//! Register: check scope, body and token → load the device context → attest (proof) → plan the assignment
+//! (allocation + reprovision policy) → hub operations → commit the registration record → 202. With
+//! `respond_before_assignment`, an `assigning` record is committed and the 202 sent right after attestation,
+//! and the assignment finishes afterwards; polls meanwhile answer 202 `assigning`.
+
+use crate::config::EngineConfig;
+use crate::engine::{unexpected_store_result, DeviceCall, DeviceRequest, Nonces};
+use crate::flow::{Flow, Input, Step};
+use crate::hub::{DeviceIdentity, DeviceTwin, HubError, HubOp, HubResult};
+use crate::reply::Reply;
+use crate::store::{DeviceContext, EnrollmentRef, RegistrationRecord, StoreError, StoreOp, StoreResult};
+use dps_attest::{attest_symmetric_key, Attestation, MatchedEnrollment, VerifiedDevice};
+use dps_policy::{
+    allocate, billable_device_operation, candidate_hubs, Assignment, DeviceOperation, MeterEvent, TwinSource,
+};
+use dps_proto::model::{
+    AllocationPolicy, DeviceRegistration, DeviceRegistrationResult, InitialTwin, RegistrationOperationStatus,
+    RegistrationStatus, RegistrationSubstatus, SymmetricKeyRegistrationResult,
+};
+use dps_proto::sas::SasToken;
+use dps_proto::{
+    ApiVersion, DpsError, EnrollmentGroupId, ErrorCode, Etag, OperationId, RegistrationId, Timestamp,
+    MAX_BODY_BYTES,
+};
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+/// The api-version assumed when a request sends none.
+const DEFAULT_API_VERSION: ApiVersion = ApiVersion::V2021_10_01;
+
+/// An owned assignment decision, built only from a [`VerifiedDevice`].
+#[derive(Debug, Clone)]
+struct AssignmentPlan {
+    target: Assignment,
+    identity: DeviceIdentity,
+    twin: TwinSource,
+    initial_twin: DeviceTwin,
+    delete_previous: Option<Assignment>,
+    substatus: RegistrationSubstatus,
+}
+
+#[derive(Debug)]
+enum HubStage {
+    ReadTwin,
+    Upsert,
+    Delete,
+}
+
+/// The registration being carried out.
+#[derive(Debug)]
+struct Job {
+    /// The record to commit at the end (status and location filled in as the work goes).
+    record: RegistrationRecord,
+    /// The ETag the final commit expects.
+    expected: Option<Etag>,
+    plan: Option<AssignmentPlan>,
+    migrated_twin: Option<DeviceTwin>,
+    /// The 202 was already sent (early mode).
+    responded: bool,
+    /// The last hub operation completed.
+    done: Option<HubStage>,
+}
+
+#[derive(Debug)]
+enum State {
+    Start,
+    AwaitContext,
+    AwaitEarlyCommit(Box<Job>),
+    AwaitEarlyResponded(Box<Job>),
+    AwaitHub(Box<Job>, HubStage),
+    AwaitCommit { responded: bool, operation_id: OperationId },
+    Finishing,
+    Finished,
+}
+
+/// A device API request in progress. Drive it with [`Flow::resume`] or the drivers in [`crate::flow`].
+#[derive(Debug)]
+pub struct DeviceFlow {
+    config: Arc<EngineConfig>,
+    now: Timestamp,
+    nonces: Nonces,
+    request: DeviceRequest,
+    token: Option<SasToken>,
+    body: DeviceRegistration,
+    state: State,
+}
+
+impl DeviceFlow {
+    pub(crate) fn new(
+        config: Arc<EngineConfig>,
+        now: Timestamp,
+        nonces: Nonces,
+        request: DeviceRequest,
+    ) -> Self {
+        DeviceFlow {
+            config,
+            now,
+            nonces,
+            request,
+            token: None,
+            body: DeviceRegistration::default(),
+            state: State::Start,
+        }
+    }
+
+    fn api_version(&self) -> &ApiVersion {
+        self.request.api_version.as_ref().unwrap_or(&DEFAULT_API_VERSION)
+    }
+
+    fn fail(&mut self, err: &DpsError) -> Step {
+        self.state = State::Finishing;
+        let mut reply = Reply::error(err, self.nonces.tracking_id(), self.now);
+        if matches!(self.request.call, DeviceCall::Register { .. }) {
+            if let Some(op) = billable_device_operation(DeviceOperation::Register) {
+                reply.meter = Some(MeterEvent { operation: op, at: self.now, succeeded: false });
+            }
+        }
+        Step::Respond(reply)
+    }
+
+    fn respond(&mut self, reply: Reply) -> Step {
+        self.state = State::Finishing;
+        Step::Respond(reply)
+    }
+
+    /// Checks everything that needs no storage: scope, body, token syntax and expiry.
+    fn start(&mut self) -> Result<Step, DpsError> {
+        if self.request.id_scope != self.config.id_scope {
+            return Err(DpsError::with_message(
+                ErrorCode::IdScopeNotFound,
+                format!(
+                    "The ID scope '{}' is not served by this provisioning service.",
+                    self.request.id_scope
+                ),
+            ));
+        }
+        if matches!(self.request.call, DeviceCall::Register { .. } | DeviceCall::StatusLookup) {
+            self.body = parse_device_body(&self.request.body, &self.request.registration_id)?;
+            if self.body.csr.is_some() {
+                return Err(DpsError::with_message(
+                    ErrorCode::BadRequest,
+                    "Device sent a CSR but certificate issuance is not configured in this service.",
+                ));
+            }
+        }
+        let Some(auth) = self.request.authorization.as_deref() else {
+            if self.body.tpm.is_some() {
+                return Err(DpsError::with_message(
+                    ErrorCode::Unauthorized,
+                    "TPM attestation is not supported by this service; use symmetric-key attestation.",
+                ));
+            }
+            return Err(DpsError::with_message(
+                ErrorCode::MalformedToken,
+                "The request has no Authorization (SharedAccessSignature) and no client certificate.",
+            ));
+        };
+        let token = SasToken::parse(auth)?;
+        if token.is_expired(self.now) {
+            return Err(DpsError::with_message(
+                ErrorCode::TokenExpired,
+                format!("The SAS token expired at {} (now {}).", token.expiry(), self.now.unix_seconds()),
+            ));
+        }
+        self.token = Some(token);
+        self.state = State::AwaitContext;
+        Ok(Step::Store(StoreOp::LoadDeviceContext { registration_id: self.request.registration_id.clone() }))
+    }
+
+    fn on_context(&mut self, ctx: DeviceContext) -> Result<Step, DpsError> {
+        let Some(token) = self.token.as_ref() else {
+            return Err(DpsError::with_message(ErrorCode::InternalError, "token missing after start"));
+        };
+        let attestation = attest_symmetric_key(
+            self.now,
+            &self.config.id_scope,
+            &self.request.registration_id,
+            token,
+            ctx.individual.as_ref(),
+            &ctx.symmetric_key_groups,
+        )?;
+        match self.request.call.clone() {
+            DeviceCall::Register { .. } => self.register(attestation, ctx.registration.as_ref()),
+            DeviceCall::OperationStatus(op) => {
+                let record = ctx.registration.filter(|r| r.operation_id == op).ok_or_else(|| {
+                    DpsError::with_message(
+                        ErrorCode::OperationNotFound,
+                        format!(
+                            "Operation '{op}' of registration '{}' does not exist.",
+                            self.request.registration_id
+                        ),
+                    )
+                })?;
+                Ok(self.respond(self.operation_reply(&record, true)))
+            }
+            DeviceCall::StatusLookup => {
+                let record = ctx.registration.ok_or_else(|| {
+                    DpsError::with_message(
+                        ErrorCode::RegistrationNotFound,
+                        format!(
+                            "Registration '{}' has no registration record.",
+                            self.request.registration_id
+                        ),
+                    )
+                })?;
+                let reply = Reply::json(200, &result_of(&record), self.nonces.tracking_id());
+                Ok(self.respond(reply))
+            }
+        }
+    }
+
+    fn new_record(
+        &self,
+        previous: Option<&RegistrationRecord>,
+        enrollment: EnrollmentRef,
+    ) -> RegistrationRecord {
+        let partition = partition_of(self.request.registration_id.key());
+        RegistrationRecord {
+            registration_id: self.request.registration_id.clone(),
+            enrollment,
+            operation_id: OperationId::generate(partition, self.nonces.op),
+            status: RegistrationStatus::Assigning,
+            substatus: None,
+            assigned_hub: previous.and_then(|p| p.assigned_hub.clone()),
+            device_id: previous.and_then(|p| p.device_id.clone()),
+            error_code: None,
+            error_message: None,
+            payload: None,
+            created: previous.map(|p| p.created).unwrap_or(self.now),
+            last_updated: self.now,
+            etag: Etag::generate(self.nonces.etag),
+        }
+    }
+
+    fn register(
+        &mut self,
+        attestation: Attestation<'_>,
+        previous: Option<&RegistrationRecord>,
+    ) -> Result<Step, DpsError> {
+        let expected = previous.map(|p| p.etag.clone());
+        let (enrollment, plan) = match &attestation {
+            Attestation::Disabled(d) => {
+                (enrollment_ref(&self.request.registration_id, d.enrollment())?, None)
+            }
+            Attestation::Verified(v) => {
+                let plan = plan_assignment(&self.config, v, previous, self.api_version());
+                (enrollment_ref(&self.request.registration_id, v.enrollment())?, Some(plan))
+            }
+        };
+        let mut record = self.new_record(previous, enrollment);
+        let plan = match plan {
+            None => {
+                record.status = RegistrationStatus::Disabled;
+                None
+            }
+            Some(Err(e)) => {
+                set_failed(&mut record, &e);
+                None
+            }
+            Some(Ok(plan)) => Some(plan),
+        };
+        let mut job =
+            Box::new(Job { record, expected, plan, migrated_twin: None, responded: false, done: None });
+        if job.plan.is_some() && self.config.respond_before_assignment {
+            // Commit an `assigning` record first so polls can see the operation, then answer.
+            let mut assigning = job.record.clone();
+            assigning.status = RegistrationStatus::Assigning;
+            assigning.etag = Etag::generate(self.nonces.etag2);
+            let expected = job.expected.replace(assigning.etag.clone());
+            self.state = State::AwaitEarlyCommit(job);
+            return Ok(Step::Store(StoreOp::CommitRegistration { record: Box::new(assigning), expected }));
+        }
+        Ok(self.next_hub_step(job))
+    }
+
+    /// The next hub operation of the plan (after `job.done`), or the final commit.
+    fn next_hub_step(&mut self, job: Box<Job>) -> Step {
+        let Some(plan) = job.plan.as_ref() else { return self.commit(job) };
+        let next = match job.done {
+            None => match plan.twin {
+                TwinSource::MigrateFrom(_) => Some(HubStage::ReadTwin),
+                _ => Some(HubStage::Upsert),
+            },
+            Some(HubStage::ReadTwin) => Some(HubStage::Upsert),
+            Some(HubStage::Upsert) => plan.delete_previous.as_ref().map(|_| HubStage::Delete),
+            Some(HubStage::Delete) => None,
+        };
+        let op = match (&next, &plan.twin, &plan.delete_previous) {
+            (None, _, _) => return self.commit(job),
+            (Some(HubStage::ReadTwin), TwinSource::MigrateFrom(prev), _) => {
+                HubOp::ReadTwin { hub: prev.hub.clone(), device_id: prev.device_id.clone() }
+            }
+            (Some(HubStage::Delete), _, Some(prev)) => {
+                HubOp::DeleteDevice { hub: prev.hub.clone(), device_id: prev.device_id.clone() }
+            }
+            (Some(_), twin, _) => HubOp::UpsertDevice {
+                hub: plan.target.hub.clone(),
+                identity: plan.identity.clone(),
+                twin: match twin {
+                    TwinSource::Initial => Some(plan.initial_twin.clone()),
+                    TwinSource::Keep => None,
+                    TwinSource::MigrateFrom(_) => {
+                        Some(job.migrated_twin.clone().unwrap_or_else(|| plan.initial_twin.clone()))
+                    }
+                },
+            },
+        };
+        let stage = match op {
+            HubOp::ReadTwin { .. } => HubStage::ReadTwin,
+            HubOp::DeleteDevice { .. } => HubStage::Delete,
+            _ => HubStage::Upsert,
+        };
+        self.state = State::AwaitHub(job, stage);
+        Step::Hub(op)
+    }
+
+    fn commit(&mut self, mut job: Box<Job>) -> Step {
+        if let Some(plan) = job.plan.take() {
+            job.record.status = RegistrationStatus::Assigned;
+            job.record.substatus = Some(plan.substatus);
+            job.record.assigned_hub = Some(plan.target.hub);
+            job.record.device_id = Some(plan.target.device_id);
+        }
+        self.state =
+            State::AwaitCommit { responded: job.responded, operation_id: job.record.operation_id.clone() };
+        Step::Store(StoreOp::CommitRegistration { record: Box::new(job.record), expected: job.expected })
+    }
+
+    fn on_hub(&mut self, mut job: Box<Job>, stage: HubStage, result: Result<HubResult, HubError>) -> Step {
+        match (&stage, result) {
+            (HubStage::ReadTwin, Ok(HubResult::Twin(twin))) => job.migrated_twin = twin,
+            (HubStage::Upsert, Ok(HubResult::Done)) => {}
+            // The device already lives on its new hub; a stale identity left on the old hub does not stop it.
+            (HubStage::Delete, _) => {}
+            (_, Err(e)) => {
+                job.plan = None;
+                set_failed(
+                    &mut job.record,
+                    &DpsError::with_message(ErrorCode::HubOperationFailed, e.to_string()),
+                );
+                return self.commit(job);
+            }
+            (_, Ok(_)) => {
+                job.plan = None;
+                set_failed(
+                    &mut job.record,
+                    &DpsError::with_message(ErrorCode::InternalError, "unexpected hub result"),
+                );
+                return self.commit(job);
+            }
+        }
+        job.done = Some(stage);
+        self.next_hub_step(job)
+    }
+
+    fn register_reply(&self, operation_id: &OperationId) -> Reply {
+        let body = RegistrationOperationStatus {
+            operation_id: operation_id.to_string(),
+            status: RegistrationStatus::Assigning,
+            registration_state: None,
+        };
+        let mut reply =
+            Reply::json(202, &body, self.nonces.tracking_id()).with_retry_after(self.config.retry_after_secs);
+        if let Some(op) = billable_device_operation(DeviceOperation::Register) {
+            reply.meter = Some(MeterEvent { operation: op, at: self.now, succeeded: true });
+        }
+        reply
+    }
+
+    fn operation_reply(&self, record: &RegistrationRecord, _poll: bool) -> Reply {
+        if record.status.is_terminal() {
+            let body = RegistrationOperationStatus {
+                operation_id: record.operation_id.to_string(),
+                status: record.status,
+                registration_state: Some(result_of(record)),
+            };
+            Reply::json(200, &body, self.nonces.tracking_id())
+        } else {
+            let body = RegistrationOperationStatus {
+                operation_id: record.operation_id.to_string(),
+                status: RegistrationStatus::Assigning,
+                registration_state: Some(DeviceRegistrationResult::minimal(
+                    record.registration_id.as_str(),
+                    RegistrationStatus::Assigning,
+                )),
+            };
+            Reply::json(202, &body, self.nonces.tracking_id()).with_retry_after(self.config.retry_after_secs)
+        }
+    }
+
+    fn store_error(&mut self, e: StoreError) -> Step {
+        let err = match e {
+            StoreError::Conflict => DpsError::with_message(
+                ErrorCode::RegistrationConflict,
+                format!(
+                    "Precondition failed: registration '{}' changed concurrently; retry.",
+                    self.request.registration_id
+                ),
+            )
+            .retry_after(self.config.retry_after_secs),
+            StoreError::Backend { message } => DpsError::with_message(ErrorCode::StoreUnavailable, message)
+                .retry_after(self.config.retry_after_secs),
+            other => DpsError::with_message(ErrorCode::InternalError, other.to_string()),
+        };
+        self.fail(&err)
+    }
+}
+
+impl Flow for DeviceFlow {
+    fn resume(&mut self, input: Input) -> Step {
+        let state = std::mem::replace(&mut self.state, State::Finished);
+        match (state, input) {
+            (State::Start, _) => match self.start() {
+                Ok(step) => step,
+                Err(e) => self.fail(&e),
+            },
+            (State::AwaitContext, Input::Store(Ok(StoreResult::DeviceContext(ctx)))) => {
+                match self.on_context(ctx) {
+                    Ok(step) => step,
+                    Err(e) => self.fail(&e),
+                }
+            }
+            (State::AwaitEarlyCommit(mut job), Input::Store(Ok(_))) => {
+                job.responded = true;
+                let reply = self.register_reply(&job.record.operation_id);
+                self.state = State::AwaitEarlyResponded(job);
+                Step::Respond(reply)
+            }
+            (State::AwaitEarlyResponded(job), Input::Responded) => self.next_hub_step(job),
+            (State::AwaitHub(job, stage), Input::Hub(result)) => self.on_hub(job, stage, result),
+            (State::AwaitCommit { responded: false, operation_id }, Input::Store(Ok(_))) => {
+                let reply = self.register_reply(&operation_id);
+                self.respond(reply)
+            }
+            (State::AwaitCommit { responded: true, .. }, Input::Store(Ok(_))) => Step::Finished,
+            (State::AwaitCommit { responded: true, .. }, Input::Store(Err(_))) => Step::Finished,
+            (
+                State::AwaitContext
+                | State::AwaitEarlyCommit(_)
+                | State::AwaitCommit { responded: false, .. },
+                Input::Store(Err(e)),
+            ) => self.store_error(e),
+            (State::Finishing, _) | (State::Finished, _) => Step::Finished,
+            (_, _) => self.fail(&unexpected_store_result()),
+        }
+    }
+}
+
+fn parse_device_body(body: &[u8], registration_id: &RegistrationId) -> Result<DeviceRegistration, DpsError> {
+    if body.len() > MAX_BODY_BYTES {
+        return Err(DpsError::with_message(
+            ErrorCode::PayloadTooLarge,
+            format!("The request body is {} bytes; the limit is {MAX_BODY_BYTES}.", body.len()),
+        ));
+    }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(DeviceRegistration::default());
+    }
+    let parsed: DeviceRegistration = serde_json::from_slice(body).map_err(|e| {
+        DpsError::with_message(
+            ErrorCode::InvalidJson,
+            format!("The registration request is not valid JSON: {e}"),
+        )
+    })?;
+    if let Some(id) = parsed.registration_id.as_deref() {
+        if !id.eq_ignore_ascii_case(registration_id.as_str()) {
+            return Err(DpsError::with_message(
+                ErrorCode::RegistrationIdMismatch,
+                format!("The body's registrationId '{id}' does not match '{registration_id}' in the request address."),
+            ));
+        }
+    }
+    Ok(parsed)
+}
+
+fn enrollment_ref(
+    registration_id: &RegistrationId,
+    matched: MatchedEnrollment<'_>,
+) -> Result<EnrollmentRef, DpsError> {
+    Ok(match matched {
+        MatchedEnrollment::Individual(_) => EnrollmentRef::Individual(registration_id.clone()),
+        MatchedEnrollment::Group(g) => {
+            EnrollmentRef::Group(EnrollmentGroupId::parse(&g.enrollment_group_id)?)
+        }
+    })
+}
+
+fn set_failed(record: &mut RegistrationRecord, err: &DpsError) {
+    record.status = RegistrationStatus::Failed;
+    record.substatus = None;
+    record.error_code = Some(err.code.code());
+    record.error_message = Some(err.message.clone());
+}
+
+/// Turns an enrollment's initial twin and capabilities into the hub twin.
+fn twin_of(initial: Option<&InitialTwin>, iot_edge: bool) -> DeviceTwin {
+    let object = |v: Option<&Value>| v.filter(|v| v.is_object()).cloned().unwrap_or_else(|| json!({}));
+    DeviceTwin {
+        tags: object(initial.and_then(|t| t.tags.as_ref())),
+        desired: object(initial.and_then(|t| t.properties.as_ref()).and_then(|p| p.desired.as_ref())),
+        iot_edge,
+    }
+}
+
+/// Decides where a verified device goes. Requires the attestation proof.
+fn plan_assignment(
+    config: &EngineConfig,
+    device: &VerifiedDevice<'_>,
+    previous: Option<&RegistrationRecord>,
+    api_version: &ApiVersion,
+) -> Result<AssignmentPlan, DpsError> {
+    struct Settings<'a> {
+        policy: Option<AllocationPolicy>,
+        hubs: Option<&'a [String]>,
+        hub: Option<&'a str>,
+        reprovision: Option<dps_proto::model::ReprovisionPolicy>,
+        twin: Option<&'a InitialTwin>,
+        iot_edge: bool,
+        device_id: Option<&'a str>,
+    }
+    let s = match device.enrollment() {
+        MatchedEnrollment::Individual(e) => Settings {
+            policy: e.allocation_policy,
+            hubs: e.iot_hubs.as_deref(),
+            hub: e.iot_hub_host_name.as_deref(),
+            reprovision: e.reprovision_policy,
+            twin: e.initial_twin.as_ref(),
+            iot_edge: e.capabilities.is_some_and(|c| c.iot_edge),
+            device_id: e.device_id.as_deref().filter(|d| !d.is_empty()),
+        },
+        MatchedEnrollment::Group(g) => Settings {
+            policy: g.allocation_policy,
+            hubs: g.iot_hubs.as_deref(),
+            hub: g.iot_hub_host_name.as_deref(),
+            reprovision: g.reprovision_policy,
+            twin: g.initial_twin.as_ref(),
+            iot_edge: g.capabilities.is_some_and(|c| c.iot_edge),
+            device_id: None,
+        },
+    };
+    let policy = s.policy.unwrap_or(config.default_allocation);
+    if policy == AllocationPolicy::Custom {
+        return Err(DpsError::with_message(
+            ErrorCode::CustomAllocationFailed,
+            "Custom allocation is not available in this service build.",
+        ));
+    }
+    let registration_id = device.registration_id();
+    let device_id = s.device_id.unwrap_or(registration_id.as_str()).to_owned();
+    let previous_assignment = previous.and_then(|p| match (&p.assigned_hub, &p.device_id) {
+        (Some(hub), Some(id)) => Some(Assignment::new(hub.clone(), id.clone())),
+        _ => None,
+    });
+    let plan =
+        dps_policy::plan(previous_assignment.as_ref(), s.reprovision, api_version, &device_id, || {
+            let candidates = candidate_hubs(&config.linked_hubs, s.hubs, s.hub)?;
+            Ok(allocate(policy, registration_id.key(), &candidates)?.host_name.clone())
+        })?;
+    Ok(AssignmentPlan {
+        identity: DeviceIdentity {
+            device_id: plan.target.device_id.clone(),
+            primary_key: device.primary_key().to_base64(),
+            secondary_key: device.secondary_key().to_base64(),
+        },
+        target: plan.target,
+        twin: plan.twin,
+        initial_twin: twin_of(s.twin, s.iot_edge),
+        delete_previous: plan.delete_previous,
+        substatus: plan.substatus,
+    })
+}
+
+/// The device-facing registration result of a record (spec §1.6).
+pub fn result_of(record: &RegistrationRecord) -> DeviceRegistrationResult {
+    let mut r = DeviceRegistrationResult::minimal(record.registration_id.as_str(), record.status);
+    match record.status {
+        RegistrationStatus::Assigned => {
+            r.symmetric_key = record
+                .enrollment
+                .group_id()
+                .map(|g| SymmetricKeyRegistrationResult { enrollment_group_id: Some(g.as_str().to_owned()) });
+            r.created_date_time_utc = Some(record.created.to_iso());
+            r.assigned_hub = record.assigned_hub.clone();
+            r.device_id = record.device_id.clone();
+            r.substatus = record.substatus;
+            r.last_updated_date_time_utc = Some(record.last_updated.to_iso());
+            r.etag = Some(record.etag.to_string());
+            r.payload = record.payload.clone();
+        }
+        RegistrationStatus::Failed => {
+            r.created_date_time_utc = Some(record.created.to_iso());
+            r.error_code = record.error_code;
+            r.error_message = record.error_message.clone();
+            r.last_updated_date_time_utc = Some(record.last_updated.to_iso());
+            r.etag = Some(record.etag.to_string());
+        }
+        _ => {}
+    }
+    r
+}
+
+/// FNV-1a of the registration key: the stable middle part of operation IDs.
+fn partition_of(key: &str) -> u64 {
+    key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+}

@@ -1,0 +1,98 @@
+//! The sans-IO contract: a [`Flow`] is a value you feed [`Input`]s to and that answers with the next
+//! [`Step`]; drivers ([`run_blocking`], [`run_async`]) perform the steps against a store and a hub
+//! directory. Tests drive flows by hand, in virtual time.
+
+use crate::hub::{AsyncHubDirectory, BlockingHubDirectory, HubError, HubOp, HubResult};
+use crate::reply::Reply;
+use crate::store::{AsyncStore, BlockingStore, StoreError, StoreOp, StoreResult};
+use dps_proto::{DpsError, ErrorCode};
+
+/// What a flow is given.
+#[derive(Debug)]
+// Results are moved once per step; boxing would add an allocation on the hot path for no gain.
+#[allow(clippy::large_enum_variant)]
+pub enum Input {
+    /// The first call.
+    Start,
+    /// The result of the last [`Step::Store`].
+    Store(Result<StoreResult, StoreError>),
+    /// The result of the last [`Step::Hub`].
+    Hub(Result<HubResult, HubError>),
+    /// The last [`Step::Respond`] was delivered (or queued) to the client.
+    Responded,
+}
+
+/// What a flow wants next.
+#[derive(Debug)]
+pub enum Step {
+    /// Perform a storage operation and feed back [`Input::Store`].
+    Store(StoreOp),
+    /// Perform a hub operation and feed back [`Input::Hub`].
+    Hub(HubOp),
+    /// Send this reply to the client, then feed back [`Input::Responded`]. The flow may still have work
+    /// to do afterwards (see `respond_before_assignment`).
+    Respond(Reply),
+    /// Nothing more to do.
+    Finished,
+}
+
+/// A resumable piece of engine work.
+pub trait Flow {
+    /// Feeds an input and returns the next step. Call first with [`Input::Start`]; after
+    /// [`Step::Finished`] further calls keep returning `Finished`.
+    fn resume(&mut self, input: Input) -> Step;
+}
+
+impl<F: Flow + ?Sized> Flow for Box<F> {
+    fn resume(&mut self, input: Input) -> Step {
+        (**self).resume(input)
+    }
+}
+
+fn missing_reply() -> Reply {
+    Reply::error_plain(&DpsError::with_message(ErrorCode::InternalError, "the flow finished without a reply"))
+}
+
+/// Runs a flow to completion against a blocking store and hub directory; returns the (first) reply.
+pub fn run_blocking<F: Flow + ?Sized>(
+    flow: &mut F,
+    store: &impl BlockingStore,
+    hubs: &impl BlockingHubDirectory,
+) -> Reply {
+    let mut reply = None;
+    let mut input = Input::Start;
+    loop {
+        input = match flow.resume(input) {
+            Step::Store(op) => Input::Store(store.execute(op)),
+            Step::Hub(op) => Input::Hub(hubs.execute(op)),
+            Step::Respond(r) => {
+                reply.get_or_insert(r);
+                Input::Responded
+            }
+            Step::Finished => return reply.unwrap_or_else(missing_reply),
+        };
+    }
+}
+
+/// Runs a flow to completion against an async store and hub directory; returns the (first) reply.
+///
+/// To send an early reply before the flow finishes, drive the flow yourself (the loop is six lines).
+pub async fn run_async<F: Flow + ?Sized>(
+    flow: &mut F,
+    store: &impl AsyncStore,
+    hubs: &impl AsyncHubDirectory,
+) -> Reply {
+    let mut reply = None;
+    let mut input = Input::Start;
+    loop {
+        input = match flow.resume(input) {
+            Step::Store(op) => Input::Store(store.execute(op).await),
+            Step::Hub(op) => Input::Hub(hubs.execute(op).await),
+            Step::Respond(r) => {
+                reply.get_or_insert(r);
+                Input::Responded
+            }
+            Step::Finished => return reply.unwrap_or_else(missing_reply),
+        };
+    }
+}

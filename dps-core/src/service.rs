@@ -1,0 +1,770 @@
+//! The service (data-plane management) API flow: enrollments, enrollment groups, registration states,
+//! queries with continuation, bulk operations, ETag/If-Match, shared access policies (spec §5).
+//!
+//! All pure work (authorization, parsing, validation, key generation) happens when the flow is created;
+//! the flow then performs its storage operations one by one and formats the reply.
+
+use crate::config::{EngineConfig, Rights};
+use crate::engine::{unexpected_store_result, Nonces, ServiceRequest};
+use crate::flow::{Flow, Input, Step};
+use crate::reply::Reply;
+use crate::store::{
+    continuation_token, parse_continuation_token, PageRequest, RegistrationRecord, StoreError, StoreOp,
+    StoreResult, WriteCondition,
+};
+use dps_policy::{candidate_hubs, BillableOperation, MeterEvent};
+use dps_proto::model::{
+    AllocationPolicy, AttestationMechanism, AttestationType, BulkEnrollmentGroupOperation,
+    BulkEnrollmentOperation, BulkEnrollmentOperationError, BulkEnrollmentOperationResult, BulkOperationMode,
+    DeviceCapabilities, DeviceRegistrationState, EnrollmentGroup, IndividualEnrollment, ProvisioningStatus,
+    QuerySpecification, SymmetricKeyAttestation,
+};
+use dps_proto::query::{parse_query, Query, QuerySource};
+use dps_proto::route::Route;
+use dps_proto::sas::{SasToken, SymmetricKey};
+use dps_proto::{
+    DeviceId, DpsError, EnrollmentGroupId, ErrorCode, Etag, IfMatch, RegistrationId, Timestamp,
+    MAX_BODY_BYTES,
+};
+use rand_core::RngCore;
+use serde::Serialize;
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+/// Auto-generated symmetric keys are 64 bytes (spec §4.3).
+const GENERATED_KEY_BYTES: usize = 64;
+/// At most ten items per bulk operation (spec §5.4).
+const MAX_BULK_ITEMS: usize = 10;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Enrollment,
+    Group,
+}
+
+impl Kind {
+    fn not_found(self) -> ErrorCode {
+        match self {
+            Kind::Enrollment => ErrorCode::EnrollmentNotFound,
+            Kind::Group => ErrorCode::EnrollmentGroupNotFound,
+        }
+    }
+
+    fn noun(self) -> &'static str {
+        match self {
+            Kind::Enrollment => "enrollment",
+            Kind::Group => "enrollment group",
+        }
+    }
+}
+
+/// How to turn the result of the single store operation into a reply.
+#[derive(Debug, Clone)]
+enum Then {
+    Get(Kind, String),
+    Put(Kind, String),
+    Delete(Kind, String),
+    Attestation(Kind, String),
+    Query(Kind, usize),
+    GetRegistration(String),
+    DeleteRegistration(String),
+    QueryRegistrations(usize),
+}
+
+#[derive(Debug)]
+struct BulkItem {
+    id: String,
+    op: StoreOp,
+}
+
+#[derive(Debug)]
+enum Job {
+    Reply(Reply),
+    One(Option<StoreOp>, Then),
+    Bulk {
+        kind: Kind,
+        items: VecDeque<BulkItem>,
+        current: Option<String>,
+        errors: Vec<BulkEnrollmentOperationError>,
+    },
+    Done,
+}
+
+/// A service API request in progress.
+#[derive(Debug)]
+pub struct ServiceFlow {
+    now: Timestamp,
+    tracking_id: String,
+    billable: Option<BillableOperation>,
+    job: Job,
+}
+
+fn billable_of(route: &Route) -> Option<BillableOperation> {
+    use BillableOperation as B;
+    Some(match route {
+        Route::GetEnrollment { .. } => B::EnrollmentGet,
+        Route::PutEnrollment { .. } => B::EnrollmentCreateOrUpdate,
+        Route::DeleteEnrollment { .. } => B::EnrollmentDelete,
+        Route::EnrollmentAttestation { .. } => B::EnrollmentGetAttestationMechanism,
+        Route::BulkEnrollments => B::EnrollmentBulk,
+        Route::QueryEnrollments => B::EnrollmentQuery,
+        Route::GetEnrollmentGroup { .. } => B::EnrollmentGroupGet,
+        Route::PutEnrollmentGroup { .. } => B::EnrollmentGroupCreateOrUpdate,
+        Route::DeleteEnrollmentGroup { .. } => B::EnrollmentGroupDelete,
+        Route::EnrollmentGroupAttestation { .. } => B::EnrollmentGroupGetAttestationMechanism,
+        Route::BulkEnrollmentGroups => B::EnrollmentGroupBulk,
+        Route::QueryEnrollmentGroups => B::EnrollmentGroupQuery,
+        Route::GetRegistration { .. } => B::RegistrationStateGet,
+        Route::DeleteRegistration { .. } => B::RegistrationStateDelete,
+        Route::QueryRegistrations { .. } => B::RegistrationStateQuery,
+        _ => return None,
+    })
+}
+
+fn rights_of(route: &Route) -> Rights {
+    match route {
+        Route::GetEnrollment { .. }
+        | Route::EnrollmentAttestation { .. }
+        | Route::QueryEnrollments
+        | Route::GetEnrollmentGroup { .. }
+        | Route::EnrollmentGroupAttestation { .. }
+        | Route::QueryEnrollmentGroups => Rights::ENROLLMENT_READ,
+        Route::PutEnrollment { .. }
+        | Route::DeleteEnrollment { .. }
+        | Route::BulkEnrollments
+        | Route::PutEnrollmentGroup { .. }
+        | Route::DeleteEnrollmentGroup { .. }
+        | Route::BulkEnrollmentGroups => Rights::ENROLLMENT_WRITE,
+        Route::GetRegistration { .. } | Route::QueryRegistrations { .. } => Rights::REGISTRATION_STATUS_READ,
+        Route::DeleteRegistration { .. } => Rights::REGISTRATION_STATUS_WRITE,
+        _ => Rights::ALL,
+    }
+}
+
+/// Verifies a service SAS token against the configured shared access policies and the rights a route needs.
+pub fn authorize(
+    config: &EngineConfig,
+    now: Timestamp,
+    authorization: Option<&str>,
+    path: &str,
+    needed: Rights,
+) -> Result<(), DpsError> {
+    let auth = authorization.ok_or_else(|| {
+        DpsError::with_message(ErrorCode::MalformedToken, "The request has no Authorization header.")
+    })?;
+    let token = SasToken::parse(auth)?;
+    let name = token.key_name().ok_or_else(|| {
+        DpsError::with_message(ErrorCode::Unauthorized, "The SAS token names no shared access policy (skn).")
+    })?;
+    let policy =
+        config.access_policies.iter().find(|p| p.key_name.eq_ignore_ascii_case(name)).ok_or_else(|| {
+            DpsError::with_message(ErrorCode::Unauthorized, format!("Unknown shared access policy '{name}'."))
+        })?;
+    let target = format!("{}{}", config.service_host_name, path);
+    token.verify(now, &target, &[&policy.primary_key, &policy.secondary_key])?;
+    if !policy.rights.contains(needed) {
+        return Err(DpsError::with_message(
+            ErrorCode::InsufficientRights,
+            format!(
+                "The policy '{}' has rights [{}] but this operation needs [{}].",
+                policy.key_name,
+                policy.rights.names().join(", "),
+                needed.names().join(", ")
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, DpsError> {
+    if body.len() > MAX_BODY_BYTES {
+        return Err(DpsError::with_message(
+            ErrorCode::PayloadTooLarge,
+            format!("The request body is {} bytes; the limit is {MAX_BODY_BYTES}.", body.len()),
+        ));
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        DpsError::with_message(ErrorCode::InvalidJson, format!("The body is not a valid {what}: {e}"))
+    })
+}
+
+fn parse_if_match(value: Option<&str>) -> Result<Option<IfMatch>, DpsError> {
+    value.map(IfMatch::parse).transpose()
+}
+
+fn invalid(message: impl Into<String>) -> DpsError {
+    DpsError::with_message(ErrorCode::InvalidEnrollment, message)
+}
+
+/// Validates the shared enrollment settings and fills in generated keys and defaults.
+#[allow(clippy::too_many_arguments)]
+fn prepare_common(
+    config: &EngineConfig,
+    kind: Kind,
+    attestation: &mut AttestationMechanism,
+    allocation: Option<AllocationPolicy>,
+    iot_hubs: Option<&[String]>,
+    iot_hub_host_name: Option<&str>,
+    custom: bool,
+    rng: &mut dyn RngCore,
+) -> Result<(), DpsError> {
+    match attestation.kind {
+        AttestationType::SymmetricKey => {
+            let keys = attestation.symmetric_key.get_or_insert_with(SymmetricKeyAttestation::default);
+            for slot in [&mut keys.primary_key, &mut keys.secondary_key] {
+                match slot.as_deref() {
+                    Some(k) if !k.is_empty() => {
+                        SymmetricKey::parse(k)?;
+                    }
+                    _ => {
+                        let mut bytes = vec![0u8; GENERATED_KEY_BYTES];
+                        rng.fill_bytes(&mut bytes);
+                        *slot = Some(SymmetricKey::from_bytes(bytes).to_base64());
+                    }
+                }
+            }
+            attestation.tpm = None;
+            attestation.x509 = None;
+        }
+        AttestationType::Tpm if kind == Kind::Group => {
+            return Err(invalid("tpm is not a supported attestation type for group enrollments."))
+        }
+        other => {
+            return Err(invalid(format!(
+                "The attestation type '{}' is not supported by this service yet; use symmetricKey.",
+                serde_json::to_value(other)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default()
+            )))
+        }
+    }
+    let policy = allocation.unwrap_or(config.default_allocation);
+    if policy == AllocationPolicy::Custom || custom {
+        return Err(invalid("Custom allocation (webhook) is not available in this service build."));
+    }
+    let explicit =
+        iot_hubs.is_some_and(|h| !h.is_empty()) || iot_hub_host_name.is_some_and(|h| !h.is_empty());
+    if explicit || policy == AllocationPolicy::Static {
+        let candidates = candidate_hubs(&config.linked_hubs, iot_hubs, iot_hub_host_name)
+            .map(|c| c.len())
+            .map_err(|e| invalid(e.message))?;
+        if policy == AllocationPolicy::Static && candidates != 1 {
+            return Err(invalid("Static allocation needs exactly one IoT hub in iotHubs."));
+        }
+    }
+    Ok(())
+}
+
+fn prepare_enrollment(
+    config: &EngineConfig,
+    now: Timestamp,
+    rng: &mut dyn RngCore,
+    mut e: IndividualEnrollment,
+    path_id: Option<&RegistrationId>,
+) -> Result<(RegistrationId, IndividualEnrollment), DpsError> {
+    let id = RegistrationId::parse(&e.registration_id)?;
+    if let Some(p) = path_id {
+        if p != &id {
+            return Err(DpsError::with_message(
+                ErrorCode::RegistrationIdMismatch,
+                format!("The body's registrationId '{id}' does not match '{p}' in the request address."),
+            ));
+        }
+    }
+    if let Some(d) = e.device_id.as_deref().filter(|d| !d.is_empty()) {
+        DeviceId::parse(d)?;
+    }
+    prepare_common(
+        config,
+        Kind::Enrollment,
+        &mut e.attestation,
+        e.allocation_policy,
+        e.iot_hubs.as_deref(),
+        e.iot_hub_host_name.as_deref(),
+        e.custom_allocation_definition.is_some(),
+        rng,
+    )?;
+    e.registration_state = None;
+    e.provisioning_status.get_or_insert(ProvisioningStatus::Enabled);
+    e.capabilities.get_or_insert(DeviceCapabilities::default());
+    e.etag = Some(new_etag(rng).to_string());
+    e.created_date_time_utc = Some(now.to_iso());
+    e.last_updated_date_time_utc = Some(now.to_iso());
+    Ok((id, e))
+}
+
+fn prepare_group(
+    config: &EngineConfig,
+    now: Timestamp,
+    rng: &mut dyn RngCore,
+    mut g: EnrollmentGroup,
+    path_id: Option<&EnrollmentGroupId>,
+) -> Result<(EnrollmentGroupId, EnrollmentGroup), DpsError> {
+    let id = EnrollmentGroupId::parse(&g.enrollment_group_id)?;
+    if let Some(p) = path_id {
+        if p != &id {
+            return Err(DpsError::with_message(
+                ErrorCode::RegistrationIdMismatch,
+                format!("The body's enrollmentGroupId '{id}' does not match '{p}' in the request address."),
+            ));
+        }
+    }
+    prepare_common(
+        config,
+        Kind::Group,
+        &mut g.attestation,
+        g.allocation_policy,
+        g.iot_hubs.as_deref(),
+        g.iot_hub_host_name.as_deref(),
+        g.custom_allocation_definition.is_some(),
+        rng,
+    )?;
+    g.provisioning_status.get_or_insert(ProvisioningStatus::Enabled);
+    g.capabilities.get_or_insert(DeviceCapabilities::default());
+    g.etag = Some(new_etag(rng).to_string());
+    g.created_date_time_utc = Some(now.to_iso());
+    g.last_updated_date_time_utc = Some(now.to_iso());
+    Ok((id, g))
+}
+
+fn new_etag(rng: &mut dyn RngCore) -> Etag {
+    let mut b = [0u8; 16];
+    rng.fill_bytes(&mut b);
+    Etag::generate(b)
+}
+
+/// The service view of a registration record.
+pub fn registration_state_of(r: &RegistrationRecord) -> DeviceRegistrationState {
+    DeviceRegistrationState {
+        registration_id: r.registration_id.as_str().to_owned(),
+        created_date_time_utc: Some(r.created.to_iso()),
+        assigned_hub: r.assigned_hub.clone(),
+        device_id: r.device_id.clone(),
+        status: r.status,
+        substatus: r.substatus,
+        error_code: r.error_code,
+        error_message: r.error_message.clone(),
+        last_updated_date_time_utc: Some(r.last_updated.to_iso()),
+        etag: Some(r.etag.to_string()),
+        payload: r.payload.clone(),
+    }
+}
+
+fn hide_enrollment_secrets(mut e: IndividualEnrollment) -> IndividualEnrollment {
+    e.attestation = e.attestation.without_secrets();
+    e
+}
+
+fn hide_group_secrets(mut g: EnrollmentGroup) -> EnrollmentGroup {
+    g.attestation = g.attestation.without_secrets();
+    g
+}
+
+impl ServiceFlow {
+    pub(crate) fn new(
+        config: Arc<EngineConfig>,
+        now: Timestamp,
+        rng: &mut dyn RngCore,
+        request: ServiceRequest,
+    ) -> ServiceFlow {
+        let tracking_id = Nonces::draw(rng).tracking_id();
+        let billable = billable_of(&request.route);
+        let job = match Self::plan(&config, now, rng, request) {
+            Ok(job) => job,
+            Err(e) => Job::Reply(Reply::error(&e, tracking_id.clone(), now)),
+        };
+        ServiceFlow { now, tracking_id, billable, job }
+    }
+
+    fn page(config: &EngineConfig, request: &ServiceRequest) -> Result<(usize, Option<String>), DpsError> {
+        let size = match request.max_item_count.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+            None => config.default_page_size,
+            Some(s) => match s.parse::<usize>() {
+                Ok(0) => config.default_page_size,
+                Ok(n) => n.min(config.max_page_size),
+                Err(_) => {
+                    return Err(DpsError::with_message(
+                        ErrorCode::BadRequest,
+                        format!("x-ms-max-item-count '{s}' is not a positive integer."),
+                    ))
+                }
+            },
+        };
+        let after = match request.continuation.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+            None => None,
+            Some(t) => Some(parse_continuation_token(t).ok_or_else(|| {
+                DpsError::with_message(ErrorCode::BadRequest, "The x-ms-continuation token is not valid.")
+            })?),
+        };
+        Ok((size, after))
+    }
+
+    fn query_of(body: &[u8], source: QuerySource) -> Result<Query, DpsError> {
+        let text = if body.iter().all(u8::is_ascii_whitespace) {
+            String::new()
+        } else {
+            parse_json::<QuerySpecification>(body, "query specification")?.query
+        };
+        let q = parse_query(&text, source)?;
+        if q.source != source {
+            return Err(DpsError::with_message(
+                ErrorCode::InvalidQuery,
+                "The query's FROM source does not match the resource it was sent to.",
+            ));
+        }
+        Ok(q)
+    }
+
+    fn plan(
+        config: &EngineConfig,
+        now: Timestamp,
+        rng: &mut dyn RngCore,
+        request: ServiceRequest,
+    ) -> Result<Job, DpsError> {
+        if request.route.is_device_api() {
+            return Err(DpsError::with_message(ErrorCode::NotFound, "not a service API route"));
+        }
+        authorize(config, now, request.authorization.as_deref(), &request.path, rights_of(&request.route))?;
+        let if_match = parse_if_match(request.if_match.as_deref())?;
+        let condition = if_match.clone().map(WriteCondition::IfMatch).unwrap_or(WriteCondition::Upsert);
+        let body = request.body.as_slice();
+        Ok(match &request.route {
+            Route::GetEnrollment { id } => Job::One(
+                Some(StoreOp::GetEnrollment { registration_id: id.clone() }),
+                Then::Get(Kind::Enrollment, id.to_string()),
+            ),
+            Route::PutEnrollment { id } => {
+                let e = parse_json::<IndividualEnrollment>(body, "individual enrollment")?;
+                let (_, e) = prepare_enrollment(config, now, rng, e, Some(id))?;
+                Job::One(
+                    Some(StoreOp::PutEnrollment { enrollment: Box::new(e), condition }),
+                    Then::Put(Kind::Enrollment, id.to_string()),
+                )
+            }
+            Route::DeleteEnrollment { id } => Job::One(
+                Some(StoreOp::DeleteEnrollment { registration_id: id.clone(), if_match }),
+                Then::Delete(Kind::Enrollment, id.to_string()),
+            ),
+            Route::EnrollmentAttestation { id } => Job::One(
+                Some(StoreOp::GetEnrollment { registration_id: id.clone() }),
+                Then::Attestation(Kind::Enrollment, id.to_string()),
+            ),
+            Route::QueryEnrollments => {
+                let (size, after) = Self::page(config, &request)?;
+                let query = Self::query_of(body, QuerySource::Enrollments)?;
+                Job::One(
+                    Some(StoreOp::QueryEnrollments { query, page: PageRequest { after, limit: size } }),
+                    Then::Query(Kind::Enrollment, size),
+                )
+            }
+            Route::GetEnrollmentGroup { id } => Job::One(
+                Some(StoreOp::GetGroup { group_id: id.clone() }),
+                Then::Get(Kind::Group, id.to_string()),
+            ),
+            Route::PutEnrollmentGroup { id } => {
+                let g = parse_json::<EnrollmentGroup>(body, "enrollment group")?;
+                let (_, g) = prepare_group(config, now, rng, g, Some(id))?;
+                Job::One(
+                    Some(StoreOp::PutGroup { group: Box::new(g), condition }),
+                    Then::Put(Kind::Group, id.to_string()),
+                )
+            }
+            Route::DeleteEnrollmentGroup { id } => Job::One(
+                Some(StoreOp::DeleteGroup { group_id: id.clone(), if_match }),
+                Then::Delete(Kind::Group, id.to_string()),
+            ),
+            Route::EnrollmentGroupAttestation { id } => Job::One(
+                Some(StoreOp::GetGroup { group_id: id.clone() }),
+                Then::Attestation(Kind::Group, id.to_string()),
+            ),
+            Route::QueryEnrollmentGroups => {
+                let (size, after) = Self::page(config, &request)?;
+                let query = Self::query_of(body, QuerySource::EnrollmentGroups)?;
+                Job::One(
+                    Some(StoreOp::QueryGroups { query, page: PageRequest { after, limit: size } }),
+                    Then::Query(Kind::Group, size),
+                )
+            }
+            Route::GetRegistration { id } => Job::One(
+                Some(StoreOp::GetRegistration { registration_id: id.clone() }),
+                Then::GetRegistration(id.to_string()),
+            ),
+            Route::DeleteRegistration { id } => Job::One(
+                Some(StoreOp::DeleteRegistration { registration_id: id.clone(), if_match }),
+                Then::DeleteRegistration(id.to_string()),
+            ),
+            Route::QueryRegistrations { group_id } => {
+                let (size, after) = Self::page(config, &request)?;
+                Job::One(
+                    Some(StoreOp::QueryRegistrations {
+                        group_id: group_id.clone(),
+                        page: PageRequest { after, limit: size },
+                    }),
+                    Then::QueryRegistrations(size),
+                )
+            }
+            Route::BulkEnrollments => {
+                let bulk = parse_json::<BulkEnrollmentOperation>(body, "bulk enrollment operation")?;
+                check_bulk_size(bulk.enrollments.len())?;
+                let mut items = VecDeque::new();
+                let mut errors = Vec::new();
+                for e in bulk.enrollments {
+                    let id = e.registration_id.clone();
+                    match bulk_enrollment_op(config, now, rng, bulk.mode, e) {
+                        Ok(op) => items.push_back(BulkItem { id, op }),
+                        Err(err) => errors.push(bulk_error(Kind::Enrollment, id, &err)),
+                    }
+                }
+                Job::Bulk { kind: Kind::Enrollment, items, current: None, errors }
+            }
+            Route::BulkEnrollmentGroups => {
+                let bulk =
+                    parse_json::<BulkEnrollmentGroupOperation>(body, "bulk enrollment group operation")?;
+                check_bulk_size(bulk.enrollment_groups.len())?;
+                let mut items = VecDeque::new();
+                let mut errors = Vec::new();
+                for g in bulk.enrollment_groups {
+                    let id = g.enrollment_group_id.clone();
+                    match bulk_group_op(config, now, rng, bulk.mode, g) {
+                        Ok(op) => items.push_back(BulkItem { id, op }),
+                        Err(err) => errors.push(bulk_error(Kind::Group, id, &err)),
+                    }
+                }
+                Job::Bulk { kind: Kind::Group, items, current: None, errors }
+            }
+            _ => return Err(DpsError::with_message(ErrorCode::NotFound, "not a service API route")),
+        })
+    }
+
+    fn reply_json<T: Serialize>(&self, status: u16, body: &T) -> Reply {
+        Reply::json(status, body, self.tracking_id.clone())
+    }
+
+    fn store_failure(&self, e: StoreError, kind: Option<Kind>, id: &str) -> DpsError {
+        match e {
+            StoreError::NotFound => match kind {
+                Some(k) => {
+                    DpsError::with_message(k.not_found(), format!("The {} '{id}' does not exist.", k.noun()))
+                }
+                None => DpsError::with_message(
+                    ErrorCode::RegistrationNotFound,
+                    format!("The device registration '{id}' does not exist."),
+                ),
+            },
+            StoreError::PreconditionFailed => DpsError::with_message(
+                ErrorCode::PreconditionFailed,
+                format!("The ETag in If-Match does not match the current ETag of '{id}'."),
+            ),
+            StoreError::AlreadyExists => {
+                DpsError::with_message(ErrorCode::Conflict, format!("'{id}' already exists."))
+            }
+            StoreError::Conflict => {
+                DpsError::with_message(ErrorCode::Conflict, format!("'{id}' changed concurrently."))
+            }
+            StoreError::Backend { message } => DpsError::with_message(ErrorCode::StoreUnavailable, message),
+        }
+    }
+
+    fn finish(&self, then: &Then, result: Result<StoreResult, StoreError>) -> Result<Reply, DpsError> {
+        let (kind, id) = match then {
+            Then::Get(k, id) | Then::Put(k, id) | Then::Delete(k, id) | Then::Attestation(k, id) => {
+                (Some(*k), id.as_str())
+            }
+            Then::GetRegistration(id) | Then::DeleteRegistration(id) => (None, id.as_str()),
+            Then::Query(..) | Then::QueryRegistrations(_) => (None, ""),
+        };
+        let result = result.map_err(|e| self.store_failure(e, kind, id))?;
+        let not_found = |k: Kind| {
+            DpsError::with_message(k.not_found(), format!("The {} '{id}' does not exist.", k.noun()))
+        };
+        let with_etag = |r: Reply, etag: &Option<String>| match etag {
+            Some(e) => r.with_header("etag", format!("\"{e}\"")),
+            None => r,
+        };
+        Ok(match (then, result) {
+            (Then::Get(Kind::Enrollment, _), StoreResult::Enrollment(e)) => {
+                let e = hide_enrollment_secrets(*e.ok_or_else(|| not_found(Kind::Enrollment))?);
+                with_etag(self.reply_json(200, &e), &e.etag)
+            }
+            (Then::Put(Kind::Enrollment, _), StoreResult::Enrollment(e)) => {
+                let e = e.ok_or_else(|| not_found(Kind::Enrollment))?;
+                with_etag(self.reply_json(200, &e), &e.etag)
+            }
+            (Then::Attestation(Kind::Enrollment, _), StoreResult::Enrollment(e)) => {
+                self.reply_json(200, &e.ok_or_else(|| not_found(Kind::Enrollment))?.attestation)
+            }
+            (Then::Get(Kind::Group, _), StoreResult::Group(g)) => {
+                let g = hide_group_secrets(*g.ok_or_else(|| not_found(Kind::Group))?);
+                with_etag(self.reply_json(200, &g), &g.etag)
+            }
+            (Then::Put(Kind::Group, _), StoreResult::Group(g)) => {
+                let g = g.ok_or_else(|| not_found(Kind::Group))?;
+                with_etag(self.reply_json(200, &g), &g.etag)
+            }
+            (Then::Attestation(Kind::Group, _), StoreResult::Group(g)) => {
+                self.reply_json(200, &g.ok_or_else(|| not_found(Kind::Group))?.attestation)
+            }
+            (Then::Delete(..), StoreResult::Done) | (Then::DeleteRegistration(_), StoreResult::Done) => {
+                Reply::empty(204, self.tracking_id.clone())
+            }
+            (Then::Query(Kind::Enrollment, size), StoreResult::Enrollments(page)) => {
+                let items: Vec<_> = page.items.into_iter().map(hide_enrollment_secrets).collect();
+                query_reply(self.reply_json(200, &items), "enrollment", *size, page.next)
+            }
+            (Then::Query(Kind::Group, size), StoreResult::Groups(page)) => {
+                let items: Vec<_> = page.items.into_iter().map(hide_group_secrets).collect();
+                query_reply(self.reply_json(200, &items), "enrollmentGroup", *size, page.next)
+            }
+            (Then::GetRegistration(_), StoreResult::Registration(r)) => {
+                let r = r.ok_or_else(|| {
+                    DpsError::with_message(
+                        ErrorCode::RegistrationNotFound,
+                        format!("The device registration '{id}' does not exist."),
+                    )
+                })?;
+                let state = registration_state_of(&r);
+                with_etag(self.reply_json(200, &state), &state.etag)
+            }
+            (Then::QueryRegistrations(size), StoreResult::Registrations(page)) => {
+                let items: Vec<_> = page.items.iter().map(registration_state_of).collect();
+                query_reply(self.reply_json(200, &items), "deviceRegistration", *size, page.next)
+            }
+            _ => return Err(unexpected_store_result()),
+        })
+    }
+
+    fn metered(&self, mut reply: Reply) -> Reply {
+        if let Some(op) = self.billable {
+            reply.meter = Some(MeterEvent { operation: op, at: self.now, succeeded: reply.status < 400 });
+        }
+        reply
+    }
+}
+
+fn query_reply(reply: Reply, item_type: &str, size: usize, next: Option<String>) -> Reply {
+    let reply = reply
+        .with_header("x-ms-item-type", item_type.to_owned())
+        .with_header("x-ms-max-item-count", size.to_string());
+    match next {
+        Some(key) => reply.with_header("x-ms-continuation", continuation_token(&key)),
+        None => reply,
+    }
+}
+
+fn check_bulk_size(n: usize) -> Result<(), DpsError> {
+    if n == 0 || n > MAX_BULK_ITEMS {
+        return Err(DpsError::with_message(
+            ErrorCode::BulkOperationTooLarge,
+            format!("A bulk operation must contain between 1 and {MAX_BULK_ITEMS} items; it has {n}."),
+        ));
+    }
+    Ok(())
+}
+
+fn bulk_condition(mode: BulkOperationMode, etag: Option<&str>) -> Result<WriteCondition, DpsError> {
+    Ok(match mode {
+        BulkOperationMode::Create => WriteCondition::CreateOnly,
+        BulkOperationMode::Update => WriteCondition::Upsert,
+        BulkOperationMode::UpdateIfMatchEtag => match etag {
+            Some(e) => WriteCondition::IfMatch(IfMatch::parse(e)?),
+            None => {
+                return Err(DpsError::with_message(
+                    ErrorCode::PreconditionFailed,
+                    "updateIfMatchETag needs the item's etag.",
+                ))
+            }
+        },
+        BulkOperationMode::Delete => WriteCondition::Upsert,
+    })
+}
+
+fn bulk_enrollment_op(
+    config: &EngineConfig,
+    now: Timestamp,
+    rng: &mut dyn RngCore,
+    mode: BulkOperationMode,
+    e: IndividualEnrollment,
+) -> Result<StoreOp, DpsError> {
+    let condition = bulk_condition(mode, e.etag.as_deref())?;
+    if mode == BulkOperationMode::Delete {
+        let registration_id = RegistrationId::parse(&e.registration_id)?;
+        let if_match = e.etag.as_deref().map(IfMatch::parse).transpose()?;
+        return Ok(StoreOp::DeleteEnrollment { registration_id, if_match });
+    }
+    let (_, e) = prepare_enrollment(config, now, rng, e, None)?;
+    Ok(StoreOp::PutEnrollment { enrollment: Box::new(e), condition })
+}
+
+fn bulk_group_op(
+    config: &EngineConfig,
+    now: Timestamp,
+    rng: &mut dyn RngCore,
+    mode: BulkOperationMode,
+    g: EnrollmentGroup,
+) -> Result<StoreOp, DpsError> {
+    let condition = bulk_condition(mode, g.etag.as_deref())?;
+    if mode == BulkOperationMode::Delete {
+        let group_id = EnrollmentGroupId::parse(&g.enrollment_group_id)?;
+        let if_match = g.etag.as_deref().map(IfMatch::parse).transpose()?;
+        return Ok(StoreOp::DeleteGroup { group_id, if_match });
+    }
+    let (_, g) = prepare_group(config, now, rng, g, None)?;
+    Ok(StoreOp::PutGroup { group: Box::new(g), condition })
+}
+
+fn bulk_error(kind: Kind, id: String, err: &DpsError) -> BulkEnrollmentOperationError {
+    let (registration_id, enrollment_group_id) = match kind {
+        Kind::Enrollment => (Some(id), None),
+        Kind::Group => (None, Some(id)),
+    };
+    BulkEnrollmentOperationError {
+        registration_id,
+        enrollment_group_id,
+        error_code: err.code.code(),
+        error_status: err.message.clone(),
+    }
+}
+
+impl Flow for ServiceFlow {
+    fn resume(&mut self, input: Input) -> Step {
+        let job = std::mem::replace(&mut self.job, Job::Done);
+        match (job, input) {
+            (Job::Reply(reply), _) => Step::Respond(self.metered(reply)),
+            (Job::One(Some(op), then), Input::Start) => {
+                self.job = Job::One(None, then);
+                Step::Store(op)
+            }
+            (Job::One(None, then), Input::Store(result)) => {
+                let reply = match self.finish(&then, result) {
+                    Ok(r) => r,
+                    Err(e) => Reply::error(&e, self.tracking_id.clone(), self.now),
+                };
+                Step::Respond(self.metered(reply))
+            }
+            (Job::Bulk { kind, mut items, current, mut errors }, input) => {
+                if let (Some(id), Input::Store(Err(e))) = (&current, &input) {
+                    let err = self.store_failure(e.clone(), Some(kind), id);
+                    errors.push(bulk_error(kind, id.clone(), &err));
+                }
+                match items.pop_front() {
+                    Some(item) => {
+                        self.job = Job::Bulk { kind, items, current: Some(item.id), errors };
+                        Step::Store(item.op)
+                    }
+                    None => {
+                        let result =
+                            BulkEnrollmentOperationResult { is_successful: errors.is_empty(), errors };
+                        let reply = self.reply_json(200, &result);
+                        Step::Respond(self.metered(reply))
+                    }
+                }
+            }
+            (Job::Done, _) => Step::Finished,
+            (Job::One(..), _) => {
+                let reply = Reply::error(&unexpected_store_result(), self.tracking_id.clone(), self.now);
+                Step::Respond(self.metered(reply))
+            }
+        }
+    }
+}
