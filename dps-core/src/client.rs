@@ -1,1 +1,365 @@
-//! Device-side client state machine (being written).
+//! The device-side client state machine, for people building custom device SDKs.
+//!
+//! It knows the protocol (register, honour Retry-After, poll, result; retry 429 and transient errors) but
+//! not the transport: it asks its driver to [`ClientAction::Send`] a [`ClientRequest`] (which renders itself
+//! as an HTTPS request or an MQTT topic + payload) or to [`ClientAction::Wait`] until an instant, and it is
+//! fed [`ClientEvent`]s. Time is passed in; nothing sleeps.
+//!
+//! ```
+//! use dps_core::client::{ClientAction, ClientConfig, ClientEvent, RegistrationClient};
+//! use dps_core::proto::sas::SymmetricKey;
+//! use dps_core::proto::{IdScope, RegistrationId, Timestamp};
+//!
+//! let config = ClientConfig::new(
+//!     IdScope::parse("0ne00000001").unwrap(),
+//!     RegistrationId::parse("my-device").unwrap(),
+//!     SymmetricKey::from_bytes(vec![7; 32]),
+//! );
+//! let mut client = RegistrationClient::new(config);
+//! let now = Timestamp::from_unix_seconds(1_700_000_000);
+//! let ClientAction::Send(request) = client.start(now) else { unreachable!() };
+//! assert_eq!(request.http_method(), "PUT");
+//! assert!(request.http_path_and_query().starts_with("/0ne00000001/registrations/my-device/register"));
+//! // ...send it, then feed the answer back:
+//! let action = client.handle(now, ClientEvent::Response {
+//!     status: 202,
+//!     retry_after: Some(2),
+//!     body: br#"{"operationId":"1.2.3","status":"assigning"}"#.to_vec(),
+//! });
+//! assert!(matches!(action, ClientAction::Wait { .. }));
+//! ```
+
+use crate::engine::{DeviceCall, DeviceRequest};
+use dps_proto::model::{
+    DeviceRegistration, DeviceRegistrationResult, RegistrationOperationStatus, RegistrationStatus,
+};
+use dps_proto::mqtt::{operation_status_topic, register_topic};
+use dps_proto::sas::{build_token, device_resource, encode_resource, SymmetricKey};
+use dps_proto::{ApiVersion, ErrorBody, ErrorCode, IdScope, OperationId, RegistrationId, Timestamp};
+use serde_json::Value;
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// The instance's ID scope.
+    pub id_scope: IdScope,
+    /// This device's registration ID.
+    pub registration_id: RegistrationId,
+    /// The device key (individual key, or the group-derived key).
+    pub device_key: SymmetricKey,
+    /// api-version to send.
+    pub api_version: ApiVersion,
+    /// Lifetime of the SAS tokens it signs, in seconds.
+    pub token_ttl_secs: i64,
+    /// Custom payload to send with the registration.
+    pub payload: Option<Value>,
+    /// Delay when the service sends no Retry-After, in seconds.
+    pub default_retry_after_secs: u32,
+    /// Give up after this many requests in total (register + polls + retries).
+    pub max_requests: u32,
+}
+
+impl ClientConfig {
+    /// Settings with defaults: api-version 2021-10-01, one-hour tokens, 2 s default delay, 60 requests.
+    pub fn new(id_scope: IdScope, registration_id: RegistrationId, device_key: SymmetricKey) -> Self {
+        ClientConfig {
+            id_scope,
+            registration_id,
+            device_key,
+            api_version: ApiVersion::V2021_10_01,
+            token_ttl_secs: 3600,
+            payload: None,
+            default_retry_after_secs: 2,
+            max_requests: 60,
+        }
+    }
+}
+
+/// What the client asks to send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientRequest {
+    /// Register or poll.
+    pub call: DeviceCall,
+    /// The `Authorization` header / MQTT password.
+    pub authorization: String,
+    /// The JSON body (empty for polls).
+    pub body: Vec<u8>,
+    id_scope: IdScope,
+    registration_id: RegistrationId,
+    api_version: ApiVersion,
+}
+
+impl ClientRequest {
+    /// HTTP method.
+    pub fn http_method(&self) -> &'static str {
+        match self.call {
+            DeviceCall::Register { .. } => "PUT",
+            DeviceCall::OperationStatus(_) => "GET",
+            DeviceCall::StatusLookup => "POST",
+        }
+    }
+
+    /// HTTP path and query.
+    pub fn http_path_and_query(&self) -> String {
+        let base = format!("/{}/registrations/{}", self.id_scope, self.registration_id);
+        let v = self.api_version.as_str();
+        match &self.call {
+            DeviceCall::Register { .. } => format!("{base}/register?api-version={v}"),
+            DeviceCall::OperationStatus(op) => format!("{base}/operations/{op}?api-version={v}"),
+            DeviceCall::StatusLookup => format!("{base}?api-version={v}"),
+        }
+    }
+
+    /// MQTT topic for this request with the given request ID.
+    pub fn mqtt_topic(&self, rid: &str) -> String {
+        match &self.call {
+            DeviceCall::OperationStatus(op) => operation_status_topic(rid, op.as_str()),
+            _ => register_topic(rid),
+        }
+    }
+
+    /// The same request as an in-process engine request (for embedding the engine without a transport).
+    pub fn to_device_request(&self) -> DeviceRequest {
+        DeviceRequest {
+            id_scope: self.id_scope.clone(),
+            registration_id: self.registration_id.clone(),
+            call: self.call.clone(),
+            api_version: Some(self.api_version.clone()),
+            authorization: Some(self.authorization.clone()),
+            body: self.body.clone(),
+        }
+    }
+}
+
+/// What happened since the last action.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientEvent {
+    /// The service answered the last request.
+    Response {
+        /// HTTP status (or the MQTT response topic's status).
+        status: u16,
+        /// Retry-After, if sent.
+        retry_after: Option<u32>,
+        /// The body.
+        body: Vec<u8>,
+    },
+    /// The transport failed before an answer (connection refused, reset, timeout).
+    TransportFailed,
+    /// The instant asked for by [`ClientAction::Wait`] has come.
+    TimerFired,
+}
+
+/// A registration failure, keeping the service's error code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("registration failed: {status} {code}: {message}")]
+pub struct ClientError {
+    /// HTTP status (0 when the transport failed).
+    pub status: u16,
+    /// The service's six-digit code (0 when none was sent).
+    pub code: u32,
+    /// The code in this project's table, when known.
+    pub known: Option<ErrorCode>,
+    /// The registration status when the operation ended `failed` or `disabled`.
+    pub registration_status: Option<RegistrationStatus>,
+    /// The message.
+    pub message: String,
+}
+
+impl ClientError {
+    fn new(status: u16, code: u32, message: impl Into<String>) -> Self {
+        ClientError {
+            status,
+            code,
+            known: ErrorCode::from_code(code),
+            registration_status: None,
+            message: message.into(),
+        }
+    }
+}
+
+/// What the driver should do next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientAction {
+    /// Send this request and feed back its [`ClientEvent::Response`] (or `TransportFailed`).
+    Send(ClientRequest),
+    /// Wait until this instant, then feed [`ClientEvent::TimerFired`].
+    Wait {
+        /// When to wake up.
+        until: Timestamp,
+    },
+    /// Finished: the device is assigned.
+    Assigned(Box<DeviceRegistrationResult>),
+    /// Finished: the registration failed.
+    Failed(ClientError),
+}
+
+#[derive(Debug, Clone)]
+enum Phase {
+    Idle,
+    AwaitRegister,
+    AwaitPoll(OperationId),
+    WaitThenRegister,
+    WaitThenPoll(OperationId),
+    Done,
+}
+
+/// The registration state machine.
+#[derive(Debug, Clone)]
+pub struct RegistrationClient {
+    config: ClientConfig,
+    phase: Phase,
+    requests: u32,
+}
+
+impl RegistrationClient {
+    /// A client that has not started.
+    pub fn new(config: ClientConfig) -> Self {
+        RegistrationClient { config, phase: Phase::Idle, requests: 0 }
+    }
+
+    /// Starts the registration: the first action is always a register request.
+    pub fn start(&mut self, now: Timestamp) -> ClientAction {
+        self.send(now, DeviceCall::Register { force: false })
+    }
+
+    fn token(&self, now: Timestamp) -> String {
+        let resource = device_resource(self.config.id_scope.as_str(), self.config.registration_id.as_str());
+        build_token(
+            &self.config.device_key,
+            &encode_resource(&resource),
+            now.unix_seconds().saturating_add(self.config.token_ttl_secs),
+            Some("registration"),
+        )
+    }
+
+    fn send(&mut self, now: Timestamp, call: DeviceCall) -> ClientAction {
+        if self.requests >= self.config.max_requests {
+            self.phase = Phase::Done;
+            return ClientAction::Failed(ClientError::new(
+                0,
+                0,
+                format!("gave up after {} requests without a final answer", self.requests),
+            ));
+        }
+        self.requests += 1;
+        let body = match call {
+            DeviceCall::Register { .. } => {
+                let reg = DeviceRegistration {
+                    registration_id: Some(self.config.registration_id.as_str().to_owned()),
+                    tpm: None,
+                    payload: self.config.payload.clone(),
+                    csr: None,
+                };
+                serde_json::to_vec(&reg).unwrap_or_default()
+            }
+            _ => Vec::new(),
+        };
+        self.phase = match &call {
+            DeviceCall::OperationStatus(op) => Phase::AwaitPoll(op.clone()),
+            _ => Phase::AwaitRegister,
+        };
+        ClientAction::Send(ClientRequest {
+            call,
+            authorization: self.token(now),
+            body,
+            id_scope: self.config.id_scope.clone(),
+            registration_id: self.config.registration_id.clone(),
+            api_version: self.config.api_version.clone(),
+        })
+    }
+
+    fn wait(&mut self, now: Timestamp, retry_after: Option<u32>, then: Phase) -> ClientAction {
+        let secs =
+            retry_after.filter(|s| (1..=300).contains(s)).unwrap_or(self.config.default_retry_after_secs);
+        self.phase = then;
+        ClientAction::Wait { until: now.plus_millis(i64::from(secs) * 1000) }
+    }
+
+    fn fail(&mut self, e: ClientError) -> ClientAction {
+        self.phase = Phase::Done;
+        ClientAction::Failed(e)
+    }
+
+    /// Feeds an event; returns the next action.
+    pub fn handle(&mut self, now: Timestamp, event: ClientEvent) -> ClientAction {
+        let phase = std::mem::replace(&mut self.phase, Phase::Done);
+        match (phase, event) {
+            (Phase::WaitThenRegister, ClientEvent::TimerFired) => {
+                self.send(now, DeviceCall::Register { force: false })
+            }
+            (Phase::WaitThenPoll(op), ClientEvent::TimerFired) => {
+                self.send(now, DeviceCall::OperationStatus(op))
+            }
+            (Phase::AwaitRegister, ClientEvent::TransportFailed) => {
+                self.wait(now, None, Phase::WaitThenRegister)
+            }
+            (Phase::AwaitPoll(op), ClientEvent::TransportFailed) => {
+                self.wait(now, None, Phase::WaitThenPoll(op))
+            }
+            (
+                phase @ (Phase::AwaitRegister | Phase::AwaitPoll(_)),
+                ClientEvent::Response { status, retry_after, body },
+            ) => self.on_response(now, phase, status, retry_after, &body),
+            (phase, _) => {
+                self.phase = phase;
+                ClientAction::Failed(ClientError::new(0, 0, "event does not fit the client's state"))
+            }
+        }
+    }
+
+    fn on_response(
+        &mut self,
+        now: Timestamp,
+        phase: Phase,
+        status: u16,
+        retry_after: Option<u32>,
+        body: &[u8],
+    ) -> ClientAction {
+        if status == 429 || status >= 500 {
+            let again = match phase {
+                Phase::AwaitPoll(op) => Phase::WaitThenPoll(op),
+                _ => Phase::WaitThenRegister,
+            };
+            return self.wait(now, retry_after, again);
+        }
+        if !(200..300).contains(&status) {
+            return self.fail(match serde_json::from_slice::<ErrorBody>(body) {
+                Ok(e) => ClientError::new(status, e.error_code, e.message),
+                Err(_) => ClientError::new(
+                    status,
+                    u32::from(status) * 1000,
+                    String::from_utf8_lossy(body).into_owned(),
+                ),
+            });
+        }
+        let parsed: RegistrationOperationStatus = match serde_json::from_slice(body) {
+            Ok(p) => p,
+            Err(e) => return self.fail(ClientError::new(status, 0, format!("unparseable answer: {e}"))),
+        };
+        match parsed.status {
+            RegistrationStatus::Assigning | RegistrationStatus::Unassigned => {
+                match OperationId::parse(&parsed.operation_id) {
+                    Ok(op) => self.wait(now, retry_after, Phase::WaitThenPoll(op)),
+                    Err(e) => self.fail(ClientError::new(status, e.code.code(), e.message)),
+                }
+            }
+            RegistrationStatus::Assigned => match parsed.registration_state {
+                Some(state) if state.assigned_hub.is_some() && state.device_id.is_some() => {
+                    self.phase = Phase::Done;
+                    ClientAction::Assigned(Box::new(state))
+                }
+                _ => self.fail(ClientError::new(status, 0, "assigned without assignedHub and deviceId")),
+            },
+            s @ (RegistrationStatus::Failed | RegistrationStatus::Disabled) => {
+                let state = parsed.registration_state;
+                let code = state.as_ref().and_then(|r| r.error_code).unwrap_or(0);
+                let message = state
+                    .and_then(|r| r.error_message)
+                    .unwrap_or_else(|| format!("the registration ended with status {}", s.as_str()));
+                let mut e = ClientError::new(status, code, message);
+                e.registration_status = Some(s);
+                self.fail(e)
+            }
+        }
+    }
+}
