@@ -1,1 +1,169 @@
-fn main() {}
+//! Engine benchmarks. Every figure is reported as a ratio to `floor/hmac_json_round_trip`, measured in the
+//! same run: an HMAC-SHA256 plus a JSON round trip (parse a register request, build and serialize a
+//! ~500-byte result) — the unavoidable work of one registration.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+use dps_core::hub::MemoryHubDirectory;
+use dps_core::proto::model::{DeviceRegistration, DeviceRegistrationResult, RegistrationStatus};
+use dps_core::proto::sas::{build_token, device_resource, encode_resource, SasToken, SymmetricKey};
+use dps_core::proto::{IdScope, RegistrationId, Timestamp};
+use dps_core::{
+    run_blocking, DeviceCall, DeviceRequest, Engine, EngineConfig, HttpRequest, LinkedHub, Rights,
+};
+use dps_store::MemoryStore;
+use rand_chacha::rand_core::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde_json::json;
+
+const SCOPE: &str = "0ne0000ABCD";
+const NOW: i64 = 1_700_000_000;
+
+fn floor(c: &mut Criterion) {
+    let key = SymmetricKey::from_bytes(vec![7; 32]);
+    let body = br#"{"registrationId":"sensor-000042","payload":null}"#;
+    let mut g = c.benchmark_group("floor");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("hmac_json_round_trip", |b| {
+        b.iter(|| {
+            let req: DeviceRegistration = serde_json::from_slice(black_box(body)).unwrap();
+            let sig = key.sign(black_box("0ne0000ABCD%2Fregistrations%2Fsensor-000042\n1700003600"));
+            let id = req.registration_id.unwrap_or_default();
+            let mut r = DeviceRegistrationResult::minimal(&id, RegistrationStatus::Assigned);
+            r.assigned_hub = Some("hub-a.example.net".into());
+            r.device_id = Some(id.clone());
+            r.created_date_time_utc = Some("2022-08-31T22:02:50.5163352Z".into());
+            r.last_updated_date_time_utc = Some("2022-08-31T22:02:50.5163352Z".into());
+            r.etag = Some("IjY5MDAzNTUyLTAwMDAtMDMwMC0wMDAwLTYzMGZkYThhMDAwMCI=".into());
+            r.error_message = Some(format!("{sig:?}"));
+            black_box(serde_json::to_vec(&r).unwrap())
+        })
+    });
+    g.finish();
+}
+
+fn sas(c: &mut Criterion) {
+    let key = SymmetricKey::from_bytes(vec![7; 32]);
+    let token = build_token(
+        &key,
+        &encode_resource(&device_resource(SCOPE, "sensor-1")),
+        NOW + 3600,
+        Some("registration"),
+    );
+    let group_key = SymmetricKey::from_bytes(vec![9; 64]);
+    let derived = group_key.derive_device_key("sensor-1");
+    let group_token = build_token(
+        &derived,
+        &encode_resource(&device_resource(SCOPE, "sensor-1")),
+        NOW + 3600,
+        Some("registration"),
+    );
+    let mut g = c.benchmark_group("sas");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("device_verify", |b| {
+        b.iter(|| {
+            let t = SasToken::parse(black_box(&token)).unwrap();
+            t.verify(Timestamp::from_unix_seconds(NOW), "0ne0000ABCD/registrations/sensor-1", &[&key])
+                .unwrap()
+        })
+    });
+    g.bench_function("group_derive_and_verify", |b| {
+        b.iter(|| {
+            let t = SasToken::parse(black_box(&group_token)).unwrap();
+            let k = group_key.derive_device_key(black_box("sensor-1"));
+            t.verify(Timestamp::from_unix_seconds(NOW), "0ne0000ABCD/registrations/sensor-1", &[&k]).unwrap()
+        })
+    });
+    g.finish();
+}
+
+fn engine_with_group() -> (Engine, MemoryStore, MemoryHubDirectory, SymmetricKey) {
+    let hubs = vec![
+        LinkedHub::new("hub-a.example.net", None, None).unwrap(),
+        LinkedHub::new("hub-b.example.net", None, None).unwrap(),
+    ];
+    let owner = SymmetricKey::from_bytes(vec![1; 32]);
+    let config = EngineConfig::new(IdScope::parse(SCOPE).unwrap(), "dps.example.net", hubs).with_policy(
+        dps_core::AccessPolicy {
+            key_name: "provisioningserviceowner".into(),
+            primary_key: owner.clone(),
+            secondary_key: owner.clone(),
+            rights: Rights::ALL,
+        },
+    );
+    let engine = Engine::new(config).unwrap();
+    let store = MemoryStore::new();
+    let hubs = MemoryHubDirectory::new();
+    let group_key = SymmetricKey::from_bytes(vec![9; 64]);
+    let body = json!({"enrollmentGroupId": "fleet", "attestation": {"type": "symmetricKey",
+        "symmetricKey": {"primaryKey": group_key.to_base64(), "secondaryKey": group_key.to_base64()}}});
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let mut flow = engine.http(
+        Timestamp::from_unix_seconds(NOW),
+        &mut rng,
+        HttpRequest {
+            method: "PUT".into(),
+            path_and_query: "/enrollmentGroups/fleet?api-version=2021-10-01".into(),
+            authorization: Some(build_token(
+                &owner,
+                "dps.example.net",
+                NOW + 3600,
+                Some("provisioningserviceowner"),
+            )),
+            body: serde_json::to_vec(&body).unwrap(),
+            ..HttpRequest::default()
+        },
+    );
+    assert_eq!(run_blocking(&mut flow, &store, &hubs).status, 200);
+    (engine, store, hubs, group_key)
+}
+
+fn register_request(group_key: &SymmetricKey, i: u64) -> DeviceRequest {
+    let id = format!("sensor-{i:08}");
+    let k = group_key.derive_device_key(&id);
+    DeviceRequest {
+        id_scope: IdScope::parse(SCOPE).unwrap(),
+        registration_id: RegistrationId::parse(&id).unwrap(),
+        call: DeviceCall::Register { force: false },
+        api_version: None,
+        authorization: Some(build_token(
+            &k,
+            &encode_resource(&device_resource(SCOPE, &id)),
+            NOW + 3600,
+            Some("registration"),
+        )),
+        body: format!(r#"{{"registrationId":"{id}","payload":null}}"#).into_bytes(),
+    }
+}
+
+fn engine(c: &mut Criterion) {
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let mut g = c.benchmark_group("engine");
+    g.throughput(Throughput::Elements(1));
+    // Each sample starts from a fresh store holding one group enrollment and registers `iters` new devices
+    // (group-derived keys, hashed over two hubs); setup and teardown are not timed.
+    g.bench_function("register_group_device_memory", |b| {
+        b.iter_custom(|iters| {
+            let (engine, store, hubs, group_key) = engine_with_group();
+            let requests: Vec<_> = (0..iters).map(|i| register_request(&group_key, i)).collect();
+            let start = std::time::Instant::now();
+            for request in requests {
+                let mut flow = engine.device(Timestamp::from_unix_seconds(NOW), &mut rng, request);
+                let reply = run_blocking(&mut flow, &store, &hubs);
+                debug_assert_eq!(reply.status, 202);
+                black_box(reply);
+            }
+            let elapsed = start.elapsed();
+            drop((store, hubs));
+            elapsed
+        })
+    });
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(30).warm_up_time(std::time::Duration::from_millis(500)).measurement_time(std::time::Duration::from_secs(3));
+    targets = floor, sas, engine
+}
+criterion_main!(benches);

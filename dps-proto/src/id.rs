@@ -276,10 +276,18 @@ impl fmt::Debug for OperationId {
 
 /// Formats 16 bytes as a version-4 UUID string (the version and variant bits are set).
 pub fn format_uuid(mut b: [u8; 16]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let hex = |r: &[u8]| r.iter().map(|x| format!("{x:02x}")).collect::<String>();
-    format!("{}-{}-{}-{}-{}", hex(&b[0..4]), hex(&b[4..6]), hex(&b[6..8]), hex(&b[8..10]), hex(&b[10..16]))
+    let mut out = String::with_capacity(36);
+    for (i, byte) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            out.push('-');
+        }
+        out.push(char::from(HEX[usize::from(byte >> 4)]));
+        out.push(char::from(HEX[usize::from(byte & 0x0f)]));
+    }
+    out
 }
 
 /// An entity tag: opaque, compared exactly after stripping `W/` and surrounding quotes (spec §5.5).
@@ -491,6 +499,12 @@ mod tests {
         assert!(DeviceId::parse("a b").is_err());
         assert!(DeviceId::parse("").is_err());
         assert_ne!(DeviceId::parse("A").unwrap(), DeviceId::parse("a").unwrap());
+    }
+
+    #[test]
+    fn uuid_format() {
+        let u = format_uuid([0xab; 16]);
+        assert_eq!(u, "abababab-abab-4bab-abab-abababababab");
     }
 
     #[test]
