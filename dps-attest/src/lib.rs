@@ -254,7 +254,11 @@ mod tests {
             iot_hub_host_name: None,
             initial_twin: None,
             etag: None,
-            provisioning_status: Some(if disabled { ProvisioningStatus::Disabled } else { ProvisioningStatus::Enabled }),
+            provisioning_status: Some(if disabled {
+                ProvisioningStatus::Disabled
+            } else {
+                ProvisioningStatus::Enabled
+            }),
             reprovision_policy: None,
             created_date_time_utc: None,
             last_updated_date_time_utc: None,
@@ -289,13 +293,15 @@ mod tests {
     #[test]
     fn individual_primary_and_secondary() {
         let e = individual("dev1", &key(1), &key(2), false);
-        let Attestation::Verified(v) = run(&token_for(&key(1), "dev1", NOW + 60), "dev1", Some(&e), &[]).unwrap()
+        let Attestation::Verified(v) =
+            run(&token_for(&key(1), "dev1", NOW + 60), "dev1", Some(&e), &[]).unwrap()
         else {
             panic!("not verified")
         };
         assert_eq!(v.key_index(), 0);
         assert!(matches!(v.enrollment(), MatchedEnrollment::Individual(_)));
-        let Attestation::Verified(v) = run(&token_for(&key(2), "dev1", NOW + 60), "dev1", Some(&e), &[]).unwrap()
+        let Attestation::Verified(v) =
+            run(&token_for(&key(2), "dev1", NOW + 60), "dev1", Some(&e), &[]).unwrap()
         else {
             panic!("not verified")
         };
@@ -334,7 +340,9 @@ mod tests {
     fn group_derived_keys() {
         let groups = [group("g1", &key(3), &key(4), false), group("g2", &key(5), &key(6), false)];
         let t = token_for(&key(6).derive_device_key("dev-9"), "dev-9", NOW + 60);
-        let Attestation::Verified(v) = run(&t, "dev-9", None, &groups).unwrap() else { panic!("not verified") };
+        let Attestation::Verified(v) = run(&t, "dev-9", None, &groups).unwrap() else {
+            panic!("not verified")
+        };
         assert_eq!(v.enrollment().group_id(), Some("g2"));
         assert_eq!(v.key_index(), 1);
         assert_eq!(v.primary_key().as_bytes(), key(5).derive_device_key("dev-9").as_bytes());
@@ -345,7 +353,8 @@ mod tests {
 
     #[test]
     fn disabled_group_stops_resolution() {
-        let groups = [group("a-disabled", &key(3), &key(4), true), group("b-enabled", &key(3), &key(4), false)];
+        let groups =
+            [group("a-disabled", &key(3), &key(4), true), group("b-enabled", &key(3), &key(4), false)];
         let t = token_for(&key(3).derive_device_key("dev"), "dev", NOW + 60);
         let r = run(&t, "dev", None, &groups).unwrap();
         let Attestation::Disabled(d) = r else { panic!("expected disabled") };

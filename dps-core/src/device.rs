@@ -299,12 +299,12 @@ impl DeviceFlow {
                 hub: plan.target.hub.clone(),
                 identity: plan.identity.clone(),
                 twin: match twin {
-                    TwinSource::Initial => Some(plan.initial_twin.clone()),
-                    TwinSource::Keep => None,
                     TwinSource::MigrateFrom(_) => {
-                        Some(job.migrated_twin.clone().unwrap_or_else(|| plan.initial_twin.clone()))
+                        job.migrated_twin.clone().unwrap_or_else(|| plan.initial_twin.clone())
                     }
+                    _ => plan.initial_twin.clone(),
                 },
+                replace_twin: !matches!(twin, TwinSource::Keep),
             },
         };
         let stage = match op {

@@ -37,15 +37,17 @@ pub struct DeviceIdentity {
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum HubOp {
-    /// Create the identity or update its credentials. With `twin: Some`, the twin is replaced; with
-    /// `None`, an existing twin is kept (a new identity starts with an empty twin).
+    /// Create the identity or update its credentials. A new identity gets `twin`; an existing one gets it
+    /// only when `replace_twin` is true (otherwise its current twin is kept).
     UpsertDevice {
         /// Hub host name.
         hub: String,
         /// The identity.
         identity: DeviceIdentity,
-        /// The twin to set, if any.
-        twin: Option<DeviceTwin>,
+        /// The twin for a new identity (and for an existing one when `replace_twin`).
+        twin: DeviceTwin,
+        /// Replace the twin of an existing identity.
+        replace_twin: bool,
     },
     /// Read a device's twin.
     ReadTwin {
@@ -175,19 +177,19 @@ impl MemoryHubDirectory {
 impl BlockingHubDirectory for MemoryHubDirectory {
     fn execute(&self, op: HubOp) -> Result<HubResult, HubError> {
         match op {
-            HubOp::UpsertDevice { hub, identity, twin } => {
+            HubOp::UpsertDevice { hub, identity, twin, replace_twin } => {
                 self.check(&hub)?;
                 let mut map = self.devices.lock().unwrap_or_else(|e| e.into_inner());
                 let key = (hub.to_ascii_lowercase(), identity.device_id.clone());
                 match map.get_mut(&key) {
                     Some(d) => {
                         d.identity = identity;
-                        if let Some(t) = twin {
-                            d.twin = t;
+                        if replace_twin {
+                            d.twin = twin;
                         }
                     }
                     None => {
-                        map.insert(key, HubDevice { identity, twin: twin.unwrap_or_default() });
+                        map.insert(key, HubDevice { identity, twin });
                     }
                 }
                 Ok(HubResult::Done)

@@ -387,6 +387,14 @@ fn re_registration_to_the_same_hub_keeps_twin() {
     let r = w.provision("stay", &key(1)).unwrap();
     assert_eq!(r.substatus, Some(RegistrationSubstatus::ReprovisionedToInitialAssignment));
     assert_eq!(w.hubs.device(HUB_A, "stay").unwrap().twin.tags, json!({"x": 1}));
+    // An identity that vanished from the hub is recreated with the initial twin.
+    dps_core::hub::BlockingHubDirectory::execute(
+        &w.hubs,
+        dps_core::hub::HubOp::DeleteDevice { hub: HUB_A.into(), device_id: "stay".into() },
+    )
+    .unwrap();
+    w.provision("stay", &key(1)).unwrap();
+    assert_eq!(w.hubs.device(HUB_A, "stay").unwrap().twin.tags, json!({}));
     // Deleting the registration record makes the next registration an initial assignment again.
     assert_eq!(w.service("DELETE", "/registrations/stay", None).status, 204);
     let r = w.provision("stay", &key(1)).unwrap();
