@@ -1,0 +1,95 @@
+//! Helpers shared by the backends: storage keys, precondition checks, paging.
+
+use dps_core::proto::model::{AttestationType, EnrollmentGroup, IndividualEnrollment};
+use dps_core::proto::query::Query;
+use dps_core::proto::{Etag, IfMatch};
+use dps_core::store::{StoreError, WriteCondition};
+use serde::Serialize;
+
+/// The storage key of an individual enrollment (its lowercase registration ID).
+pub(crate) fn enrollment_key(e: &IndividualEnrollment) -> String {
+    e.registration_id.to_ascii_lowercase()
+}
+
+/// The storage key of an enrollment group (its lowercase group ID).
+pub(crate) fn group_key(g: &EnrollmentGroup) -> String {
+    g.enrollment_group_id.to_ascii_lowercase()
+}
+
+/// Whether a group is a symmetric-key group (the ones [`dps_core::store::DeviceContext`] carries).
+pub(crate) fn is_symmetric_key_group(g: &EnrollmentGroup) -> bool {
+    g.attestation.kind == AttestationType::SymmetricKey
+}
+
+/// Whether an enrollment or group whose stored `etag` string is `stored` satisfies `m`. The stored string
+/// is parsed with [`Etag::parse`]; an item without a (valid) ETag only satisfies `*`.
+pub(crate) fn item_matches(m: &IfMatch, stored: Option<&str>) -> bool {
+    match m {
+        IfMatch::Any => true,
+        IfMatch::Etag(_) => {
+            stored.and_then(|s| Etag::parse(s).ok()).is_some_and(|current| m.matches(&current))
+        }
+    }
+}
+
+/// Checks a write condition against the current item: `None` when absent, otherwise its stored ETag.
+pub(crate) fn check_write(
+    condition: &WriteCondition,
+    existing: Option<Option<&str>>,
+) -> Result<(), StoreError> {
+    match (condition, existing) {
+        (WriteCondition::Upsert, _) => Ok(()),
+        (WriteCondition::CreateOnly, None) => Ok(()),
+        (WriteCondition::CreateOnly, Some(_)) => Err(StoreError::AlreadyExists),
+        (WriteCondition::IfMatch(_), None) => Err(StoreError::NotFound),
+        (WriteCondition::IfMatch(m), Some(etag)) => {
+            if item_matches(m, etag) {
+                Ok(())
+            } else {
+                Err(StoreError::PreconditionFailed)
+            }
+        }
+    }
+}
+
+/// Checks a delete precondition against the current item (see [`check_write`]).
+pub(crate) fn check_delete(
+    if_match: Option<&IfMatch>,
+    existing: Option<Option<&str>>,
+) -> Result<(), StoreError> {
+    match (if_match, existing) {
+        (_, None) => Err(StoreError::NotFound),
+        (None, Some(_)) => Ok(()),
+        (Some(m), Some(etag)) => {
+            if item_matches(m, etag) {
+                Ok(())
+            } else {
+                Err(StoreError::PreconditionFailed)
+            }
+        }
+    }
+}
+
+/// The effective page size: at least one item.
+pub(crate) fn page_limit(limit: usize) -> usize {
+    limit.max(1)
+}
+
+/// Whether `item` passes `query` (serializing it only when the query has conditions).
+pub(crate) fn query_matches<T: Serialize>(query: &Query, item: &T) -> Result<bool, StoreError> {
+    if query.conditions.is_empty() {
+        return Ok(true);
+    }
+    let value = serde_json::to_value(item).map_err(|e| json_error("serializing an item for a query", &e))?;
+    Ok(query.matches(&value))
+}
+
+/// A `Backend` error for a JSON failure.
+pub(crate) fn json_error(what: &str, e: &serde_json::Error) -> StoreError {
+    StoreError::Backend { message: format!("JSON error while {what}: {e}") }
+}
+
+/// A `Backend` error with a message.
+pub(crate) fn backend(message: impl Into<String>) -> StoreError {
+    StoreError::Backend { message: message.into() }
+}

@@ -1,0 +1,926 @@
+//! The SQLite backend: durable (WAL, `synchronous=FULL`), with group commit. See [`SqliteStore`].
+
+use crate::common::{
+    backend, check_delete, check_write, enrollment_key, group_key, is_symmetric_key_group, json_error,
+    page_limit,
+};
+use dps_core::proto::model::{EnrollmentGroup, IndividualEnrollment};
+use dps_core::proto::query::Query;
+use dps_core::proto::{EnrollmentGroupId, Etag, IfMatch, RegistrationId};
+use dps_core::store::{
+    AsyncStore, BlockingStore, DeviceContext, Page, PageRequest, RegistrationRecord, StoreError, StoreOp,
+    StoreResult, WriteCondition,
+};
+use futures::channel::oneshot;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+use serde::de::DeserializeOwned;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, RwLock, TryLockError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+type OpResult = Result<StoreResult, StoreError>;
+
+/// How long a connection waits for a lock held by another connection (e.g. another process, or a
+/// checkpoint) before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Schema migrations, applied in order; after step `i` the database's `user_version` is `i + 1`.
+/// Never edit a released step: append a new one.
+const MIGRATIONS: &[&str] = &[
+    // Version 1: the three tables. Items are stored as their serde JSON; the key is the lowercase ID.
+    "CREATE TABLE enrollments (
+        key TEXT PRIMARY KEY NOT NULL,
+        etag TEXT NOT NULL,
+        json TEXT NOT NULL
+    );
+    CREATE TABLE enrollment_groups (
+        key TEXT PRIMARY KEY NOT NULL,
+        etag TEXT NOT NULL,
+        symmetric_key INTEGER NOT NULL,
+        json TEXT NOT NULL
+    );
+    CREATE TABLE registrations (
+        key TEXT PRIMARY KEY NOT NULL,
+        group_key TEXT,
+        etag TEXT NOT NULL,
+        json TEXT NOT NULL
+    );
+    CREATE INDEX registrations_by_group ON registrations (group_key, key);",
+];
+
+/// The schema version this build writes (`PRAGMA user_version`).
+pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
+
+/// Options of [`SqliteStore::open`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SqliteOptions {
+    /// The most write requests applied in one transaction (default 256; 0 is treated as 1).
+    pub max_batch: usize,
+    /// Number of read-only connections serving reads (default 2; 0 is treated as 1).
+    pub read_connections: usize,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions { max_batch: 256, read_connections: 2 }
+    }
+}
+
+/// Write-path counters of a [`SqliteStore`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SqliteStats {
+    /// Committed write transactions (batches).
+    pub batches: u64,
+    /// Write requests applied by those transactions (including those whose precondition failed).
+    pub rows: u64,
+}
+
+/// A durable store in one SQLite database file.
+///
+/// # Threads and connections
+///
+/// - One **writer thread** owns the only read-write connection. Every write (registration commits,
+///   enrollment and group puts, deletes) is sent to it over a channel. It blocks for the first request,
+///   drains whatever else is queued (up to [`SqliteOptions::max_batch`]) and applies the whole batch in one
+///   `BEGIN IMMEDIATE ... COMMIT` transaction, evaluating each request's precondition inside the
+///   transaction, in arrival order. A request whose precondition fails gets its error and writes nothing; the
+///   rest of the batch goes on. Requesters are answered only after `COMMIT` has returned (the WAL is
+///   fsynced); if `COMMIT` fails, every request of the batch gets a `Backend` error. While one batch is
+///   being fsynced, the next one queues up, so under load one fsync covers many writes.
+/// - A small pool of **read-only connections** serves reads on the caller's thread, with cached prepared
+///   statements. WAL readers never block the writer and see every committed batch.
+/// - The symmetric-key enrollment groups are kept parsed in memory (an `Arc<Vec<_>>` loaded at open and
+///   replaced by the writer after every committed batch that touched groups, before the requesters are
+///   answered), so [`StoreOp::LoadDeviceContext`] does two primary-key lookups and never parses groups.
+///
+/// Open each database file with one `SqliteStore` at a time (clone the handle to share it): the group cache
+/// only sees writes made through this store.
+///
+/// Cheap to clone: clones share the connections and the writer thread. Implements both
+/// [`BlockingStore`] (a write blocks until its batch is durable) and [`AsyncStore`] (the future resolves
+/// when its batch is durable; the request is queued when `execute` is called, so dropping the future does
+/// not cancel the write). Reads run on the caller's thread in both cases.
+#[derive(Clone)]
+pub struct SqliteStore {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    path: PathBuf,
+    /// `None` once closed.
+    sender: RwLock<Option<mpsc::Sender<WriteRequest>>>,
+    writer: Mutex<Option<JoinHandle<Result<(), StoreError>>>>,
+    closed: AtomicBool,
+    readers: Vec<Mutex<Connection>>,
+    next_reader: AtomicUsize,
+    state: Arc<WriterState>,
+    no_groups: Arc<Vec<EnrollmentGroup>>,
+}
+
+/// What the writer thread shares with the handles.
+struct WriterState {
+    symmetric_key_groups: RwLock<Arc<Vec<EnrollmentGroup>>>,
+    batches: AtomicU64,
+    rows: AtomicU64,
+}
+
+impl WriterState {
+    fn publish_groups(&self, groups: &BTreeMap<String, EnrollmentGroup>) {
+        let groups = Arc::new(groups.values().cloned().collect::<Vec<_>>());
+        *self.symmetric_key_groups.write().unwrap_or_else(|e| e.into_inner()) = groups;
+    }
+
+    fn groups(&self) -> Arc<Vec<EnrollmentGroup>> {
+        Arc::clone(&self.symmetric_key_groups.read().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// A write, with its JSON prepared on the caller's thread where possible.
+enum WriteOp {
+    CommitRegistration {
+        key: String,
+        group_key: Option<String>,
+        etag: String,
+        json: String,
+        expected: Option<Etag>,
+    },
+    DeleteRegistration {
+        key: String,
+        if_match: Option<IfMatch>,
+    },
+    PutEnrollment {
+        enrollment: Box<IndividualEnrollment>,
+        condition: WriteCondition,
+    },
+    DeleteEnrollment {
+        key: String,
+        if_match: Option<IfMatch>,
+    },
+    PutGroup {
+        group: Box<EnrollmentGroup>,
+        condition: WriteCondition,
+    },
+    DeleteGroup {
+        key: String,
+        if_match: Option<IfMatch>,
+    },
+}
+
+enum ReadOp {
+    LoadDeviceContext(RegistrationId),
+    GetRegistration(RegistrationId),
+    QueryRegistrations(EnrollmentGroupId, PageRequest),
+    GetEnrollment(RegistrationId),
+    QueryEnrollments(Query, PageRequest),
+    GetGroup(EnrollmentGroupId),
+    QueryGroups(Query, PageRequest),
+}
+
+enum Prepared {
+    Read(ReadOp),
+    Write(WriteOp),
+}
+
+enum Reply {
+    Async(oneshot::Sender<OpResult>),
+    Blocking(mpsc::SyncSender<OpResult>),
+}
+
+impl Reply {
+    fn send(self, result: OpResult) {
+        // The requester may have gone away (e.g. a dropped future); the write stands regardless.
+        match self {
+            Reply::Async(s) => {
+                let _ = s.send(result);
+            }
+            Reply::Blocking(s) => {
+                let _ = s.send(result);
+            }
+        }
+    }
+}
+
+struct WriteRequest {
+    op: WriteOp,
+    reply: Reply,
+}
+
+fn sql_error(what: &str, e: &rusqlite::Error) -> StoreError {
+    backend(format!("SQLite error while {what}: {e}"))
+}
+
+fn closed_error() -> StoreError {
+    backend("the SQLite store is closed")
+}
+
+fn writer_gone() -> StoreError {
+    backend("the SQLite writer thread stopped before answering")
+}
+
+fn to_json<T: serde::Serialize>(what: &str, item: &T) -> Result<String, StoreError> {
+    serde_json::to_string(item).map_err(|e| json_error(what, &e))
+}
+
+fn from_json<T: DeserializeOwned>(what: &str, json: &str) -> Result<T, StoreError> {
+    serde_json::from_str(json).map_err(|e| json_error(what, &e))
+}
+
+/// Sets the pragmas of the write connection.
+fn configure_writer(conn: &Connection) -> Result<(), StoreError> {
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(|e| sql_error("setting the busy timeout", &e))?;
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+        .map_err(|e| sql_error("enabling WAL mode", &e))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(backend(format!(
+            "SQLite refused WAL mode (journal_mode is '{mode}'); the store needs a database file on a local file system"
+        )));
+    }
+    conn.pragma_update(None, "synchronous", "FULL").map_err(|e| sql_error("setting synchronous=FULL", &e))?;
+    conn.pragma_update(None, "foreign_keys", "ON").map_err(|e| sql_error("enabling foreign keys", &e))?;
+    conn.set_prepared_statement_cache_capacity(32);
+    Ok(())
+}
+
+/// Brings the schema up to [`SCHEMA_VERSION`], in one transaction.
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(|e| sql_error("starting the migration transaction", &e))?;
+    let version: i64 = tx
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(|e| sql_error("reading user_version", &e))?;
+    let current = usize::try_from(version)
+        .ok()
+        .filter(|v| *v <= MIGRATIONS.len())
+        .ok_or_else(|| {
+            backend(format!(
+                "the database schema version {version} is not supported by this build (it knows versions up to {SCHEMA_VERSION})"
+            ))
+        })?;
+    if current == MIGRATIONS.len() {
+        return tx.commit().map_err(|e| sql_error("ending the migration transaction", &e));
+    }
+    for (i, step) in MIGRATIONS.iter().enumerate().skip(current) {
+        tx.execute_batch(step).map_err(|e| sql_error(&format!("applying schema migration {}", i + 1), &e))?;
+    }
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+        .map_err(|e| sql_error("writing user_version", &e))?;
+    tx.commit().map_err(|e| sql_error("committing the schema migration", &e))
+}
+
+/// Every symmetric-key group, by key.
+fn load_symmetric_key_groups(conn: &Connection) -> Result<BTreeMap<String, EnrollmentGroup>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached("SELECT key, json FROM enrollment_groups WHERE symmetric_key = 1 ORDER BY key")
+        .map_err(|e| sql_error("preparing the symmetric-key group query", &e))?;
+    let mut rows = stmt.query([]).map_err(|e| sql_error("loading symmetric-key groups", &e))?;
+    let mut out = BTreeMap::new();
+    while let Some(row) = rows.next().map_err(|e| sql_error("loading symmetric-key groups", &e))? {
+        let key: String = row.get(0).map_err(|e| sql_error("loading symmetric-key groups", &e))?;
+        let json =
+            row.get_ref(1).and_then(|v| Ok(v.as_str()?)).map_err(|e| sql_error("loading groups", &e))?;
+        let group: EnrollmentGroup = from_json(&format!("reading enrollment group '{key}'"), json)?;
+        out.insert(key, group);
+    }
+    Ok(out)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`, applies pending schema migrations, loads the
+    /// symmetric-key groups and starts the writer thread.
+    ///
+    /// `path` must name a file on a local file system (WAL mode needs shared memory; `:memory:` is
+    /// refused).
+    pub fn open(path: impl AsRef<Path>, options: SqliteOptions) -> Result<SqliteStore, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let shown = path.display().to_string();
+        let mut conn =
+            Connection::open(&path).map_err(|e| sql_error(&format!("opening database '{shown}'"), &e))?;
+        configure_writer(&conn)?;
+        migrate(&mut conn)?;
+        let groups = load_symmetric_key_groups(&conn)?;
+
+        let mut readers = Vec::new();
+        for _ in 0..options.read_connections.max(1) {
+            let reader = Connection::open_with_flags(
+                &path,
+                OpenFlags::SQLITE_OPEN_READ_ONLY
+                    | OpenFlags::SQLITE_OPEN_NO_MUTEX
+                    | OpenFlags::SQLITE_OPEN_URI,
+            )
+            .map_err(|e| sql_error(&format!("opening a read connection to '{shown}'"), &e))?;
+            reader.busy_timeout(BUSY_TIMEOUT).map_err(|e| sql_error("setting the busy timeout", &e))?;
+            reader.set_prepared_statement_cache_capacity(32);
+            readers.push(Mutex::new(reader));
+        }
+
+        let state = Arc::new(WriterState {
+            symmetric_key_groups: RwLock::new(Arc::new(Vec::new())),
+            batches: AtomicU64::new(0),
+            rows: AtomicU64::new(0),
+        });
+        state.publish_groups(&groups);
+
+        let (sender, receiver) = mpsc::channel();
+        let writer = Writer {
+            conn,
+            receiver,
+            max_batch: options.max_batch.max(1),
+            state: Arc::clone(&state),
+            groups,
+            groups_stale: false,
+        };
+        let handle = std::thread::Builder::new()
+            .name("dps-store-sqlite-writer".into())
+            .spawn(move || writer.run())
+            .map_err(|e| backend(format!("could not start the SQLite writer thread: {e}")))?;
+
+        Ok(SqliteStore {
+            shared: Arc::new(Shared {
+                path,
+                sender: RwLock::new(Some(sender)),
+                writer: Mutex::new(Some(handle)),
+                closed: AtomicBool::new(false),
+                readers,
+                next_reader: AtomicUsize::new(0),
+                state,
+                no_groups: Arc::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// Shuts the store down for every clone of this handle: no new operation is accepted (they fail with
+    /// `Backend`), the writer applies and commits what is already queued, closes its connection and exits.
+    /// Returns once it has exited; an error means closing the write connection failed (every acknowledged
+    /// write is durable regardless).
+    pub fn close(self) -> Result<(), StoreError> {
+        self.shared.shutdown()
+    }
+
+    /// Counters of the write path so far.
+    pub fn stats(&self) -> SqliteStats {
+        SqliteStats {
+            batches: self.shared.state.batches.load(Ordering::Relaxed),
+            rows: self.shared.state.rows.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    /// Validates an operation and splits reads from writes; registration JSON is serialized here, on the
+    /// caller's thread, to keep the writer thread's work minimal.
+    fn prepare(op: StoreOp) -> Result<Prepared, StoreError> {
+        Ok(match op {
+            StoreOp::LoadDeviceContext { registration_id } => {
+                Prepared::Read(ReadOp::LoadDeviceContext(registration_id))
+            }
+            StoreOp::CommitRegistration { record, expected } => {
+                Prepared::Write(WriteOp::CommitRegistration {
+                    key: record.registration_id.key().to_owned(),
+                    group_key: record.enrollment.group_id().map(|g| g.key().to_owned()),
+                    etag: record.etag.as_str().to_owned(),
+                    json: to_json("serializing a registration record", &record)?,
+                    expected,
+                })
+            }
+            StoreOp::GetRegistration { registration_id } => {
+                Prepared::Read(ReadOp::GetRegistration(registration_id))
+            }
+            StoreOp::DeleteRegistration { registration_id, if_match } => {
+                Prepared::Write(WriteOp::DeleteRegistration {
+                    key: registration_id.key().to_owned(),
+                    if_match,
+                })
+            }
+            StoreOp::QueryRegistrations { group_id, page } => {
+                Prepared::Read(ReadOp::QueryRegistrations(group_id, page))
+            }
+            StoreOp::GetEnrollment { registration_id } => {
+                Prepared::Read(ReadOp::GetEnrollment(registration_id))
+            }
+            StoreOp::PutEnrollment { enrollment, condition } => {
+                Prepared::Write(WriteOp::PutEnrollment { enrollment, condition })
+            }
+            StoreOp::DeleteEnrollment { registration_id, if_match } => {
+                Prepared::Write(WriteOp::DeleteEnrollment { key: registration_id.key().to_owned(), if_match })
+            }
+            StoreOp::QueryEnrollments { query, page } => {
+                Prepared::Read(ReadOp::QueryEnrollments(query, page))
+            }
+            StoreOp::GetGroup { group_id } => Prepared::Read(ReadOp::GetGroup(group_id)),
+            StoreOp::PutGroup { group, condition } => Prepared::Write(WriteOp::PutGroup { group, condition }),
+            StoreOp::DeleteGroup { group_id, if_match } => {
+                Prepared::Write(WriteOp::DeleteGroup { key: group_id.key().to_owned(), if_match })
+            }
+            StoreOp::QueryGroups { query, page } => Prepared::Read(ReadOp::QueryGroups(query, page)),
+            other => {
+                return Err(backend(format!("the SQLite store does not support this operation: {other:?}")))
+            }
+        })
+    }
+
+    /// Queues a write for the writer thread.
+    fn submit(&self, op: WriteOp, reply: Reply) -> Result<(), StoreError> {
+        let sender = self.shared.sender.read().unwrap_or_else(|e| e.into_inner());
+        let sender = sender.as_ref().ok_or_else(closed_error)?;
+        sender.send(WriteRequest { op, reply }).map_err(|_| backend("the SQLite writer thread has stopped"))
+    }
+
+    /// A read connection: the first free one, round-robin, else wait for one.
+    fn reader(&self) -> Result<MutexGuard<'_, Connection>, StoreError> {
+        let readers = &self.shared.readers;
+        let n = readers.len();
+        if n == 0 {
+            return Err(backend("the SQLite store has no read connection"));
+        }
+        let start = self.shared.next_reader.fetch_add(1, Ordering::Relaxed);
+        for i in 0..n {
+            match readers[(start + i) % n].try_lock() {
+                Ok(guard) => return Ok(guard),
+                Err(TryLockError::Poisoned(p)) => return Ok(p.into_inner()),
+                Err(TryLockError::WouldBlock) => {}
+            }
+        }
+        Ok(readers[start % n].lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn read(&self, op: ReadOp) -> OpResult {
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(closed_error());
+        }
+        let conn = self.reader()?;
+        match op {
+            ReadOp::LoadDeviceContext(id) => {
+                let individual: Option<IndividualEnrollment> = get_json(
+                    &conn,
+                    "SELECT json FROM enrollments WHERE key = ?1",
+                    id.key(),
+                    "an enrollment",
+                )?;
+                let symmetric_key_groups = if individual.is_some() {
+                    Arc::clone(&self.shared.no_groups)
+                } else {
+                    self.shared.state.groups()
+                };
+                let registration: Option<RegistrationRecord> = get_json(
+                    &conn,
+                    "SELECT json FROM registrations WHERE key = ?1",
+                    id.key(),
+                    "a registration record",
+                )?;
+                Ok(StoreResult::DeviceContext(DeviceContext {
+                    individual,
+                    symmetric_key_groups,
+                    registration,
+                }))
+            }
+            ReadOp::GetRegistration(id) => get_json(
+                &conn,
+                "SELECT json FROM registrations WHERE key = ?1",
+                id.key(),
+                "a registration record",
+            )
+            .map(|r| StoreResult::Registration(r.map(Box::new))),
+            ReadOp::QueryRegistrations(group, page) => query_page(
+                &conn,
+                "SELECT key, json FROM registrations WHERE group_key = ?1 AND key > ?2 ORDER BY key",
+                &[group.key(), page.after.as_deref().unwrap_or("")],
+                None,
+                page.limit,
+                "registration records",
+            )
+            .map(StoreResult::Registrations),
+            ReadOp::GetEnrollment(id) => {
+                get_json(&conn, "SELECT json FROM enrollments WHERE key = ?1", id.key(), "an enrollment")
+                    .map(|e| StoreResult::Enrollment(e.map(Box::new)))
+            }
+            ReadOp::QueryEnrollments(query, page) => query_page(
+                &conn,
+                "SELECT key, json FROM enrollments WHERE key > ?1 ORDER BY key",
+                &[page.after.as_deref().unwrap_or("")],
+                Some(&query),
+                page.limit,
+                "enrollments",
+            )
+            .map(StoreResult::Enrollments),
+            ReadOp::GetGroup(id) => get_json(
+                &conn,
+                "SELECT json FROM enrollment_groups WHERE key = ?1",
+                id.key(),
+                "an enrollment group",
+            )
+            .map(|g| StoreResult::Group(g.map(Box::new))),
+            ReadOp::QueryGroups(query, page) => query_page(
+                &conn,
+                "SELECT key, json FROM enrollment_groups WHERE key > ?1 ORDER BY key",
+                &[page.after.as_deref().unwrap_or("")],
+                Some(&query),
+                page.limit,
+                "enrollment groups",
+            )
+            .map(StoreResult::Groups),
+        }
+    }
+}
+
+/// Reads one JSON column by key and parses it.
+fn get_json<T: DeserializeOwned>(
+    conn: &Connection,
+    sql: &str,
+    key: &str,
+    what: &str,
+) -> Result<Option<T>, StoreError> {
+    let reading = || format!("reading {what}");
+    let mut stmt = conn.prepare_cached(sql).map_err(|e| sql_error(&reading(), &e))?;
+    let mut rows = stmt.query([key]).map_err(|e| sql_error(&reading(), &e))?;
+    match rows.next().map_err(|e| sql_error(&reading(), &e))? {
+        None => Ok(None),
+        Some(row) => {
+            let json = row.get_ref(0).and_then(|v| Ok(v.as_str()?)).map_err(|e| sql_error(&reading(), &e))?;
+            from_json(&reading(), json).map(Some)
+        }
+    }
+}
+
+/// Runs a `SELECT key, json ... ORDER BY key` and collects one page, filtering by `query`.
+fn query_page<T: DeserializeOwned>(
+    conn: &Connection,
+    sql: &str,
+    params: &[&str],
+    query: Option<&Query>,
+    limit: usize,
+    what: &str,
+) -> Result<Page<T>, StoreError> {
+    let querying = || format!("querying {what}");
+    let query = query.filter(|q| !q.conditions.is_empty());
+    let limit = page_limit(limit);
+    let mut stmt = conn.prepare_cached(sql).map_err(|e| sql_error(&querying(), &e))?;
+    let mut rows = stmt.query(rusqlite::params_from_iter(params)).map_err(|e| sql_error(&querying(), &e))?;
+    let mut items = Vec::new();
+    let mut last_key: Option<String> = None;
+    let mut more = false;
+    while let Some(row) = rows.next().map_err(|e| sql_error(&querying(), &e))? {
+        let json = row.get_ref(1).and_then(|v| Ok(v.as_str()?)).map_err(|e| sql_error(&querying(), &e))?;
+        let item: T = match query {
+            None => {
+                if items.len() == limit {
+                    more = true;
+                    break;
+                }
+                from_json(&querying(), json)?
+            }
+            Some(q) => {
+                let value: serde_json::Value = from_json(&querying(), json)?;
+                if !q.matches(&value) {
+                    continue;
+                }
+                if items.len() == limit {
+                    more = true;
+                    break;
+                }
+                serde_json::from_value(value).map_err(|e| json_error(&querying(), &e))?
+            }
+        };
+        items.push(item);
+        last_key = Some(row.get(0).map_err(|e| sql_error(&querying(), &e))?);
+    }
+    Ok(Page { items, next: if more { last_key } else { None } })
+}
+
+impl Shared {
+    fn shutdown(&self) -> Result<(), StoreError> {
+        self.closed.store(true, Ordering::Release);
+        // Dropping the only sender ends the writer's loop once it has drained the queue.
+        drop(self.sender.write().unwrap_or_else(|e| e.into_inner()).take());
+        let handle = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match handle {
+            None => Ok(()),
+            Some(h) => h.join().unwrap_or_else(|_| Err(backend("the SQLite writer thread panicked"))),
+        }
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // Finish queued writes and close the write connection before the read connections go.
+        let _ = self.shutdown();
+    }
+}
+
+impl fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.shared.path)
+            .field("read_connections", &self.shared.readers.len())
+            .field("closed", &self.shared.closed.load(Ordering::Relaxed))
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl BlockingStore for SqliteStore {
+    /// Reads run on the calling thread; writes block until their batch is committed and durable.
+    fn execute(&self, op: StoreOp) -> Result<StoreResult, StoreError> {
+        match Self::prepare(op)? {
+            Prepared::Read(op) => self.read(op),
+            Prepared::Write(op) => {
+                let (tx, rx) = mpsc::sync_channel(1);
+                self.submit(op, Reply::Blocking(tx))?;
+                rx.recv().unwrap_or_else(|_| Err(writer_gone()))
+            }
+        }
+    }
+}
+
+impl AsyncStore for SqliteStore {
+    /// Reads run synchronously (a few microseconds) and return a ready future; writes are queued at once and
+    /// the future resolves when their batch is committed and durable.
+    fn execute(&self, op: StoreOp) -> impl Future<Output = Result<StoreResult, StoreError>> + Send {
+        // The future's output is this large anyway (`StoreResult::DeviceContext` is big); boxing would only add
+        // an allocation per read.
+        #[allow(clippy::large_enum_variant)]
+        enum Started {
+            Done(OpResult),
+            Pending(oneshot::Receiver<OpResult>),
+        }
+        let started = match Self::prepare(op) {
+            Err(e) => Started::Done(Err(e)),
+            Ok(Prepared::Read(op)) => Started::Done(self.read(op)),
+            Ok(Prepared::Write(op)) => {
+                let (tx, rx) = oneshot::channel();
+                match self.submit(op, Reply::Async(tx)) {
+                    Ok(()) => Started::Pending(rx),
+                    Err(e) => Started::Done(Err(e)),
+                }
+            }
+        };
+        async move {
+            match started {
+                Started::Done(result) => result,
+                Started::Pending(rx) => rx.await.unwrap_or_else(|_| Err(writer_gone())),
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// The writer thread
+// ------------------------------------------------------------------------------------------------
+
+struct Writer {
+    conn: Connection,
+    receiver: mpsc::Receiver<WriteRequest>,
+    max_batch: usize,
+    state: Arc<WriterState>,
+    /// The symmetric-key groups as committed, by key (what the shared cache is built from).
+    groups: BTreeMap<String, EnrollmentGroup>,
+    /// Set when a batch that touched groups failed: the database may or may not hold its changes, so
+    /// `groups` is reloaded from the database.
+    groups_stale: bool,
+}
+
+/// A change to the symmetric-key group cache made by a request of the current batch.
+enum GroupChange {
+    Put(String, Box<EnrollmentGroup>),
+    Remove(String),
+}
+
+impl Writer {
+    fn run(mut self) -> Result<(), StoreError> {
+        let mut batch = Vec::with_capacity(self.max_batch);
+        while let Ok(first) = self.receiver.recv() {
+            batch.push(first);
+            while batch.len() < self.max_batch {
+                match self.receiver.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
+            }
+            self.apply_batch(&mut batch);
+        }
+        self.conn.close().map_err(|(_, e)| sql_error("closing the write connection", &e))
+    }
+
+    /// Applies a batch in one transaction and answers every request once it is committed.
+    fn apply_batch(&mut self, batch: &mut Vec<WriteRequest>) {
+        let mut results = Vec::with_capacity(batch.len());
+        let mut changes = Vec::new();
+        match self.transact(batch, &mut results, &mut changes) {
+            Ok(()) => {
+                self.state.batches.fetch_add(1, Ordering::Relaxed);
+                self.state.rows.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                if !changes.is_empty() {
+                    for change in changes {
+                        match change {
+                            GroupChange::Put(key, group) => {
+                                self.groups.insert(key, *group);
+                            }
+                            GroupChange::Remove(key) => {
+                                self.groups.remove(&key);
+                            }
+                        }
+                    }
+                    self.state.publish_groups(&self.groups);
+                }
+                for (request, result) in batch.drain(..).zip(results) {
+                    request.reply.send(result);
+                }
+            }
+            Err(e) => {
+                if !self.conn.is_autocommit() {
+                    // Best effort: if even ROLLBACK fails, the next BEGIN reports the problem.
+                    let _ = self.conn.execute_batch("ROLLBACK");
+                }
+                if !changes.is_empty() {
+                    self.groups_stale = true;
+                }
+                for request in batch.drain(..) {
+                    request.reply.send(Err(e.clone()));
+                }
+            }
+        }
+        if self.groups_stale {
+            if let Ok(groups) = load_symmetric_key_groups(&self.conn) {
+                self.groups = groups;
+                self.groups_stale = false;
+                self.state.publish_groups(&self.groups);
+            }
+        }
+    }
+
+    /// `BEGIN IMMEDIATE`, every request in order, `COMMIT`. An `Err` aborts the whole batch.
+    fn transact(
+        &self,
+        batch: &[WriteRequest],
+        results: &mut Vec<OpResult>,
+        changes: &mut Vec<GroupChange>,
+    ) -> Result<(), StoreError> {
+        let run = |sql: &str, what: &str| -> Result<(), StoreError> {
+            self.conn
+                .prepare_cached(sql)
+                .and_then(|mut s| s.execute([]))
+                .map(|_| ())
+                .map_err(|e| sql_error(what, &e))
+        };
+        run("BEGIN IMMEDIATE", "starting a write transaction")?;
+        for request in batch {
+            let result = self.apply(&request.op, changes).map_err(|e| sql_error("writing", &e))?;
+            results.push(result);
+        }
+        run("COMMIT", "committing a write transaction")
+    }
+
+    /// Applies one request inside the open transaction. The outer error is a database failure (it aborts
+    /// the batch); the inner result is this request's answer.
+    fn apply(&self, op: &WriteOp, changes: &mut Vec<GroupChange>) -> Result<OpResult, rusqlite::Error> {
+        let conn = &self.conn;
+        match op {
+            WriteOp::CommitRegistration { key, group_key, etag, json, expected } => {
+                // One statement checks and writes: a create that finds a row, or an update that finds no row
+                // with the expected ETag, changes nothing.
+                let changed = match expected {
+                    None => conn
+                        .prepare_cached(
+                            "INSERT INTO registrations (key, group_key, etag, json) VALUES (?1, ?2, ?3, ?4)
+                             ON CONFLICT (key) DO NOTHING",
+                        )?
+                        .execute(params![key, group_key, etag, json])?,
+                    Some(expected) => conn
+                        .prepare_cached(
+                            "UPDATE registrations SET group_key = ?2, etag = ?3, json = ?4
+                             WHERE key = ?1 AND etag = ?5",
+                        )?
+                        .execute(params![key, group_key, etag, json, expected.as_str()])?,
+                };
+                Ok(if changed == 1 { Ok(StoreResult::Done) } else { Err(StoreError::Conflict) })
+            }
+            WriteOp::DeleteRegistration { key, if_match } => {
+                let current: Option<String> = conn
+                    .prepare_cached("SELECT etag FROM registrations WHERE key = ?1")?
+                    .query_row([key], |r| r.get(0))
+                    .optional()?;
+                match (current, if_match) {
+                    (None, _) => return Ok(Err(StoreError::NotFound)),
+                    (Some(current), Some(IfMatch::Etag(e))) if e.as_str() != current => {
+                        return Ok(Err(StoreError::PreconditionFailed))
+                    }
+                    _ => {}
+                }
+                conn.prepare_cached("DELETE FROM registrations WHERE key = ?1")?.execute([key])?;
+                Ok(Ok(StoreResult::Done))
+            }
+            WriteOp::PutEnrollment { enrollment, condition } => {
+                let key = enrollment_key(enrollment);
+                let existing =
+                    self.current_item("SELECT etag, json FROM enrollments WHERE key = ?1", &key)?;
+                let stored = match prepare_put(condition, existing, (**enrollment).clone(), |e, created| {
+                    e.created_date_time_utc = Some(created)
+                }) {
+                    Ok(stored) => stored,
+                    Err(e) => return Ok(Err(e)),
+                };
+                let json = match to_json("serializing an enrollment", &stored) {
+                    Ok(json) => json,
+                    Err(e) => return Ok(Err(e)),
+                };
+                conn.prepare_cached(
+                    "INSERT INTO enrollments (key, etag, json) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (key) DO UPDATE SET etag = excluded.etag, json = excluded.json",
+                )?
+                .execute(params![key, stored.etag.as_deref().unwrap_or(""), json])?;
+                Ok(Ok(StoreResult::Enrollment(Some(Box::new(stored)))))
+            }
+            WriteOp::DeleteEnrollment { key, if_match } => {
+                let current: Option<String> = conn
+                    .prepare_cached("SELECT etag FROM enrollments WHERE key = ?1")?
+                    .query_row([key], |r| r.get(0))
+                    .optional()?;
+                if let Err(e) = check_delete(if_match.as_ref(), current.as_deref().map(non_empty)) {
+                    return Ok(Err(e));
+                }
+                conn.prepare_cached("DELETE FROM enrollments WHERE key = ?1")?.execute([key])?;
+                Ok(Ok(StoreResult::Done))
+            }
+            WriteOp::PutGroup { group, condition } => {
+                let key = group_key(group);
+                let existing =
+                    self.current_item("SELECT etag, json FROM enrollment_groups WHERE key = ?1", &key)?;
+                let stored = match prepare_put(condition, existing, (**group).clone(), |g, created| {
+                    g.created_date_time_utc = Some(created)
+                }) {
+                    Ok(stored) => stored,
+                    Err(e) => return Ok(Err(e)),
+                };
+                let json = match to_json("serializing an enrollment group", &stored) {
+                    Ok(json) => json,
+                    Err(e) => return Ok(Err(e)),
+                };
+                let symmetric = is_symmetric_key_group(&stored);
+                conn.prepare_cached(
+                    "INSERT INTO enrollment_groups (key, etag, symmetric_key, json) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (key) DO UPDATE SET etag = excluded.etag, symmetric_key = excluded.symmetric_key,
+                     json = excluded.json",
+                )?
+                .execute(params![key, stored.etag.as_deref().unwrap_or(""), symmetric, json])?;
+                changes.push(if symmetric {
+                    GroupChange::Put(key, Box::new(stored.clone()))
+                } else {
+                    GroupChange::Remove(key)
+                });
+                Ok(Ok(StoreResult::Group(Some(Box::new(stored)))))
+            }
+            WriteOp::DeleteGroup { key, if_match } => {
+                let current: Option<String> = conn
+                    .prepare_cached("SELECT etag FROM enrollment_groups WHERE key = ?1")?
+                    .query_row([key], |r| r.get(0))
+                    .optional()?;
+                if let Err(e) = check_delete(if_match.as_ref(), current.as_deref().map(non_empty)) {
+                    return Ok(Err(e));
+                }
+                conn.prepare_cached("DELETE FROM enrollment_groups WHERE key = ?1")?.execute([key])?;
+                changes.push(GroupChange::Remove(key.clone()));
+                Ok(Ok(StoreResult::Done))
+            }
+        }
+    }
+
+    /// The stored `(etag, json)` of an enrollment or group.
+    fn current_item(&self, sql: &str, key: &str) -> Result<Option<(String, String)>, rusqlite::Error> {
+        self.conn.prepare_cached(sql)?.query_row([key], |r| Ok((r.get(0)?, r.get(1)?))).optional()
+    }
+}
+
+/// The stored ETag column as the item's `etag` (an empty column means the item had none).
+fn non_empty(s: &str) -> Option<&str> {
+    if s.is_empty() {
+        None
+    } else {
+        Some(s)
+    }
+}
+
+/// Checks a put's condition against the stored `(etag, json)` and carries the stored creation time over.
+fn prepare_put<T>(
+    condition: &WriteCondition,
+    existing: Option<(String, String)>,
+    mut item: T,
+    set_created: impl FnOnce(&mut T, String),
+) -> Result<T, StoreError> {
+    check_write(condition, existing.as_ref().map(|(etag, _)| non_empty(etag)))?;
+    if let Some((_, json)) = existing {
+        let value: serde_json::Value = from_json("reading the stored item's creation time", &json)?;
+        if let Some(created) = value.get("createdDateTimeUtc").and_then(|v| v.as_str()) {
+            set_created(&mut item, created.to_owned());
+        }
+    }
+    Ok(item)
+}
