@@ -2,6 +2,8 @@
 //! same run: an HMAC-SHA256 plus a JSON round trip (parse a register request, build and serialize a
 //! ~500-byte result) — the unavoidable work of one registration.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+// Benchmarks measure wall-clock time; the pure-crate bans do not apply to them.
+#![allow(clippy::disallowed_methods)]
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use dps_core::hub::MemoryHubDirectory;

@@ -1,4 +1,5 @@
 //! Golden tests: the worked examples of the spec's Appendix A and §1.6 parse and re-emit unchanged.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use dps_proto::model::*;
 use serde_json::{json, Value};
