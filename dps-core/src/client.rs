@@ -363,3 +363,101 @@ impl RegistrationClient {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client() -> RegistrationClient {
+        let mut c = ClientConfig::new(
+            IdScope::parse("0ne00000001").unwrap(),
+            RegistrationId::parse("dev-1").unwrap(),
+            SymmetricKey::from_bytes(vec![1; 32]),
+        );
+        c.max_requests = 4;
+        RegistrationClient::new(c)
+    }
+
+    const T: Timestamp = Timestamp::from_unix_seconds(1_700_000_000);
+
+    fn response(status: u16, retry_after: Option<u32>, body: &str) -> ClientEvent {
+        ClientEvent::Response { status, retry_after, body: body.as_bytes().to_vec() }
+    }
+
+    #[test]
+    fn register_poll_assigned() {
+        let mut c = client();
+        let ClientAction::Send(r) = c.start(T) else { panic!() };
+        assert_eq!(r.http_method(), "PUT");
+        assert!(r
+            .authorization
+            .starts_with("SharedAccessSignature sr=0ne00000001%2Fregistrations%2Fdev-1&sig="));
+        assert_eq!(r.mqtt_topic("7"), "$dps/registrations/PUT/iotdps-register/?$rid=7");
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(body["registrationId"], "dev-1");
+        let a = c.handle(T, response(202, Some(3), r#"{"operationId":"1.2.3","status":"assigning"}"#));
+        assert_eq!(a, ClientAction::Wait { until: T.plus_millis(3000) });
+        let ClientAction::Send(p) = c.handle(T, ClientEvent::TimerFired) else { panic!() };
+        assert_eq!(p.http_method(), "GET");
+        assert!(p.http_path_and_query().contains("/operations/1.2.3?"));
+        let a = c.handle(
+            T,
+            response(200, None, r#"{"operationId":"1.2.3","status":"assigned","registrationState":{"registrationId":"dev-1","status":"assigned","assignedHub":"h","deviceId":"dev-1"}}"#),
+        );
+        let ClientAction::Assigned(r) = a else { panic!("{a:?}") };
+        assert_eq!(r.assigned_hub.as_deref(), Some("h"));
+    }
+
+    #[test]
+    fn throttling_is_retried_after_the_given_delay() {
+        let mut c = client();
+        c.start(T);
+        let a = c.handle(T, response(429, Some(7), r#"{"errorCode":429001,"message":"slow down"}"#));
+        assert_eq!(a, ClientAction::Wait { until: T.plus_millis(7000) });
+        let ClientAction::Send(r) = c.handle(T, ClientEvent::TimerFired) else { panic!() };
+        assert_eq!(r.http_method(), "PUT");
+        // Out-of-range Retry-After values fall back to the default (2 s).
+        let a = c.handle(T, response(503, Some(9000), ""));
+        assert_eq!(a, ClientAction::Wait { until: T.plus_millis(2000) });
+    }
+
+    #[test]
+    fn errors_keep_their_code() {
+        let mut c = client();
+        c.start(T);
+        let a = c.handle(
+            T,
+            response(
+                401,
+                None,
+                r#"{"errorCode":401000,"trackingId":"t","message":"Unauthorized","timestampUtc":"x"}"#,
+            ),
+        );
+        let ClientAction::Failed(e) = a else { panic!() };
+        assert_eq!((e.status, e.code, e.known), (401, 401000, Some(ErrorCode::Unauthorized)));
+        let mut c = client();
+        c.start(T);
+        let a = c.handle(T, response(200, None, r#"{"operationId":"o","status":"failed","registrationState":{"registrationId":"dev-1","status":"failed","errorCode":400207,"errorMessage":"Custom allocation failed."}}"#));
+        let ClientAction::Failed(e) = a else { panic!() };
+        assert_eq!(e.code, 400207);
+        assert_eq!(e.registration_status, Some(RegistrationStatus::Failed));
+    }
+
+    #[test]
+    fn gives_up_after_max_requests() {
+        let mut c = client();
+        c.start(T);
+        let mut last = ClientAction::Wait { until: T };
+        for _ in 0..10 {
+            last = c.handle(T, ClientEvent::TransportFailed);
+            if matches!(last, ClientAction::Failed(_)) {
+                break;
+            }
+            last = c.handle(T, ClientEvent::TimerFired);
+            if matches!(last, ClientAction::Failed(_)) {
+                break;
+            }
+        }
+        assert!(matches!(last, ClientAction::Failed(_)), "{last:?}");
+    }
+}

@@ -108,6 +108,18 @@ impl<T: BlockingHubDirectory + ?Sized> BlockingHubDirectory for Arc<T> {
     }
 }
 
+impl<T: AsyncHubDirectory + ?Sized> AsyncHubDirectory for &T {
+    fn execute(&self, op: HubOp) -> impl Future<Output = Result<HubResult, HubError>> + Send {
+        (**self).execute(op)
+    }
+}
+
+impl<T: AsyncHubDirectory + ?Sized> AsyncHubDirectory for Arc<T> {
+    fn execute(&self, op: HubOp) -> impl Future<Output = Result<HubResult, HubError>> + Send {
+        (**self).execute(op)
+    }
+}
+
 /// A device as the in-memory hub holds it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HubDevice {

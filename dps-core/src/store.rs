@@ -272,6 +272,18 @@ impl<T: BlockingStore + ?Sized> BlockingStore for Arc<T> {
     }
 }
 
+impl<T: AsyncStore + ?Sized> AsyncStore for &T {
+    fn execute(&self, op: StoreOp) -> impl Future<Output = Result<StoreResult, StoreError>> + Send {
+        (**self).execute(op)
+    }
+}
+
+impl<T: AsyncStore + ?Sized> AsyncStore for Arc<T> {
+    fn execute(&self, op: StoreOp) -> impl Future<Output = Result<StoreResult, StoreError>> + Send {
+        (**self).execute(op)
+    }
+}
+
 /// Encodes a page key as an opaque continuation token.
 pub fn continuation_token(key: &str) -> String {
     use base64::Engine as _;
