@@ -506,32 +506,43 @@ impl ServiceFlow {
             }
             Route::BulkEnrollments => {
                 let bulk = parse_json::<BulkEnrollmentOperation>(body, "bulk enrollment operation")?;
-                check_bulk_size(bulk.enrollments.len())?;
-                let mut items = VecDeque::new();
-                let mut errors = Vec::new();
-                for e in bulk.enrollments {
-                    let id = e.registration_id.clone();
-                    match bulk_enrollment_op(config, now, rng, bulk.mode, e) {
-                        Ok(op) => items.push_back(BulkItem { id, op }),
-                        Err(err) => errors.push(bulk_error(Kind::Enrollment, id, &err)),
-                    }
-                }
-                Job::Bulk { kind: Kind::Enrollment, items, current: None, errors }
+                let mode = bulk.mode;
+                bulk_job(
+                    Kind::Enrollment,
+                    bulk.enrollments,
+                    |e| e.registration_id.clone(),
+                    |e| {
+                        let condition = bulk_condition(mode, e.etag.as_deref())?;
+                        if mode == BulkOperationMode::Delete {
+                            let registration_id = RegistrationId::parse(&e.registration_id)?;
+                            return Ok(StoreOp::DeleteEnrollment {
+                                registration_id,
+                                if_match: item_if_match(&e.etag)?,
+                            });
+                        }
+                        let (_, e) = prepare_enrollment(config, now, rng, e, None)?;
+                        Ok(StoreOp::PutEnrollment { enrollment: Box::new(e), condition })
+                    },
+                )?
             }
             Route::BulkEnrollmentGroups => {
                 let bulk =
                     parse_json::<BulkEnrollmentGroupOperation>(body, "bulk enrollment group operation")?;
-                check_bulk_size(bulk.enrollment_groups.len())?;
-                let mut items = VecDeque::new();
-                let mut errors = Vec::new();
-                for g in bulk.enrollment_groups {
-                    let id = g.enrollment_group_id.clone();
-                    match bulk_group_op(config, now, rng, bulk.mode, g) {
-                        Ok(op) => items.push_back(BulkItem { id, op }),
-                        Err(err) => errors.push(bulk_error(Kind::Group, id, &err)),
-                    }
-                }
-                Job::Bulk { kind: Kind::Group, items, current: None, errors }
+                let mode = bulk.mode;
+                bulk_job(
+                    Kind::Group,
+                    bulk.enrollment_groups,
+                    |g| g.enrollment_group_id.clone(),
+                    |g| {
+                        let condition = bulk_condition(mode, g.etag.as_deref())?;
+                        if mode == BulkOperationMode::Delete {
+                            let group_id = EnrollmentGroupId::parse(&g.enrollment_group_id)?;
+                            return Ok(StoreOp::DeleteGroup { group_id, if_match: item_if_match(&g.etag)? });
+                        }
+                        let (_, g) = prepare_group(config, now, rng, g, None)?;
+                        Ok(StoreOp::PutGroup { group: Box::new(g), condition })
+                    },
+                )?
             }
             _ => return Err(DpsError::with_message(ErrorCode::NotFound, "not a service API route")),
         })
@@ -679,38 +690,28 @@ fn bulk_condition(mode: BulkOperationMode, etag: Option<&str>) -> Result<WriteCo
     })
 }
 
-fn bulk_enrollment_op(
-    config: &EngineConfig,
-    now: Timestamp,
-    rng: &mut dyn RngCore,
-    mode: BulkOperationMode,
-    e: IndividualEnrollment,
-) -> Result<StoreOp, DpsError> {
-    let condition = bulk_condition(mode, e.etag.as_deref())?;
-    if mode == BulkOperationMode::Delete {
-        let registration_id = RegistrationId::parse(&e.registration_id)?;
-        let if_match = e.etag.as_deref().map(IfMatch::parse).transpose()?;
-        return Ok(StoreOp::DeleteEnrollment { registration_id, if_match });
-    }
-    let (_, e) = prepare_enrollment(config, now, rng, e, None)?;
-    Ok(StoreOp::PutEnrollment { enrollment: Box::new(e), condition })
+fn item_if_match(etag: &Option<String>) -> Result<Option<IfMatch>, DpsError> {
+    etag.as_deref().map(IfMatch::parse).transpose()
 }
 
-fn bulk_group_op(
-    config: &EngineConfig,
-    now: Timestamp,
-    rng: &mut dyn RngCore,
-    mode: BulkOperationMode,
-    g: EnrollmentGroup,
-) -> Result<StoreOp, DpsError> {
-    let condition = bulk_condition(mode, g.etag.as_deref())?;
-    if mode == BulkOperationMode::Delete {
-        let group_id = EnrollmentGroupId::parse(&g.enrollment_group_id)?;
-        let if_match = g.etag.as_deref().map(IfMatch::parse).transpose()?;
-        return Ok(StoreOp::DeleteGroup { group_id, if_match });
+/// Turns the items of a bulk operation into store operations, collecting per-item validation errors.
+fn bulk_job<T>(
+    kind: Kind,
+    items: Vec<T>,
+    id_of: impl Fn(&T) -> String,
+    mut op_of: impl FnMut(T) -> Result<StoreOp, DpsError>,
+) -> Result<Job, DpsError> {
+    check_bulk_size(items.len())?;
+    let mut queue = VecDeque::new();
+    let mut errors = Vec::new();
+    for item in items {
+        let id = id_of(&item);
+        match op_of(item) {
+            Ok(op) => queue.push_back(BulkItem { id, op }),
+            Err(err) => errors.push(bulk_error(kind, id, &err)),
+        }
     }
-    let (_, g) = prepare_group(config, now, rng, g, None)?;
-    Ok(StoreOp::PutGroup { group: Box::new(g), condition })
+    Ok(Job::Bulk { kind, items: queue, current: None, errors })
 }
 
 fn bulk_error(kind: Kind, id: String, err: &DpsError) -> BulkEnrollmentOperationError {
