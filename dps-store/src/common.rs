@@ -93,3 +93,39 @@ pub(crate) fn json_error(what: &str, e: &serde_json::Error) -> StoreError {
 pub(crate) fn backend(message: impl Into<String>) -> StoreError {
     StoreError::Backend { message: message.into() }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_conditions() {
+        let m = IfMatch::parse("\"abc\"").unwrap();
+        assert!(check_write(&WriteCondition::Upsert, None).is_ok());
+        assert_eq!(
+            check_write(&WriteCondition::CreateOnly, Some(Some("abc"))),
+            Err(StoreError::AlreadyExists)
+        );
+        assert_eq!(check_write(&WriteCondition::IfMatch(m.clone()), None), Err(StoreError::NotFound));
+        assert!(check_write(&WriteCondition::IfMatch(m.clone()), Some(Some("\"abc\""))).is_ok());
+        assert_eq!(
+            check_write(&WriteCondition::IfMatch(m.clone()), Some(Some("abd"))),
+            Err(StoreError::PreconditionFailed)
+        );
+        // An item without an ETag satisfies only `*`.
+        assert_eq!(check_write(&WriteCondition::IfMatch(m), Some(None)), Err(StoreError::PreconditionFailed));
+        assert!(check_write(&WriteCondition::IfMatch(IfMatch::Any), Some(None)).is_ok());
+    }
+
+    #[test]
+    fn delete_conditions_and_page_limit() {
+        assert_eq!(check_delete(None, None), Err(StoreError::NotFound));
+        assert!(check_delete(None, Some(Some("x"))).is_ok());
+        assert_eq!(
+            check_delete(Some(&IfMatch::parse("y").unwrap()), Some(Some("x"))),
+            Err(StoreError::PreconditionFailed)
+        );
+        assert_eq!(page_limit(0), 1);
+        assert_eq!(page_limit(7), 7);
+    }
+}
