@@ -1,0 +1,445 @@
+//! The service API from the outside, as the admin CLI uses it: a [`ServiceClient`] signs every request with
+//! a service SAS token built from a connection string (`sr` = host name, `skn` = policy name), and the
+//! helpers here build enrollment and group bodies from command-line settings.
+
+use crate::client::{HttpResponse, HttpsClient};
+use crate::datadir::ConnectionString;
+use crate::state::now;
+use crate::ServerError;
+use dps_core::proto::sas::{build_token, encode_resource};
+use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+use serde_json::{json, Map, Value};
+
+/// The api-version the admin CLI sends.
+pub const SERVICE_API_VERSION: &str = "2021-10-01";
+
+/// Lifetime of the SAS tokens the CLI signs, in seconds.
+const TOKEN_TTL_SECS: i64 = 3600;
+
+/// An error answer of the service API, kept whole for the CLI to print.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: u16,
+    /// The body (the DPS error JSON).
+    pub body: Value,
+}
+
+/// What a service call can end with.
+#[derive(Debug)]
+pub enum CallError {
+    /// The service answered with an error.
+    Api(ApiError),
+    /// Nothing usable came back (connection, TLS, bad JSON).
+    Transport(ServerError),
+}
+
+impl From<ServerError> for CallError {
+    fn from(e: ServerError) -> Self {
+        CallError::Transport(e)
+    }
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::Api(e) => write!(f, "HTTP {}: {}", e.status, e.body),
+            CallError::Transport(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// A service API client authenticated by a connection string.
+#[derive(Debug, Clone)]
+pub struct ServiceClient {
+    http: HttpsClient,
+    connection: ConnectionString,
+}
+
+/// Percent-encodes one path segment.
+pub fn segment(s: &str) -> String {
+    utf8_percent_encode(s, NON_ALPHANUMERIC).to_string()
+}
+
+impl ServiceClient {
+    /// A client sending to `http` with the policy of `connection`.
+    pub fn new(http: HttpsClient, connection: ConnectionString) -> Self {
+        ServiceClient { http, connection }
+    }
+
+    /// A fresh `SharedAccessSignature sr={host}&sig=…&se=…&skn={policy}` header value.
+    pub fn token(&self) -> String {
+        build_token(
+            &self.connection.key,
+            &encode_resource(&self.connection.host_name),
+            now().unix_seconds().saturating_add(TOKEN_TTL_SECS),
+            Some(&self.connection.key_name),
+        )
+    }
+
+    /// Sends one request (`path` without query; the api-version is appended).
+    pub async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        extra_headers: &[(&str, String)],
+    ) -> Result<HttpResponse, CallError> {
+        let mut headers = vec![("authorization", self.token())];
+        headers.extend(extra_headers.iter().cloned());
+        let body = match body {
+            Some(b) => serde_json::to_vec(b)
+                .map_err(|e| ServerError::Client(format!("serializing the body: {e}")))?,
+            None => Vec::new(),
+        };
+        let response = self
+            .http
+            .request(method, &format!("{path}?api-version={SERVICE_API_VERSION}"), &headers, body)
+            .await?;
+        if response.status >= 300 {
+            let body = serde_json::from_slice(&response.body)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&response.body).into_owned()));
+            return Err(CallError::Api(ApiError { status: response.status, body }));
+        }
+        Ok(response)
+    }
+
+    /// Sends a request and parses the JSON answer (`null` for an empty body).
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        extra_headers: &[(&str, String)],
+    ) -> Result<Value, CallError> {
+        let response = self.send(method, path, body, extra_headers).await?;
+        if response.body.is_empty() {
+            return Ok(Value::Null);
+        }
+        Ok(response.json()?)
+    }
+
+    /// Runs a query to the end (following `x-ms-continuation`), at most `top` items when given.
+    pub async fn query_all(
+        &self,
+        path: &str,
+        query: &str,
+        page_size: u32,
+        top: Option<usize>,
+    ) -> Result<Vec<Value>, CallError> {
+        let mut items = Vec::new();
+        let mut continuation: Option<String> = None;
+        loop {
+            let mut headers = vec![("x-ms-max-item-count", page_size.to_string())];
+            if let Some(c) = &continuation {
+                headers.push(("x-ms-continuation", c.clone()));
+            }
+            let response = self.send("POST", path, Some(&json!({ "query": query })), &headers).await?;
+            match response.json()? {
+                Value::Array(page) => items.extend(page),
+                other => {
+                    return Err(CallError::Transport(ServerError::Client(format!(
+                        "a query answered with a non-array body: {other}"
+                    ))))
+                }
+            }
+            continuation = response.header("x-ms-continuation").filter(|c| !c.is_empty()).map(str::to_owned);
+            if let Some(top) = top {
+                if items.len() >= top {
+                    items.truncate(top);
+                    break;
+                }
+            }
+            if continuation.is_none() {
+                break;
+            }
+        }
+        Ok(items)
+    }
+}
+
+/// Reprovisioning behaviour, in `az iot dps` terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reprovision {
+    /// Re-evaluate the hub and move the device's data (the default).
+    ReprovisionAndMigrateData,
+    /// Re-evaluate the hub and reset the device to the initial configuration.
+    ReprovisionAndResetData,
+    /// Keep the device on its hub.
+    NeverReprovision,
+}
+
+impl Reprovision {
+    /// The `reprovisionPolicy` object.
+    pub fn to_json(self) -> Value {
+        let (update, migrate) = match self {
+            Reprovision::ReprovisionAndMigrateData => (true, true),
+            Reprovision::ReprovisionAndResetData => (true, false),
+            Reprovision::NeverReprovision => (false, false),
+        };
+        json!({ "updateHubAssignment": update, "migrateDeviceData": migrate })
+    }
+}
+
+/// Settings of an enrollment or group given on the command line (absent = unchanged / service default).
+#[derive(Debug, Clone, Default)]
+pub struct EnrollmentSettings {
+    /// Base64 primary key (absent: generated by the service on create, kept on update).
+    pub primary_key: Option<String>,
+    /// Base64 secondary key.
+    pub secondary_key: Option<String>,
+    /// Hub host names.
+    pub iot_hubs: Option<Vec<String>>,
+    /// `hashed`, `static` or `geoLatency`.
+    pub allocation_policy: Option<String>,
+    /// Reprovisioning.
+    pub reprovision: Option<Reprovision>,
+    /// Initial twin tags (JSON object).
+    pub initial_twin_tags: Option<Value>,
+    /// Initial twin desired properties (JSON object).
+    pub initial_twin_properties: Option<Value>,
+    /// `enabled` or `disabled`.
+    pub provisioning_status: Option<String>,
+    /// IoT Edge device(s).
+    pub edge_enabled: Option<bool>,
+    /// Device ID (individual enrollments only).
+    pub device_id: Option<String>,
+}
+
+/// Makes `v` a JSON object (replacing anything else) and returns its map.
+fn object(v: &mut Value) -> Option<&mut Map<String, Value>> {
+    if !v.is_object() {
+        *v = Value::Object(Map::new());
+    }
+    v.as_object_mut()
+}
+
+impl EnrollmentSettings {
+    /// Applies the settings to an enrollment or group JSON object. With `create`, a symmetric-key
+    /// attestation is set when none is present.
+    pub fn apply(&self, target: &mut Value, create: bool) {
+        let Some(t) = object(target) else { return };
+        if create && !t.contains_key("attestation") {
+            t.insert("attestation".into(), json!({ "type": "symmetricKey" }));
+        }
+        if self.primary_key.is_some() || self.secondary_key.is_some() {
+            if let Some(att) = object(t.entry("attestation").or_insert_with(|| json!({}))) {
+                att.insert("type".into(), json!("symmetricKey"));
+                if let Some(keys) = object(att.entry("symmetricKey").or_insert_with(|| json!({}))) {
+                    if let Some(k) = &self.primary_key {
+                        keys.insert("primaryKey".into(), json!(k));
+                    }
+                    if let Some(k) = &self.secondary_key {
+                        keys.insert("secondaryKey".into(), json!(k));
+                    }
+                }
+            }
+        }
+        if let Some(h) = &self.iot_hubs {
+            t.insert("iotHubs".into(), json!(h));
+        }
+        if let Some(p) = &self.allocation_policy {
+            t.insert("allocationPolicy".into(), json!(p));
+        }
+        if let Some(r) = self.reprovision {
+            t.insert("reprovisionPolicy".into(), r.to_json());
+        }
+        if self.initial_twin_tags.is_some() || self.initial_twin_properties.is_some() {
+            if let Some(twin) = object(t.entry("initialTwin").or_insert_with(|| json!({}))) {
+                if let Some(tags) = &self.initial_twin_tags {
+                    twin.insert("tags".into(), tags.clone());
+                }
+                if let Some(desired) = &self.initial_twin_properties {
+                    if let Some(props) = object(twin.entry("properties").or_insert_with(|| json!({}))) {
+                        props.insert("desired".into(), desired.clone());
+                    }
+                }
+            }
+        }
+        if let Some(s) = &self.provisioning_status {
+            t.insert("provisioningStatus".into(), json!(s));
+        }
+        if let Some(e) = self.edge_enabled {
+            t.insert("capabilities".into(), json!({ "iotEdge": e }));
+        }
+        if let Some(d) = &self.device_id {
+            t.insert("deviceId".into(), json!(d));
+        }
+    }
+}
+
+/// Which collection an operation addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Individual enrollments (`/enrollments`).
+    Enrollment,
+    /// Enrollment groups (`/enrollmentGroups`).
+    Group,
+}
+
+impl Kind {
+    fn collection(self) -> &'static str {
+        match self {
+            Kind::Enrollment => "/enrollments",
+            Kind::Group => "/enrollmentGroups",
+        }
+    }
+
+    fn id_field(self) -> &'static str {
+        match self {
+            Kind::Enrollment => "registrationId",
+            Kind::Group => "enrollmentGroupId",
+        }
+    }
+
+    fn path(self, id: &str) -> String {
+        format!("{}/{}", self.collection(), segment(id))
+    }
+
+    fn query(self) -> &'static str {
+        match self {
+            Kind::Enrollment => "SELECT * FROM enrollments",
+            Kind::Group => "SELECT * FROM enrollmentGroups",
+        }
+    }
+}
+
+impl ServiceClient {
+    /// Creates (or replaces, as `az iot dps … create` does) an enrollment or group.
+    pub async fn create(
+        &self,
+        kind: Kind,
+        id: &str,
+        settings: &EnrollmentSettings,
+    ) -> Result<Value, CallError> {
+        let mut body = json!({ kind.id_field(): id });
+        settings.apply(&mut body, true);
+        self.call("PUT", &kind.path(id), Some(&body), &[]).await
+    }
+
+    /// Reads an enrollment or group; with `show_keys` its attestation (with secrets) is included.
+    pub async fn show(&self, kind: Kind, id: &str, show_keys: bool) -> Result<Value, CallError> {
+        let mut current = self.call("GET", &kind.path(id), None, &[]).await?;
+        if show_keys {
+            let mechanism =
+                self.call("POST", &format!("{}/attestationmechanism", kind.path(id)), None, &[]).await?;
+            if let Some(map) = object(&mut current) {
+                map.insert("attestation".into(), mechanism);
+            }
+        }
+        Ok(current)
+    }
+
+    /// Lists every enrollment or group (at most `top`).
+    pub async fn list(
+        &self,
+        kind: Kind,
+        page_size: u32,
+        top: Option<usize>,
+    ) -> Result<Vec<Value>, CallError> {
+        self.query_all(&format!("{}/query", kind.collection()), kind.query(), page_size, top).await
+    }
+
+    /// Updates an enrollment or group: reads it (with its keys, so that they are kept), applies `settings`
+    /// and writes it back with `If-Match` (the given ETag, or the one read).
+    pub async fn update(
+        &self,
+        kind: Kind,
+        id: &str,
+        settings: &EnrollmentSettings,
+        etag: Option<&str>,
+    ) -> Result<Value, CallError> {
+        let mut current = self.show(kind, id, true).await?;
+        let etag = match etag {
+            Some(e) => e.to_owned(),
+            None => current.get("etag").and_then(Value::as_str).unwrap_or("*").to_owned(),
+        };
+        settings.apply(&mut current, false);
+        self.call("PUT", &kind.path(id), Some(&current), &[("if-match", etag)]).await
+    }
+
+    /// Deletes an enrollment or group (with `If-Match` when an ETag is given).
+    pub async fn delete(&self, kind: Kind, id: &str, etag: Option<&str>) -> Result<(), CallError> {
+        let headers: Vec<(&str, String)> = etag.map(|e| ("if-match", e.to_owned())).into_iter().collect();
+        self.send("DELETE", &kind.path(id), None, &headers).await.map(|_| ())
+    }
+
+    /// Reads a device registration state.
+    pub async fn registration(&self, registration_id: &str) -> Result<Value, CallError> {
+        self.call("GET", &format!("/registrations/{}", segment(registration_id)), None, &[]).await
+    }
+
+    /// Lists the registration states of a group's devices.
+    pub async fn registrations(
+        &self,
+        group_id: &str,
+        page_size: u32,
+        top: Option<usize>,
+    ) -> Result<Vec<Value>, CallError> {
+        self.query_all(
+            &format!("/registrations/{}/query", segment(group_id)),
+            "SELECT * FROM registrations",
+            page_size,
+            top,
+        )
+        .await
+    }
+
+    /// Deletes a device registration state.
+    pub async fn delete_registration(
+        &self,
+        registration_id: &str,
+        etag: Option<&str>,
+    ) -> Result<(), CallError> {
+        let headers: Vec<(&str, String)> = etag.map(|e| ("if-match", e.to_owned())).into_iter().collect();
+        self.send("DELETE", &format!("/registrations/{}", segment(registration_id)), None, &headers)
+            .await
+            .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_build_the_azure_shape() {
+        let s = EnrollmentSettings {
+            primary_key: Some("cHJpbWFyeQ==".into()),
+            iot_hubs: Some(vec!["hub-1.localhost".into()]),
+            allocation_policy: Some("static".into()),
+            reprovision: Some(Reprovision::NeverReprovision),
+            initial_twin_tags: Some(json!({"a": 1})),
+            initial_twin_properties: Some(json!({"b": 2})),
+            provisioning_status: Some("disabled".into()),
+            edge_enabled: Some(true),
+            ..EnrollmentSettings::default()
+        };
+        let mut body = json!({"enrollmentGroupId": "g"});
+        s.apply(&mut body, true);
+        assert_eq!(
+            body,
+            json!({
+                "enrollmentGroupId": "g",
+                "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": "cHJpbWFyeQ=="}},
+                "iotHubs": ["hub-1.localhost"],
+                "allocationPolicy": "static",
+                "reprovisionPolicy": {"updateHubAssignment": false, "migrateDeviceData": false},
+                "initialTwin": {"tags": {"a": 1}, "properties": {"desired": {"b": 2}}},
+                "provisioningStatus": "disabled",
+                "capabilities": {"iotEdge": true}
+            })
+        );
+    }
+
+    #[test]
+    fn update_keeps_what_is_not_set() {
+        let mut current = json!({"registrationId": "r", "attestation": {"type": "symmetricKey",
+            "symmetricKey": {"primaryKey": "p", "secondaryKey": "s"}}, "initialTwin": {"tags": {"x": 1}}});
+        EnrollmentSettings { provisioning_status: Some("disabled".into()), ..Default::default() }
+            .apply(&mut current, false);
+        assert_eq!(current["attestation"]["symmetricKey"]["secondaryKey"], "s");
+        assert_eq!(current["initialTwin"]["tags"]["x"], 1);
+        assert_eq!(current["provisioningStatus"], "disabled");
+    }
+}

@@ -1,0 +1,783 @@
+//! The command line: `dps-server [run] [--config FILE] [flags]` runs the server; `enrollment`, `group` and
+//! `registration` manage the service through its HTTPS service API (in the spirit of `az iot dps …`);
+//! `provision-device` registers a symmetric-key device over HTTPS with this project's device client.
+//!
+//! Admin commands authenticate with a connection string (`--connection-string` / `DPS_CONNECTION_STRING`,
+//! or the data directory's `connection-string.txt`), trust `--ca` (default: the data directory's
+//! `tls/ca.pem`) and connect to `--server` (default: the HTTPS address in the data directory's
+//! `ready.json`, else the connection string's host name on port 443). They print JSON on stdout; errors go
+//! to stderr with exit code 1.
+
+use crate::admin::{CallError, EnrollmentSettings, Kind, Reprovision, ServiceClient};
+use crate::client::HttpsClient;
+use crate::config::{FileConfig, Overrides, ServerConfig};
+use crate::datadir::{ConnectionString, DataDir, Ready};
+use crate::ServerError;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use dps_core::client::ClientConfig;
+use dps_core::proto::sas::SymmetricKey;
+use dps_core::proto::{ApiVersion, IdScope, RegistrationId};
+use serde_json::Value;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// `dps-server`: an Azure-compatible Device Provisioning Service.
+#[derive(Debug, Parser)]
+#[command(name = "dps-server", version, about, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    /// What to do (default: run the server).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Server flags when no subcommand is given.
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server (the default).
+    Run(RunArgs),
+    /// Manage individual enrollments.
+    Enrollment {
+        /// The operation.
+        #[command(subcommand)]
+        action: EnrollmentAction,
+    },
+    /// Manage enrollment groups.
+    Group {
+        /// The operation.
+        #[command(subcommand)]
+        action: GroupAction,
+    },
+    /// Read and delete device registration states.
+    Registration {
+        /// The operation.
+        #[command(subcommand)]
+        action: RegistrationAction,
+    },
+    /// Provision a symmetric-key device over HTTPS with this project's device client.
+    ProvisionDevice(ProvisionArgs),
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `dps-server run` flags. Each overrides the environment variable named in its help, which overrides the
+/// configuration file.
+#[derive(Debug, Clone, Default, Args)]
+pub struct RunArgs {
+    /// TOML configuration file [env: DPS_CONFIG].
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// ID scope served [env: DPS_ID_SCOPE].
+    #[arg(long)]
+    pub id_scope: Option<String>,
+    /// Service API host name (connection string HostName, SAS audience) [env: DPS_SERVICE_HOST_NAME].
+    #[arg(long)]
+    pub service_host_name: Option<String>,
+    /// Device API host name (Location headers) [env: DPS_DEVICE_HOST_NAME].
+    #[arg(long)]
+    pub device_host_name: Option<String>,
+    /// Data directory [env: DPS_DATA_DIR].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Default allocation policy: hashed, static or geoLatency [env: DPS_DEFAULT_ALLOCATION].
+    #[arg(long)]
+    pub default_allocation: Option<String>,
+    /// Retry-After of 202 answers, seconds [env: DPS_RETRY_AFTER_SECS].
+    #[arg(long)]
+    pub retry_after_secs: Option<String>,
+    /// Request header read timeout, seconds [env: DPS_HEADER_READ_TIMEOUT_SECS].
+    #[arg(long)]
+    pub header_read_timeout_secs: Option<String>,
+    /// Maximum concurrent connections [env: DPS_MAX_CONNECTIONS].
+    #[arg(long)]
+    pub max_connections: Option<String>,
+    /// HTTPS listen address ip:port [env: DPS_HTTPS_LISTEN].
+    #[arg(long, value_name = "ADDR")]
+    pub https_listen: Option<String>,
+    /// MQTT over TLS listen address ip:port, "" disables [env: DPS_MQTT_LISTEN].
+    #[arg(long, value_name = "ADDR")]
+    pub mqtt_listen: Option<String>,
+    /// Admin (plain HTTP /health, /metrics) listen address, "" disables [env: DPS_ADMIN_LISTEN].
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<String>,
+    /// Subject alternative name of the server certificate; repeat for several [env: DPS_TLS_SANS, comma-separated].
+    #[arg(long = "tls-san", value_name = "NAME")]
+    pub tls_san: Vec<String>,
+    /// Log format (filter with RUST_LOG, default info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "DPS_LOG_FORMAT")]
+    pub log_format: LogFormat,
+}
+
+impl RunArgs {
+    /// The flags as overrides.
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            id_scope: self.id_scope.clone(),
+            service_host_name: self.service_host_name.clone(),
+            device_host_name: self.device_host_name.clone(),
+            data_dir: self.data_dir.clone(),
+            default_allocation: self.default_allocation.clone(),
+            retry_after_secs: self.retry_after_secs.clone(),
+            header_read_timeout_secs: self.header_read_timeout_secs.clone(),
+            max_connections: self.max_connections.clone(),
+            https_listen: self.https_listen.clone(),
+            mqtt_listen: self.mqtt_listen.clone(),
+            admin_listen: self.admin_listen.clone(),
+            subject_alt_names: (!self.tls_san.is_empty()).then(|| self.tls_san.clone()),
+        }
+    }
+
+    /// Resolves the configuration: these flags over the environment (read through `env`) over the file
+    /// (`--config`, else `DPS_CONFIG`, else none).
+    pub fn resolve(&self, env: impl Fn(&str) -> Option<String>) -> Result<ServerConfig, ServerError> {
+        let path =
+            self.config.clone().or_else(|| env("DPS_CONFIG").filter(|p| !p.is_empty()).map(PathBuf::from));
+        let file = match path {
+            Some(p) => FileConfig::read(&p)?,
+            None => FileConfig::default(),
+        };
+        Ok(ServerConfig::resolve(file, &Overrides::from_env(&env), &self.overrides())?)
+    }
+}
+
+/// How admin commands reach and authenticate to the service.
+#[derive(Debug, Clone, Args)]
+pub struct ConnectArgs {
+    /// Service connection string (HostName=…;SharedAccessKeyName=…;SharedAccessKey=…).
+    #[arg(long, env = "DPS_CONNECTION_STRING", hide_env_values = true)]
+    pub connection_string: Option<String>,
+    /// Data directory of a local server (connection-string.txt, tls/ca.pem, ready.json) [default: ./dps-data].
+    #[arg(long, env = "DPS_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// CA certificate (PEM) to trust [default: DATA_DIR/tls/ca.pem].
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// Address to connect to, host:port [default: ready.json's HTTPS address, else HostName:443].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub server: Option<String>,
+}
+
+/// Allocation policy values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AllocationArg {
+    /// Evenly weighted distribution.
+    Hashed,
+    /// Exactly one hub.
+    Static,
+    /// Lowest latency.
+    #[value(name = "geoLatency", alias = "geolatency")]
+    GeoLatency,
+}
+
+/// Reprovision policy values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReprovisionArg {
+    /// Move to the newly allocated hub with the device's data.
+    #[value(name = "reprovisionandmigratedata")]
+    ReprovisionAndMigrateData,
+    /// Move to the newly allocated hub with the initial configuration.
+    #[value(name = "reprovisionandresetdata")]
+    ReprovisionAndResetData,
+    /// Stay on the current hub.
+    #[value(name = "neverreprovision")]
+    NeverReprovision,
+}
+
+/// Provisioning status values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StatusArg {
+    /// Devices may provision.
+    Enabled,
+    /// Devices are refused.
+    Disabled,
+}
+
+/// Enrollment and group settings.
+#[derive(Debug, Clone, Args)]
+pub struct SettingsArgs {
+    /// Base64 primary key (omitted: generated by the service on create, kept on update).
+    #[arg(long)]
+    pub primary_key: Option<String>,
+    /// Base64 secondary key (omitted: generated by the service on create, kept on update).
+    #[arg(long)]
+    pub secondary_key: Option<String>,
+    /// Comma-separated IoT hub host names (omitted: every linked hub).
+    #[arg(long, value_delimiter = ',')]
+    pub iot_hubs: Option<Vec<String>>,
+    /// Allocation policy (omitted: the instance default).
+    #[arg(long, value_enum)]
+    pub allocation_policy: Option<AllocationArg>,
+    /// Reprovision policy.
+    #[arg(long, value_enum)]
+    pub reprovision_policy: Option<ReprovisionArg>,
+    /// Initial twin tags, a JSON object.
+    #[arg(long, value_name = "JSON")]
+    pub initial_twin_tags: Option<String>,
+    /// Initial twin desired properties, a JSON object.
+    #[arg(long, value_name = "JSON")]
+    pub initial_twin_properties: Option<String>,
+    /// Provisioning status.
+    #[arg(long, value_enum)]
+    pub provisioning_status: Option<StatusArg>,
+    /// IoT Edge device(s).
+    #[arg(long)]
+    pub edge_enabled: Option<bool>,
+}
+
+fn parse_object(text: &str, flag: &str) -> Result<Value, ServerError> {
+    match serde_json::from_str::<Value>(text) {
+        Ok(v @ Value::Object(_)) => Ok(v),
+        Ok(_) => Err(ServerError::Client(format!("{flag} must be a JSON object"))),
+        Err(e) => Err(ServerError::Client(format!("{flag} is not valid JSON: {e}"))),
+    }
+}
+
+impl SettingsArgs {
+    fn settings(&self, device_id: Option<String>) -> Result<EnrollmentSettings, ServerError> {
+        Ok(EnrollmentSettings {
+            primary_key: self.primary_key.clone(),
+            secondary_key: self.secondary_key.clone(),
+            iot_hubs: self.iot_hubs.clone(),
+            allocation_policy: self.allocation_policy.map(|a| {
+                match a {
+                    AllocationArg::Hashed => "hashed",
+                    AllocationArg::Static => "static",
+                    AllocationArg::GeoLatency => "geoLatency",
+                }
+                .to_owned()
+            }),
+            reprovision: self.reprovision_policy.map(|r| match r {
+                ReprovisionArg::ReprovisionAndMigrateData => Reprovision::ReprovisionAndMigrateData,
+                ReprovisionArg::ReprovisionAndResetData => Reprovision::ReprovisionAndResetData,
+                ReprovisionArg::NeverReprovision => Reprovision::NeverReprovision,
+            }),
+            initial_twin_tags: self
+                .initial_twin_tags
+                .as_deref()
+                .map(|t| parse_object(t, "--initial-twin-tags"))
+                .transpose()?,
+            initial_twin_properties: self
+                .initial_twin_properties
+                .as_deref()
+                .map(|t| parse_object(t, "--initial-twin-properties"))
+                .transpose()?,
+            provisioning_status: self.provisioning_status.map(|s| {
+                match s {
+                    StatusArg::Enabled => "enabled",
+                    StatusArg::Disabled => "disabled",
+                }
+                .to_owned()
+            }),
+            edge_enabled: self.edge_enabled,
+            device_id,
+        })
+    }
+}
+
+/// `enrollment create|update`.
+#[derive(Debug, Clone, Args)]
+pub struct EnrollmentWrite {
+    /// Connection.
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// Registration ID.
+    #[arg(long)]
+    pub registration_id: String,
+    /// Device ID in the hub (default: the registration ID).
+    #[arg(long)]
+    pub device_id: Option<String>,
+    /// Settings.
+    #[command(flatten)]
+    pub settings: SettingsArgs,
+    /// Update only if the enrollment's ETag is this (default: the ETag read).
+    #[arg(long)]
+    pub etag: Option<String>,
+}
+
+/// `… show`.
+#[derive(Debug, Clone, Args)]
+pub struct EnrollmentShow {
+    /// Connection.
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// Registration ID.
+    #[arg(long)]
+    pub registration_id: String,
+    /// Include the keys (calls …/attestationmechanism).
+    #[arg(long)]
+    pub show_keys: bool,
+}
+
+/// `… list`.
+#[derive(Debug, Clone, Args)]
+pub struct ListArgs {
+    /// Connection.
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// Return at most this many items.
+    #[arg(long)]
+    pub top: Option<usize>,
+    /// Items per page requested from the service.
+    #[arg(long, default_value_t = 100)]
+    pub page_size: u32,
+}
+
+/// `enrollment delete`.
+#[derive(Debug, Clone, Args)]
+pub struct EnrollmentDelete {
+    /// Connection.
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// Registration ID.
+    #[arg(long)]
+    pub registration_id: String,
+    /// Delete only if the ETag matches.
+    #[arg(long)]
+    pub etag: Option<String>,
+}
+
+/// Individual enrollment operations.
+#[derive(Debug, Subcommand)]
+pub enum EnrollmentAction {
+    /// Create (or replace) an individual enrollment (symmetric key).
+    Create(EnrollmentWrite),
+    /// Show an individual enrollment.
+    Show(EnrollmentShow),
+    /// List individual enrollments.
+    List(ListArgs),
+    /// Update an individual enrollment (keys and unset settings are kept).
+    Update(EnrollmentWrite),
+    /// Delete an individual enrollment.
+    Delete(EnrollmentDelete),
+}
+
+/// `group create|update`.
+#[derive(Debug, Clone, Args)]
+pub struct GroupWrite {
+    /// Connection.
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// Enrollment group ID.
+    #[arg(long)]
+    pub group_id: String,
+    /// Settings.
+    #[command(flatten)]
+    pub settings: SettingsArgs,
+    /// Update only if the group's ETag is this (default: the ETag read).
+    #[arg(long)]
+    pub etag: Option<String>,
+}
+
+/// `group show`.
+#[derive(Debug, Clone, Args)]
+pub struct GroupShow {
+    /// Connection.
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// Enrollment group ID.
+    #[arg(long)]
+    pub group_id: String,
+    /// Include the keys (calls …/attestationmechanism).
+    #[arg(long)]
+    pub show_keys: bool,
+}
+
+/// `group delete`.
+#[derive(Debug, Clone, Args)]
+pub struct GroupDelete {
+    /// Connection.
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// Enrollment group ID.
+    #[arg(long)]
+    pub group_id: String,
+    /// Delete only if the ETag matches.
+    #[arg(long)]
+    pub etag: Option<String>,
+}
+
+/// Enrollment group operations.
+#[derive(Debug, Subcommand)]
+pub enum GroupAction {
+    /// Create (or replace) a symmetric-key enrollment group.
+    Create(GroupWrite),
+    /// Show an enrollment group.
+    Show(GroupShow),
+    /// List enrollment groups.
+    List(ListArgs),
+    /// Update an enrollment group (keys and unset settings are kept).
+    Update(GroupWrite),
+    /// Delete an enrollment group (its devices' registration states stay).
+    Delete(GroupDelete),
+}
+
+/// `registration show|delete`.
+#[derive(Debug, Clone, Args)]
+pub struct RegistrationOne {
+    /// Connection.
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// Registration ID.
+    #[arg(long)]
+    pub registration_id: String,
+    /// Delete only if the ETag matches.
+    #[arg(long)]
+    pub etag: Option<String>,
+}
+
+/// `registration list`.
+#[derive(Debug, Clone, Args)]
+pub struct RegistrationList {
+    /// List options.
+    #[command(flatten)]
+    pub list: ListArgs,
+    /// The enrollment group whose devices are listed.
+    #[arg(long)]
+    pub group_id: String,
+}
+
+/// Registration state operations.
+#[derive(Debug, Subcommand)]
+pub enum RegistrationAction {
+    /// Show a device's registration state.
+    Show(RegistrationOne),
+    /// List the registration states of an enrollment group's devices.
+    List(RegistrationList),
+    /// Delete a device's registration state.
+    Delete(RegistrationOne),
+}
+
+/// `provision-device`.
+#[derive(Debug, Clone, Args)]
+pub struct ProvisionArgs {
+    /// The device's registration ID.
+    #[arg(long)]
+    pub registration_id: String,
+    /// The enrollment group's key (the device key is derived from it).
+    #[arg(long, conflicts_with = "device_key", required_unless_present = "device_key")]
+    pub group_key: Option<String>,
+    /// The device's own key (individual enrollment, or already derived).
+    #[arg(long)]
+    pub device_key: Option<String>,
+    /// The ID scope.
+    #[arg(long, env = "DPS_ID_SCOPE")]
+    pub id_scope: String,
+    /// Host to connect to (DNS name or IP; also the name the certificate is checked for).
+    #[arg(long, default_value = "localhost")]
+    pub host: String,
+    /// HTTPS port.
+    #[arg(long, default_value_t = 443)]
+    pub port: u16,
+    /// CA certificate (PEM) to trust.
+    #[arg(long, value_name = "FILE")]
+    pub ca: PathBuf,
+    /// Custom payload, a JSON value.
+    #[arg(long, value_name = "JSON")]
+    pub payload: Option<String>,
+    /// api-version to send.
+    #[arg(long, default_value = "2021-10-01")]
+    pub api_version: String,
+}
+
+fn read_text(path: &Path, what: &str) -> Result<String, ServerError> {
+    std::fs::read_to_string(path)
+        .map_err(|e| ServerError::Client(format!("cannot read {what} {}: {e}", path.display())))
+}
+
+/// Builds the service client from the connection arguments.
+pub fn service_client(args: &ConnectArgs) -> Result<ServiceClient, ServerError> {
+    let dir = DataDir::new(args.data_dir.clone().unwrap_or_else(|| PathBuf::from("./dps-data")));
+    let text = match &args.connection_string {
+        Some(s) => s.clone(),
+        None => read_text(
+            &dir.connection_string(),
+            "the connection string (use --connection-string or --data-dir)",
+        )?,
+    };
+    let connection =
+        ConnectionString::parse(&text).map_err(|e| ServerError::Client(format!("connection string: {e}")))?;
+    let ca_path = args.ca.clone().unwrap_or_else(|| dir.ca_cert());
+    let tls = crate::tls::client_config(read_text(&ca_path, "the CA certificate (use --ca)")?.as_bytes())?;
+    let address = match &args.server {
+        Some(s) => s.clone(),
+        None => match Ready::read(&dir) {
+            Some(ready) => connectable(ready.https).to_string(),
+            None => format!("{}:443", connection.host_name),
+        },
+    };
+    let http = HttpsClient::new(address, &connection.host_name, tls)?;
+    Ok(ServiceClient::new(http, connection))
+}
+
+/// A listener address a client can connect to (the unspecified address becomes loopback).
+pub fn connectable(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), addr.port())
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), addr.port())
+        }
+        _ => addr,
+    }
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string()));
+}
+
+fn fail(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("dps-server: {e}");
+    ExitCode::FAILURE
+}
+
+fn finish(result: Result<Option<Value>, CallError>) -> ExitCode {
+    match result {
+        Ok(Some(v)) => {
+            print_json(&v);
+            ExitCode::SUCCESS
+        }
+        Ok(None) => ExitCode::SUCCESS,
+        Err(CallError::Api(e)) => {
+            eprintln!("dps-server: the service answered HTTP {}", e.status);
+            eprintln!("{}", serde_json::to_string_pretty(&e.body).unwrap_or_else(|_| e.body.to_string()));
+            ExitCode::FAILURE
+        }
+        Err(CallError::Transport(e)) => fail(e),
+    }
+}
+
+async fn write_command(
+    connect: &ConnectArgs,
+    kind: Kind,
+    id: &str,
+    settings: Result<EnrollmentSettings, ServerError>,
+    update: Option<Option<&str>>,
+) -> ExitCode {
+    let (client, settings) = match (service_client(connect), settings) {
+        (Ok(c), Ok(s)) => (c, s),
+        (Err(e), _) | (_, Err(e)) => return fail(e),
+    };
+    let result = match update {
+        None => client.create(kind, id, &settings).await,
+        Some(etag) => client.update(kind, id, &settings, etag).await,
+    };
+    finish(result.map(Some))
+}
+
+/// Runs an admin command (everything but `run`).
+pub async fn run_admin(command: Command) -> ExitCode {
+    match command {
+        Command::Run(_) => fail("`run` is not an admin command"),
+        Command::Enrollment { action } => match action {
+            EnrollmentAction::Create(a) => {
+                let s = a.settings.settings(a.device_id.clone());
+                write_command(&a.connect, Kind::Enrollment, &a.registration_id, s, None).await
+            }
+            EnrollmentAction::Update(a) => {
+                let s = a.settings.settings(a.device_id.clone());
+                write_command(&a.connect, Kind::Enrollment, &a.registration_id, s, Some(a.etag.as_deref()))
+                    .await
+            }
+            EnrollmentAction::Show(a) => match service_client(&a.connect) {
+                Ok(c) => finish(c.show(Kind::Enrollment, &a.registration_id, a.show_keys).await.map(Some)),
+                Err(e) => fail(e),
+            },
+            EnrollmentAction::List(a) => match service_client(&a.connect) {
+                Ok(c) => {
+                    finish(c.list(Kind::Enrollment, a.page_size, a.top).await.map(|v| Some(Value::Array(v))))
+                }
+                Err(e) => fail(e),
+            },
+            EnrollmentAction::Delete(a) => match service_client(&a.connect) {
+                Ok(c) => finish(
+                    c.delete(Kind::Enrollment, &a.registration_id, a.etag.as_deref()).await.map(|()| None),
+                ),
+                Err(e) => fail(e),
+            },
+        },
+        Command::Group { action } => match action {
+            GroupAction::Create(a) => {
+                let s = a.settings.settings(None);
+                write_command(&a.connect, Kind::Group, &a.group_id, s, None).await
+            }
+            GroupAction::Update(a) => {
+                let s = a.settings.settings(None);
+                write_command(&a.connect, Kind::Group, &a.group_id, s, Some(a.etag.as_deref())).await
+            }
+            GroupAction::Show(a) => match service_client(&a.connect) {
+                Ok(c) => finish(c.show(Kind::Group, &a.group_id, a.show_keys).await.map(Some)),
+                Err(e) => fail(e),
+            },
+            GroupAction::List(a) => match service_client(&a.connect) {
+                Ok(c) => finish(c.list(Kind::Group, a.page_size, a.top).await.map(|v| Some(Value::Array(v)))),
+                Err(e) => fail(e),
+            },
+            GroupAction::Delete(a) => match service_client(&a.connect) {
+                Ok(c) => finish(c.delete(Kind::Group, &a.group_id, a.etag.as_deref()).await.map(|()| None)),
+                Err(e) => fail(e),
+            },
+        },
+        Command::Registration { action } => match action {
+            RegistrationAction::Show(a) => match service_client(&a.connect) {
+                Ok(c) => finish(c.registration(&a.registration_id).await.map(Some)),
+                Err(e) => fail(e),
+            },
+            RegistrationAction::List(a) => match service_client(&a.list.connect) {
+                Ok(c) => finish(
+                    c.registrations(&a.group_id, a.list.page_size, a.list.top)
+                        .await
+                        .map(|v| Some(Value::Array(v))),
+                ),
+                Err(e) => fail(e),
+            },
+            RegistrationAction::Delete(a) => match service_client(&a.connect) {
+                Ok(c) => {
+                    finish(c.delete_registration(&a.registration_id, a.etag.as_deref()).await.map(|()| None))
+                }
+                Err(e) => fail(e),
+            },
+        },
+        Command::ProvisionDevice(a) => match provision_device(&a).await {
+            Ok(v) => {
+                print_json(&v);
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+    }
+}
+
+/// `provision-device`: progress on stderr, the assignment (JSON) returned.
+pub async fn provision_device(a: &ProvisionArgs) -> Result<Value, ServerError> {
+    let bad = |what: &str, e: dps_core::DpsError| ServerError::Client(format!("{what}: {}", e.message));
+    let id_scope = IdScope::parse(&a.id_scope).map_err(|e| bad("--id-scope", e))?;
+    let registration_id =
+        RegistrationId::parse(&a.registration_id).map_err(|e| bad("--registration-id", e))?;
+    let device_key = match (&a.group_key, &a.device_key) {
+        (Some(g), _) => SymmetricKey::parse(g.trim())
+            .map_err(|e| bad("--group-key", e))?
+            .derive_device_key(registration_id.as_str()),
+        (None, Some(d)) => SymmetricKey::parse(d.trim()).map_err(|e| bad("--device-key", e))?,
+        (None, None) => return Err(ServerError::Client("give --group-key or --device-key".into())),
+    };
+    let mut config = ClientConfig::new(id_scope, registration_id, device_key);
+    config.api_version = ApiVersion::parse(&a.api_version).map_err(|e| bad("--api-version", e))?;
+    config.payload = a
+        .payload
+        .as_deref()
+        .map(|p| {
+            serde_json::from_str(p).map_err(|e| ServerError::Client(format!("--payload is not JSON: {e}")))
+        })
+        .transpose()?;
+    let tls = crate::tls::client_config(read_text(&a.ca, "the CA certificate")?.as_bytes())?;
+    let address = match a.host.parse::<IpAddr>() {
+        Ok(ip) => SocketAddr::new(ip, a.port).to_string(),
+        Err(_) => format!("{}:{}", a.host, a.port),
+    };
+    let http = HttpsClient::new(address, &a.host, tls)?;
+    let result = crate::provision::provision(&http, config, |x| {
+        let retry = x.retry_after.map(|r| format!(" (Retry-After {r})")).unwrap_or_default();
+        eprintln!("device -> {}", x.request);
+        eprintln!("device <- {}{retry} {}", x.status, x.body);
+    })
+    .await?;
+    serde_json::to_value(&result).map_err(|e| ServerError::Client(format!("serializing the result: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_is_the_default() {
+        let cli = Cli::try_parse_from(["dps-server", "--id-scope", "0ne00000001"]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.run.id_scope.as_deref(), Some("0ne00000001"));
+        let cli = Cli::try_parse_from(["dps-server", "run", "--https-listen", "127.0.0.1:0"]).unwrap();
+        assert!(
+            matches!(cli.command, Some(Command::Run(ref r)) if r.https_listen.as_deref() == Some("127.0.0.1:0"))
+        );
+    }
+
+    #[test]
+    fn flags_beat_env_beat_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("dps.toml");
+        std::fs::write(
+            &file,
+            "id_scope = \"0ne00000001\"\nservice_host_name = \"file\"\ndevice_host_name = \"file\"\ndata_dir = \"/file\"\n",
+        )
+        .unwrap();
+        let cli = Cli::try_parse_from([
+            "dps-server",
+            "--config",
+            file.to_str().unwrap(),
+            "--service-host-name",
+            "flag",
+        ])
+        .unwrap();
+        let env = |k: &str| match k {
+            "DPS_SERVICE_HOST_NAME" => Some("env".to_owned()),
+            "DPS_DEVICE_HOST_NAME" => Some("env".to_owned()),
+            _ => None,
+        };
+        let c = cli.run.resolve(env).unwrap();
+        assert_eq!(c.service_host_name, "flag");
+        assert_eq!(c.device_host_name, "env");
+        assert_eq!(c.data_dir, PathBuf::from("/file"));
+    }
+
+    #[test]
+    fn admin_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "dps-server",
+            "enrollment",
+            "create",
+            "--registration-id",
+            "dev-1",
+            "--iot-hubs",
+            "a.example,b.example",
+            "--reprovision-policy",
+            "neverreprovision",
+            "--allocation-policy",
+            "geoLatency",
+            "--initial-twin-tags",
+            "{\"x\":1}",
+        ])
+        .unwrap();
+        let Some(Command::Enrollment { action: EnrollmentAction::Create(a) }) = cli.command else {
+            panic!("not an enrollment create");
+        };
+        let s = a.settings.settings(None).unwrap();
+        assert_eq!(s.iot_hubs, Some(vec!["a.example".to_owned(), "b.example".to_owned()]));
+        assert_eq!(s.reprovision, Some(Reprovision::NeverReprovision));
+        assert_eq!(s.allocation_policy.as_deref(), Some("geoLatency"));
+        assert!(Cli::try_parse_from([
+            "dps-server",
+            "provision-device",
+            "--registration-id",
+            "d",
+            "--ca",
+            "x"
+        ])
+        .is_err());
+    }
+}

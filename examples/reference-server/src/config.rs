@@ -1,0 +1,604 @@
+//! Server configuration: a TOML file, environment variables and command-line flags, merged with the
+//! precedence **flags > environment > file > defaults**.
+//!
+//! The file schema (every key optional except `id_scope`, which may also come from `--id-scope` or
+//! `DPS_ID_SCOPE`):
+//!
+//! ```toml
+//! id_scope = "0ne00000001"
+//! service_host_name = "localhost"        # HostName of the connection string = audience of service SAS tokens
+//! device_host_name = "localhost"         # used in Location headers
+//! data_dir = "./dps-data"
+//! default_allocation = "hashed"          # hashed | static | geoLatency
+//! retry_after_secs = 2
+//! header_read_timeout_secs = 10
+//! max_connections = 10000
+//! tls_handshake_timeout_secs = 10        # extension: TLS handshake deadline
+//! shutdown_grace_secs = 10               # extension: bounded wait for in-flight requests on shutdown
+//! [listen]
+//! https = "0.0.0.0:443"                  # port 0 = any free port (tests)
+//! mqtt = "0.0.0.0:8883"                  # "" disables
+//! admin = ""                             # plain HTTP /health + /metrics, e.g. "127.0.0.1:9090"
+//! [tls]
+//! subject_alt_names = ["localhost", "127.0.0.1"]
+//! [[linked_hubs]]
+//! host_name = "hub-1.example.net"
+//! allocation_weight = 1
+//! apply_allocation_policy = true
+//! [[access_policies]]
+//! key_name = "enrollmentread"
+//! primary_key = "<base64>"
+//! secondary_key = "<base64>"
+//! rights = "EnrollmentRead, RegistrationStatusRead"
+//! ```
+//!
+//! Unknown keys are refused (a typo must not silently fall back to a default). Relative paths are relative
+//! to the working directory of the server process.
+
+use dps_core::proto::model::AllocationPolicy;
+use dps_core::proto::sas::SymmetricKey;
+use dps_core::proto::IdScope;
+use dps_core::{AccessPolicy, LinkedHub, Rights, OWNER_POLICY};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A configuration error, with a message that names the setting and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(pub String);
+
+fn err(message: impl Into<String>) -> ConfigError {
+    ConfigError(message.into())
+}
+
+/// The configuration file as written (every field optional).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// The ID scope this instance serves.
+    pub id_scope: Option<String>,
+    /// Service API host name (audience of service SAS tokens).
+    pub service_host_name: Option<String>,
+    /// Device API host name (Location headers).
+    pub device_host_name: Option<String>,
+    /// Data directory.
+    pub data_dir: Option<PathBuf>,
+    /// Default allocation policy.
+    pub default_allocation: Option<String>,
+    /// Retry-After of 202 answers.
+    pub retry_after_secs: Option<u32>,
+    /// Header read timeout.
+    pub header_read_timeout_secs: Option<u64>,
+    /// Maximum concurrent connections.
+    pub max_connections: Option<usize>,
+    /// TLS handshake timeout.
+    pub tls_handshake_timeout_secs: Option<u64>,
+    /// Bounded wait for in-flight work on shutdown.
+    pub shutdown_grace_secs: Option<u64>,
+    /// Listen addresses.
+    #[serde(default)]
+    pub listen: FileListen,
+    /// TLS settings.
+    #[serde(default)]
+    pub tls: FileTls,
+    /// Linked IoT hubs (absent: one hub `hub-1.localhost`).
+    pub linked_hubs: Option<Vec<FileLinkedHub>>,
+    /// Extra shared access policies.
+    #[serde(default)]
+    pub access_policies: Vec<FileAccessPolicy>,
+}
+
+/// `[listen]` as written.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileListen {
+    /// HTTPS listener.
+    pub https: Option<String>,
+    /// MQTT over TLS listener (`""` disables).
+    pub mqtt: Option<String>,
+    /// Plain HTTP admin listener (`""` disables).
+    pub admin: Option<String>,
+}
+
+/// `[tls]` as written.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileTls {
+    /// Subject alternative names of the generated server certificate.
+    pub subject_alt_names: Option<Vec<String>>,
+}
+
+/// `[[linked_hubs]]` as written.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileLinkedHub {
+    /// Hub host name.
+    pub host_name: String,
+    /// Allocation weight (1..=1000, default 1).
+    pub allocation_weight: Option<u32>,
+    /// Whether the hub takes part in automatic allocation (default true).
+    pub apply_allocation_policy: Option<bool>,
+}
+
+/// `[[access_policies]]` as written.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAccessPolicy {
+    /// Policy name (`skn`).
+    pub key_name: String,
+    /// Base64 primary key.
+    pub primary_key: String,
+    /// Base64 secondary key.
+    pub secondary_key: String,
+    /// Comma-separated rights, e.g. `"EnrollmentRead, RegistrationStatusRead"`.
+    pub rights: String,
+}
+
+impl FileConfig {
+    /// Parses TOML text (`origin` names the source in error messages).
+    pub fn parse(text: &str, origin: &str) -> Result<FileConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| err(format!("{origin}: {e}")))
+    }
+
+    /// Reads and parses a TOML file.
+    pub fn read(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| err(format!("cannot read the configuration file {}: {e}", path.display())))?;
+        FileConfig::parse(&text, &path.display().to_string())
+    }
+}
+
+/// Settings that environment variables and flags may override (all optional). The environment and the
+/// flags each produce one of these; [`ServerConfig::resolve`] applies them over the file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overrides {
+    /// `--id-scope` / `DPS_ID_SCOPE`.
+    pub id_scope: Option<String>,
+    /// `--service-host-name` / `DPS_SERVICE_HOST_NAME`.
+    pub service_host_name: Option<String>,
+    /// `--device-host-name` / `DPS_DEVICE_HOST_NAME`.
+    pub device_host_name: Option<String>,
+    /// `--data-dir` / `DPS_DATA_DIR`.
+    pub data_dir: Option<PathBuf>,
+    /// `--default-allocation` / `DPS_DEFAULT_ALLOCATION`.
+    pub default_allocation: Option<String>,
+    /// `--retry-after-secs` / `DPS_RETRY_AFTER_SECS`.
+    pub retry_after_secs: Option<String>,
+    /// `--header-read-timeout-secs` / `DPS_HEADER_READ_TIMEOUT_SECS`.
+    pub header_read_timeout_secs: Option<String>,
+    /// `--max-connections` / `DPS_MAX_CONNECTIONS`.
+    pub max_connections: Option<String>,
+    /// `--https-listen` / `DPS_HTTPS_LISTEN`.
+    pub https_listen: Option<String>,
+    /// `--mqtt-listen` / `DPS_MQTT_LISTEN` (`""` disables).
+    pub mqtt_listen: Option<String>,
+    /// `--admin-listen` / `DPS_ADMIN_LISTEN` (`""` disables).
+    pub admin_listen: Option<String>,
+    /// `--tls-san` (repeatable) / `DPS_TLS_SANS` (comma-separated).
+    pub subject_alt_names: Option<Vec<String>>,
+}
+
+impl Overrides {
+    /// Reads the `DPS_*` variables through `lookup` (pass `|k| std::env::var(k).ok()` for the process
+    /// environment; tests pass a map).
+    pub fn from_env(lookup: impl Fn(&str) -> Option<String>) -> Overrides {
+        Overrides {
+            id_scope: lookup("DPS_ID_SCOPE"),
+            service_host_name: lookup("DPS_SERVICE_HOST_NAME"),
+            device_host_name: lookup("DPS_DEVICE_HOST_NAME"),
+            data_dir: lookup("DPS_DATA_DIR").map(PathBuf::from),
+            default_allocation: lookup("DPS_DEFAULT_ALLOCATION"),
+            retry_after_secs: lookup("DPS_RETRY_AFTER_SECS"),
+            header_read_timeout_secs: lookup("DPS_HEADER_READ_TIMEOUT_SECS"),
+            max_connections: lookup("DPS_MAX_CONNECTIONS"),
+            https_listen: lookup("DPS_HTTPS_LISTEN"),
+            mqtt_listen: lookup("DPS_MQTT_LISTEN"),
+            admin_listen: lookup("DPS_ADMIN_LISTEN"),
+            subject_alt_names: lookup("DPS_TLS_SANS")
+                .map(|v| v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect()),
+        }
+    }
+
+    /// Applies `self` over `file` (each set field wins).
+    fn apply(&self, file: &mut FileConfig) -> Result<(), ConfigError> {
+        fn set<T: Clone>(target: &mut Option<T>, value: &Option<T>) {
+            if let Some(v) = value {
+                *target = Some(v.clone());
+            }
+        }
+        fn num<T: std::str::FromStr>(
+            target: &mut Option<T>,
+            value: &Option<String>,
+            name: &str,
+        ) -> Result<(), ConfigError> {
+            if let Some(v) = value {
+                *target =
+                    Some(v.trim().parse().map_err(|_| err(format!("{name}: '{v}' is not a valid number")))?);
+            }
+            Ok(())
+        }
+        set(&mut file.id_scope, &self.id_scope);
+        set(&mut file.service_host_name, &self.service_host_name);
+        set(&mut file.device_host_name, &self.device_host_name);
+        set(&mut file.data_dir, &self.data_dir);
+        set(&mut file.default_allocation, &self.default_allocation);
+        num(&mut file.retry_after_secs, &self.retry_after_secs, "retry_after_secs")?;
+        num(&mut file.header_read_timeout_secs, &self.header_read_timeout_secs, "header_read_timeout_secs")?;
+        num(&mut file.max_connections, &self.max_connections, "max_connections")?;
+        set(&mut file.listen.https, &self.https_listen);
+        set(&mut file.listen.mqtt, &self.mqtt_listen);
+        set(&mut file.listen.admin, &self.admin_listen);
+        set(&mut file.tls.subject_alt_names, &self.subject_alt_names);
+        Ok(())
+    }
+}
+
+/// Where the server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenConfig {
+    /// HTTPS (device API, service API, MQTT over WebSocket, `/health`).
+    pub https: SocketAddr,
+    /// MQTT over TLS; `None` disables it.
+    pub mqtt: Option<SocketAddr>,
+    /// Plain HTTP `/health` and `/metrics`; `None` disables it.
+    pub admin: Option<SocketAddr>,
+}
+
+/// A linked IoT hub as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubConfig {
+    /// Host name.
+    pub host_name: String,
+    /// Allocation weight.
+    pub allocation_weight: Option<u32>,
+    /// Whether it takes part in automatic allocation.
+    pub apply_allocation_policy: Option<bool>,
+}
+
+/// The resolved, validated server configuration.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The ID scope served.
+    pub id_scope: IdScope,
+    /// Service API host name (audience of service SAS tokens, `HostName` of the connection string).
+    pub service_host_name: String,
+    /// Device API host name (Location headers).
+    pub device_host_name: String,
+    /// Data directory (database, TLS material, keys, `ready.json`).
+    pub data_dir: PathBuf,
+    /// Default allocation policy.
+    pub default_allocation: AllocationPolicy,
+    /// Retry-After of 202 answers, in seconds.
+    pub retry_after_secs: u32,
+    /// A client must send a complete request head within this time (also the keep-alive idle limit).
+    pub header_read_timeout: Duration,
+    /// A client must send the request body within this time after the head.
+    pub body_read_timeout: Duration,
+    /// A TLS handshake must complete within this time.
+    pub tls_handshake_timeout: Duration,
+    /// On shutdown, in-flight requests get this long to finish.
+    pub shutdown_grace: Duration,
+    /// Maximum concurrently open connections (HTTPS, MQTT and WebSocket together); beyond it new
+    /// connections are closed at once.
+    pub max_connections: usize,
+    /// Listen addresses.
+    pub listen: ListenConfig,
+    /// SANs of the generated server certificate (IP literals become IP SANs).
+    pub subject_alt_names: Vec<String>,
+    /// Linked IoT hubs.
+    pub linked_hubs: Vec<LinkedHub>,
+    /// Shared access policies besides the generated owner policy.
+    pub access_policies: Vec<AccessPolicy>,
+}
+
+/// The hub linked when the configuration names none.
+pub const DEFAULT_HUB: &str = "hub-1.localhost";
+
+fn parse_listen(value: &str, name: &str, optional: bool) -> Result<Option<SocketAddr>, ConfigError> {
+    let v = value.trim();
+    if v.is_empty() {
+        return if optional { Ok(None) } else { Err(err(format!("listen.{name} must not be empty"))) };
+    }
+    v.parse::<SocketAddr>().map(Some).map_err(|_| {
+        err(format!(
+            "listen.{name}: '{v}' is not an address of the form ip:port (e.g. 0.0.0.0:443, [::]:443)"
+        ))
+    })
+}
+
+fn parse_allocation(value: &str) -> Result<AllocationPolicy, ConfigError> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "hashed" => Ok(AllocationPolicy::Hashed),
+        "static" => Ok(AllocationPolicy::Static),
+        "geolatency" => Ok(AllocationPolicy::GeoLatency),
+        _ => Err(err(format!("default_allocation: '{value}' is not one of hashed, static, geoLatency"))),
+    }
+}
+
+fn secs(value: Option<u64>, default: u64, name: &str) -> Result<Duration, ConfigError> {
+    match value.unwrap_or(default) {
+        0 => Err(err(format!("{name} must be at least 1"))),
+        s => Ok(Duration::from_secs(s)),
+    }
+}
+
+impl ServerConfig {
+    /// Merges `file` < `env` < `flags` over the defaults and validates the result.
+    pub fn resolve(
+        mut file: FileConfig,
+        env: &Overrides,
+        flags: &Overrides,
+    ) -> Result<ServerConfig, ConfigError> {
+        env.apply(&mut file)?;
+        flags.apply(&mut file)?;
+
+        let scope = file.id_scope.as_deref().ok_or_else(|| {
+            err("id_scope is required: set it in the configuration file, with --id-scope or with DPS_ID_SCOPE")
+        })?;
+        let id_scope =
+            IdScope::parse(scope.trim()).map_err(|e| err(format!("id_scope '{scope}': {}", e.message)))?;
+        let host = |v: Option<String>, name: &str| -> Result<String, ConfigError> {
+            let v = v.unwrap_or_else(|| "localhost".to_owned());
+            let v = v.trim().to_owned();
+            if v.is_empty() || v.contains(['/', ' ', '?', '#']) {
+                return Err(err(format!("{name}: '{v}' is not a host name")));
+            }
+            Ok(v)
+        };
+        let service_host_name = host(file.service_host_name, "service_host_name")?;
+        let device_host_name = host(file.device_host_name, "device_host_name")?;
+        let default_allocation = parse_allocation(file.default_allocation.as_deref().unwrap_or("hashed"))?;
+        let retry_after_secs = file.retry_after_secs.unwrap_or(2);
+        if !(1..=300).contains(&retry_after_secs) {
+            return Err(err(format!("retry_after_secs must be within 1..=300, not {retry_after_secs}")));
+        }
+        let header_read_timeout = secs(file.header_read_timeout_secs, 10, "header_read_timeout_secs")?;
+        let tls_handshake_timeout = secs(file.tls_handshake_timeout_secs, 10, "tls_handshake_timeout_secs")?;
+        let shutdown_grace = secs(file.shutdown_grace_secs, 10, "shutdown_grace_secs")?;
+        let max_connections = file.max_connections.unwrap_or(10_000);
+        if max_connections == 0 {
+            return Err(err("max_connections must be at least 1"));
+        }
+
+        let listen = ListenConfig {
+            https: parse_listen(file.listen.https.as_deref().unwrap_or("0.0.0.0:443"), "https", false)?
+                .ok_or_else(|| err("listen.https must not be empty"))?,
+            mqtt: parse_listen(file.listen.mqtt.as_deref().unwrap_or("0.0.0.0:8883"), "mqtt", true)?,
+            admin: parse_listen(file.listen.admin.as_deref().unwrap_or(""), "admin", true)?,
+        };
+
+        let subject_alt_names: Vec<String> = file
+            .tls
+            .subject_alt_names
+            .unwrap_or_else(|| vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .into_iter()
+            .map(|s| s.trim().to_owned())
+            .collect();
+        if subject_alt_names.is_empty() || subject_alt_names.iter().any(String::is_empty) {
+            return Err(err("tls.subject_alt_names must list at least one non-empty name"));
+        }
+
+        let hubs = file.linked_hubs.unwrap_or_else(|| {
+            vec![FileLinkedHub {
+                host_name: DEFAULT_HUB.to_owned(),
+                allocation_weight: None,
+                apply_allocation_policy: None,
+            }]
+        });
+        let mut linked_hubs = Vec::with_capacity(hubs.len());
+        for h in hubs {
+            let hub = LinkedHub::new(&h.host_name, h.allocation_weight, h.apply_allocation_policy)
+                .map_err(|e| err(format!("linked_hubs '{}': {}", h.host_name, e.message)))?;
+            if linked_hubs.iter().any(|l: &LinkedHub| l.host_name == hub.host_name) {
+                return Err(err(format!("linked_hubs: '{}' is listed twice", h.host_name)));
+            }
+            linked_hubs.push(hub);
+        }
+
+        let mut access_policies: Vec<AccessPolicy> = Vec::with_capacity(file.access_policies.len());
+        for p in file.access_policies {
+            let name = p.key_name.trim();
+            if name.is_empty() {
+                return Err(err("access_policies: key_name must not be empty"));
+            }
+            if name.eq_ignore_ascii_case(OWNER_POLICY) {
+                return Err(err(format!(
+                    "access_policies: '{OWNER_POLICY}' is generated by the server (its keys are in the data \
+                     directory's owner.key); choose another key_name"
+                )));
+            }
+            if access_policies.iter().any(|a| a.key_name.eq_ignore_ascii_case(name)) {
+                return Err(err(format!("access_policies: '{name}' is listed twice")));
+            }
+            let key = |k: &str, which: &str| {
+                SymmetricKey::parse(k.trim())
+                    .map_err(|e| err(format!("access_policies '{name}' {which}: {}", e.message)))
+            };
+            access_policies.push(AccessPolicy {
+                key_name: name.to_owned(),
+                primary_key: key(&p.primary_key, "primary_key")?,
+                secondary_key: key(&p.secondary_key, "secondary_key")?,
+                rights: Rights::parse(&p.rights)
+                    .map_err(|e| err(format!("access_policies '{name}' rights: {}", e.message)))?,
+            });
+        }
+
+        Ok(ServerConfig {
+            id_scope,
+            service_host_name,
+            device_host_name,
+            data_dir: file.data_dir.unwrap_or_else(|| PathBuf::from("./dps-data")),
+            default_allocation,
+            retry_after_secs,
+            header_read_timeout,
+            body_read_timeout: header_read_timeout.max(Duration::from_secs(30)),
+            tls_handshake_timeout,
+            shutdown_grace,
+            max_connections,
+            listen,
+            subject_alt_names,
+            linked_hubs,
+            access_policies,
+        })
+    }
+
+    /// A configuration for tests and embedding: the given scope and data directory, every listener on
+    /// `127.0.0.1` with port 0 (MQTT on, admin on), defaults otherwise.
+    pub fn for_tests(id_scope: &str, data_dir: impl Into<PathBuf>) -> Result<ServerConfig, ConfigError> {
+        let file = FileConfig {
+            id_scope: Some(id_scope.to_owned()),
+            data_dir: Some(data_dir.into()),
+            listen: FileListen {
+                https: Some("127.0.0.1:0".into()),
+                mqtt: Some("127.0.0.1:0".into()),
+                admin: Some("127.0.0.1:0".into()),
+            },
+            ..FileConfig::default()
+        };
+        ServerConfig::resolve(file, &Overrides::default(), &Overrides::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> Overrides {
+        let map: HashMap<String, String> =
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Overrides::from_env(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_need_only_a_scope() {
+        let c = ServerConfig::resolve(
+            FileConfig::default(),
+            &env(&[("DPS_ID_SCOPE", "0ne00000001")]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.id_scope.as_str(), "0ne00000001");
+        assert_eq!(c.listen.https, "0.0.0.0:443".parse().unwrap());
+        assert_eq!(c.listen.mqtt, Some("0.0.0.0:8883".parse().unwrap()));
+        assert_eq!(c.listen.admin, None);
+        assert_eq!(c.linked_hubs.len(), 1);
+        assert_eq!(c.linked_hubs[0].host_name, DEFAULT_HUB);
+        assert_eq!(c.subject_alt_names, vec!["localhost", "127.0.0.1"]);
+        assert_eq!(c.data_dir, PathBuf::from("./dps-data"));
+        assert_eq!(c.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.max_connections, 10_000);
+    }
+
+    #[test]
+    fn missing_scope_is_explained() {
+        let e = ServerConfig::resolve(FileConfig::default(), &Overrides::default(), &Overrides::default())
+            .unwrap_err();
+        assert!(e.0.contains("id_scope is required"), "{e}");
+    }
+
+    #[test]
+    fn flag_beats_env_beats_file() {
+        let file = FileConfig::parse(
+            r#"
+            id_scope = "0ne0000F11E"
+            data_dir = "/file"
+            service_host_name = "file.example"
+            [listen]
+            https = "127.0.0.1:1001"
+            mqtt = "127.0.0.1:1002"
+            "#,
+            "test",
+        )
+        .unwrap();
+        let e = env(&[("DPS_ID_SCOPE", "0ne00000E0E"), ("DPS_DATA_DIR", "/env"), ("DPS_MQTT_LISTEN", "")]);
+        let flags = Overrides { id_scope: Some("0ne0000F1A6".into()), ..Overrides::default() };
+        let c = ServerConfig::resolve(file, &e, &flags).unwrap();
+        assert_eq!(c.id_scope.as_str(), "0ne0000F1A6");
+        assert_eq!(c.data_dir, PathBuf::from("/env"));
+        assert_eq!(c.service_host_name, "file.example");
+        assert_eq!(c.listen.https, "127.0.0.1:1001".parse().unwrap());
+        assert_eq!(c.listen.mqtt, None);
+    }
+
+    #[test]
+    fn full_schema_parses() {
+        let file = FileConfig::parse(
+            r#"
+            id_scope = "0ne00000001"
+            service_host_name = "dps.example"
+            device_host_name = "global.example"
+            data_dir = "./x"
+            default_allocation = "geoLatency"
+            retry_after_secs = 3
+            header_read_timeout_secs = 5
+            max_connections = 7
+            [listen]
+            https = "0.0.0.0:443"
+            mqtt = ""
+            admin = "127.0.0.1:9090"
+            [tls]
+            subject_alt_names = ["dps.example", "10.0.0.1"]
+            [[linked_hubs]]
+            host_name = "hub-1.example.net"
+            allocation_weight = 5
+            apply_allocation_policy = false
+            [[linked_hubs]]
+            host_name = "hub-2.example.net"
+            [[access_policies]]
+            key_name = "enrollmentread"
+            primary_key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
+            secondary_key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
+            rights = "EnrollmentRead, RegistrationStatusRead"
+            "#,
+            "test",
+        )
+        .unwrap();
+        let c = ServerConfig::resolve(file, &Overrides::default(), &Overrides::default()).unwrap();
+        assert_eq!(c.default_allocation, AllocationPolicy::GeoLatency);
+        assert_eq!(c.retry_after_secs, 3);
+        assert_eq!(c.max_connections, 7);
+        assert_eq!(c.listen.mqtt, None);
+        assert_eq!(c.listen.admin, Some("127.0.0.1:9090".parse().unwrap()));
+        assert_eq!(c.linked_hubs.len(), 2);
+        assert_eq!(c.linked_hubs[0].allocation_weight, 5);
+        assert!(!c.linked_hubs[0].apply_allocation_policy);
+        assert_eq!(c.access_policies.len(), 1);
+        assert!(c.access_policies[0].rights.contains(Rights::ENROLLMENT_READ));
+        assert!(!c.access_policies[0].rights.contains(Rights::ENROLLMENT_WRITE));
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_their_name() {
+        let cases = [
+            ("id_scope = \"0ne00000001\"\nbogus = 1", "bogus"),
+            ("id_scope = \"0ne00000001\"\n[listen]\nhttps = \"localhost\"", "listen.https"),
+            ("id_scope = \"0ne00000001\"\ndefault_allocation = \"custom\"", "default_allocation"),
+            ("id_scope = \"0ne00000001\"\nretry_after_secs = 0", "retry_after_secs"),
+            ("id_scope = \"not a scope\"", "id_scope"),
+            (
+                "id_scope = \"0ne00000001\"\n[[access_policies]]\nkey_name = \"provisioningserviceowner\"\nprimary_key = \"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\"\nsecondary_key = \"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\"\nrights = \"EnrollmentRead\"",
+                "provisioningserviceowner",
+            ),
+        ];
+        for (text, needle) in cases {
+            let result = FileConfig::parse(text, "test")
+                .and_then(|f| ServerConfig::resolve(f, &Overrides::default(), &Overrides::default()));
+            let e = result.unwrap_err();
+            assert!(e.0.contains(needle), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn env_numbers_are_checked() {
+        let e = ServerConfig::resolve(
+            FileConfig::default(),
+            &env(&[("DPS_ID_SCOPE", "0ne00000001"), ("DPS_MAX_CONNECTIONS", "lots")]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(e.0.contains("max_connections"), "{e}");
+    }
+}

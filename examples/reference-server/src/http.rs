@@ -1,0 +1,326 @@
+//! The HTTP services: HTTPS (device API, service API, `/health`, MQTT over WebSocket upgrades) and the admin
+//! listener (`/health`, `/metrics`). A [`Reply`] becomes an HTTP response here.
+
+use crate::metrics::{Api, Transport};
+use crate::server::{spawn_websocket, ConnPermit, Shared};
+use crate::state::now;
+use bytes::Bytes;
+use dps_core::proto::id::format_uuid;
+use dps_core::proto::route::{parse_route, Route};
+use dps_core::proto::MAX_BODY_BYTES;
+use dps_core::{DpsError, ErrorCode, HttpRequest, Reply};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body as _, Incoming};
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use rustls_pki_types::CertificateDer;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// One HTTPS connection's context.
+#[derive(Debug)]
+pub(crate) struct ConnCtx {
+    pub shared: Arc<Shared>,
+    pub peer: SocketAddr,
+    /// The client certificate chain presented in the TLS handshake (kept for X.509 attestation; today only
+    /// logged, as the engine has no X.509 attestation yet).
+    pub client_certs: Option<Vec<CertificateDer<'static>>>,
+    /// The connection-limit permit, held while the connection (or its WebSocket session) lives.
+    pub _permit: ConnPermit,
+}
+
+const JSON: &str = "application/json; charset=utf-8";
+
+type Resp = Response<Full<Bytes>>;
+
+fn header_string(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers.get(name).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+}
+
+/// Writes a [`Reply`] as an HTTP response.
+pub(crate) fn reply_response(reply: Reply, location: Option<String>, close: bool) -> Resp {
+    let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let has_body = !reply.body.is_empty() && status != StatusCode::NO_CONTENT;
+    let mut response =
+        Response::new(Full::new(if has_body { Bytes::from(reply.body) } else { Bytes::new() }));
+    *response.status_mut() = status;
+    let h = response.headers_mut();
+    let mut put = |name: &str, value: &str| match (
+        HeaderName::from_bytes(name.as_bytes()),
+        HeaderValue::from_str(value),
+    ) {
+        (Ok(n), Ok(v)) => {
+            h.append(n, v);
+        }
+        _ => tracing::warn!(header = name, "dropping a reply header that is not valid HTTP"),
+    };
+    if has_body {
+        put("content-type", JSON);
+    }
+    if let Some(s) = reply.retry_after {
+        put("retry-after", &s.to_string());
+    }
+    put("x-ms-request-id", &reply.tracking_id);
+    if let Some(code) = reply.error_code {
+        put("x-ms-error-code", &code.code().to_string());
+    }
+    if let Some(l) = location {
+        put("location", &l);
+    }
+    for (name, value) in &reply.headers {
+        put(name, value);
+    }
+    if close {
+        put("connection", "close");
+    }
+    response
+}
+
+fn json_response(status: StatusCode, body: &'static str) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(hyper::header::CONTENT_TYPE, HeaderValue::from_static(JSON));
+    r
+}
+
+fn health() -> Resp {
+    json_response(StatusCode::OK, r#"{"status":"ok"}"#)
+}
+
+fn error_reply(shared: &Shared, error: DpsError) -> Reply {
+    Reply::error(&error, format_uuid(shared.state.random16()), now())
+}
+
+/// How much of an oversized body is read and discarded so that the `413` can be answered on a connection
+/// that stays usable (closing with unread data would make the kernel reset the connection, which can
+/// destroy the reply before the client reads it). Bodies larger still get the `413` at once, then a close.
+const DRAIN_LIMIT: u64 = 256 * 1024;
+
+/// A request body, read.
+enum Body {
+    /// The whole body, within [`MAX_BODY_BYTES`].
+    Complete(Vec<u8>),
+    /// Over the limit; `drained` when the rest was read (the connection can be kept).
+    TooLarge { drained: bool },
+    /// The client's stream failed.
+    Failed(String),
+}
+
+/// Reads a body up to [`MAX_BODY_BYTES`]: an announced larger body is refused before reading when it is
+/// beyond the drain limit or the client waits for `100 Continue`; otherwise an oversized body is drained.
+async fn read_body(mut body: Incoming, expect_continue: bool) -> Body {
+    let max = MAX_BODY_BYTES as u64;
+    let announced = body.size_hint().lower();
+    if announced > max && (expect_continue || announced > max + DRAIN_LIMIT) {
+        return Body::TooLarge { drained: false };
+    }
+    let mut bytes = Vec::new();
+    let mut total: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        let frame = match frame {
+            Ok(f) => f,
+            Err(e) => return Body::Failed(e.to_string()),
+        };
+        if let Ok(data) = frame.into_data() {
+            total = total.saturating_add(data.len() as u64);
+            if total > max + DRAIN_LIMIT {
+                return Body::TooLarge { drained: false };
+            }
+            if total > max {
+                bytes = Vec::new();
+            } else {
+                bytes.extend_from_slice(&data);
+            }
+        }
+    }
+    if total > max {
+        Body::TooLarge { drained: true }
+    } else {
+        Body::Complete(bytes)
+    }
+}
+
+/// The HTTPS service of one connection.
+pub(crate) fn https_service(
+    ctx: Arc<ConnCtx>,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Resp,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Resp, Infallible>> + Send,
+> + Send {
+    hyper::service::service_fn(move |req| {
+        let ctx = Arc::clone(&ctx);
+        async move { Ok::<_, Infallible>(handle_https(req, ctx).await) }
+    })
+}
+
+async fn handle_https(mut req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Resp {
+    let shared = &ctx.shared;
+    if dps_mqtt::is_websocket_upgrade(req.headers()) {
+        let refused = |message: String| {
+            tracing::debug!(peer = %ctx.peer, %message, "WebSocket upgrade refused");
+            let mut r = reply_response(
+                error_reply(shared, DpsError::with_message(ErrorCode::BadRequest, message)),
+                None,
+                true,
+            );
+            r.headers_mut().insert("sec-websocket-version", HeaderValue::from_static("13"));
+            r
+        };
+        if req.method() != Method::GET {
+            return refused(format!("a WebSocket upgrade must use GET, not {}", req.method()));
+        }
+        return match dps_mqtt::websocket_upgrade_response(req.headers()) {
+            Ok(response) => {
+                let on_upgrade = hyper::upgrade::on(&mut req);
+                spawn_websocket(Arc::clone(&ctx), on_upgrade);
+                response.map(|()| Full::new(Bytes::new()))
+            }
+            Err(e) => refused(e.to_string()),
+        };
+    }
+    if req.uri().path() == "/health" && matches!(*req.method(), Method::GET | Method::HEAD) {
+        shared.state.metrics.request(Api::Other, 200);
+        return health();
+    }
+
+    let (parts, body) = req.into_parts();
+    let path_and_query =
+        parts.uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
+    let peer = ctx.peer;
+
+    let expect_continue = parts
+        .headers
+        .get(hyper::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let outcome =
+        tokio::time::timeout(shared.config.body_read_timeout, read_body(body, expect_continue)).await;
+    let body = match outcome {
+        Ok(Body::Complete(b)) => b,
+        Ok(Body::TooLarge { drained }) => {
+            tracing::debug!(%peer, path = %path_and_query, drained, "request body over the 96 KB limit");
+            shared.state.metrics.request(Api::Other, 413);
+            return reply_response(
+                error_reply(shared, DpsError::new(ErrorCode::PayloadTooLarge)),
+                None,
+                !drained,
+            );
+        }
+        Ok(Body::Failed(e)) => {
+            tracing::debug!(%peer, error = %e, "reading the request body failed");
+            let err = DpsError::with_message(
+                ErrorCode::BadRequest,
+                format!("the request body could not be read: {e}"),
+            );
+            return reply_response(error_reply(shared, err), None, true);
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "request body timed out");
+            let err = DpsError::with_message(
+                ErrorCode::BadRequest,
+                format!(
+                    "the request body was not received within {} s",
+                    shared.config.body_read_timeout.as_secs()
+                ),
+            );
+            return reply_response(error_reply(shared, err), None, true);
+        }
+    };
+
+    let started = Instant::now();
+    let route = parse_route(parts.method.as_str(), &path_and_query).ok().map(|m| m.route);
+    let request = HttpRequest {
+        method: parts.method.as_str().to_owned(),
+        path_and_query: path_and_query.clone(),
+        authorization: header_string(&parts.headers, "authorization"),
+        if_match: header_string(&parts.headers, "if-match"),
+        max_item_count: header_string(&parts.headers, "x-ms-max-item-count"),
+        continuation: header_string(&parts.headers, "x-ms-continuation"),
+        body,
+    };
+    // The engine runs in its own task: a client that disconnects mid-request does not abandon a flow
+    // half-way (hub identity written, registration not yet committed). The task is tracked, so shutdown
+    // waits for it before closing the store.
+    let state = Arc::clone(&shared.state);
+    let reply = match shared.tracker.spawn(async move { state.run_http(request).await }).await {
+        Ok(reply) => reply,
+        Err(e) => {
+            tracing::error!(%peer, error = %e, "the request task failed");
+            error_reply(shared, DpsError::with_message(ErrorCode::InternalError, "the request task failed"))
+        }
+    };
+    let took = started.elapsed();
+
+    let api = match &route {
+        Some(r) if r.is_device_api() => Api::Device,
+        Some(_) => Api::Service,
+        None => Api::Other,
+    };
+    shared.state.metrics.request(api, reply.status);
+    let mut location = None;
+    if let Some(Route::Register { id_scope, registration_id }) = &route {
+        shared.state.metrics.registration(
+            Transport::Https,
+            reply.status,
+            reply.error_code.map(|c| c.code()),
+            took,
+        );
+        if reply.status == 202 {
+            location = Some(format!(
+                "https://{}/{}/registrations/{}/register",
+                shared.config.device_host_name,
+                id_scope.as_str(),
+                registration_id.as_str()
+            ));
+        }
+    }
+    if reply.status >= 500 {
+        tracing::warn!(%peer, method = %parts.method, path = %parts.uri.path(), status = reply.status,
+            error_code = ?reply.error_code.map(|c| c.code()), tracking_id = %reply.tracking_id, "request failed");
+    } else {
+        tracing::debug!(%peer, method = %parts.method, path = %parts.uri.path(), status = reply.status,
+            error_code = ?reply.error_code.map(|c| c.code()), tracking_id = %reply.tracking_id,
+            client_cert = ctx.client_certs.is_some(), micros = took.as_micros() as u64, "request");
+    }
+    reply_response(reply, location, false)
+}
+
+/// The admin listener's service.
+pub(crate) fn admin_service(
+    shared: Arc<Shared>,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Resp,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Resp, Infallible>> + Send,
+> + Send {
+    hyper::service::service_fn(move |req: Request<Incoming>| {
+        let shared = Arc::clone(&shared);
+        async move {
+            let get = matches!(*req.method(), Method::GET | Method::HEAD);
+            let response = match req.uri().path() {
+                "/health" if get => health(),
+                "/metrics" if get => {
+                    shared.state.refresh_store_metrics();
+                    let mut r = Response::new(Full::new(Bytes::from(shared.state.metrics.render())));
+                    r.headers_mut().insert(
+                        hyper::header::CONTENT_TYPE,
+                        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                    );
+                    r
+                }
+                "/health" | "/metrics" => reply_response(
+                    error_reply(&shared, DpsError::new(ErrorCode::MethodNotAllowed)),
+                    None,
+                    false,
+                ),
+                _ => reply_response(error_reply(&shared, DpsError::new(ErrorCode::NotFound)), None, false),
+            };
+            Ok::<_, Infallible>(response)
+        }
+    })
+}

@@ -1,0 +1,473 @@
+//! The listeners and connection management.
+//!
+//! - **HTTPS** (`listen.https`): TLS 1.3/1.2, then HTTP/1.1 with upgrades: the device API, the service API,
+//!   `GET /health`, and MQTT over WebSocket (any path, subprotocol `mqtt`).
+//! - **MQTT** (`listen.mqtt`): TLS, then MQTT 3.1.1 sessions ([`dps_mqtt::serve_connection`]).
+//! - **Admin** (`listen.admin`): plain HTTP `/health` and `/metrics`.
+//!
+//! Limits: at most `max_connections` HTTPS + MQTT + WebSocket connections (beyond it a new connection is
+//! closed at once), a TLS handshake deadline, a request-head deadline (also the keep-alive idle limit,
+//! against slowloris), a request-body deadline and the 96 KB body limit (`413001`).
+//!
+//! Shutdown ([`RunningServer::shutdown`]): the listeners stop accepting, HTTP connections finish their
+//! in-flight request and close, everything still open after `shutdown_grace` is dropped, then the store is
+//! closed (its queued writes committed) and `ready.json` removed.
+
+use crate::config::ServerConfig;
+use crate::datadir::{write_file, DataDir, OwnerKeys, Ready};
+use crate::http::{admin_service, https_service, ConnCtx};
+use crate::metrics::{Refusal, Transport};
+use crate::mqtt::DeviceApi;
+use crate::state::AppState;
+use crate::tls::{ensure_tls_material, server_config};
+use crate::ServerError;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use rustls_pki_types::CertificateDer;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::task::TaskTracker;
+
+/// The lifecycle phase every task watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Serving.
+    Running,
+    /// Not accepting; HTTP connections finish their request and close.
+    Draining,
+    /// Drop everything.
+    Stopped,
+}
+
+/// Admin connections are few (scrapers, health checks); they get their own small limit.
+const MAX_ADMIN_CONNECTIONS: usize = 64;
+
+/// What every connection task shares.
+pub(crate) struct Shared {
+    pub state: Arc<AppState>,
+    pub config: ServerConfig,
+    pub acceptor: TlsAcceptor,
+    pub connections: Arc<Semaphore>,
+    pub admin_connections: Arc<Semaphore>,
+    pub tracker: TaskTracker,
+    pub phase: watch::Receiver<Phase>,
+    pub mqtt_limits: dps_mqtt::MqttLimits,
+    pub mqtt_handler: Arc<DeviceApi>,
+    pub websocket_handler: Arc<DeviceApi>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+/// A started server.
+#[derive(Debug)]
+pub struct RunningServer {
+    /// The bound addresses (also written to `ready.json`).
+    pub ready: Ready,
+    /// The data directory.
+    pub data_dir: DataDir,
+    /// The owner connection string (also in `connection-string.txt`).
+    pub connection_string: String,
+    /// The shared state (engine, store, metrics).
+    pub state: Arc<AppState>,
+    /// What was generated on this start, for the startup summary.
+    pub generated: Vec<String>,
+    phase: watch::Sender<Phase>,
+    tracker: TaskTracker,
+    grace: Duration,
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::PermissionDenied && addr.port() < 1024 {
+            " (ports below 1024 need root or CAP_NET_BIND_SERVICE; or choose another port)"
+        } else if e.kind() == std::io::ErrorKind::AddrInUse {
+            " (another process listens there)"
+        } else {
+            ""
+        };
+        ServerError::io(format!("binding the {what} listener to {addr}{hint}"), e)
+    })
+}
+
+fn local_addr(l: &TcpListener) -> Result<SocketAddr, ServerError> {
+    l.local_addr().map_err(|e| ServerError::io("reading a listener's address", e))
+}
+
+/// Prepares the data directory, opens the store, binds every listener, starts serving and writes
+/// `ready.json`.
+pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
+    let data_dir = DataDir::new(&config.data_dir);
+    data_dir.create()?;
+    match std::fs::remove_file(data_dir.ready()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(ServerError::io(format!("removing the stale {}", data_dir.ready().display()), e))
+        }
+    }
+    let mut rng = StdRng::from_entropy();
+    let mut generated = Vec::new();
+    let (owner, new_keys) = OwnerKeys::load_or_generate(&data_dir, &mut rng)?;
+    if new_keys {
+        generated.push(format!("owner policy keys {}", data_dir.owner_key().display()));
+    }
+    let connection_string = owner.connection_string(&config.service_host_name);
+    write_file(&data_dir.connection_string(), format!("{connection_string}\n").as_bytes(), true)?;
+
+    let names = config.subject_alt_names.clone();
+    let dir = data_dir.clone();
+    let material = tokio::task::spawn_blocking(move || ensure_tls_material(&dir, &names, &mut rng))
+        .await
+        .map_err(|e| ServerError::Tls(format!("certificate generation task failed: {e}")))??;
+    if material.generated_ca {
+        generated.push(format!("CA certificate {}", data_dir.ca_cert().display()));
+    }
+    if material.generated_server {
+        generated.push(format!("server certificate {}", data_dir.server_cert().display()));
+    }
+    let acceptor = TlsAcceptor::from(server_config(&material)?);
+
+    let database = data_dir.database();
+    let state = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || AppState::open(&config, &owner, &database))
+            .await
+            .map_err(|e| ServerError::DataDir(format!("store open task failed: {e}")))??
+    };
+    let state = Arc::new(state);
+
+    let https = bind(config.listen.https, "HTTPS").await?;
+    let mqtt = match config.listen.mqtt {
+        Some(a) => Some(bind(a, "MQTT").await?),
+        None => None,
+    };
+    let admin = match config.listen.admin {
+        Some(a) => Some(bind(a, "admin").await?),
+        None => None,
+    };
+    let ready = Ready {
+        https: local_addr(&https)?,
+        mqtt: mqtt.as_ref().map(local_addr).transpose()?,
+        admin: admin.as_ref().map(local_addr).transpose()?,
+    };
+
+    let (phase_tx, phase_rx) = watch::channel(Phase::Running);
+    let tracker = TaskTracker::new();
+    let grace = config.shutdown_grace;
+    let shared = Arc::new(Shared {
+        // A client gets as long for its CONNECT as an HTTP client for its request head.
+        mqtt_limits: dps_mqtt::MqttLimits {
+            connect_timeout: config.header_read_timeout,
+            ..Default::default()
+        },
+        mqtt_handler: Arc::new(DeviceApi::new(Arc::clone(&state), Transport::Mqtt)),
+        websocket_handler: Arc::new(DeviceApi::new(Arc::clone(&state), Transport::WebSocket)),
+        state: Arc::clone(&state),
+        connections: Arc::new(Semaphore::new(config.max_connections)),
+        admin_connections: Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS)),
+        config,
+        acceptor,
+        tracker: tracker.clone(),
+        phase: phase_rx,
+    });
+
+    tracker.spawn(accept_loop(https, Arc::clone(&shared), Transport::Https));
+    if let Some(l) = mqtt {
+        tracker.spawn(accept_loop(l, Arc::clone(&shared), Transport::Mqtt));
+    }
+    if let Some(l) = admin {
+        tracker.spawn(accept_loop(l, Arc::clone(&shared), Transport::Admin));
+    }
+
+    ready.write(&data_dir)?;
+    let or_off = |a: Option<SocketAddr>| a.map_or_else(|| "off".to_owned(), |a| a.to_string());
+    tracing::info!(
+        https = %ready.https,
+        mqtt = %or_off(ready.mqtt),
+        admin = %or_off(ready.admin),
+        data_dir = %data_dir.root().display(),
+        id_scope = %shared.config.id_scope.as_str(),
+        "dps-server ready"
+    );
+    Ok(RunningServer {
+        ready,
+        data_dir,
+        connection_string,
+        state,
+        generated,
+        phase: phase_tx,
+        tracker,
+        grace,
+    })
+}
+
+impl RunningServer {
+    /// A human-readable summary: where the files are, the listen addresses and the connection string.
+    pub fn summary(&self) -> String {
+        let d = &self.data_dir;
+        let or_off = |a: Option<SocketAddr>| a.map_or_else(|| "off".to_owned(), |a| a.to_string());
+        let mut s = String::new();
+        for g in &self.generated {
+            s.push_str(&format!("generated {g}\n"));
+        }
+        s.push_str(&format!(
+            "dps-server ready\n\
+             \x20 ID scope           {}\n\
+             \x20 HTTPS              {}   (device API, service API, MQTT over WebSocket, /health)\n\
+             \x20 MQTT over TLS      {}\n\
+             \x20 admin (HTTP)       {}   (/health, /metrics)\n\
+             \x20 data directory     {}\n\
+             \x20 store              {}\n\
+             \x20 CA certificate     {}   (trust this on devices and clients)\n\
+             \x20 server certificate {}\n\
+             \x20 owner keys         {}\n\
+             \x20 connection string  {}\n\
+             \x20 readiness file     {}\n\
+             {}\n",
+            self.state.engine.config().id_scope.as_str(),
+            self.ready.https,
+            or_off(self.ready.mqtt),
+            or_off(self.ready.admin),
+            d.root().display(),
+            d.database().display(),
+            d.ca_cert().display(),
+            d.server_cert().display(),
+            d.owner_key().display(),
+            d.connection_string().display(),
+            d.ready().display(),
+            self.connection_string,
+        ));
+        s
+    }
+
+    /// Stops accepting, lets in-flight requests finish (at most `shutdown_grace`), drops what is left,
+    /// closes the store (committing queued writes) and removes `ready.json`.
+    pub async fn shutdown(self) -> Result<(), ServerError> {
+        tracing::info!("shutting down: no new connections; finishing in-flight requests");
+        let _ = self.phase.send(Phase::Draining);
+        self.tracker.close();
+        if tokio::time::timeout(self.grace, self.tracker.wait()).await.is_err() {
+            tracing::warn!(
+                open = self.tracker.len(),
+                "connections still open after the shutdown grace period; closing them"
+            );
+            let _ = self.phase.send(Phase::Stopped);
+            if tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await.is_err() {
+                tracing::warn!(open = self.tracker.len(), "tasks did not stop; closing the store anyway");
+            }
+        }
+        let _ = self.phase.send(Phase::Stopped);
+        let _ = std::fs::remove_file(self.data_dir.ready());
+        let state = Arc::clone(&self.state);
+        tokio::task::spawn_blocking(move || state.close_store())
+            .await
+            .map_err(|e| ServerError::DataDir(format!("store close task failed: {e}")))?
+            .map_err(ServerError::Store)?;
+        tracing::info!("store closed; bye");
+        Ok(())
+    }
+}
+
+/// Waits until the phase is at least `at_least` (or the sender is gone).
+pub(crate) async fn phase_reached(mut rx: watch::Receiver<Phase>, at_least: Phase) {
+    let reached = |p: &Phase| match at_least {
+        Phase::Running => true,
+        Phase::Draining => *p != Phase::Running,
+        Phase::Stopped => *p == Phase::Stopped,
+    };
+    let _ = rx.wait_for(reached).await;
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, transport: Transport) {
+    let draining = phase_reached(shared.phase.clone(), Phase::Draining);
+    tokio::pin!(draining);
+    let limit = match transport {
+        Transport::Admin => &shared.admin_connections,
+        _ => &shared.connections,
+    };
+    loop {
+        let accepted = tokio::select! {
+            () = &mut draining => break,
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, listener = transport.label(), "accept failed");
+                tokio::select! {
+                    () = &mut draining => break,
+                    () = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                }
+            }
+        };
+        let Ok(permit) = Arc::clone(limit).try_acquire_owned() else {
+            shared.state.metrics.refused(Refusal::Limit);
+            tracing::debug!(%peer, listener = transport.label(), "connection limit reached; closing");
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let s = Arc::clone(&shared);
+        match transport {
+            Transport::Https => shared.tracker.spawn(serve_https(stream, peer, s, permit)),
+            Transport::Mqtt => shared.tracker.spawn(serve_mqtt(stream, peer, s, permit)),
+            Transport::Admin | Transport::WebSocket => {
+                shared.tracker.spawn(serve_admin(stream, peer, s, permit))
+            }
+        };
+    }
+    tracing::debug!(listener = transport.label(), "listener closed");
+}
+
+/// Runs the TLS handshake within the configured deadline; returns the stream and the client's certificate
+/// chain, if it presented one.
+async fn handshake(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: &Shared,
+) -> Option<(tokio_rustls::server::TlsStream<TcpStream>, Option<Vec<CertificateDer<'static>>>)> {
+    match tokio::time::timeout(shared.config.tls_handshake_timeout, shared.acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => {
+            let certs = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .map(|c| c.iter().map(|c| c.clone().into_owned()).collect());
+            Some((tls, certs))
+        }
+        Ok(Err(e)) => {
+            shared.state.metrics.refused(Refusal::TlsHandshake);
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            shared.state.metrics.refused(Refusal::TlsHandshake);
+            tracing::debug!(%peer, "TLS handshake timed out");
+            None
+        }
+    }
+}
+
+fn http1_builder(shared: &Shared) -> http1::Builder {
+    let mut b = http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(shared.config.header_read_timeout)
+        .keep_alive(true)
+        .max_buf_size(64 * 1024);
+    b
+}
+
+/// Drives an HTTP connection future, starting its graceful shutdown when the server drains and dropping it
+/// when the server stops.
+async fn drive<C, E>(
+    conn: C,
+    mut graceful: impl FnMut(std::pin::Pin<&mut C>),
+    shared: &Shared,
+    peer: SocketAddr,
+) where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    tokio::pin!(conn);
+    let draining = phase_reached(shared.phase.clone(), Phase::Draining);
+    let stopped = phase_reached(shared.phase.clone(), Phase::Stopped);
+    tokio::pin!(draining, stopped);
+    let mut drained = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+                }
+                break;
+            }
+            () = &mut draining, if !drained => {
+                drained = true;
+                graceful(conn.as_mut());
+            }
+            () = &mut stopped => break,
+        }
+    }
+}
+
+async fn serve_https(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, permit: OwnedSemaphorePermit) {
+    let _open = shared.state.metrics.open_connection(Transport::Https);
+    let Some((tls, client_certs)) = handshake(stream, peer, &shared).await else {
+        return;
+    };
+    let ctx =
+        Arc::new(ConnCtx { shared: Arc::clone(&shared), peer, client_certs, _permit: Arc::new(permit) });
+    let conn = http1_builder(&shared).serve_connection(TokioIo::new(tls), https_service(ctx)).with_upgrades();
+    drive(conn, |c| c.graceful_shutdown(), &shared, peer).await;
+}
+
+async fn serve_admin(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let _open = shared.state.metrics.open_connection(Transport::Admin);
+    let conn =
+        http1_builder(&shared).serve_connection(TokioIo::new(stream), admin_service(Arc::clone(&shared)));
+    drive(conn, |c| c.graceful_shutdown(), &shared, peer).await;
+}
+
+async fn serve_mqtt(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, _permit: OwnedSemaphorePermit) {
+    let _open = shared.state.metrics.open_connection(Transport::Mqtt);
+    let Some((tls, _client_certs)) = handshake(stream, peer, &shared).await else {
+        return;
+    };
+    let session = dps_mqtt::serve_connection(tls, Arc::clone(&shared.mqtt_handler), &shared.mqtt_limits);
+    let stopped = phase_reached(shared.phase.clone(), Phase::Stopped);
+    tokio::select! {
+        r = session => if let Err(e) = r {
+            tracing::debug!(%peer, error = %e, "MQTT session ended");
+        },
+        () = stopped => tracing::debug!(%peer, "MQTT session dropped at shutdown"),
+    }
+}
+
+/// Serves an upgraded WebSocket connection (spawned by the HTTPS service after its `101`).
+pub(crate) fn spawn_websocket(ctx: Arc<ConnCtx>, on_upgrade: hyper::upgrade::OnUpgrade) {
+    let shared = Arc::clone(&ctx.shared);
+    shared.tracker.spawn(async move {
+        let peer = ctx.peer;
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "WebSocket upgrade failed");
+                return;
+            }
+        };
+        // The connection's permit stays held (through `ctx`) while the WebSocket session runs.
+        let _open = ctx.shared.state.metrics.open_connection(Transport::WebSocket);
+        let session = dps_mqtt::serve_websocket(
+            TokioIo::new(upgraded),
+            Arc::clone(&ctx.shared.websocket_handler),
+            &ctx.shared.mqtt_limits,
+        );
+        let stopped = phase_reached(ctx.shared.phase.clone(), Phase::Stopped);
+        tokio::select! {
+            r = session => if let Err(e) = r {
+                tracing::debug!(%peer, error = %e, "MQTT over WebSocket session ended");
+            },
+            () = stopped => tracing::debug!(%peer, "MQTT over WebSocket session dropped at shutdown"),
+        }
+    });
+}
+
+/// The connection-limit permit, shared by an HTTPS connection and the WebSocket session it upgrades to.
+pub(crate) type ConnPermit = Arc<OwnedSemaphorePermit>;
