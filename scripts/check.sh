@@ -18,5 +18,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test (all crates)"
 cargo test --workspace --locked
 
+echo "== conformance: the real Azure Python and Node SDKs against dps-server"
+./scripts/conformance.sh
+
 echo "== benchmarks compile (run them with scripts/bench.sh)"
 cargo bench --workspace --locked --no-run
