@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The one entry point for every check: formatting, lints, and every test of every crate.
-# CI (.ci/run) calls exactly this; so should you before pushing.
+# The one entry point for every check: formatting, lints, every test of every crate, the conformance tests
+# with the real Azure SDKs, and a compile of the benchmarks. CI (.ci/run) calls exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,17 +9,28 @@ if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 
   rustup component add rustfmt clippy
 fi
 
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 
 echo "== cargo clippy (all targets, -D warnings)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-echo "== cargo test (all crates)"
-cargo test --workspace --locked
-
-echo "== conformance: the real Azure Python and Node SDKs against dps-server"
-./scripts/conformance.sh
-
 echo "== benchmarks compile (run them with scripts/bench.sh)"
 cargo bench --workspace --locked --no-run
+
+echo "== cargo test (all crates)"
+cargo test --workspace --locked 2>&1 | tee "$log"
+rust_passed=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) if ($i ~ /^passed;?$/) s += $(i-1) } END { print s + 0 }' "$log")
+rust_failed=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) if ($i ~ /^failed;?$/) s += $(i-1) } END { print s + 0 }' "$log")
+
+echo "== conformance: the real Azure Python and Node SDKs against dps-server"
+./scripts/conformance.sh 2>&1 | tee "$log"
+conf_line=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$log" | tail -n 1)
+conf_passed=$(echo "$conf_line" | sed -E 's/^([0-9]+) passed, ([0-9]+) failed.*/\1/')
+conf_failed=$(echo "$conf_line" | sed -E 's/^([0-9]+) passed, ([0-9]+) failed.*/\2/')
+
+echo "== summary: Rust $rust_passed passed, $rust_failed failed; conformance $conf_passed passed, $conf_failed failed"
+echo "$((rust_passed + conf_passed)) passed, $((rust_failed + conf_failed)) failed"

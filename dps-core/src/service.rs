@@ -77,10 +77,27 @@ struct BulkItem {
     op: StoreOp,
 }
 
+/// A prepared enrollment or group waiting for its stored keys (see [`Job::KeepKeys`]).
+#[derive(Debug)]
+enum Prepared {
+    Enrollment(Box<IndividualEnrollment>),
+    Group(Box<EnrollmentGroup>),
+}
+
 #[derive(Debug)]
 enum Job {
     Reply(Reply),
     One(Option<StoreOp>, Then),
+    /// A replace whose body omitted symmetric keys (as a GET → modify → PUT does, since GET hides them):
+    /// read the stored item first and keep its keys, so existing devices are not locked out. Keys are
+    /// generated only for a new item.
+    KeepKeys {
+        get: Option<StoreOp>,
+        item: Prepared,
+        supplied: [bool; 2],
+        condition: WriteCondition,
+        then: Then,
+    },
     Bulk {
         kind: Kind,
         items: VecDeque<BulkItem>,
@@ -436,11 +453,15 @@ impl ServiceFlow {
             ),
             Route::PutEnrollment { id } => {
                 let e = parse_json::<IndividualEnrollment>(body, "individual enrollment")?;
+                let supplied = supplied_keys(&e.attestation);
                 let (_, e) = prepare_enrollment(config, now, rng, e, Some(id))?;
-                Job::One(
-                    Some(StoreOp::PutEnrollment { enrollment: Box::new(e), condition }),
-                    Then::Put(Kind::Enrollment, id.to_string()),
-                )
+                let then = Then::Put(Kind::Enrollment, id.to_string());
+                if supplied == [true, true] || e.attestation.kind != AttestationType::SymmetricKey {
+                    Job::One(Some(StoreOp::PutEnrollment { enrollment: Box::new(e), condition }), then)
+                } else {
+                    let get = Some(StoreOp::GetEnrollment { registration_id: id.clone() });
+                    Job::KeepKeys { get, item: Prepared::Enrollment(Box::new(e)), supplied, condition, then }
+                }
             }
             Route::DeleteEnrollment { id } => Job::One(
                 Some(StoreOp::DeleteEnrollment { registration_id: id.clone(), if_match }),
@@ -464,11 +485,15 @@ impl ServiceFlow {
             ),
             Route::PutEnrollmentGroup { id } => {
                 let g = parse_json::<EnrollmentGroup>(body, "enrollment group")?;
+                let supplied = supplied_keys(&g.attestation);
                 let (_, g) = prepare_group(config, now, rng, g, Some(id))?;
-                Job::One(
-                    Some(StoreOp::PutGroup { group: Box::new(g), condition }),
-                    Then::Put(Kind::Group, id.to_string()),
-                )
+                let then = Then::Put(Kind::Group, id.to_string());
+                if supplied == [true, true] || g.attestation.kind != AttestationType::SymmetricKey {
+                    Job::One(Some(StoreOp::PutGroup { group: Box::new(g), condition }), then)
+                } else {
+                    let get = Some(StoreOp::GetGroup { group_id: id.clone() });
+                    Job::KeepKeys { get, item: Prepared::Group(Box::new(g)), supplied, condition, then }
+                }
             }
             Route::DeleteEnrollmentGroup { id } => Job::One(
                 Some(StoreOp::DeleteGroup { group_id: id.clone(), if_match }),
@@ -690,6 +715,29 @@ fn bulk_condition(mode: BulkOperationMode, etag: Option<&str>) -> Result<WriteCo
     })
 }
 
+/// Which of the primary and secondary symmetric keys a request body supplies.
+fn supplied_keys(attestation: &AttestationMechanism) -> [bool; 2] {
+    let k = attestation.symmetric_key.as_ref();
+    let has = |v: Option<&String>| v.is_some_and(|s| !s.is_empty());
+    [has(k.and_then(|k| k.primary_key.as_ref())), has(k.and_then(|k| k.secondary_key.as_ref()))]
+}
+
+/// Copies the stored keys into the slots the request left empty.
+fn keep_stored_keys(new: &mut AttestationMechanism, stored: &AttestationMechanism, supplied: [bool; 2]) {
+    let (Some(new_keys), Some(old_keys)) = (new.symmetric_key.as_mut(), stored.symmetric_key.as_ref()) else {
+        return;
+    };
+    if stored.kind != AttestationType::SymmetricKey {
+        return;
+    }
+    if !supplied[0] && old_keys.primary_key.is_some() {
+        new_keys.primary_key.clone_from(&old_keys.primary_key);
+    }
+    if !supplied[1] && old_keys.secondary_key.is_some() {
+        new_keys.secondary_key.clone_from(&old_keys.secondary_key);
+    }
+}
+
 fn item_if_match(etag: &Option<String>) -> Result<Option<IfMatch>, DpsError> {
     etag.as_deref().map(IfMatch::parse).transpose()
 }
@@ -761,8 +809,38 @@ impl Flow for ServiceFlow {
                     }
                 }
             }
+            (Job::KeepKeys { get: Some(op), item, supplied, condition, then }, Input::Start) => {
+                self.job = Job::KeepKeys { get: None, item, supplied, condition, then };
+                Step::Store(op)
+            }
+            (Job::KeepKeys { get: None, item, supplied, condition, then }, Input::Store(result)) => {
+                let put = match (item, result) {
+                    (Prepared::Enrollment(mut e), Ok(StoreResult::Enrollment(stored))) => {
+                        if let Some(stored) = stored {
+                            keep_stored_keys(&mut e.attestation, &stored.attestation, supplied);
+                        }
+                        StoreOp::PutEnrollment { enrollment: e, condition }
+                    }
+                    (Prepared::Group(mut g), Ok(StoreResult::Group(stored))) => {
+                        if let Some(stored) = stored {
+                            keep_stored_keys(&mut g.attestation, &stored.attestation, supplied);
+                        }
+                        StoreOp::PutGroup { group: g, condition }
+                    }
+                    (_, result) => {
+                        let err = match result {
+                            Err(e) => self.store_failure(e, None, ""),
+                            Ok(_) => unexpected_store_result(),
+                        };
+                        let reply = Reply::error(&err, self.tracking_id.clone(), self.now);
+                        return Step::Respond(self.metered(reply));
+                    }
+                };
+                self.job = Job::One(None, then);
+                Step::Store(put)
+            }
             (Job::Done, _) => Step::Finished,
-            (Job::One(..), _) => {
+            (Job::One(..), _) | (Job::KeepKeys { .. }, _) => {
                 let reply = Reply::error(&unexpected_store_result(), self.tracking_id.clone(), self.now);
                 Step::Respond(self.metered(reply))
             }

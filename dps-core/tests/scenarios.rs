@@ -947,3 +947,41 @@ fn hashed_allocation_spreads_devices_over_hubs() {
     }
     assert!((15..=45).contains(&on_a), "{on_a} of 60 on hub A");
 }
+
+#[test]
+fn replacing_without_keys_keeps_the_stored_keys() {
+    let mut w = World::new();
+    w.enroll(sym("keeper", &key(1), &key(2)));
+    w.enroll_group(group("keepers", &key(3), &key(4)));
+    // GET hides the keys; PUT the GET body back (as SDKs and the portal do for an update).
+    let mut got = w.service("GET", "/enrollments/keeper", None).body_json().unwrap();
+    got["provisioningStatus"] = json!("enabled");
+    got["initialTwin"] = json!({"tags": {"updated": true}});
+    let put = w.service("PUT", "/enrollments/keeper", Some(got)).body_json().unwrap();
+    assert_eq!(put["attestation"]["symmetricKey"]["primaryKey"], json!(key(1).to_base64()));
+    assert_eq!(put["attestation"]["symmetricKey"]["secondaryKey"], json!(key(2).to_base64()));
+    assert!(w.provision("keeper", &key(1)).is_ok(), "the device still authenticates");
+    let got = w.service("GET", "/enrollmentGroups/keepers", None).body_json().unwrap();
+    let put = w.service("PUT", "/enrollmentGroups/keepers", Some(got)).body_json().unwrap();
+    assert_eq!(put["attestation"]["symmetricKey"]["primaryKey"], json!(key(3).to_base64()));
+    // Supplying one key replaces only that one.
+    let mut e = w.service("GET", "/enrollments/keeper", None).body_json().unwrap();
+    e["attestation"]["symmetricKey"] = json!({"secondaryKey": key(9).to_base64()});
+    let put = w.service("PUT", "/enrollments/keeper", Some(e)).body_json().unwrap();
+    assert_eq!(put["attestation"]["symmetricKey"]["primaryKey"], json!(key(1).to_base64()));
+    assert_eq!(put["attestation"]["symmetricKey"]["secondaryKey"], json!(key(9).to_base64()));
+    // A stale If-Match is still refused.
+    let k = w.owner_key.clone();
+    let body = json!({"registrationId": "keeper", "attestation": {"type": "symmetricKey"}});
+    let r = w.service_full(
+        "provisioningserviceowner",
+        &k,
+        "PUT",
+        "/enrollments/keeper",
+        Some(body),
+        Some("stale"),
+        None,
+        None,
+    );
+    assert_eq!(r.status, 412);
+}
