@@ -1,0 +1,347 @@
+//! Simulated devices: their identities (registration IDs and group-derived keys), the server they talk to,
+//! and the driver that runs one device's registration over a transport with
+//! [`dps_core::client::RegistrationClient`].
+
+use crate::stats::{Failure, Incident};
+use crate::Error;
+use dps_core::client::{
+    ClientAction, ClientConfig, ClientError, ClientEvent, ClientRequest, RegistrationClient,
+};
+use dps_core::proto::model::RegistrationStatus;
+use dps_core::proto::sas::SymmetricKey;
+use dps_core::proto::{ApiVersion, ErrorBody, IdScope, RegistrationId, Timestamp};
+use dps_core::DeviceCall;
+use rustls::ClientConfig as TlsClientConfig;
+use rustls_pki_types::ServerName;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// The device transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Protocol {
+    /// HTTPS (`PUT …/register`, `GET …/operations/{id}`), one keep-alive connection per device.
+    Https,
+    /// MQTT 3.1.1 over TLS (CONNECT, SUBSCRIBE, PUBLISH register and status requests at QoS 1).
+    Mqtt,
+}
+
+impl Protocol {
+    /// `https` or `mqtt`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Https => "https",
+            Protocol::Mqtt => "mqtt",
+        }
+    }
+}
+
+/// The wall clock as the engine's [`Timestamp`] (SAS tokens are signed with it).
+pub fn now() -> Timestamp {
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    Timestamp::from_unix_nanos(i64::try_from(nanos).unwrap_or(i64::MAX))
+}
+
+/// Where the devices connect, and how they verify the server.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The server's address for this protocol.
+    pub addr: SocketAddr,
+    /// The name the server certificate is verified against (an IP SAN or a DNS name).
+    pub server_name: ServerName<'static>,
+    /// The client TLS configuration (trusting the server's CA; no session resumption).
+    pub tls: Arc<TlsClientConfig>,
+    /// The HTTP `Host` header value.
+    pub host_header: String,
+}
+
+/// A population of devices of one symmetric-key enrollment group: device `i` has the registration ID
+/// `{prefix}-{i:06}` and the key `HMAC-SHA256(groupKey, registrationId)`.
+#[derive(Debug, Clone)]
+pub struct DeviceSet {
+    id_scope: IdScope,
+    group_key: SymmetricKey,
+    prefix: String,
+    api_version: ApiVersion,
+}
+
+impl DeviceSet {
+    /// A device set; fails if the scope or the prefix cannot make valid identifiers.
+    pub fn new(id_scope: &str, group_key: SymmetricKey, prefix: &str) -> Result<DeviceSet, Error> {
+        let id_scope = IdScope::parse(id_scope).map_err(|e| Error::Config(format!("--id-scope: {e}")))?;
+        RegistrationId::parse(&format!("{prefix}-000000"))
+            .map_err(|e| Error::Config(format!("--prefix '{prefix}' makes invalid registration IDs: {e}")))?;
+        Ok(DeviceSet { id_scope, group_key, prefix: prefix.to_owned(), api_version: ApiVersion::V2021_10_01 })
+    }
+
+    /// The ID scope.
+    pub fn id_scope(&self) -> &IdScope {
+        &self.id_scope
+    }
+
+    /// The api-version the devices send.
+    pub fn api_version(&self) -> &ApiVersion {
+        &self.api_version
+    }
+
+    /// Device `i`'s registration ID.
+    pub fn registration_id(&self, i: usize) -> String {
+        format!("{}-{i:06}", self.prefix)
+    }
+
+    /// A client state machine for device `i`.
+    pub fn client(&self, i: usize) -> Result<RegistrationClient, Incident> {
+        let id = self.registration_id(i);
+        let registration_id = RegistrationId::parse(&id)
+            .map_err(|e| Incident::new(Failure::Protocol, format!("registration ID '{id}': {e}")))?;
+        let key = self.group_key.derive_device_key(registration_id.as_str());
+        let mut config = ClientConfig::new(self.id_scope.clone(), registration_id, key);
+        config.api_version = self.api_version.clone();
+        Ok(RegistrationClient::new(config))
+    }
+}
+
+/// How devices behave.
+#[derive(Debug, Clone, Copy)]
+pub struct DriveOptions {
+    /// After a `202 assigning` answer, poll at once instead of waiting the Retry-After (a poll that still
+    /// answers `assigning` is retried after 20 ms times the number of such answers, capped at the
+    /// Retry-After). Throttling (429) and 5xx answers are always waited out as the service asks.
+    pub ignore_retry_after: bool,
+    /// A registration that has no final answer after this long counts as [`Failure::Timeout`].
+    pub timeout: Duration,
+}
+
+impl Default for DriveOptions {
+    fn default() -> Self {
+        DriveOptions { ignore_retry_after: true, timeout: Duration::from_secs(60) }
+    }
+}
+
+/// Where a device ended up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignment {
+    /// The registration ID.
+    pub registration_id: String,
+    /// The IoT hub it was assigned to.
+    pub assigned_hub: String,
+    /// Its device ID there.
+    pub device_id: String,
+}
+
+/// Everything measured about one device.
+#[derive(Debug, Clone)]
+pub struct DeviceResult {
+    /// Assigned, or why not.
+    pub outcome: Result<Assignment, Incident>,
+    /// From the start of the TCP connect to the final answer.
+    pub latency: Duration,
+    /// TCP connect plus TLS handshake, when the handshake finished.
+    pub handshake: Option<Duration>,
+    /// What the handshake negotiated (version, cipher suite, key exchange group).
+    pub tls: Option<String>,
+    /// Requests sent (register, polls, retries).
+    pub requests: u32,
+    /// Error replies the client retried (429, 5xx).
+    pub retried: Vec<Incident>,
+}
+
+/// A service answer as the transports deliver it.
+#[derive(Debug, Clone)]
+pub struct RawResponse {
+    /// HTTP status (or the MQTT response topic's status).
+    pub status: u16,
+    /// Retry-After seconds, if sent.
+    pub retry_after: Option<u32>,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+/// A connected device transport that sends one request and returns its answer.
+pub(crate) trait Exchange {
+    /// Sends the request and waits for its answer.
+    async fn exchange(&mut self, request: &ClientRequest) -> Result<RawResponse, Incident>;
+}
+
+/// What [`drive`] learns on the way.
+#[derive(Debug, Default)]
+pub(crate) struct Progress {
+    pub requests: u32,
+    pub retried: Vec<Incident>,
+    pub handshake: Option<Duration>,
+    pub tls: Option<String>,
+    pub finished_at: Option<Instant>,
+}
+
+/// The message of an error body, or the body itself.
+pub(crate) fn message_of(body: &[u8]) -> String {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(e) => e.message,
+        Err(_) => String::from_utf8_lossy(body).chars().take(200).collect(),
+    }
+}
+
+/// The failure for a client state machine's final error.
+pub(crate) fn incident_of(e: &ClientError) -> Incident {
+    let failure = match e.registration_status {
+        Some(RegistrationStatus::Disabled) => Failure::Disabled,
+        _ if e.code != 0 => Failure::Code(e.code),
+        _ if e.status == 0 => Failure::GaveUp,
+        _ => Failure::Protocol,
+    };
+    Incident::new(failure, e.message.clone())
+}
+
+/// Runs the client state machine over a connected transport until it ends.
+pub(crate) async fn drive<E: Exchange>(
+    conn: &mut E,
+    client: &mut RegistrationClient,
+    first: ClientAction,
+    options: &DriveOptions,
+    progress: &mut Progress,
+) -> Result<Assignment, Incident> {
+    let mut action = first;
+    let mut last_status = 0u16;
+    let mut assigning_polls = 0u32;
+    loop {
+        action = match action {
+            ClientAction::Send(request) => {
+                progress.requests += 1;
+                let response = conn.exchange(&request).await?;
+                if response.status == 429 || response.status >= 500 {
+                    progress.retried.push(Incident::new(
+                        Failure::from_reply(response.status, &response.body),
+                        message_of(&response.body),
+                    ));
+                }
+                if response.status == 202 && matches!(request.call, DeviceCall::OperationStatus(_)) {
+                    assigning_polls += 1;
+                }
+                last_status = response.status;
+                client.handle(
+                    now(),
+                    ClientEvent::Response {
+                        status: response.status,
+                        retry_after: response.retry_after,
+                        body: response.body,
+                    },
+                )
+            }
+            ClientAction::Wait { until } => {
+                let asked = u64::try_from(until.unix_nanos().saturating_sub(now().unix_nanos())).unwrap_or(0);
+                let asked = Duration::from_nanos(asked);
+                let delay = if options.ignore_retry_after && (200..300).contains(&last_status) {
+                    (Duration::from_millis(20) * assigning_polls).min(asked)
+                } else {
+                    asked
+                };
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                client.handle(now(), ClientEvent::TimerFired)
+            }
+            ClientAction::Assigned(result) => {
+                progress.finished_at = Some(Instant::now());
+                return Ok(Assignment {
+                    registration_id: result.registration_id.clone(),
+                    assigned_hub: result.assigned_hub.clone().unwrap_or_default(),
+                    device_id: result.device_id.clone().unwrap_or_default(),
+                });
+            }
+            ClientAction::Failed(e) => {
+                progress.finished_at = Some(Instant::now());
+                return Err(incident_of(&e));
+            }
+        }
+    }
+}
+
+/// Registers device `index` of `set` against `target` over a fresh connection, with a timeout.
+pub async fn register_device(
+    protocol: Protocol,
+    target: &Target,
+    set: &DeviceSet,
+    index: usize,
+    options: &DriveOptions,
+) -> DeviceResult {
+    let start = Instant::now();
+    let mut progress = Progress::default();
+    let attempt = async {
+        let mut client = set.client(index)?;
+        match protocol {
+            Protocol::Https => {
+                crate::https::register(target, &mut client, options, &mut progress, start).await
+            }
+            Protocol::Mqtt => {
+                crate::mqtt::register(target, set, &mut client, options, &mut progress, start).await
+            }
+        }
+    };
+    let outcome = match tokio::time::timeout(options.timeout, attempt).await {
+        Ok(outcome) => outcome,
+        Err(_) => Err(Incident::new(
+            Failure::Timeout,
+            format!("no final answer within {} s", options.timeout.as_secs_f64()),
+        )),
+    };
+    let end = progress.finished_at.unwrap_or_else(Instant::now);
+    // The device's own ID (the baseline's fixed replies all name one sample device).
+    let outcome = outcome.map(|a| Assignment { registration_id: set.registration_id(index), ..a });
+    DeviceResult {
+        outcome,
+        latency: end.saturating_duration_since(start),
+        handshake: progress.handshake,
+        tls: progress.tls,
+        requests: progress.requests,
+        retried: progress.retried,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_identities_are_group_derived() {
+        let key = SymmetricKey::from_bytes(vec![9; 32]);
+        let set = DeviceSet::new("0ne00000A11", key.clone(), "sensor").unwrap();
+        assert_eq!(set.registration_id(7), "sensor-000007");
+        assert_eq!(set.registration_id(1_234_567), "sensor-1234567");
+        let mut client = set.client(7).unwrap();
+        let ClientAction::Send(request) = client.start(now()) else { panic!("no first request") };
+        assert!(request
+            .http_path_and_query()
+            .starts_with("/0ne00000A11/registrations/sensor-000007/register"));
+        // The token is signed with the derived key: the engine's own verifier accepts it.
+        let token = dps_core::proto::sas::SasToken::parse(&request.authorization).unwrap();
+        assert!(token.signature_matches(&key.derive_device_key("sensor-000007")));
+        assert!(!token.signature_matches(&key));
+    }
+
+    #[test]
+    fn bad_prefix_or_scope_is_refused() {
+        let key = SymmetricKey::from_bytes(vec![9; 32]);
+        assert!(DeviceSet::new("0ne00000A11", key.clone(), "bad prefix").is_err());
+        assert!(DeviceSet::new("nope", key, "sensor").is_err());
+    }
+
+    #[test]
+    fn client_errors_map_to_failures() {
+        let mut e = ClientError {
+            status: 401,
+            code: 401000,
+            known: None,
+            registration_status: None,
+            message: "no".into(),
+        };
+        assert_eq!(incident_of(&e).failure, Failure::Code(401000));
+        e.registration_status = Some(RegistrationStatus::Disabled);
+        assert_eq!(incident_of(&e).failure, Failure::Disabled);
+        e.registration_status = None;
+        e.code = 0;
+        e.status = 0;
+        assert_eq!(incident_of(&e).failure, Failure::GaveUp);
+        e.status = 200;
+        assert_eq!(incident_of(&e).failure, Failure::Protocol);
+    }
+}
