@@ -63,11 +63,19 @@ pub struct SqliteOptions {
     pub max_batch: usize,
     /// Number of read-only connections serving reads (default 2; 0 is treated as 1).
     pub read_connections: usize,
+    /// Under load (the previous batch held more than one write), how long the writer keeps collecting
+    /// writes after the first one before committing (default 1 ms). More writes per fsync means less CPU
+    /// per write; an idle store commits a lone write at once, with no added delay.
+    pub batch_window: std::time::Duration,
 }
 
 impl Default for SqliteOptions {
     fn default() -> Self {
-        SqliteOptions { max_batch: 256, read_connections: 2 }
+        SqliteOptions {
+            max_batch: 256,
+            read_connections: 2,
+            batch_window: std::time::Duration::from_millis(1),
+        }
     }
 }
 
@@ -243,7 +251,15 @@ fn configure_writer(conn: &Connection) -> Result<(), StoreError> {
     }
     conn.pragma_update(None, "synchronous", "FULL").map_err(|e| sql_error("setting synchronous=FULL", &e))?;
     conn.pragma_update(None, "foreign_keys", "ON").map_err(|e| sql_error("enabling foreign keys", &e))?;
+    configure_cache(conn)?;
     conn.set_prepared_statement_cache_capacity(32);
+    Ok(())
+}
+
+/// Gives each connection a 16 MiB page cache (memory-mapping the file was tried and cost more in remaps
+/// of the growing file than it saved in reads).
+fn configure_cache(conn: &Connection) -> Result<(), StoreError> {
+    conn.pragma_update(None, "cache_size", -16_384i64).map_err(|e| sql_error("setting cache_size", &e))?;
     Ok(())
 }
 
@@ -316,6 +332,7 @@ impl SqliteStore {
             )
             .map_err(|e| sql_error(&format!("opening a read connection to '{shown}'"), &e))?;
             reader.busy_timeout(BUSY_TIMEOUT).map_err(|e| sql_error("setting the busy timeout", &e))?;
+            configure_cache(&reader)?;
             reader.set_prepared_statement_cache_capacity(32);
             readers.push(Mutex::new(reader));
         }
@@ -332,6 +349,7 @@ impl SqliteStore {
             conn,
             receiver,
             max_batch: options.max_batch.max(1),
+            batch_window: options.batch_window,
             state: Arc::clone(&state),
             groups,
             groups_stale: false,
@@ -680,6 +698,7 @@ struct Writer {
     conn: Connection,
     receiver: mpsc::Receiver<WriteRequest>,
     max_batch: usize,
+    batch_window: std::time::Duration,
     state: Arc<WriterState>,
     /// The symmetric-key groups as committed, by key (what the shared cache is built from).
     groups: BTreeMap<String, EnrollmentGroup>,
@@ -697,14 +716,28 @@ enum GroupChange {
 impl Writer {
     fn run(mut self) -> Result<(), StoreError> {
         let mut batch = Vec::with_capacity(self.max_batch);
+        let mut under_load = false;
         while let Ok(first) = self.receiver.recv() {
             batch.push(first);
+            let deadline = std::time::Instant::now() + self.batch_window;
             while batch.len() < self.max_batch {
-                match self.receiver.try_recv() {
+                let next = match self.receiver.try_recv() {
+                    Ok(next) => Ok(next),
+                    Err(mpsc::TryRecvError::Empty) if under_load => {
+                        let left = deadline.saturating_duration_since(std::time::Instant::now());
+                        if left.is_zero() {
+                            break;
+                        }
+                        self.receiver.recv_timeout(left).map_err(|_| ())
+                    }
+                    Err(_) => Err(()),
+                };
+                match next {
                     Ok(next) => batch.push(next),
-                    Err(_) => break,
+                    Err(()) => break,
                 }
             }
+            under_load = batch.len() > 1;
             self.apply_batch(&mut batch);
         }
         self.conn.close().map_err(|(_, e)| sql_error("closing the write connection", &e))

@@ -1066,9 +1066,11 @@ mod sqlite_only {
     fn sqlite_small_batches_and_single_reader() {
         // max_batch 1 (no batching) and one read connection still behave.
         let dir = tempfile::tempdir().unwrap();
-        let store =
-            SqliteStore::open(dir.path().join("dps.db"), SqliteOptions { max_batch: 0, read_connections: 0 })
-                .unwrap();
+        let store = SqliteStore::open(
+            dir.path().join("dps.db"),
+            SqliteOptions { max_batch: 0, read_connections: 0, ..SqliteOptions::default() },
+        )
+        .unwrap();
         std::thread::scope(|scope| {
             for t in 0..4 {
                 let store = store.clone();
