@@ -22,17 +22,17 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Load generator for DPS servers: simulated symmetric-key devices, each on a fresh TLS connection, register
-/// and poll until assigned (HTTPS or MQTT), compared with a bare rustls + hyper baseline in this process.
-///
-/// Exit status: 0 when every device was assigned without any error (and the durability check passed),
-/// 1 when a run had errors, 2 when the load could not be set up.
-
 /// mimalloc instead of glibc malloc: the server allocates per request on many threads, and glibc's
 /// arena locking and consolidation showed up as ~10% of server CPU in the load generator's profiles.
 /// The load generator's in-process baseline server uses the same allocator, so ratios stay fair.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Load generator for DPS servers: simulated symmetric-key devices, each on a fresh TLS connection, register
+/// and poll until assigned (HTTPS or MQTT), compared with a bare rustls + hyper baseline in this process.
+///
+/// Exit status: 0 when every device was assigned without any error (and the durability check passed),
+/// 1 when a run had errors, 2 when the load could not be set up.
 
 #[derive(Debug, Parser)]
 #[command(name = "dps-loadgen", version)]
