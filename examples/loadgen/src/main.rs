@@ -33,7 +33,6 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 ///
 /// Exit status: 0 when every device was assigned without any error (and the durability check passed),
 /// 1 when a run had errors, 2 when the load could not be set up.
-
 #[derive(Debug, Parser)]
 #[command(name = "dps-loadgen", version)]
 struct Cli {
