@@ -402,9 +402,94 @@ pub fn build_token(key: &SymmetricKey, sr_as_sent: &str, expiry: i64, key_name: 
     token
 }
 
+/// A service connection string, `HostName=…;SharedAccessKeyName=…;SharedAccessKey=…` (spec §5.1): the
+/// service API's host (the audience of its SAS tokens), a shared access policy and one of its keys.
+#[derive(Debug, Clone)]
+pub struct ConnectionString {
+    /// `HostName`.
+    pub host_name: String,
+    /// `SharedAccessKeyName` (the policy).
+    pub key_name: String,
+    /// `SharedAccessKey`.
+    pub key: SymmetricKey,
+}
+
+impl ConnectionString {
+    /// Parses a connection string: parts separated by `;`, names case-insensitive and in any order, values
+    /// split at the first `=` (base64 keys end in `=`), unknown parts ignored. Errors are
+    /// [`ErrorCode::BadRequest`] naming what is missing or wrong.
+    pub fn parse(s: &str) -> Result<ConnectionString, DpsError> {
+        let bad = |m: String| DpsError::with_message(ErrorCode::BadRequest, m);
+        let (mut host, mut name, mut key) = (None, None, None);
+        for part in s.trim().split(';').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| bad(format!("connection string part '{part}' is not Name=Value")))?;
+            match k.trim().to_ascii_lowercase().as_str() {
+                "hostname" => host = Some(v.trim().to_owned()),
+                "sharedaccesskeyname" => name = Some(v.trim().to_owned()),
+                "sharedaccesskey" => key = Some(v.trim().to_owned()),
+                _ => {}
+            }
+        }
+        let missing = |what: &str| bad(format!("the connection string has no {what}"));
+        let host_name = host.filter(|h| !h.is_empty()).ok_or_else(|| missing("HostName"))?;
+        let key_name = name.filter(|n| !n.is_empty()).ok_or_else(|| missing("SharedAccessKeyName"))?;
+        let key = key.ok_or_else(|| missing("SharedAccessKey"))?;
+        let key = SymmetricKey::parse(&key).map_err(|e| {
+            bad(format!("the connection string's SharedAccessKey is not valid: {}", e.message))
+        })?;
+        Ok(ConnectionString { host_name, key_name, key })
+    }
+
+    /// A service SAS token for this policy (`sr` = host, `skn` = policy) expiring at `expiry` (Unix seconds).
+    pub fn token(&self, expiry: i64) -> String {
+        build_token(&self.key, &encode_resource(&self.host_name), expiry, Some(&self.key_name))
+    }
+}
+
+impl std::fmt::Display for ConnectionString {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "HostName={};SharedAccessKeyName={};SharedAccessKey={}",
+            self.host_name,
+            self.key_name,
+            self.key.to_base64()
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connection_strings() {
+        let k = SymmetricKey::from_bytes(vec![3; 32]);
+        let text = format!(
+            "sharedaccesskeyname=owner; HostName=dps.example ;SharedAccessKey={};Extra=1",
+            k.to_base64()
+        );
+        let cs = ConnectionString::parse(&text).unwrap();
+        assert_eq!((cs.host_name.as_str(), cs.key_name.as_str()), ("dps.example", "owner"));
+        assert_eq!(cs.key.as_bytes(), k.as_bytes());
+        let again = ConnectionString::parse(&cs.to_string()).unwrap();
+        assert_eq!(again.to_string(), cs.to_string());
+        let t = SasToken::parse(&cs.token(1_700_000_000)).unwrap();
+        assert_eq!(t.key_name(), Some("owner"));
+        assert!(t
+            .verify(Timestamp::from_unix_seconds(1_699_999_000), "dps.example/enrollments/x", &[&k])
+            .is_ok());
+        for bad in [
+            "",
+            "garbage",
+            "HostName=x;SharedAccessKeyName=y",
+            "HostName=x;SharedAccessKeyName=y;SharedAccessKey=!!",
+        ] {
+            assert_eq!(ConnectionString::parse(bad).unwrap_err().code, ErrorCode::BadRequest, "{bad}");
+        }
+    }
 
     const K: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
     const SE: i64 = 1_700_000_000;

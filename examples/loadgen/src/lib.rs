@@ -56,6 +56,13 @@ pub enum Error {
     Server(String),
 }
 
+/// A DPS error outside a service reply (e.g. a malformed connection string) is a configuration problem.
+impl From<dps_core::DpsError> for Error {
+    fn from(e: dps_core::DpsError) -> Self {
+        Error::Config(e.to_string())
+    }
+}
+
 impl Error {
     /// An I/O error with what was being done.
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Error {

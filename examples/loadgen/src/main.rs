@@ -263,11 +263,11 @@ impl TargetArgs {
 
     fn connection_string(&self) -> Result<Option<ConnectionString>, Error> {
         match (&self.connection_string, &self.data_dir) {
-            (Some(cs), _) => ConnectionString::parse(cs).map(Some),
+            (Some(cs), _) => Ok(Some(ConnectionString::parse(cs)?)),
             (None, Some(dir)) => {
                 let path = dir.join("connection-string.txt");
                 let text = String::from_utf8_lossy(&read_file(&path)?).into_owned();
-                ConnectionString::parse(&text).map(Some)
+                Ok(Some(ConnectionString::parse(&text)?))
             }
             (None, None) => Ok(None),
         }

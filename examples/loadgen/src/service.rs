@@ -6,7 +6,7 @@ use crate::device::{now, Assignment, Target};
 use crate::https::{HttpResponse, HttpsConnection};
 use crate::Error;
 use dps_core::proto::model::{AttestationMechanism, DeviceRegistrationState, RegistrationStatus};
-use dps_core::proto::sas::{build_token, encode_resource, SymmetricKey};
+use dps_core::proto::sas::SymmetricKey;
 use dps_core::proto::ErrorBody;
 use std::collections::HashMap;
 
@@ -16,42 +16,8 @@ pub const SERVICE_API_VERSION: &str = "2021-10-01";
 /// Page size of registration-state queries (the engine's maximum).
 pub const QUERY_PAGE_SIZE: usize = 1000;
 
-/// `HostName=…;SharedAccessKeyName=…;SharedAccessKey=…`.
-#[derive(Debug, Clone)]
-pub struct ConnectionString {
-    /// The service host name (the audience of service SAS tokens).
-    pub host_name: String,
-    /// The shared access policy.
-    pub key_name: String,
-    /// Its key.
-    pub key: SymmetricKey,
-}
-
-impl ConnectionString {
-    /// Parses a connection string (keys in any order and case; values may contain `=`).
-    pub fn parse(text: &str) -> Result<ConnectionString, Error> {
-        let (mut host, mut name, mut key) = (None, None, None);
-        for part in text.trim().split(';').map(str::trim).filter(|p| !p.is_empty()) {
-            let (k, v) = part
-                .split_once('=')
-                .ok_or_else(|| Error::Config(format!("connection string part '{part}' has no '='")))?;
-            match k.to_ascii_lowercase().as_str() {
-                "hostname" => host = Some(v.to_owned()),
-                "sharedaccesskeyname" => name = Some(v.to_owned()),
-                "sharedaccesskey" => key = Some(v.to_owned()),
-                _ => {}
-            }
-        }
-        let missing = |what: &str| Error::Config(format!("the connection string has no {what}"));
-        let key = key.ok_or_else(|| missing("SharedAccessKey"))?;
-        Ok(ConnectionString {
-            host_name: host.ok_or_else(|| missing("HostName"))?,
-            key_name: name.ok_or_else(|| missing("SharedAccessKeyName"))?,
-            key: SymmetricKey::parse(&key)
-                .map_err(|e| Error::Config(format!("the connection string's SharedAccessKey: {e}")))?,
-        })
-    }
-}
+/// The service connection string (defined once, in `dps-proto`).
+pub use dps_core::proto::sas::ConnectionString;
 
 /// A service API client. Each call opens its own connection (calls are few).
 #[derive(Debug, Clone)]
@@ -75,8 +41,7 @@ impl ServiceClient {
     }
 
     fn token(&self) -> String {
-        let c = &self.credentials;
-        build_token(&c.key, &encode_resource(&c.host_name), now().unix_seconds() + 3600, Some(&c.key_name))
+        self.credentials.token(now().unix_seconds() + 3600)
     }
 
     /// Sends one request (`path` without query; the api-version is added).

@@ -6,7 +6,6 @@ use crate::client::{HttpResponse, HttpsClient};
 use crate::datadir::ConnectionString;
 use crate::state::now;
 use crate::ServerError;
-use dps_core::proto::sas::{build_token, encode_resource};
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use serde_json::{json, Map, Value};
 
@@ -69,12 +68,7 @@ impl ServiceClient {
 
     /// A fresh `SharedAccessSignature sr={host}&sig=…&se=…&skn={policy}` header value.
     pub fn token(&self) -> String {
-        build_token(
-            &self.connection.key,
-            &encode_resource(&self.connection.host_name),
-            now().unix_seconds().saturating_add(TOKEN_TTL_SECS),
-            Some(&self.connection.key_name),
-        )
+        self.connection.token(now().unix_seconds().saturating_add(TOKEN_TTL_SECS))
     }
 
     /// Sends one request (`path` without query; the api-version is appended).

@@ -232,38 +232,8 @@ impl Ready {
     }
 }
 
-/// A parsed service connection string.
-#[derive(Debug, Clone)]
-pub struct ConnectionString {
-    /// `HostName`.
-    pub host_name: String,
-    /// `SharedAccessKeyName`.
-    pub key_name: String,
-    /// `SharedAccessKey`.
-    pub key: SymmetricKey,
-}
-
-impl ConnectionString {
-    /// Parses `HostName=…;SharedAccessKeyName=…;SharedAccessKey=…` (any order, names case-insensitive).
-    pub fn parse(s: &str) -> Result<ConnectionString, String> {
-        let (mut host, mut name, mut key) = (None, None, None);
-        for part in s.trim().split(';').map(str::trim).filter(|p| !p.is_empty()) {
-            let (k, v) = part.split_once('=').ok_or_else(|| format!("'{part}' is not Name=Value"))?;
-            match k.trim().to_ascii_lowercase().as_str() {
-                "hostname" => host = Some(v.trim().to_owned()),
-                "sharedaccesskeyname" => name = Some(v.trim().to_owned()),
-                "sharedaccesskey" => key = Some(v.trim().to_owned()),
-                _ => {}
-            }
-        }
-        let host_name = host.filter(|h| !h.is_empty()).ok_or("the connection string has no HostName")?;
-        let key_name =
-            name.filter(|n| !n.is_empty()).ok_or("the connection string has no SharedAccessKeyName")?;
-        let key = key.ok_or("the connection string has no SharedAccessKey")?;
-        let key = SymmetricKey::parse(&key).map_err(|e| format!("SharedAccessKey: {}", e.message))?;
-        Ok(ConnectionString { host_name, key_name, key })
-    }
-}
+/// The service connection string (defined once, in `dps-proto`).
+pub use dps_core::proto::sas::ConnectionString;
 
 #[cfg(test)]
 mod tests {
