@@ -19,14 +19,21 @@ use rumqttc::mqttbytes::v4::{
 use rumqttc::mqttbytes::{self, PacketType, QoS};
 use std::collections::VecDeque;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{sleep_until, timeout, Instant};
 
 /// How many bytes a raw-stream read asks for at least.
 const READ_CHUNK: usize = 8 * 1024;
+
+/// How long a PUBACK may wait for the response to its request, so that both leave in one write (one TLS
+/// record, one segment, one wakeup of the client) as they normally do; a response that takes longer gets
+/// its PUBACK sent alone when this expires.
+const PUBACK_HOLD: Duration = Duration::from_millis(10);
 
 /// How a session ended, so the transport can close accordingly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,12 +114,61 @@ pub(crate) async fn run<T: Transport, H: DeviceHandler>(
 ) -> Result<(), MqttError> {
     let mut session = Session::new(handler, limits);
     let result = session.serve(transport).await;
+    if !matches!(result, Err(MqttError::Io(_) | MqttError::WriteTimeout(_))) {
+        // What was answered but not yet written (e.g. the replies before a DISCONNECT) still goes out.
+        let _ = session.flush(transport).await;
+    }
     let _ = timeout(session.write_limit, transport.close(CloseKind::of(&result))).await;
     result
 }
 
-/// A reply being produced (a spawned engine call, or a reply made here).
-type Pending = Pin<Box<dyn Future<Output = Reply> + Send>>;
+/// A reply being produced: the handler's future (or a reply made here), polled by the session itself.
+///
+/// Dropped before it completes (the client went away, or the session ended for another reason), the rest
+/// of it runs in a task of its own, so a request that reached the engine always runs to completion (the
+/// store is never left half-written because a device went away) without a task per request. A panic while
+/// polling it is caught and becomes an error reply.
+struct Pending {
+    /// `None` once it has completed.
+    future: Option<Pin<Box<dyn Future<Output = Reply> + Send>>>,
+    /// The reply, or the message of the panic that ended the handler, until taken.
+    output: Option<Result<Reply, String>>,
+}
+
+impl Pending {
+    fn new(future: impl Future<Output = Reply> + Send + 'static) -> Self {
+        Pending { future: Some(Box::pin(future)), output: None }
+    }
+
+    /// Polls the future if it has not completed yet, keeping its output.
+    fn advance(&mut self, cx: &mut Context<'_>) {
+        let Some(future) = self.future.as_mut() else { return };
+        let output = match std::panic::catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx))) {
+            Ok(Poll::Pending) => return,
+            Ok(Poll::Ready(reply)) => Ok(reply),
+            Err(panic) => Err(panic
+                .downcast_ref::<&str>()
+                .map(|m| (*m).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".to_owned())),
+        };
+        self.future = None;
+        self.output = Some(output);
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(future) = self.future.take() {
+            // Outside a runtime (it is being torn down) there is nothing left to run the request on.
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    let _ = future.await;
+                });
+            }
+        }
+    }
+}
 
 /// Work for one request.
 enum Job {
@@ -137,8 +193,12 @@ struct Session<H> {
     max_inflight: usize,
     /// Received bytes not yet decoded.
     buf: BytesMut,
-    /// Encoding buffer for outgoing packets.
+    /// Outgoing packets not yet written, encoded.
     out: BytesMut,
+    /// `out` holds a packet that must be written before the session waits again.
+    urgent: bool,
+    /// When `out` holding only PUBACKs must be written, if no response has taken them along by then.
+    flush_by: Option<Instant>,
     /// 1.5 × the effective keep-alive; `None` when silence is allowed.
     idle_limit: Option<Duration>,
     /// How long one write may take.
@@ -163,6 +223,8 @@ impl<H: DeviceHandler> Session<H> {
             max_inflight: limits.max_inflight_requests.max(1),
             buf: BytesMut::new(),
             out: BytesMut::new(),
+            urgent: false,
+            flush_by: None,
             idle_limit: None,
             write_limit: limits.connect_timeout,
             last_packet: Instant::now(),
@@ -282,8 +344,9 @@ impl<H: DeviceHandler> Session<H> {
         self.idle_limit = (!keep_alive.is_zero()).then(|| keep_alive.saturating_add(keep_alive / 2));
         self.write_limit = self.idle_limit.unwrap_or(self.connect_timeout).max(self.connect_timeout);
         self.last_packet = Instant::now();
-        // DPS keeps no sessions: always sessionPresent = 0 (the C# SDK fails otherwise).
-        self.send(t, Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))).await?;
+        // DPS keeps no sessions: always sessionPresent = 0 (the C# SDK fails otherwise). Written before the
+        // session next waits, together with the answers to any packets that came with the CONNECT.
+        self.queue(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)), true)?;
         Ok(Connected { username, password })
     }
 
@@ -293,10 +356,16 @@ impl<H: DeviceHandler> Session<H> {
             while self.parked.is_none() {
                 let Some(packet) = decode(&mut self.buf, self.max_packet)? else { break };
                 self.last_packet = Instant::now();
-                if !self.on_packet(t, c, packet).await? {
+                if !self.on_packet(c, packet)? {
                     return Ok(());
                 }
             }
+            // Write what is due before waiting: anything but PUBACKs at once; PUBACKs wait (briefly) for
+            // their response unless no response is coming.
+            if !self.out.is_empty() && (self.urgent || self.queue.is_empty()) {
+                self.flush(t).await?;
+            }
+            let hold = self.flush_by.filter(|_| !self.out.is_empty());
             let reading = self.parked.is_none();
             // The silence deadline, unless reading is paused (or the limit is too large to represent).
             let silence = self.idle_limit.filter(|_| reading);
@@ -304,8 +373,14 @@ impl<H: DeviceHandler> Session<H> {
             let has_reply = !self.queue.is_empty();
             tokio::select! {
                 reply = front(&mut self.queue), if has_reply => {
+                    let reply = reply.unwrap_or_else(|panic| {
+                        self.handler.error_reply(&DpsError::with_message(
+                            ErrorCode::InternalError,
+                            format!("the request handler failed: {panic}"),
+                        ))
+                    });
                     if let Some((rid, _)) = self.queue.pop_front() {
-                        self.respond(t, &rid, reply).await?;
+                        self.respond(&rid, reply)?;
                     }
                     if let Some((rid, job)) = self.parked.take() {
                         self.enqueue(rid, job);
@@ -325,22 +400,20 @@ impl<H: DeviceHandler> Session<H> {
                 () = sleep_until(deadline.unwrap_or(self.last_packet)), if deadline.is_some() => {
                     return Err(MqttError::KeepAliveTimeout(silence.unwrap_or_default()));
                 }
+                () = sleep_until(hold.unwrap_or(self.last_packet)), if hold.is_some() => {
+                    self.flush(t).await?;
+                }
             }
         }
     }
 
     /// Handles one packet after CONNECT; `false` ends the session cleanly.
-    async fn on_packet<T: Transport>(
-        &mut self,
-        t: &mut T,
-        c: &Connected,
-        packet: Packet,
-    ) -> Result<bool, MqttError> {
+    fn on_packet(&mut self, c: &Connected, packet: Packet) -> Result<bool, MqttError> {
         match packet {
-            Packet::Publish(p) => self.on_publish(t, c, p).await?,
-            Packet::Subscribe(s) => self.on_subscribe(t, s).await?,
-            Packet::Unsubscribe(u) => self.send(t, Packet::UnsubAck(UnsubAck::new(u.pkid))).await?,
-            Packet::PingReq => self.send(t, Packet::PingResp).await?,
+            Packet::Publish(p) => self.on_publish(c, p)?,
+            Packet::Subscribe(s) => self.on_subscribe(s)?,
+            Packet::Unsubscribe(u) => self.queue(Packet::UnsubAck(UnsubAck::new(u.pkid)), true)?,
+            Packet::PingReq => self.queue(Packet::PingResp, true)?,
             // Acknowledgements of our QoS 1 responses: nothing is redelivered, so nothing to track.
             Packet::PubAck(_) => {}
             Packet::Disconnect => return Ok(false),
@@ -364,7 +437,7 @@ impl<H: DeviceHandler> Session<H> {
     }
 
     /// SUBSCRIBE: only the response filter is granted, at QoS 1 at most (spec §2.3).
-    async fn on_subscribe<T: Transport>(&mut self, t: &mut T, s: Subscribe) -> Result<(), MqttError> {
+    fn on_subscribe(&mut self, s: Subscribe) -> Result<(), MqttError> {
         let codes = s
             .filters
             .iter()
@@ -379,16 +452,12 @@ impl<H: DeviceHandler> Session<H> {
                 }
             })
             .collect();
-        self.send(t, Packet::SubAck(SubAck::new(s.pkid, codes))).await
+        self.queue(Packet::SubAck(SubAck::new(s.pkid, codes)), true)
     }
 
-    /// PUBLISH: a request (spec §2.4, §2.5), acknowledged at once for QoS 1 and queued.
-    async fn on_publish<T: Transport>(
-        &mut self,
-        t: &mut T,
-        c: &Connected,
-        p: Publish,
-    ) -> Result<(), MqttError> {
+    /// PUBLISH: a request (spec §2.4, §2.5), acknowledged for QoS 1 (the PUBACK leaves with the response,
+    /// or after [`PUBACK_HOLD`]) and queued.
+    fn on_publish(&mut self, c: &Connected, p: Publish) -> Result<(), MqttError> {
         if p.qos == QoS::ExactlyOnce {
             return Err(MqttError::Protocol(format!(
                 "QoS 2 PUBLISH on '{}'; DPS requests use QoS 0 or 1",
@@ -405,7 +474,7 @@ impl<H: DeviceHandler> Session<H> {
             },
         };
         if p.qos == QoS::AtLeastOnce {
-            self.send(t, Packet::PubAck(PubAck::new(p.pkid))).await?;
+            self.queue(Packet::PubAck(PubAck::new(p.pkid)), false)?;
         }
         self.enqueue(rid, job);
         Ok(())
@@ -445,55 +514,77 @@ impl<H: DeviceHandler> Session<H> {
         }
     }
 
-    /// Spawns the handler call, so it completes even if the client goes away, and never blocks the session.
+    /// Starts the handler call. It is polled alongside reading (so it never blocks the session) and
+    /// completes even if the client goes away ([`Pending`]).
     fn start(&self, job: Job) -> Pending {
         match job {
-            Job::Ready(reply) => Box::pin(std::future::ready(reply)),
+            Job::Ready(reply) => Pending::new(std::future::ready(reply)),
             Job::Request(request) => {
                 let handler = Arc::clone(&self.handler);
-                let task = tokio::spawn(async move { handler.handle(request).await });
-                let handler = Arc::clone(&self.handler);
-                Box::pin(async move {
-                    match task.await {
-                        Ok(reply) => reply,
-                        Err(e) => handler.error_reply(&DpsError::with_message(
-                            ErrorCode::InternalError,
-                            format!("the request handler failed: {e}"),
-                        )),
-                    }
-                })
+                Pending::new(async move { handler.handle(request).await })
             }
         }
     }
 
-    /// Sends a reply as a QoS 1 PUBLISH on the response topic (spec §2.6).
-    async fn respond<T: Transport>(&mut self, t: &mut T, rid: &str, reply: Reply) -> Result<(), MqttError> {
+    /// Queues a reply as a QoS 1 PUBLISH on the response topic (spec §2.6).
+    fn respond(&mut self, rid: &str, reply: Reply) -> Result<(), MqttError> {
         let topic = response_topic(reply.status, rid, reply.retry_after);
         let mut publish = Publish::new(topic, QoS::AtLeastOnce, reply.body);
         self.pkid = self.pkid.checked_add(1).unwrap_or(1);
         publish.pkid = self.pkid;
-        self.send(t, Packet::Publish(publish)).await
+        self.queue(Packet::Publish(publish), true)
     }
 
-    /// Encodes and writes one packet within the write limit.
-    async fn send<T: Transport>(&mut self, t: &mut T, packet: Packet) -> Result<(), MqttError> {
-        self.out.clear();
+    /// Encodes a packet into the output buffer. `urgent` packets are written before the session next waits;
+    /// others (PUBACKs) within [`PUBACK_HOLD`], with whatever is written first.
+    fn queue(&mut self, packet: Packet, urgent: bool) -> Result<(), MqttError> {
         packet.write(&mut self.out, usize::MAX).map_err(|e| {
             MqttError::Io(std::io::Error::other(format!("cannot encode {}: {e}", packet_name(&packet))))
         })?;
-        match timeout(self.write_limit, t.write(&self.out)).await {
+        if urgent {
+            self.urgent = true;
+        } else if self.flush_by.is_none() {
+            self.flush_by = Instant::now().checked_add(PUBACK_HOLD);
+        }
+        Ok(())
+    }
+
+    /// Writes the output buffer within the write limit.
+    async fn flush<T: Transport>(&mut self, t: &mut T) -> Result<(), MqttError> {
+        self.urgent = false;
+        self.flush_by = None;
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let result = match timeout(self.write_limit, t.write(&self.out)).await {
             Ok(result) => result,
             Err(_) => Err(MqttError::WriteTimeout(self.write_limit)),
-        }
+        };
+        self.out.clear();
+        result
+    }
+
+    /// Encodes and writes one packet (after anything already queued) within the write limit.
+    async fn send<T: Transport>(&mut self, t: &mut T, packet: Packet) -> Result<(), MqttError> {
+        self.queue(packet, true)?;
+        self.flush(t).await
     }
 }
 
-/// The oldest pending reply (never resolves when there is none; the caller guards on that).
-async fn front(queue: &mut VecDeque<(String, Pending)>) -> Reply {
-    match queue.front_mut() {
-        Some((_, pending)) => pending.as_mut().await,
-        None => std::future::pending().await,
-    }
+/// Drives every request in flight (they run concurrently) and resolves with the oldest one's reply once it
+/// is there, leaving its entry at the front of the queue for the caller to remove (never resolves when the
+/// queue is empty; the caller guards on that).
+async fn front(queue: &mut VecDeque<(String, Pending)>) -> Result<Reply, String> {
+    std::future::poll_fn(|cx| {
+        for (_, pending) in queue.iter_mut() {
+            pending.advance(cx);
+        }
+        match queue.front_mut().and_then(|(_, pending)| pending.output.take()) {
+            Some(output) => Poll::Ready(output),
+            None => Poll::Pending,
+        }
+    })
+    .await
 }
 
 /// Decodes one packet from the front of `buf`; `None` when more bytes are needed.
@@ -601,6 +692,178 @@ fn shown(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dps_core::proto::mqtt::build_username;
+    use rumqttc::mqttbytes::v4::Login;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use tokio::io::{DuplexStream, ReadBuf};
+    use tokio::sync::Semaphore;
+
+    /// Answers every request with `200 {}`, after a permit from `gate` when `gated`.
+    struct TestHandler {
+        gated: bool,
+        gate: Semaphore,
+        entered: Semaphore,
+        finished: AtomicBool,
+    }
+
+    impl TestHandler {
+        fn new(gated: bool) -> Arc<Self> {
+            Arc::new(TestHandler {
+                gated,
+                gate: Semaphore::new(0),
+                entered: Semaphore::new(0),
+                finished: AtomicBool::new(false),
+            })
+        }
+    }
+
+    impl DeviceHandler for TestHandler {
+        async fn handle(&self, _request: DeviceRequest) -> Reply {
+            self.entered.add_permits(1);
+            if self.gated {
+                self.gate.acquire().await.unwrap().forget();
+            }
+            self.finished.store(true, Ordering::SeqCst);
+            Reply::json(200, &serde_json::json!({}), "t".to_owned())
+        }
+    }
+
+    /// The server's end of the connection, counting how often it is flushed (once per transport write).
+    struct CountingIo {
+        inner: DuplexStream,
+        flushes: Arc<AtomicUsize>,
+    }
+
+    impl AsyncRead for CountingIo {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for CountingIo {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Pin::new(&mut self.inner).poll_write(cx, buf)
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            self.flushes.fetch_add(1, Ordering::SeqCst);
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    struct TestClient {
+        io: DuplexStream,
+        buf: BytesMut,
+        flushes: Arc<AtomicUsize>,
+        session: tokio::task::JoinHandle<Result<(), MqttError>>,
+    }
+
+    impl TestClient {
+        /// Starts a session and connects as `dev-1`.
+        async fn connect(handler: Arc<TestHandler>) -> TestClient {
+            let (io, server) = tokio::io::duplex(64 * 1024);
+            let flushes = Arc::new(AtomicUsize::new(0));
+            let counting = CountingIo { inner: server, flushes: Arc::clone(&flushes) };
+            let session = tokio::spawn(async move {
+                let mut transport = RawTransport::new(counting);
+                run(&mut transport, handler, &MqttLimits::default()).await
+            });
+            let mut client = TestClient { io, buf: BytesMut::new(), flushes, session };
+            let mut connect = Connect::new("dev-1");
+            connect.login =
+                Some(Login::new(build_username("0ne00000001", "dev-1", "2019-03-31", None), "sas"));
+            client.send(Packet::Connect(connect)).await;
+            assert!(matches!(client.recv().await, Packet::ConnAck(_)));
+            client
+        }
+
+        async fn send(&mut self, packet: Packet) {
+            let mut b = BytesMut::new();
+            packet.write(&mut b, usize::MAX).unwrap();
+            self.io.write_all(&b).await.unwrap();
+        }
+
+        async fn recv(&mut self) -> Packet {
+            loop {
+                if let Some(packet) = decode(&mut self.buf, usize::MAX >> 4).unwrap() {
+                    return packet;
+                }
+                assert!(self.io.read_buf(&mut self.buf).await.unwrap() > 0, "the session closed");
+            }
+        }
+
+        async fn register(&mut self, pkid: u16) {
+            let mut publish = Publish::new(register_topic("1"), QoS::AtLeastOnce, "{}");
+            publish.pkid = pkid;
+            self.send(Packet::Publish(publish)).await;
+        }
+
+        fn flushes(&self) -> usize {
+            self.flushes.load(Ordering::SeqCst)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_puback_leaves_with_its_response_in_one_write() {
+        let mut c = TestClient::connect(TestHandler::new(false)).await;
+        assert_eq!(c.flushes(), 1);
+        c.register(5).await;
+        assert_eq!(c.recv().await, Packet::PubAck(PubAck::new(5)));
+        assert!(
+            matches!(c.recv().await, Packet::Publish(p) if p.topic.starts_with("$dps/registrations/res/200/"))
+        );
+        assert_eq!(c.flushes(), 2, "PUBACK and response in one write");
+        c.send(Packet::Disconnect).await;
+        c.session.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_puback_does_not_wait_long_for_a_slow_response() {
+        let handler = TestHandler::new(true);
+        let mut c = TestClient::connect(Arc::clone(&handler)).await;
+        c.register(6).await;
+        // The engine holds the request; the PUBACK goes out on its own.
+        assert_eq!(c.recv().await, Packet::PubAck(PubAck::new(6)));
+        assert_eq!(c.flushes(), 2);
+        assert!(!handler.finished.load(Ordering::SeqCst));
+        handler.gate.add_permits(1);
+        assert!(matches!(c.recv().await, Packet::Publish(_)));
+        assert_eq!(c.flushes(), 3);
+        c.send(Packet::Disconnect).await;
+        c.session.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_request_whose_client_goes_away_still_completes() {
+        let handler = TestHandler::new(true);
+        let mut c = TestClient::connect(Arc::clone(&handler)).await;
+        c.register(7).await;
+        handler.entered.acquire().await.unwrap().forget();
+        // The client disconnects while the engine works on its request: the session ends...
+        drop(c.io);
+        c.session.await.unwrap().unwrap();
+        // ...and the request still runs to its end.
+        handler.gate.add_permits(1);
+        for _ in 0..1000 {
+            if handler.finished.load(Ordering::SeqCst) {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("the request was abandoned with its session");
+    }
 
     #[test]
     fn rid_salvage() {

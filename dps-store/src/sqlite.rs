@@ -64,9 +64,14 @@ pub struct SqliteOptions {
     /// Number of read-only connections serving reads (default 2; 0 is treated as 1).
     pub read_connections: usize,
     /// Under load (the previous batch held more than one write), how long the writer keeps collecting
-    /// writes after the first one before committing (default 1 ms). More writes per fsync means less CPU
-    /// per write; an idle store commits a lone write at once, with no added delay.
+    /// writes after the first one before committing (default 2 ms). More writes per fsync means less CPU
+    /// per write (a transaction and its fsync cost the writer thread on the order of 100-300 us, whatever
+    /// its size); an idle store commits a lone write at once, with no added delay.
     pub batch_window: std::time::Duration,
+    /// Memory for the registration record cache (default 32 MiB, counted as each record's JSON size plus
+    /// 256 bytes; 0 turns the cache off). The writer puts every registration record it commits there, so
+    /// the reads that follow (a device's status polls) are answered from memory.
+    pub registration_cache_bytes: usize,
 }
 
 impl Default for SqliteOptions {
@@ -74,7 +79,8 @@ impl Default for SqliteOptions {
         SqliteOptions {
             max_batch: 256,
             read_connections: 2,
-            batch_window: std::time::Duration::from_millis(1),
+            batch_window: std::time::Duration::from_millis(2),
+            registration_cache_bytes: 32 << 20,
         }
     }
 }
@@ -104,10 +110,18 @@ pub struct SqliteStats {
 ///   statements. WAL readers never block the writer and see every committed batch.
 /// - The symmetric-key enrollment groups are kept parsed in memory (an `Arc<Vec<_>>` loaded at open and
 ///   replaced by the writer after every committed batch that touched groups, before the requesters are
-///   answered), so [`StoreOp::LoadDeviceContext`] does two primary-key lookups and never parses groups.
+///   answered), so [`StoreOp::LoadDeviceContext`] never parses groups.
+/// - Two more in-memory views spare the read connections most of the work of
+///   [`StoreOp::LoadDeviceContext`] and [`StoreOp::GetRegistration`], both kept by the writer the same way
+///   (updated after `COMMIT`, before the requesters are answered; dropped or reloaded when a batch fails):
+///   - the set of individual enrollment IDs, as 64-bit keyed hashes (loaded at open): a registration ID
+///     that is not in it has no individual enrollment, so only a hit is looked up;
+///   - a bounded cache of registration records ([`SqliteOptions::registration_cache_bytes`]), filled only
+///     with what the writer commits, so it never holds anything older than the database. A device's poll
+///     after its register is answered without touching SQLite; a miss falls back to a read connection.
 ///
-/// Open each database file with one `SqliteStore` at a time (clone the handle to share it): the group cache
-/// only sees writes made through this store.
+/// Open each database file with one `SqliteStore` at a time (clone the handle to share it): the in-memory
+/// views only see writes made through this store.
 ///
 /// Cheap to clone: clones share the connections and the writer thread. Implements both
 /// [`BlockingStore`] (a write blocks until its batch is durable) and [`AsyncStore`] (the future resolves
@@ -133,6 +147,10 @@ struct Shared {
 /// What the writer thread shares with the handles.
 struct WriterState {
     symmetric_key_groups: RwLock<Arc<Vec<EnrollmentGroup>>>,
+    /// Which registration IDs may have an individual enrollment.
+    enrollment_ids: cache::KeySet,
+    /// Registration records as last committed.
+    registrations: cache::RecordCache,
     batches: AtomicU64,
     rows: AtomicU64,
 }
@@ -156,6 +174,8 @@ enum WriteOp {
         etag: String,
         json: String,
         expected: Option<Etag>,
+        /// For the record cache once committed.
+        record: Option<Box<RegistrationRecord>>,
     },
     DeleteRegistration {
         key: String,
@@ -290,6 +310,19 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     tx.commit().map_err(|e| sql_error("committing the schema migration", &e))
 }
 
+/// Loads the keys of every individual enrollment into `ids`.
+fn load_enrollment_ids(conn: &Connection, ids: &cache::KeySet) -> Result<(), StoreError> {
+    let mut stmt = conn
+        .prepare_cached("SELECT key FROM enrollments")
+        .map_err(|e| sql_error("preparing the enrollment ID query", &e))?;
+    let keys = stmt
+        .query_map([], |r| r.get::<_, String>(0))
+        .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| sql_error("loading the enrollment IDs", &e))?;
+    ids.load(keys.iter().map(String::as_str));
+    Ok(())
+}
+
 /// Every symmetric-key group, by key.
 fn load_symmetric_key_groups(conn: &Connection) -> Result<BTreeMap<String, EnrollmentGroup>, StoreError> {
     let mut stmt = conn
@@ -339,10 +372,13 @@ impl SqliteStore {
 
         let state = Arc::new(WriterState {
             symmetric_key_groups: RwLock::new(Arc::new(Vec::new())),
+            enrollment_ids: cache::KeySet::new(),
+            registrations: cache::RecordCache::new(options.registration_cache_bytes),
             batches: AtomicU64::new(0),
             rows: AtomicU64::new(0),
         });
         state.publish_groups(&groups);
+        load_enrollment_ids(&conn, &state.enrollment_ids)?;
 
         let (sender, receiver) = mpsc::channel();
         let writer = Writer {
@@ -353,6 +389,7 @@ impl SqliteStore {
             state: Arc::clone(&state),
             groups,
             groups_stale: false,
+            enrollment_ids_stale: false,
         };
         let handle = std::thread::Builder::new()
             .name("dps-store-sqlite-writer".into())
@@ -408,6 +445,7 @@ impl SqliteStore {
                     etag: record.etag.as_str().to_owned(),
                     json: to_json("serializing a registration record", &record)?,
                     expected,
+                    record: Some(record),
                 })
             }
             StoreOp::GetRegistration { registration_id } => {
@@ -471,45 +509,55 @@ impl SqliteStore {
         Ok(readers[start % n].lock().unwrap_or_else(|e| e.into_inner()))
     }
 
+    /// A registration record from the database.
+    fn read_registration(&self, key: &str) -> Result<Option<RegistrationRecord>, StoreError> {
+        get_json(
+            &*self.reader()?,
+            "SELECT json FROM registrations WHERE key = ?1",
+            key,
+            "a registration record",
+        )
+    }
+
     fn read(&self, op: ReadOp) -> OpResult {
         if self.shared.closed.load(Ordering::Acquire) {
             return Err(closed_error());
         }
-        let conn = self.reader()?;
+        let state = &self.shared.state;
         match op {
             ReadOp::LoadDeviceContext(id) => {
-                let individual: Option<IndividualEnrollment> = get_json(
-                    &conn,
-                    "SELECT json FROM enrollments WHERE key = ?1",
-                    id.key(),
-                    "an enrollment",
-                )?;
-                let symmetric_key_groups = if individual.is_some() {
-                    Arc::clone(&self.shared.no_groups)
+                let cached = state.registrations.get(id.key());
+                let individual: Option<IndividualEnrollment> = if state.enrollment_ids.may_contain(id.key()) {
+                    get_json(
+                        &*self.reader()?,
+                        "SELECT json FROM enrollments WHERE key = ?1",
+                        id.key(),
+                        "an enrollment",
+                    )?
                 } else {
-                    self.shared.state.groups()
+                    None
                 };
-                let registration: Option<RegistrationRecord> = get_json(
-                    &conn,
-                    "SELECT json FROM registrations WHERE key = ?1",
-                    id.key(),
-                    "a registration record",
-                )?;
+                let symmetric_key_groups =
+                    if individual.is_some() { Arc::clone(&self.shared.no_groups) } else { state.groups() };
+                let registration = match cached {
+                    Some(record) => Some(RegistrationRecord::clone(&record)),
+                    None => self.read_registration(id.key())?,
+                };
                 Ok(StoreResult::DeviceContext(DeviceContext {
                     individual,
                     symmetric_key_groups,
                     registration,
                 }))
             }
-            ReadOp::GetRegistration(id) => get_json(
-                &conn,
-                "SELECT json FROM registrations WHERE key = ?1",
-                id.key(),
-                "a registration record",
-            )
-            .map(|r| StoreResult::Registration(r.map(Box::new))),
+            ReadOp::GetRegistration(id) => {
+                let record = match state.registrations.get(id.key()) {
+                    Some(record) => Some(RegistrationRecord::clone(&record)),
+                    None => self.read_registration(id.key())?,
+                };
+                Ok(StoreResult::Registration(record.map(Box::new)))
+            }
             ReadOp::QueryRegistrations(group, page) => query_page(
-                &conn,
+                &*self.reader()?,
                 "SELECT key, json FROM registrations WHERE group_key = ?1 AND key > ?2 ORDER BY key",
                 &[group.key(), page.after.as_deref().unwrap_or("")],
                 None,
@@ -517,12 +565,15 @@ impl SqliteStore {
                 "registration records",
             )
             .map(StoreResult::Registrations),
-            ReadOp::GetEnrollment(id) => {
-                get_json(&conn, "SELECT json FROM enrollments WHERE key = ?1", id.key(), "an enrollment")
-                    .map(|e| StoreResult::Enrollment(e.map(Box::new)))
-            }
+            ReadOp::GetEnrollment(id) => get_json(
+                &*self.reader()?,
+                "SELECT json FROM enrollments WHERE key = ?1",
+                id.key(),
+                "an enrollment",
+            )
+            .map(|e| StoreResult::Enrollment(e.map(Box::new))),
             ReadOp::QueryEnrollments(query, page) => query_page(
-                &conn,
+                &*self.reader()?,
                 "SELECT key, json FROM enrollments WHERE key > ?1 ORDER BY key",
                 &[page.after.as_deref().unwrap_or("")],
                 Some(&query),
@@ -531,14 +582,14 @@ impl SqliteStore {
             )
             .map(StoreResult::Enrollments),
             ReadOp::GetGroup(id) => get_json(
-                &conn,
+                &*self.reader()?,
                 "SELECT json FROM enrollment_groups WHERE key = ?1",
                 id.key(),
                 "an enrollment group",
             )
             .map(|g| StoreResult::Group(g.map(Box::new))),
             ReadOp::QueryGroups(query, page) => query_page(
-                &conn,
+                &*self.reader()?,
                 "SELECT key, json FROM enrollment_groups WHERE key > ?1 ORDER BY key",
                 &[page.after.as_deref().unwrap_or("")],
                 Some(&query),
@@ -705,66 +756,87 @@ struct Writer {
     /// Set when a batch that touched groups failed: the database may or may not hold its changes, so
     /// `groups` is reloaded from the database.
     groups_stale: bool,
+    /// The same for the set of enrollment IDs.
+    enrollment_ids_stale: bool,
 }
 
-/// A change to the symmetric-key group cache made by a request of the current batch.
-enum GroupChange {
-    Put(String, Box<EnrollmentGroup>),
-    Remove(String),
+/// A change to an in-memory view made by a request of the current batch (registration records are taken
+/// from the requests themselves).
+enum Change {
+    GroupPut(String, Box<EnrollmentGroup>),
+    GroupRemove(String),
+    EnrollmentAdded(String),
+    EnrollmentRemoved(String),
 }
 
 impl Writer {
     fn run(mut self) -> Result<(), StoreError> {
         let mut batch = Vec::with_capacity(self.max_batch);
+        // Reused: an `OpResult` is large (it can hold a whole device context), so a fresh vector per batch
+        // would be a large allocation per batch.
+        let mut results = Vec::with_capacity(self.max_batch);
         let mut under_load = false;
         while let Ok(first) = self.receiver.recv() {
             batch.push(first);
-            let deadline = std::time::Instant::now() + self.batch_window;
+            if under_load && !self.batch_window.is_zero() {
+                // Sleep through the window instead of waiting on the channel: a sender only wakes this
+                // thread when it is blocked in `recv` (idle), so a busy store costs one wakeup per batch,
+                // not one per write.
+                std::thread::sleep(self.batch_window);
+            }
             while batch.len() < self.max_batch {
-                let next = match self.receiver.try_recv() {
-                    Ok(next) => Ok(next),
-                    Err(mpsc::TryRecvError::Empty) if under_load => {
-                        let left = deadline.saturating_duration_since(std::time::Instant::now());
-                        if left.is_zero() {
-                            break;
-                        }
-                        self.receiver.recv_timeout(left).map_err(|_| ())
-                    }
-                    Err(_) => Err(()),
-                };
-                match next {
+                match self.receiver.try_recv() {
                     Ok(next) => batch.push(next),
-                    Err(()) => break,
+                    Err(_) => break,
                 }
             }
             under_load = batch.len() > 1;
-            self.apply_batch(&mut batch);
+            self.apply_batch(&mut batch, &mut results);
         }
         self.conn.close().map_err(|(_, e)| sql_error("closing the write connection", &e))
     }
 
     /// Applies a batch in one transaction and answers every request once it is committed.
-    fn apply_batch(&mut self, batch: &mut Vec<WriteRequest>) {
-        let mut results = Vec::with_capacity(batch.len());
+    fn apply_batch(&mut self, batch: &mut Vec<WriteRequest>, results: &mut Vec<OpResult>) {
+        results.clear();
         let mut changes = Vec::new();
-        match self.transact(batch, &mut results, &mut changes) {
+        match self.transact(batch, results, &mut changes) {
             Ok(()) => {
                 self.state.batches.fetch_add(1, Ordering::Relaxed);
                 self.state.rows.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                if !changes.is_empty() {
-                    for change in changes {
-                        match change {
-                            GroupChange::Put(key, group) => {
-                                self.groups.insert(key, *group);
-                            }
-                            GroupChange::Remove(key) => {
-                                self.groups.remove(&key);
-                            }
+                // Every in-memory view is brought up to date before anyone is answered.
+                let mut groups_changed = false;
+                for change in changes {
+                    match change {
+                        Change::GroupPut(key, group) => {
+                            self.groups.insert(key, *group);
+                            groups_changed = true;
                         }
+                        Change::GroupRemove(key) => {
+                            self.groups.remove(&key);
+                            groups_changed = true;
+                        }
+                        Change::EnrollmentAdded(key) => self.state.enrollment_ids.added(&key),
+                        Change::EnrollmentRemoved(key) => self.state.enrollment_ids.removed(&key),
                     }
+                }
+                if groups_changed {
                     self.state.publish_groups(&self.groups);
                 }
-                for (request, result) in batch.drain(..).zip(results) {
+                for (request, result) in batch.iter_mut().zip(results.iter()) {
+                    match (&mut request.op, result) {
+                        (WriteOp::CommitRegistration { key, json, record, .. }, Ok(_)) => {
+                            if let Some(record) = record.take() {
+                                self.state.registrations.put(key, *record, json.len());
+                            }
+                        }
+                        (WriteOp::DeleteRegistration { key, .. }, Ok(_)) => {
+                            self.state.registrations.remove(key)
+                        }
+                        _ => {}
+                    }
+                }
+                for (request, result) in batch.drain(..).zip(results.drain(..)) {
                     request.reply.send(result);
                 }
             }
@@ -773,9 +845,25 @@ impl Writer {
                     // Best effort: if even ROLLBACK fails, the next BEGIN reports the problem.
                     let _ = self.conn.execute_batch("ROLLBACK");
                 }
-                if !changes.is_empty() {
-                    self.groups_stale = true;
+                // The database may or may not hold the batch: what it touched is read from it again.
+                for change in &changes {
+                    match change {
+                        Change::GroupPut(..) | Change::GroupRemove(_) => self.groups_stale = true,
+                        Change::EnrollmentAdded(_) | Change::EnrollmentRemoved(_) => {
+                            self.enrollment_ids_stale = true;
+                            self.state.enrollment_ids.unknown();
+                        }
+                    }
                 }
+                for request in batch.iter() {
+                    match &request.op {
+                        WriteOp::CommitRegistration { key, .. } | WriteOp::DeleteRegistration { key, .. } => {
+                            self.state.registrations.remove(key)
+                        }
+                        _ => {}
+                    }
+                }
+                results.clear();
                 for request in batch.drain(..) {
                     request.reply.send(Err(e.clone()));
                 }
@@ -788,6 +876,9 @@ impl Writer {
                 self.state.publish_groups(&self.groups);
             }
         }
+        if self.enrollment_ids_stale && load_enrollment_ids(&self.conn, &self.state.enrollment_ids).is_ok() {
+            self.enrollment_ids_stale = false;
+        }
     }
 
     /// `BEGIN IMMEDIATE`, every request in order, `COMMIT`. An `Err` aborts the whole batch.
@@ -795,7 +886,7 @@ impl Writer {
         &self,
         batch: &[WriteRequest],
         results: &mut Vec<OpResult>,
-        changes: &mut Vec<GroupChange>,
+        changes: &mut Vec<Change>,
     ) -> Result<(), StoreError> {
         let run = |sql: &str, what: &str| -> Result<(), StoreError> {
             self.conn
@@ -814,10 +905,10 @@ impl Writer {
 
     /// Applies one request inside the open transaction. The outer error is a database failure (it aborts
     /// the batch); the inner result is this request's answer.
-    fn apply(&self, op: &WriteOp, changes: &mut Vec<GroupChange>) -> Result<OpResult, rusqlite::Error> {
+    fn apply(&self, op: &WriteOp, changes: &mut Vec<Change>) -> Result<OpResult, rusqlite::Error> {
         let conn = &self.conn;
         match op {
-            WriteOp::CommitRegistration { key, group_key, etag, json, expected } => {
+            WriteOp::CommitRegistration { key, group_key, etag, json, expected, .. } => {
                 // One statement checks and writes: a create that finds a row, or an update that finds no row
                 // with the expected ETag, changes nothing.
                 let changed = match expected {
@@ -855,6 +946,7 @@ impl Writer {
                 let key = enrollment_key(enrollment);
                 let existing =
                     self.current_item("SELECT etag, json FROM enrollments WHERE key = ?1", &key)?;
+                let created = existing.is_none();
                 let stored = match prepare_put(condition, existing, (**enrollment).clone(), |e, created| {
                     e.created_date_time_utc = Some(created)
                 }) {
@@ -870,6 +962,9 @@ impl Writer {
                      ON CONFLICT (key) DO UPDATE SET etag = excluded.etag, json = excluded.json",
                 )?
                 .execute(params![key, stored.etag.as_deref().unwrap_or(""), json])?;
+                if created {
+                    changes.push(Change::EnrollmentAdded(key));
+                }
                 Ok(Ok(StoreResult::Enrollment(Some(Box::new(stored)))))
             }
             WriteOp::DeleteEnrollment { key, if_match } => {
@@ -881,6 +976,7 @@ impl Writer {
                     return Ok(Err(e));
                 }
                 conn.prepare_cached("DELETE FROM enrollments WHERE key = ?1")?.execute([key])?;
+                changes.push(Change::EnrollmentRemoved(key.clone()));
                 Ok(Ok(StoreResult::Done))
             }
             WriteOp::PutGroup { group, condition } => {
@@ -905,9 +1001,9 @@ impl Writer {
                 )?
                 .execute(params![key, stored.etag.as_deref().unwrap_or(""), symmetric, json])?;
                 changes.push(if symmetric {
-                    GroupChange::Put(key, Box::new(stored.clone()))
+                    Change::GroupPut(key, Box::new(stored.clone()))
                 } else {
-                    GroupChange::Remove(key)
+                    Change::GroupRemove(key)
                 });
                 Ok(Ok(StoreResult::Group(Some(Box::new(stored)))))
             }
@@ -920,7 +1016,7 @@ impl Writer {
                     return Ok(Err(e));
                 }
                 conn.prepare_cached("DELETE FROM enrollment_groups WHERE key = ?1")?.execute([key])?;
-                changes.push(GroupChange::Remove(key.clone()));
+                changes.push(Change::GroupRemove(key.clone()));
                 Ok(Ok(StoreResult::Done))
             }
         }
@@ -956,4 +1052,382 @@ fn prepare_put<T>(
         }
     }
     Ok(item)
+}
+
+// ------------------------------------------------------------------------------------------------
+// In-memory views kept by the writer
+// ------------------------------------------------------------------------------------------------
+
+mod cache {
+    use dps_core::store::RegistrationRecord;
+    use std::collections::hash_map::RandomState;
+    use std::collections::{HashMap, VecDeque};
+    use std::hash::BuildHasher;
+    use std::sync::{Arc, Mutex, RwLock};
+
+    /// A set of keys as 64-bit keyed hashes with a count per hash, so that removing one of two colliding keys
+    /// keeps the other. Answers "certainly absent" or "maybe present"; while unknown (`None`: not loaded, or
+    /// a failed batch left it unsure), everything is "maybe present".
+    pub(super) struct KeySet {
+        hasher: RandomState,
+        counts: RwLock<Option<HashMap<u64, u32>>>,
+    }
+
+    impl KeySet {
+        pub(super) fn new() -> Self {
+            KeySet { hasher: RandomState::new(), counts: RwLock::new(None) }
+        }
+
+        fn hash(&self, key: &str) -> u64 {
+            self.hasher.hash_one(key)
+        }
+
+        /// Replaces the contents with exactly `keys` (each key once).
+        pub(super) fn load<'a>(&self, keys: impl IntoIterator<Item = &'a str>) {
+            let mut counts = HashMap::new();
+            for key in keys {
+                *counts.entry(self.hash(key)).or_insert(0u32) += 1;
+            }
+            *self.counts.write().unwrap_or_else(|e| e.into_inner()) = Some(counts);
+        }
+
+        /// Forgets the contents: every key is "maybe present" until the next [`KeySet::load`].
+        pub(super) fn unknown(&self) {
+            *self.counts.write().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+
+        /// `false` only when `key` is certainly not in the set.
+        pub(super) fn may_contain(&self, key: &str) -> bool {
+            match &*self.counts.read().unwrap_or_else(|e| e.into_inner()) {
+                None => true,
+                Some(counts) => counts.contains_key(&self.hash(key)),
+            }
+        }
+
+        /// A key that was not in the set was added.
+        pub(super) fn added(&self, key: &str) {
+            let hash = self.hash(key);
+            if let Some(counts) = &mut *self.counts.write().unwrap_or_else(|e| e.into_inner()) {
+                *counts.entry(hash).or_insert(0) += 1;
+            }
+        }
+
+        /// A key that was in the set was removed.
+        pub(super) fn removed(&self, key: &str) {
+            let hash = self.hash(key);
+            if let Some(counts) = &mut *self.counts.write().unwrap_or_else(|e| e.into_inner()) {
+                if let Some(n) = counts.get_mut(&hash) {
+                    *n -= 1;
+                    if *n == 0 {
+                        counts.remove(&hash);
+                    }
+                }
+            }
+        }
+    }
+
+    const SHARDS: usize = 16;
+
+    /// What an entry costs beyond its JSON size (the parsed record, its strings, the map and queue slots).
+    const ENTRY_OVERHEAD: usize = 256;
+
+    struct Entry {
+        record: Arc<RegistrationRecord>,
+        cost: usize,
+        /// Which insertion of the key this is, to tell its queue slot from stale ones.
+        generation: u64,
+    }
+
+    #[derive(Default)]
+    struct Shard {
+        entries: HashMap<String, Entry>,
+        /// Keys in insertion order (oldest first), with the generation they were inserted with; slots of
+        /// keys removed or re-inserted since are skipped when evicting.
+        order: VecDeque<(String, u64)>,
+        bytes: usize,
+        next_generation: u64,
+    }
+
+    impl Shard {
+        fn remove(&mut self, key: &str) {
+            if let Some(old) = self.entries.remove(key) {
+                self.bytes -= old.cost;
+            }
+            // Removals leave stale slots behind; compact before they outnumber the live ones.
+            if self.order.len() > 2 * self.entries.len() + 64 {
+                let entries = &self.entries;
+                self.order.retain(|(k, g)| entries.get(k).is_some_and(|e| e.generation == *g));
+            }
+        }
+
+        fn insert(&mut self, key: String, record: Arc<RegistrationRecord>, cost: usize, budget: usize) {
+            self.remove(&key);
+            if cost > budget {
+                return;
+            }
+            let generation = self.next_generation;
+            self.next_generation += 1;
+            self.order.push_back((key.clone(), generation));
+            self.entries.insert(key, Entry { record, cost, generation });
+            self.bytes += cost;
+            while self.bytes > budget {
+                let Some((oldest, generation)) = self.order.pop_front() else { break };
+                if self.entries.get(&oldest).is_some_and(|e| e.generation == generation) {
+                    self.remove(&oldest);
+                }
+            }
+        }
+    }
+
+    /// Registration records by key, bounded by memory, oldest insertion evicted first. Only the writer
+    /// thread inserts (after `COMMIT`), so an entry is always the key's latest committed record.
+    pub(super) struct RecordCache {
+        hasher: RandomState,
+        shards: Vec<Mutex<Shard>>,
+        budget_per_shard: usize,
+    }
+
+    impl RecordCache {
+        /// A cache of about `bytes` (0: caches nothing).
+        pub(super) fn new(bytes: usize) -> Self {
+            RecordCache {
+                hasher: RandomState::new(),
+                shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+                budget_per_shard: bytes / SHARDS,
+            }
+        }
+
+        fn shard(&self, key: &str) -> std::sync::MutexGuard<'_, Shard> {
+            let i = (self.hasher.hash_one(key) % SHARDS as u64) as usize;
+            self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
+        }
+
+        pub(super) fn get(&self, key: &str) -> Option<Arc<RegistrationRecord>> {
+            if self.budget_per_shard == 0 {
+                return None;
+            }
+            self.shard(key).entries.get(key).map(|e| Arc::clone(&e.record))
+        }
+
+        /// Stores `key`'s newly committed record; `json_len` is the size of its stored JSON.
+        pub(super) fn put(&self, key: &str, record: RegistrationRecord, json_len: usize) {
+            if self.budget_per_shard == 0 {
+                return;
+            }
+            let cost = json_len.saturating_add(ENTRY_OVERHEAD);
+            self.shard(key).insert(key.to_owned(), Arc::new(record), cost, self.budget_per_shard);
+        }
+
+        /// Forgets `key` (deleted, or its state in the database is unsure).
+        pub(super) fn remove(&self, key: &str) {
+            if self.budget_per_shard == 0 {
+                return;
+            }
+            self.shard(key).remove(key);
+        }
+
+        #[cfg(test)]
+        pub(super) fn len_and_bytes(&self) -> (usize, usize) {
+            self.shards.iter().fold((0, 0), |(n, b), s| {
+                let s = s.lock().unwrap_or_else(|e| e.into_inner());
+                (n + s.entries.len(), b + s.bytes)
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dps_core::proto::model::{RegistrationStatus, RegistrationSubstatus};
+    use dps_core::proto::{OperationId, Timestamp};
+    use dps_core::store::EnrollmentRef;
+
+    fn record(id: &str, group: &str, etag: &str) -> RegistrationRecord {
+        RegistrationRecord {
+            registration_id: RegistrationId::parse(id).unwrap(),
+            enrollment: EnrollmentRef::Group(EnrollmentGroupId::parse(group).unwrap()),
+            operation_id: OperationId::parse("5.316aac5bdc130deb.8f1c2d3e-0000-4000-8000-000000000001")
+                .unwrap(),
+            status: RegistrationStatus::Assigned,
+            substatus: Some(RegistrationSubstatus::InitialAssignment),
+            assigned_hub: Some("hub1.azure-devices.net".into()),
+            device_id: Some(id.into()),
+            error_code: None,
+            error_message: None,
+            payload: None,
+            created: Timestamp::from_unix_seconds(1_700_000_000),
+            last_updated: Timestamp::from_unix_seconds(1_700_000_100),
+            etag: Etag::parse(etag).unwrap(),
+        }
+    }
+
+    fn enrollment(id: &str) -> IndividualEnrollment {
+        serde_json::from_value(serde_json::json!({
+            "registrationId": id,
+            "attestation": {
+                "type": "symmetricKey",
+                "symmetricKey": {"primaryKey": "cHJpbWFyeQ==", "secondaryKey": "c2Vjb25kYXJ5"}
+            },
+            "provisioningStatus": "enabled",
+        }))
+        .unwrap()
+    }
+
+    fn run(store: &SqliteStore, op: StoreOp) -> StoreResult {
+        BlockingStore::execute(store, op).unwrap()
+    }
+
+    fn commit(store: &SqliteStore, r: RegistrationRecord, expected: Option<&str>) {
+        let expected = expected.map(|e| Etag::parse(e).unwrap());
+        assert!(matches!(
+            run(store, StoreOp::CommitRegistration { record: Box::new(r), expected }),
+            StoreResult::Done
+        ));
+    }
+
+    /// (individual enrollment found, registration record's ETag) as `LoadDeviceContext` sees them.
+    fn context(store: &SqliteStore, id: &str) -> (bool, Option<String>) {
+        match run(store, StoreOp::LoadDeviceContext { registration_id: RegistrationId::parse(id).unwrap() }) {
+            StoreResult::DeviceContext(c) => {
+                (c.individual.is_some(), c.registration.map(|r| r.etag.as_str().to_owned()))
+            }
+            other => panic!("unexpected result {other:?}"),
+        }
+    }
+
+    fn registration(store: &SqliteStore, id: &str) -> Option<String> {
+        match run(store, StoreOp::GetRegistration { registration_id: RegistrationId::parse(id).unwrap() }) {
+            StoreResult::Registration(r) => r.map(|r| r.etag.as_str().to_owned()),
+            other => panic!("unexpected result {other:?}"),
+        }
+    }
+
+    fn cached(store: &SqliteStore) -> usize {
+        store.shared.state.registrations.len_and_bytes().0
+    }
+
+    #[test]
+    fn in_memory_views_follow_every_committed_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dps.db");
+        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+
+        // Registration records: committed ones are served from the cache, updates and deletes show at once.
+        assert_eq!(context(&store, "dev-1"), (false, None));
+        commit(&store, record("dev-1", "g", "e1"), None);
+        assert_eq!(cached(&store), 1);
+        assert_eq!(context(&store, "dev-1"), (false, Some("e1".into())));
+        assert_eq!(registration(&store, "dev-1").as_deref(), Some("e1"));
+        commit(&store, record("dev-1", "g", "e2"), Some("e1"));
+        assert_eq!(context(&store, "dev-1"), (false, Some("e2".into())));
+        // A commit whose precondition fails changes neither the database nor the cache.
+        let stale = StoreOp::CommitRegistration {
+            record: Box::new(record("dev-1", "g", "e3")),
+            expected: Some(Etag::parse("e1").unwrap()),
+        };
+        assert!(matches!(BlockingStore::execute(&store, stale), Err(StoreError::Conflict)));
+        assert_eq!(registration(&store, "dev-1").as_deref(), Some("e2"));
+        let delete = StoreOp::DeleteRegistration {
+            registration_id: RegistrationId::parse("dev-1").unwrap(),
+            if_match: None,
+        };
+        assert!(matches!(run(&store, delete), StoreResult::Done));
+        assert_eq!(cached(&store), 0);
+        assert_eq!(context(&store, "dev-1"), (false, None));
+        assert_eq!(registration(&store, "dev-1"), None);
+
+        // Individual enrollments: the ID set follows creates and deletes.
+        let put = |id: &str| StoreOp::PutEnrollment {
+            enrollment: Box::new(enrollment(id)),
+            condition: WriteCondition::Upsert,
+        };
+        run(&store, put("ind-1"));
+        run(&store, put("ind-1"));
+        run(&store, put("ind-2"));
+        assert!(context(&store, "ind-1").0);
+        assert!(context(&store, "ind-2").0);
+        assert!(!context(&store, "dev-1").0);
+        let delete = |id: &str| StoreOp::DeleteEnrollment {
+            registration_id: RegistrationId::parse(id).unwrap(),
+            if_match: None,
+        };
+        run(&store, delete("ind-1"));
+        assert!(!context(&store, "ind-1").0);
+        // `ind-1` was created, then replaced (still one key), then deleted; `ind-2` is untouched.
+        assert!(context(&store, "ind-2").0);
+        commit(&store, record("dev-2", "g", "e9"), None);
+        store.close().unwrap();
+
+        // After a restart: the ID set is loaded from the database, and records come from it until committed
+        // again.
+        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+        assert_eq!(cached(&store), 0);
+        assert!(context(&store, "ind-2").0);
+        assert!(!context(&store, "ind-1").0);
+        assert_eq!(context(&store, "dev-2"), (false, Some("e9".into())));
+        store.close().unwrap();
+
+        // The same answers with the record cache off.
+        let options = SqliteOptions { registration_cache_bytes: 0, ..SqliteOptions::default() };
+        let store = SqliteStore::open(&path, options).unwrap();
+        commit(&store, record("dev-3", "g", "e4"), None);
+        assert_eq!(cached(&store), 0);
+        assert_eq!(context(&store, "dev-3"), (false, Some("e4".into())));
+        assert_eq!(registration(&store, "dev-2").as_deref(), Some("e9"));
+        store.close().unwrap();
+    }
+
+    #[test]
+    fn the_record_cache_stays_within_its_budget() {
+        let budget = 16 * 1024;
+        let cache = cache::RecordCache::new(budget);
+        for i in 0..1000 {
+            let id = format!("dev-{i}");
+            cache.put(&id, record(&id, "g", "e"), 100);
+            // The newest record is always there (it fits its shard's budget).
+            assert!(cache.get(&id).is_some());
+        }
+        let (n, bytes) = cache.len_and_bytes();
+        assert!(bytes <= budget, "{bytes} bytes cached");
+        assert!(n > 0 && n < 1000, "{n} records cached");
+        // Oldest first: the first record is gone.
+        assert!(cache.get("dev-0").is_none());
+        // Removing and putting again many times leaves no garbage behind.
+        for _ in 0..10_000 {
+            cache.remove("dev-999");
+            cache.put("dev-999", record("dev-999", "g", "e"), 100);
+        }
+        assert!(cache.get("dev-999").is_some());
+        assert!(cache.len_and_bytes().1 <= budget);
+        // A record larger than a shard's budget is not cached; a zero budget caches nothing.
+        cache.put("huge", record("huge", "g", "e"), budget);
+        assert!(cache.get("huge").is_none());
+        let off = cache::RecordCache::new(0);
+        off.put("dev-1", record("dev-1", "g", "e"), 10);
+        assert!(off.get("dev-1").is_none());
+    }
+
+    #[test]
+    fn the_key_set_counts_keys_per_hash() {
+        let set = cache::KeySet::new();
+        // Unknown until loaded: everything may be there.
+        assert!(set.may_contain("a"));
+        set.load(["a", "b"]);
+        assert!(set.may_contain("a") && set.may_contain("b"));
+        assert!(!set.may_contain("c"));
+        set.added("c");
+        assert!(set.may_contain("c"));
+        set.removed("a");
+        assert!(!set.may_contain("a"));
+        // Two keys with one hash (here: the same key counted twice) survive the removal of one of them.
+        set.added("x");
+        set.added("x");
+        set.removed("x");
+        assert!(set.may_contain("x"));
+        set.removed("x");
+        assert!(!set.may_contain("x"));
+        set.unknown();
+        assert!(set.may_contain("never-added"));
+    }
 }

@@ -14,11 +14,16 @@ use hyper::body::{Body as _, Incoming};
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use rustls_pki_types::CertificateDer;
+use std::any::Any;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
+use tokio_util::task::TaskTracker;
 
 /// One HTTPS connection's context.
 #[derive(Debug)]
@@ -242,15 +247,21 @@ async fn handle_https(mut req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Resp {
         continuation: header_string(&parts.headers, "x-ms-continuation"),
         body,
     };
-    // The engine runs in its own task: a client that disconnects mid-request does not abandon a flow
-    // half-way (hub identity written, registration not yet committed). The task is tracked, so shutdown
-    // waits for it before closing the store.
+    // The engine runs inline, in this connection's task; if the connection is dropped while the flow waits
+    // (the client went away, or shutdown gave up on the connection), the rest of the flow moves to a
+    // tracked task, so a flow is never abandoned half-way (hub identity written, registration not yet
+    // committed) and shutdown waits for it before closing the store.
     let state = Arc::clone(&shared.state);
-    let reply = match shared.tracker.spawn(async move { state.run_http(request).await }).await {
+    let flow = Detachable::new(async move { state.run_http(request).await }, shared.tracker.clone());
+    let reply = match flow.await {
         Ok(reply) => reply,
-        Err(e) => {
-            tracing::error!(%peer, error = %e, "the request task failed");
-            error_reply(shared, DpsError::with_message(ErrorCode::InternalError, "the request task failed"))
+        Err(panic) => {
+            let message = panic_message(panic.as_ref());
+            tracing::error!(%peer, panic = %message, "the request handler panicked");
+            error_reply(
+                shared,
+                DpsError::with_message(ErrorCode::InternalError, "the request handler failed"),
+            )
         }
     };
     let took = started.elapsed();
@@ -289,6 +300,69 @@ async fn handle_https(mut req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Resp {
     reply_response(reply, location, false)
 }
 
+/// A future run inline by whoever awaits it that, if dropped before it completes, finishes in a task of
+/// `tracker` instead of being cancelled. A panic while polling it is caught and returned as `Err` (the
+/// connection stays usable, as it did when every flow ran in its own task).
+///
+/// This gives a flow the guarantees of a spawned task without spawning one per request: most flows never
+/// wait at all (reads are synchronous; the in-memory hub directory answers at once) or wait only for the
+/// store's group commit, and only a dropped connection pays for a task.
+pub(crate) struct Detachable<T: Send + 'static> {
+    future: Option<Pin<Box<dyn Future<Output = T> + Send>>>,
+    tracker: TaskTracker,
+}
+
+impl<T: Send + 'static> Detachable<T> {
+    /// Wraps `future`; nothing runs until it is polled.
+    pub(crate) fn new(future: impl Future<Output = T> + Send + 'static, tracker: TaskTracker) -> Self {
+        Detachable { future: Some(Box::pin(future)), tracker }
+    }
+}
+
+impl<T: Send + 'static> Future for Detachable<T> {
+    type Output = Result<T, Box<dyn Any + Send>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Some(future) = self.future.as_mut() else {
+            return Poll::Ready(Err(Box::new("polled after completion")));
+        };
+        let polled = std::panic::catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx)));
+        match polled {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(value)) => {
+                self.future = None;
+                Poll::Ready(Ok(value))
+            }
+            Err(panic) => {
+                self.future = None;
+                Poll::Ready(Err(panic))
+            }
+        }
+    }
+}
+
+impl<T: Send + 'static> Drop for Detachable<T> {
+    fn drop(&mut self) {
+        if let Some(future) = self.future.take() {
+            // Outside a runtime (it is being torn down) there is nothing left to run the flow on.
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(self.tracker.track_future(async move {
+                    let _ = future.await;
+                }));
+            }
+        }
+    }
+}
+
+/// The message of a caught panic, when it has one.
+fn panic_message(panic: &(dyn Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
 /// The admin listener's service.
 pub(crate) fn admin_service(
     shared: Arc<Shared>,
@@ -323,4 +397,57 @@ pub(crate) fn admin_service(
             Ok::<_, Infallible>(response)
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// Polls `future` once, as a connection does before the client goes away.
+    async fn poll_once<F: Future + Unpin>(future: &mut F) -> Poll<F::Output> {
+        std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *future).poll(cx))).await
+    }
+
+    #[tokio::test]
+    async fn a_flow_dropped_while_waiting_finishes_in_a_tracked_task() {
+        let tracker = TaskTracker::new();
+        let finished = Arc::new(AtomicBool::new(false));
+        let (release, wait) = tokio::sync::oneshot::channel::<()>();
+        let done = Arc::clone(&finished);
+        let mut flow = Detachable::new(
+            async move {
+                let _ = wait.await;
+                done.store(true, Ordering::SeqCst);
+                7
+            },
+            tracker.clone(),
+        );
+        assert!(poll_once(&mut flow).await.is_pending());
+        assert!(tracker.is_empty());
+        drop(flow);
+        // The rest of the flow now runs in a task that shutdown waits for.
+        assert_eq!(tracker.len(), 1);
+        release.send(()).unwrap();
+        tracker.close();
+        tracker.wait().await;
+        assert!(finished.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn a_flow_run_to_completion_spawns_nothing() {
+        let tracker = TaskTracker::new();
+        let flow = Detachable::new(async { tokio::task::yield_now().await }, tracker.clone());
+        assert!(flow.await.is_ok());
+        assert!(tracker.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_panicking_flow_is_an_error_not_a_crash() {
+        let tracker = TaskTracker::new();
+        let flow = Detachable::new(async { panic!("engine bug") }, tracker.clone());
+        let Err(panic) = flow.await else { panic!("the panic was not caught") };
+        assert_eq!(panic_message(panic.as_ref()), "engine bug");
+        assert!(tracker.is_empty());
+    }
 }
