@@ -20,7 +20,7 @@
 //! 2. SUBSCRIBE is granted only for `$dps/registrations/res/#` (at most QoS 1); other filters get `0x80`.
 //!    UNSUBSCRIBE is acknowledged, PINGREQ answered, PUBACKs of responses accepted (nothing is
 //!    redelivered), DISCONNECT ends the session.
-//! 3. PUBLISH (QoS 0, or QoS 1 acknowledged at once) on `$dps/registrations/PUT/iotdps-register/?$rid=…` or
+//! 3. PUBLISH (QoS 0, or QoS 1 whose PUBACK leaves with the response, or after 10 ms) on `$dps/registrations/PUT/iotdps-register/?$rid=…` or
 //!    `$dps/registrations/GET/iotdps-get-operationstatus/?$rid=…&operationId=…` runs one request; the reply
 //!    goes back as a QoS 1 PUBLISH on `$dps/registrations/res/{status}/?$rid=…[&retry-after=…]` with the
 //!    engine's JSON body, in request order, whether or not the client subscribed. A register body carrying
@@ -31,10 +31,10 @@
 //!    [`MqttLimits::max_packet_bytes`], silence beyond 1.5 × keep-alive, a stream cut inside a packet) ends
 //!    the session with a clean close and an [`MqttError`] saying why. Nothing panics.
 //!
-//! Requests are run in spawned Tokio tasks so that a slow engine call never stops the session from reading
-//! PINGREQs, and so that a request whose client disconnects still runs to completion (the store is never
-//! left half-written because a device went away). The functions must therefore be called inside a Tokio
-//! runtime with the time driver enabled.
+//! Requests are polled by the session itself, next to its reads, so a slow engine call never stops it
+//! from reading PINGREQs; a request still running when its client disconnects is moved to a task of its
+//! own and runs to completion (the store is never left half-written because a device went away). The
+//! functions must therefore be called inside a Tokio runtime with the time driver enabled.
 #![forbid(unsafe_code)]
 // A transport crate: it reads the clock (error timestamps, tracking IDs) and drives Tokio timers.
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)]
