@@ -75,33 +75,98 @@ enum Then {
 struct BulkItem {
     id: String,
     op: StoreOp,
+    /// When `op` reads the stored item first (see [`KeepKeys`]).
+    keep: Option<KeepKeys>,
 }
 
-/// A prepared enrollment or group waiting for its stored keys (see [`Job::KeepKeys`]).
+/// A prepared enrollment or group to write.
 #[derive(Debug)]
 enum Prepared {
-    Enrollment(Box<IndividualEnrollment>),
-    Group(Box<EnrollmentGroup>),
+    Enrollment(RegistrationId, Box<IndividualEnrollment>),
+    Group(EnrollmentGroupId, Box<EnrollmentGroup>),
+}
+
+impl Prepared {
+    fn attestation(&self) -> &AttestationMechanism {
+        match self {
+            Prepared::Enrollment(_, e) => &e.attestation,
+            Prepared::Group(_, g) => &g.attestation,
+        }
+    }
+
+    fn put(self, condition: WriteCondition) -> StoreOp {
+        match self {
+            Prepared::Enrollment(_, enrollment) => StoreOp::PutEnrollment { enrollment, condition },
+            Prepared::Group(_, group) => StoreOp::PutGroup { group, condition },
+        }
+    }
+
+    fn get(&self) -> StoreOp {
+        match self {
+            Prepared::Enrollment(id, _) => StoreOp::GetEnrollment { registration_id: id.clone() },
+            Prepared::Group(id, _) => StoreOp::GetGroup { group_id: id.clone() },
+        }
+    }
+
+    /// The store operation for this write: the write itself, or — when the request left symmetric keys
+    /// out — a read of the stored item first, whose keys the write then keeps.
+    fn write(self, supplied: [bool; 2], condition: WriteCondition) -> (StoreOp, Option<KeepKeys>) {
+        if supplied == [true, true] || self.attestation().kind != AttestationType::SymmetricKey {
+            (self.put(condition), None)
+        } else {
+            (self.get(), Some(KeepKeys { item: self, supplied, condition }))
+        }
+    }
+}
+
+/// A replace whose body omitted symmetric keys (as a GET → modify → PUT does, since GET hides them): the
+/// stored item is read first and its keys kept, so existing devices are not locked out. Keys are generated
+/// only for a new item.
+#[derive(Debug)]
+struct KeepKeys {
+    item: Prepared,
+    supplied: [bool; 2],
+    condition: WriteCondition,
+}
+
+impl KeepKeys {
+    /// The write, given the stored item (`Err(None)`: the store answered with the wrong kind of result).
+    fn into_put(self, stored: Result<StoreResult, StoreError>) -> Result<StoreOp, Option<StoreError>> {
+        let KeepKeys { item, supplied, condition } = self;
+        let item = match (item, stored) {
+            (Prepared::Enrollment(id, mut e), Ok(StoreResult::Enrollment(stored))) => {
+                if let Some(stored) = stored {
+                    keep_stored_keys(&mut e.attestation, &stored.attestation, supplied);
+                }
+                Prepared::Enrollment(id, e)
+            }
+            (Prepared::Group(id, mut g), Ok(StoreResult::Group(stored))) => {
+                if let Some(stored) = stored {
+                    keep_stored_keys(&mut g.attestation, &stored.attestation, supplied);
+                }
+                Prepared::Group(id, g)
+            }
+            (_, Err(e)) => return Err(Some(e)),
+            (_, Ok(_)) => return Err(None),
+        };
+        Ok(item.put(condition))
+    }
 }
 
 #[derive(Debug)]
 enum Job {
     Reply(Reply),
     One(Option<StoreOp>, Then),
-    /// A replace whose body omitted symmetric keys (as a GET → modify → PUT does, since GET hides them):
-    /// read the stored item first and keep its keys, so existing devices are not locked out. Keys are
-    /// generated only for a new item.
+    /// A write that first reads the stored item to keep its keys (see [`KeepKeys`]).
     KeepKeys {
         get: Option<StoreOp>,
-        item: Prepared,
-        supplied: [bool; 2],
-        condition: WriteCondition,
+        keep: KeepKeys,
         then: Then,
     },
     Bulk {
         kind: Kind,
         items: VecDeque<BulkItem>,
-        current: Option<String>,
+        current: Option<(String, Option<KeepKeys>)>,
         errors: Vec<BulkEnrollmentOperationError>,
     },
     Done,
@@ -454,14 +519,9 @@ impl ServiceFlow {
             Route::PutEnrollment { id } => {
                 let e = parse_json::<IndividualEnrollment>(body, "individual enrollment")?;
                 let supplied = supplied_keys(&e.attestation);
-                let (_, e) = prepare_enrollment(config, now, rng, e, Some(id))?;
+                let (id, e) = prepare_enrollment(config, now, rng, e, Some(id))?;
                 let then = Then::Put(Kind::Enrollment, id.to_string());
-                if supplied == [true, true] || e.attestation.kind != AttestationType::SymmetricKey {
-                    Job::One(Some(StoreOp::PutEnrollment { enrollment: Box::new(e), condition }), then)
-                } else {
-                    let get = Some(StoreOp::GetEnrollment { registration_id: id.clone() });
-                    Job::KeepKeys { get, item: Prepared::Enrollment(Box::new(e)), supplied, condition, then }
-                }
+                single_write(Prepared::Enrollment(id, Box::new(e)), supplied, condition, then)
             }
             Route::DeleteEnrollment { id } => Job::One(
                 Some(StoreOp::DeleteEnrollment { registration_id: id.clone(), if_match }),
@@ -486,14 +546,9 @@ impl ServiceFlow {
             Route::PutEnrollmentGroup { id } => {
                 let g = parse_json::<EnrollmentGroup>(body, "enrollment group")?;
                 let supplied = supplied_keys(&g.attestation);
-                let (_, g) = prepare_group(config, now, rng, g, Some(id))?;
+                let (id, g) = prepare_group(config, now, rng, g, Some(id))?;
                 let then = Then::Put(Kind::Group, id.to_string());
-                if supplied == [true, true] || g.attestation.kind != AttestationType::SymmetricKey {
-                    Job::One(Some(StoreOp::PutGroup { group: Box::new(g), condition }), then)
-                } else {
-                    let get = Some(StoreOp::GetGroup { group_id: id.clone() });
-                    Job::KeepKeys { get, item: Prepared::Group(Box::new(g)), supplied, condition, then }
-                }
+                single_write(Prepared::Group(id, Box::new(g)), supplied, condition, then)
             }
             Route::DeleteEnrollmentGroup { id } => Job::One(
                 Some(StoreOp::DeleteGroup { group_id: id.clone(), if_match }),
@@ -540,13 +595,12 @@ impl ServiceFlow {
                         let condition = bulk_condition(mode, e.etag.as_deref())?;
                         if mode == BulkOperationMode::Delete {
                             let registration_id = RegistrationId::parse(&e.registration_id)?;
-                            return Ok(StoreOp::DeleteEnrollment {
-                                registration_id,
-                                if_match: item_if_match(&e.etag)?,
-                            });
+                            let if_match = item_if_match(&e.etag)?;
+                            return Ok((StoreOp::DeleteEnrollment { registration_id, if_match }, None));
                         }
-                        let (_, e) = prepare_enrollment(config, now, rng, e, None)?;
-                        Ok(StoreOp::PutEnrollment { enrollment: Box::new(e), condition })
+                        let supplied = supplied_keys(&e.attestation);
+                        let (id, e) = prepare_enrollment(config, now, rng, e, None)?;
+                        Ok(Prepared::Enrollment(id, Box::new(e)).write(supplied, condition))
                     },
                 )?
             }
@@ -562,10 +616,12 @@ impl ServiceFlow {
                         let condition = bulk_condition(mode, g.etag.as_deref())?;
                         if mode == BulkOperationMode::Delete {
                             let group_id = EnrollmentGroupId::parse(&g.enrollment_group_id)?;
-                            return Ok(StoreOp::DeleteGroup { group_id, if_match: item_if_match(&g.etag)? });
+                            let if_match = item_if_match(&g.etag)?;
+                            return Ok((StoreOp::DeleteGroup { group_id, if_match }, None));
                         }
-                        let (_, g) = prepare_group(config, now, rng, g, None)?;
-                        Ok(StoreOp::PutGroup { group: Box::new(g), condition })
+                        let supplied = supplied_keys(&g.attestation);
+                        let (id, g) = prepare_group(config, now, rng, g, None)?;
+                        Ok(Prepared::Group(id, Box::new(g)).write(supplied, condition))
                     },
                 )?
             }
@@ -738,6 +794,14 @@ fn keep_stored_keys(new: &mut AttestationMechanism, stored: &AttestationMechanis
     }
 }
 
+/// The job for a single create-or-replace.
+fn single_write(item: Prepared, supplied: [bool; 2], condition: WriteCondition, then: Then) -> Job {
+    match item.write(supplied, condition) {
+        (op, None) => Job::One(Some(op), then),
+        (get, Some(keep)) => Job::KeepKeys { get: Some(get), keep, then },
+    }
+}
+
 fn item_if_match(etag: &Option<String>) -> Result<Option<IfMatch>, DpsError> {
     etag.as_deref().map(IfMatch::parse).transpose()
 }
@@ -747,7 +811,7 @@ fn bulk_job<T>(
     kind: Kind,
     items: Vec<T>,
     id_of: impl Fn(&T) -> String,
-    mut op_of: impl FnMut(T) -> Result<StoreOp, DpsError>,
+    mut op_of: impl FnMut(T) -> Result<(StoreOp, Option<KeepKeys>), DpsError>,
 ) -> Result<Job, DpsError> {
     check_bulk_size(items.len())?;
     let mut queue = VecDeque::new();
@@ -755,7 +819,7 @@ fn bulk_job<T>(
     for item in items {
         let id = id_of(&item);
         match op_of(item) {
-            Ok(op) => queue.push_back(BulkItem { id, op }),
+            Ok((op, keep)) => queue.push_back(BulkItem { id, op, keep }),
             Err(err) => errors.push(bulk_error(kind, id, &err)),
         }
     }
@@ -792,13 +856,30 @@ impl Flow for ServiceFlow {
                 Step::Respond(self.metered(reply))
             }
             (Job::Bulk { kind, mut items, current, mut errors }, input) => {
-                if let (Some(id), Input::Store(Err(e))) = (&current, &input) {
-                    let err = self.store_failure(e.clone(), Some(kind), id);
-                    errors.push(bulk_error(kind, id.clone(), &err));
+                match (current, input) {
+                    // The stored item was read: now write, keeping its keys.
+                    (Some((id, Some(keep))), Input::Store(stored)) => match keep.into_put(stored) {
+                        Ok(put) => {
+                            self.job = Job::Bulk { kind, items, current: Some((id, None)), errors };
+                            return Step::Store(put);
+                        }
+                        Err(e) => {
+                            let err = match e {
+                                Some(e) => self.store_failure(e, Some(kind), &id),
+                                None => unexpected_store_result(),
+                            };
+                            errors.push(bulk_error(kind, id, &err));
+                        }
+                    },
+                    (Some((id, None)), Input::Store(Err(e))) => {
+                        let err = self.store_failure(e, Some(kind), &id);
+                        errors.push(bulk_error(kind, id, &err));
+                    }
+                    _ => {}
                 }
                 match items.pop_front() {
                     Some(item) => {
-                        self.job = Job::Bulk { kind, items, current: Some(item.id), errors };
+                        self.job = Job::Bulk { kind, items, current: Some((item.id, item.keep)), errors };
                         Step::Store(item.op)
                     }
                     None => {
@@ -809,36 +890,24 @@ impl Flow for ServiceFlow {
                     }
                 }
             }
-            (Job::KeepKeys { get: Some(op), item, supplied, condition, then }, Input::Start) => {
-                self.job = Job::KeepKeys { get: None, item, supplied, condition, then };
+            (Job::KeepKeys { get: Some(op), keep, then }, Input::Start) => {
+                self.job = Job::KeepKeys { get: None, keep, then };
                 Step::Store(op)
             }
-            (Job::KeepKeys { get: None, item, supplied, condition, then }, Input::Store(result)) => {
-                let put = match (item, result) {
-                    (Prepared::Enrollment(mut e), Ok(StoreResult::Enrollment(stored))) => {
-                        if let Some(stored) = stored {
-                            keep_stored_keys(&mut e.attestation, &stored.attestation, supplied);
-                        }
-                        StoreOp::PutEnrollment { enrollment: e, condition }
-                    }
-                    (Prepared::Group(mut g), Ok(StoreResult::Group(stored))) => {
-                        if let Some(stored) = stored {
-                            keep_stored_keys(&mut g.attestation, &stored.attestation, supplied);
-                        }
-                        StoreOp::PutGroup { group: g, condition }
-                    }
-                    (_, result) => {
-                        let err = match result {
-                            Err(e) => self.store_failure(e, None, ""),
-                            Ok(_) => unexpected_store_result(),
-                        };
-                        let reply = Reply::error(&err, self.tracking_id.clone(), self.now);
-                        return Step::Respond(self.metered(reply));
-                    }
-                };
-                self.job = Job::One(None, then);
-                Step::Store(put)
-            }
+            (Job::KeepKeys { get: None, keep, then }, Input::Store(stored)) => match keep.into_put(stored) {
+                Ok(put) => {
+                    self.job = Job::One(None, then);
+                    Step::Store(put)
+                }
+                Err(e) => {
+                    let err = match e {
+                        Some(e) => self.store_failure(e, None, ""),
+                        None => unexpected_store_result(),
+                    };
+                    let reply = Reply::error(&err, self.tracking_id.clone(), self.now);
+                    Step::Respond(self.metered(reply))
+                }
+            },
             (Job::Done, _) => Step::Finished,
             (Job::One(..), _) | (Job::KeepKeys { .. }, _) => {
                 let reply = Reply::error(&unexpected_store_result(), self.tracking_id.clone(), self.now);

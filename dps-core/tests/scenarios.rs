@@ -970,6 +970,31 @@ fn replacing_without_keys_keeps_the_stored_keys() {
     let put = w.service("PUT", "/enrollments/keeper", Some(e)).body_json().unwrap();
     assert_eq!(put["attestation"]["symmetricKey"]["primaryKey"], json!(key(1).to_base64()));
     assert_eq!(put["attestation"]["symmetricKey"]["secondaryKey"], json!(key(9).to_base64()));
+    // Bulk updates keep stored keys the same way, and still generate keys for new items.
+    let r = w.service(
+        "POST",
+        "/enrollments",
+        Some(json!({"mode": "update", "enrollments": [
+            {"registrationId": "keeper", "attestation": {"type": "symmetricKey"}, "provisioningStatus": "enabled"},
+            {"registrationId": "fresh", "attestation": {"type": "symmetricKey"}},
+        ]})),
+    );
+    assert_eq!(r.body_json().unwrap(), json!({"isSuccessful": true, "errors": []}));
+    let mech = w.service("POST", "/enrollments/keeper/attestationmechanism", None).body_json().unwrap();
+    assert_eq!(mech["symmetricKey"]["primaryKey"], json!(key(1).to_base64()));
+    let fresh = w.service("POST", "/enrollments/fresh/attestationmechanism", None).body_json().unwrap();
+    assert_eq!(
+        SymmetricKey::parse(fresh["symmetricKey"]["primaryKey"].as_str().unwrap()).unwrap().as_bytes().len(),
+        64
+    );
+    let r = w.service(
+        "POST",
+        "/enrollmentGroups",
+        Some(json!({"mode": "updateIfMatchETag", "enrollmentGroups": [
+            {"enrollmentGroupId": "keepers", "attestation": {"type": "symmetricKey"}, "etag": "stale"},
+        ]})),
+    );
+    assert_eq!(r.body_json().unwrap()["errors"][0]["errorCode"], 412001);
     // A stale If-Match is still refused.
     let k = w.owner_key.clone();
     let body = json!({"registrationId": "keeper", "attestation": {"type": "symmetricKey"}});
