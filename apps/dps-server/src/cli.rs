@@ -96,6 +96,9 @@ pub struct RunArgs {
     /// Retry-After of 202 answers, seconds [env: DPS_RETRY_AFTER_SECS].
     #[arg(long)]
     pub retry_after_secs: Option<String>,
+    /// Answer registers 202 before the hub work: true (default) or false [env: DPS_RESPOND_EARLY].
+    #[arg(long, value_name = "BOOL")]
+    pub respond_early: Option<String>,
     /// Request header read timeout, seconds [env: DPS_HEADER_READ_TIMEOUT_SECS].
     #[arg(long)]
     pub header_read_timeout_secs: Option<String>,
@@ -129,6 +132,7 @@ impl RunArgs {
             data_dir: self.data_dir.clone(),
             default_allocation: self.default_allocation.clone(),
             retry_after_secs: self.retry_after_secs.clone(),
+            respond_early: self.respond_early.clone(),
             header_read_timeout_secs: self.header_read_timeout_secs.clone(),
             max_connections: self.max_connections.clone(),
             https_listen: self.https_listen.clone(),

@@ -11,6 +11,7 @@
 //! data_dir = "./dps-data"
 //! default_allocation = "hashed"          # hashed | static | geoLatency
 //! retry_after_secs = 2
+//! respond_early = true                 # answer a register 202 before the hub work (Azure's behaviour)
 //! header_read_timeout_secs = 10
 //! max_connections = 10000
 //! tls_handshake_timeout_secs = 10        # extension: TLS handshake deadline
@@ -69,6 +70,8 @@ pub struct FileConfig {
     pub default_allocation: Option<String>,
     /// Retry-After of 202 answers.
     pub retry_after_secs: Option<u32>,
+    /// Answer a register `202 assigning` before the hub work.
+    pub respond_early: Option<bool>,
     /// Header read timeout.
     pub header_read_timeout_secs: Option<u64>,
     /// Maximum concurrent connections.
@@ -166,6 +169,8 @@ pub struct Overrides {
     pub default_allocation: Option<String>,
     /// `--retry-after-secs` / `DPS_RETRY_AFTER_SECS`.
     pub retry_after_secs: Option<String>,
+    /// `--respond-early` / `DPS_RESPOND_EARLY` (`true` or `false`).
+    pub respond_early: Option<String>,
     /// `--header-read-timeout-secs` / `DPS_HEADER_READ_TIMEOUT_SECS`.
     pub header_read_timeout_secs: Option<String>,
     /// `--max-connections` / `DPS_MAX_CONNECTIONS`.
@@ -191,6 +196,7 @@ impl Overrides {
             data_dir: lookup("DPS_DATA_DIR").map(PathBuf::from),
             default_allocation: lookup("DPS_DEFAULT_ALLOCATION"),
             retry_after_secs: lookup("DPS_RETRY_AFTER_SECS"),
+            respond_early: lookup("DPS_RESPOND_EARLY"),
             header_read_timeout_secs: lookup("DPS_HEADER_READ_TIMEOUT_SECS"),
             max_connections: lookup("DPS_MAX_CONNECTIONS"),
             https_listen: lookup("DPS_HTTPS_LISTEN"),
@@ -225,6 +231,13 @@ impl Overrides {
         set(&mut file.data_dir, &self.data_dir);
         set(&mut file.default_allocation, &self.default_allocation);
         num(&mut file.retry_after_secs, &self.retry_after_secs, "retry_after_secs")?;
+        if let Some(v) = &self.respond_early {
+            file.respond_early = Some(match v.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => true,
+                "false" | "0" | "no" | "off" => false,
+                _ => return Err(err(format!("respond_early: '{v}' is not true or false"))),
+            });
+        }
         num(&mut file.header_read_timeout_secs, &self.header_read_timeout_secs, "header_read_timeout_secs")?;
         num(&mut file.max_connections, &self.max_connections, "max_connections")?;
         set(&mut file.listen.https, &self.https_listen);
@@ -272,6 +285,9 @@ pub struct ServerConfig {
     pub default_allocation: AllocationPolicy,
     /// Retry-After of 202 answers, in seconds.
     pub retry_after_secs: u32,
+    /// Answer a register `202 assigning` right after attestation and finish the hub work in the
+    /// background (default true, as Azure does); polls see `assigning` until the final commit.
+    pub respond_early: bool,
     /// A client must send a complete request head within this time (also the keep-alive idle limit).
     pub header_read_timeout: Duration,
     /// A client must send the request body within this time after the head.
@@ -432,6 +448,7 @@ impl ServerConfig {
             data_dir: file.data_dir.unwrap_or_else(|| PathBuf::from("./dps-data")),
             default_allocation,
             retry_after_secs,
+            respond_early: file.respond_early.unwrap_or(true),
             header_read_timeout,
             body_read_timeout: header_read_timeout.max(Duration::from_secs(30)),
             tls_handshake_timeout,

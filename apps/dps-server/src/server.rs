@@ -267,6 +267,13 @@ impl RunningServer {
                 tracing::warn!(open = self.tracker.len(), "tasks did not stop; closing the store anyway");
             }
         }
+        // Registrations answered early (202) finish their hub work and final commit before the store closes.
+        if tokio::time::timeout(self.grace, self.state.host.drain()).await.is_err() {
+            tracing::warn!(
+                pending = self.state.host.background_flows(),
+                "early-answered registrations still finishing after the grace period; closing the store"
+            );
+        }
         let _ = self.phase.send(Phase::Stopped);
         let _ = std::fs::remove_file(self.data_dir.ready());
         let state = Arc::clone(&self.state);

@@ -1,4 +1,5 @@
-//! State shared by every connection: the engine, the store, the hub directory, the RNG, and metrics.
+//! State shared by every connection: the [`Host`] (engine, clock, RNG, store, hub directory, background
+//! flows) and metrics.
 
 use crate::config::ServerConfig;
 use crate::datadir::OwnerKeys;
@@ -8,19 +9,17 @@ use dps_core::hub::MemoryHubDirectory;
 use dps_core::proto::Timestamp;
 use dps_core::store::{AsyncStore, StoreError, StoreOp, StoreResult};
 use dps_core::OWNER_POLICY;
-use dps_core::{run_async, AccessPolicy, DeviceRequest, Engine, EngineConfig, HttpRequest, Reply, Rights};
+use dps_core::{AccessPolicy, DeviceRequest, Engine, EngineConfig, HttpRequest, Reply, Rights};
+use dps_host::{Clock, Host, SystemClock};
 use dps_store::{SqliteOptions, SqliteStore};
-use rand::rngs::StdRng;
-use rand::SeedableRng;
 use std::future::Future;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::Instant;
 
 /// The wall clock as the engine's [`Timestamp`].
 pub fn now() -> Timestamp {
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    Timestamp::from_unix_nanos(i64::try_from(nanos).unwrap_or(i64::MAX))
+    SystemClock.now()
 }
 
 /// The SQLite store, timing every `CommitRegistration` into
@@ -62,14 +61,15 @@ impl AsyncStore for MeteredStore {
 /// Everything a connection handler needs. Shared as `Arc<AppState>`.
 #[derive(Debug)]
 pub struct AppState {
-    /// The engine (configuration and flow constructors).
+    /// The embeddable host every request runs through (owns the engine, the RNG, the timed store, the
+    /// hub directory and early-answered flows still finishing).
+    pub host: Host,
+    /// The engine (configuration and flow constructors); the host's.
     pub engine: Engine,
-    /// The durable store (timed).
-    pub store: MeteredStore,
-    /// The IoT hub directory.
-    pub hubs: MemoryHubDirectory,
-    /// Randomness for operation IDs, ETags, tracking IDs and generated keys.
-    pub rng: Mutex<StdRng>,
+    /// The durable store (timed); the host holds the same store.
+    pub store: Arc<MeteredStore>,
+    /// The IoT hub directory; the host holds the same directory.
+    pub hubs: Arc<MemoryHubDirectory>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
 }
@@ -83,6 +83,7 @@ pub fn engine_config(config: &ServerConfig, owner: &OwnerKeys) -> EngineConfig {
     );
     engine.default_allocation = config.default_allocation;
     engine.retry_after_secs = config.retry_after_secs;
+    engine.respond_before_assignment = config.respond_early;
     engine.access_policies.push(AccessPolicy {
         key_name: OWNER_POLICY.to_owned(),
         primary_key: owner.primary.clone(),
@@ -96,43 +97,31 @@ pub fn engine_config(config: &ServerConfig, owner: &OwnerKeys) -> EngineConfig {
 impl AppState {
     /// Opens the store at `database` and builds the engine.
     pub fn open(config: &ServerConfig, owner: &OwnerKeys, database: &Path) -> Result<AppState, ServerError> {
-        let engine = Engine::new(engine_config(config, owner))
-            .map_err(|e| ServerError::Config(crate::config::ConfigError(e.message)))?;
         let store = SqliteStore::open(database, SqliteOptions::default()).map_err(ServerError::Store)?;
         let metrics = Arc::new(Metrics::default());
-        Ok(AppState {
-            engine,
-            store: MeteredStore::new(store, Arc::clone(&metrics)),
-            hubs: MemoryHubDirectory::new(),
-            rng: Mutex::new(StdRng::from_entropy()),
-            metrics,
-        })
+        let store = Arc::new(MeteredStore::new(store, Arc::clone(&metrics)));
+        let hubs = Arc::new(MemoryHubDirectory::new());
+        let host = Host::builder(engine_config(config, owner))
+            .store(store.clone())
+            .hubs(hubs.clone())
+            .build()
+            .map_err(|e| ServerError::Config(crate::config::ConfigError(e.message)))?;
+        Ok(AppState { engine: host.engine().clone(), host, store, hubs, metrics })
     }
 
     /// Draws 16 random bytes (e.g. for a tracking ID).
     pub fn random16(&self) -> [u8; 16] {
-        use rand::RngCore;
-        let mut b = [0u8; 16];
-        self.rng.lock().unwrap_or_else(|e| e.into_inner()).fill_bytes(&mut b);
-        b
+        self.host.random16()
     }
 
     /// Runs a device API request (HTTPS or MQTT, already addressed) to its reply.
     pub async fn run_device(&self, request: DeviceRequest) -> Reply {
-        let mut flow = {
-            let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
-            self.engine.device(now(), &mut *rng, request)
-        };
-        run_async(&mut flow, &self.store, &self.hubs).await
+        self.host.device(request).await
     }
 
     /// Runs any HTTP request (device or service API) to its reply.
     pub async fn run_http(&self, request: HttpRequest) -> Reply {
-        let mut flow = {
-            let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
-            self.engine.http(now(), &mut *rng, request)
-        };
-        run_async(&mut flow, &self.store, &self.hubs).await
+        self.host.http(request).await
     }
 
     /// Refreshes the store counters shown by `/metrics`.

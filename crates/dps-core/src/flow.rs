@@ -96,3 +96,94 @@ pub async fn run_async<F: Flow + ?Sized>(
         };
     }
 }
+
+/// Where [`run_async_until_reply`] stopped.
+#[derive(Debug)]
+pub enum Progress {
+    /// The flow answered and has nothing more to do.
+    Done(Reply),
+    /// The flow answered early (`respond_before_assignment`) and still has work to do: pass `next` to
+    /// [`finish_async`] (typically on a background task) to complete it. Until it completes, polls of the
+    /// operation answer `202 assigning`.
+    Replied {
+        /// The reply to send now.
+        reply: Reply,
+        /// The step the flow asked for after the reply was delivered.
+        next: Step,
+    },
+}
+
+/// Drives a flow until its first [`Step::Respond`], so the caller can answer the client while the rest of
+/// the flow (hub operations, final commit) goes on; see [`Progress`]. A flow that answers last returns
+/// [`Progress::Done`] after the same steps as [`run_async`].
+pub async fn run_async_until_reply<F: Flow + ?Sized>(
+    flow: &mut F,
+    store: &impl AsyncStore,
+    hubs: &impl AsyncHubDirectory,
+) -> Progress {
+    let mut input = Input::Start;
+    loop {
+        input = match flow.resume(input) {
+            Step::Store(op) => Input::Store(store.execute(op).await),
+            Step::Hub(op) => Input::Hub(hubs.execute(op).await),
+            Step::Respond(reply) => {
+                return match flow.resume(Input::Responded) {
+                    Step::Finished => Progress::Done(reply),
+                    next => Progress::Replied { reply, next },
+                };
+            }
+            Step::Finished => return Progress::Done(missing_reply()),
+        };
+    }
+}
+
+/// Completes a flow after [`Progress::Replied`]: performs `next` and every later step. Replies the flow
+/// produces after the first are dropped (the client was already answered).
+pub async fn finish_async<F: Flow + ?Sized>(
+    flow: &mut F,
+    next: Step,
+    store: &impl AsyncStore,
+    hubs: &impl AsyncHubDirectory,
+) {
+    let mut step = next;
+    loop {
+        let input = match step {
+            Step::Store(op) => Input::Store(store.execute(op).await),
+            Step::Hub(op) => Input::Hub(hubs.execute(op).await),
+            Step::Respond(_) => Input::Responded,
+            Step::Finished => return,
+        };
+        step = flow.resume(input);
+    }
+}
+
+/// The blocking twin of [`run_async_until_reply`] + [`finish_async`]: runs the flow to completion and
+/// hands the first reply to `on_reply` as soon as the flow produces it (before its remaining hub work and
+/// final commit), e.g. to write it to a socket from the same thread.
+pub fn run_blocking_with<F: Flow + ?Sized>(
+    flow: &mut F,
+    store: &impl BlockingStore,
+    hubs: &impl BlockingHubDirectory,
+    on_reply: impl FnOnce(Reply),
+) {
+    let mut on_reply = Some(on_reply);
+    let mut input = Input::Start;
+    loop {
+        input = match flow.resume(input) {
+            Step::Store(op) => Input::Store(store.execute(op)),
+            Step::Hub(op) => Input::Hub(hubs.execute(op)),
+            Step::Respond(r) => {
+                if let Some(deliver) = on_reply.take() {
+                    deliver(r);
+                }
+                Input::Responded
+            }
+            Step::Finished => {
+                if let Some(deliver) = on_reply.take() {
+                    deliver(missing_reply());
+                }
+                return;
+            }
+        };
+    }
+}

@@ -23,6 +23,7 @@ pub mod device;
 pub mod engine;
 pub mod flow;
 pub mod hub;
+pub mod object;
 pub mod reply;
 pub mod service;
 pub mod store;
@@ -32,5 +33,8 @@ pub use dps_policy::{BillableOperation, LinkedHub, Meter, MeterEvent};
 pub use dps_proto as proto;
 pub use dps_proto::{DpsError, ErrorCode, Timestamp};
 pub use engine::{DeviceCall, DeviceRequest, Engine, EngineFlow, HttpRequest, ServiceRequest};
-pub use flow::{run_async, run_blocking, Flow, Input, Step};
+pub use flow::{
+    finish_async, run_async, run_async_until_reply, run_blocking, run_blocking_with, Flow, Input, Progress,
+    Step,
+};
 pub use reply::Reply;

@@ -42,40 +42,15 @@
 mod session;
 mod websocket;
 
-use dps_core::proto::id::format_uuid;
-use dps_core::{DeviceRequest, DpsError, Reply, Timestamp};
-use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 pub use websocket::{is_websocket_upgrade, websocket_upgrade_response, WEBSOCKET_SUBPROTOCOL};
 
-/// Runs device API requests; implemented by the server around its engine, store and hub directory.
-pub trait DeviceHandler: Send + Sync + 'static {
-    /// Runs one device API request through the engine.
-    fn handle(&self, request: DeviceRequest) -> impl Future<Output = Reply> + Send;
-
-    /// The reply to a request refused before it reached the engine (a PUBLISH on an unknown or malformed
-    /// topic that still names a `$rid`, TPM attestation over MQTT, a handler task that failed).
-    ///
-    /// The default builds the wire error body with a random tracking ID and the current time; override it
-    /// to draw the tracking ID from the engine's RNG or to count refusals.
-    fn error_reply(&self, error: &DpsError) -> Reply {
-        default_error_reply(error)
-    }
-}
-
-/// The default [`DeviceHandler::error_reply`]: `Reply::error` with a random (v4 UUID) tracking ID and now.
-pub fn default_error_reply(error: &DpsError) -> Reply {
-    Reply::error(error, format_uuid(rand::random::<[u8; 16]>()), now())
-}
-
-/// The current time as an engine [`Timestamp`].
-fn now() -> Timestamp {
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    Timestamp::from_unix_nanos(i64::try_from(nanos).unwrap_or(i64::MAX))
-}
+/// The transport-facing contract of the host (it lives in `dps-host`, shared by every transport); a
+/// `dps_host::Host` implements it.
+pub use dps_host::{default_error_reply, DeviceHandler};
 
 /// Limits of one MQTT session.
 #[derive(Debug, Clone, PartialEq, Eq)]

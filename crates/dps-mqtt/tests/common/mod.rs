@@ -9,10 +9,8 @@ use dps_core::hub::MemoryHubDirectory;
 use dps_core::proto::mqtt::{parse_response_topic, MqttResponse};
 use dps_core::proto::sas::{build_token, device_resource, encode_resource, SymmetricKey};
 use dps_core::proto::{IdScope, Timestamp};
-use dps_core::{
-    run_async, run_blocking, AccessPolicy, DeviceRequest, Engine, EngineConfig, HttpRequest, LinkedHub,
-    Reply, Rights,
-};
+use dps_core::{AccessPolicy, DeviceRequest, EngineConfig, HttpRequest, LinkedHub, Reply, Rights};
+use dps_host::Host;
 use dps_mqtt::{
     is_websocket_upgrade, serve_connection, serve_websocket, websocket_upgrade_response, DeviceHandler,
     MqttError, MqttLimits,
@@ -26,7 +24,7 @@ use rumqttc::mqttbytes::QoS;
 use serde_json::{json, Value};
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::sync::Semaphore;
@@ -49,12 +47,10 @@ pub fn now() -> Timestamp {
     Timestamp::from_unix_nanos(i64::try_from(nanos).unwrap())
 }
 
-/// The real engine on an in-memory store and in-memory hubs, with a seeded RNG.
+/// The real engine, as a `dps_host::Host` on an in-memory store and in-memory hubs, with a seeded RNG.
 pub struct EngineHandler {
-    pub engine: Engine,
-    pub store: MemoryStore,
-    pub hubs: MemoryHubDirectory,
-    rng: Mutex<ChaCha8Rng>,
+    pub host: Host,
+    pub hubs: Arc<MemoryHubDirectory>,
 }
 
 impl EngineHandler {
@@ -70,12 +66,14 @@ impl EngineHandler {
             secondary_key: key(101),
             rights: Rights::ALL,
         });
-        Arc::new(EngineHandler {
-            engine: Engine::new(config).unwrap(),
-            store: MemoryStore::new(),
-            hubs: MemoryHubDirectory::new(),
-            rng: Mutex::new(ChaCha8Rng::seed_from_u64(42)),
-        })
+        let hubs = Arc::new(MemoryHubDirectory::new());
+        let host = Host::builder(config)
+            .store(Arc::new(MemoryStore::new()))
+            .hubs(hubs.clone())
+            .rng(Box::new(ChaCha8Rng::seed_from_u64(42)))
+            .build()
+            .unwrap();
+        Arc::new(EngineHandler { host, hubs })
     }
 
     fn service(&self, method: &str, path: &str, body: Value) -> Reply {
@@ -88,8 +86,8 @@ impl EngineHandler {
             body: serde_json::to_vec(&body).unwrap(),
             ..HttpRequest::default()
         };
-        let mut flow = self.engine.http(t, &mut *self.rng.lock().unwrap(), request);
-        run_blocking(&mut flow, &self.store, &self.hubs)
+        // The in-memory store answers at once, so a plain executor can run the host's future.
+        futures::executor::block_on(self.host.http(request))
     }
 
     /// Creates an individual symmetric-key enrollment.
@@ -111,8 +109,7 @@ impl EngineHandler {
 
 impl DeviceHandler for EngineHandler {
     fn handle(&self, request: DeviceRequest) -> impl Future<Output = Reply> + Send {
-        let mut flow = self.engine.device(now(), &mut *self.rng.lock().unwrap(), request);
-        async move { run_async(&mut flow, &self.store, &self.hubs).await }
+        self.host.device(request)
     }
 }
 

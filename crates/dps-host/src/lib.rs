@@ -1,0 +1,364 @@
+//! The embeddable DPS host: **one object** that owns the engine, a clock, an RNG, the store, the hub
+//! directory and the background work of flows that answered early, with async entry points for device
+//! requests (any transport), HTTP requests (device and service API) and a blocking twin.
+//!
+//! Servers, bindings, tests and tools wrap a [`Host`] instead of wiring "clock + RNG + engine + store +
+//! hubs + driver" themselves:
+//!
+//! ```no_run
+//! # async fn demo(config: dps_core::EngineConfig) -> Result<(), dps_core::DpsError> {
+//! use std::sync::Arc;
+//! let host = dps_host::Host::builder(config)
+//!     .store(Arc::new(dps_store::MemoryStore::new()))
+//!     .hubs(Arc::new(dps_core::hub::MemoryHubDirectory::new()))
+//!     .build()?;
+//! let reply = host.http(dps_core::HttpRequest::default()).await;
+//! # let _ = reply; Ok(()) }
+//! ```
+//!
+//! Transports (`dps-mqtt`, later AMQP) drive a host through the [`DeviceHandler`] trait, which lives here
+//! so that every transport depends on the host's contract rather than on each other.
+//!
+//! **Early answers.** With [`EngineConfig::respond_before_assignment`] (the reference server's default) a
+//! register commits an `assigning` record, the host returns the `202` to the caller, and the remaining
+//! hub work and final commit continue on a background task tracked by the host; polls see `assigning`
+//! until that commit lands. [`Host::drain`] waits for that background work (graceful shutdown).
+
+#![forbid(unsafe_code)]
+// A host crate: it reads the wall clock (SystemClock) and spawns Tokio tasks for early-answered flows.
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
+
+use dps_core::object::{DynHubDirectory, DynStore};
+use dps_core::proto::id::format_uuid;
+use dps_core::store::BlockingStore;
+use dps_core::{
+    finish_async, run_async_until_reply, run_blocking_with, DeviceRequest, DpsError, Engine, EngineConfig,
+    HttpRequest, Progress, Reply, Timestamp,
+};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use rand_core::RngCore;
+use std::fmt;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio_util::task::TaskTracker;
+
+pub use dps_core;
+
+/// The time source of a host. Tests use a fixed or stepped clock; production the [`SystemClock`].
+pub trait Clock: Send + Sync {
+    /// The current time.
+    fn now(&self) -> Timestamp;
+}
+
+/// The wall clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Timestamp {
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        Timestamp::from_unix_nanos(i64::try_from(nanos).unwrap_or(i64::MAX))
+    }
+}
+
+impl<F: Fn() -> Timestamp + Send + Sync> Clock for F {
+    fn now(&self) -> Timestamp {
+        self()
+    }
+}
+
+/// Runs device API requests for a transport (MQTT, AMQP, …) that has already parsed the address into a
+/// [`DeviceRequest`]. A [`Host`] implements it; a server may wrap the host to count requests.
+pub trait DeviceHandler: Send + Sync + 'static {
+    /// Runs one device API request to its reply.
+    fn handle(&self, request: DeviceRequest) -> impl Future<Output = Reply> + Send;
+
+    /// The reply to a request refused before it reached the engine (a PUBLISH on an unknown or malformed
+    /// topic that still names a `$rid`, a handler task that failed).
+    ///
+    /// The default builds the wire error body with a random tracking ID and the current time.
+    fn error_reply(&self, error: &DpsError) -> Reply {
+        default_error_reply(error)
+    }
+}
+
+/// The default [`DeviceHandler::error_reply`]: `Reply::error` with a random tracking ID and the wall clock.
+pub fn default_error_reply(error: &DpsError) -> Reply {
+    let mut b = [0u8; 16];
+    rand::thread_rng().fill_bytes(&mut b);
+    Reply::error(error, format_uuid(b), SystemClock.now())
+}
+
+/// Builds a [`Host`]; see [`Host::builder`].
+pub struct HostBuilder {
+    config: EngineConfig,
+    store: Option<Arc<dyn DynStore>>,
+    hubs: Option<Arc<dyn DynHubDirectory>>,
+    clock: Arc<dyn Clock>,
+    rng: Option<Box<dyn RngCore + Send>>,
+}
+
+impl HostBuilder {
+    /// The store (required): any `AsyncStore + Send + Sync`, e.g. `dps_store::SqliteStore`.
+    pub fn store(mut self, store: Arc<dyn DynStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// The hub directory (default: a new in-memory `MemoryHubDirectory`).
+    pub fn hubs(mut self, hubs: Arc<dyn DynHubDirectory>) -> Self {
+        self.hubs = Some(hubs);
+        self
+    }
+
+    /// The clock (default: [`SystemClock`]).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The RNG for operation IDs, ETags, tracking IDs and generated keys (default: `StdRng` from OS
+    /// entropy). Pass a seeded RNG for reproducible tests.
+    pub fn rng(mut self, rng: Box<dyn RngCore + Send>) -> Self {
+        self.rng = Some(rng);
+        self
+    }
+
+    /// Validates the configuration and builds the host.
+    pub fn build(self) -> Result<Host, DpsError> {
+        let engine = Engine::new(self.config)?;
+        let store = self.store.ok_or_else(|| {
+            DpsError::with_message(dps_core::ErrorCode::InternalError, "Host::builder: no store was given")
+        })?;
+        let hubs = self.hubs.unwrap_or_else(|| Arc::new(dps_core::hub::MemoryHubDirectory::new()));
+        let rng = self.rng.unwrap_or_else(|| Box::new(StdRng::from_entropy()));
+        Ok(Host {
+            inner: Arc::new(Inner {
+                engine,
+                store,
+                hubs,
+                clock: self.clock,
+                rng: Mutex::new(rng),
+                background: TaskTracker::new(),
+            }),
+        })
+    }
+}
+
+struct Inner {
+    engine: Engine,
+    store: Arc<dyn DynStore>,
+    hubs: Arc<dyn DynHubDirectory>,
+    clock: Arc<dyn Clock>,
+    rng: Mutex<Box<dyn RngCore + Send>>,
+    background: TaskTracker,
+}
+
+/// The embeddable provisioning service. Cheap to clone (one `Arc`); share it between connections.
+#[derive(Clone)]
+pub struct Host {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Host {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Host")
+            .field("id_scope", &self.inner.engine.config().id_scope)
+            .field("background_flows", &self.inner.background.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Host {
+    /// Starts building a host for this engine configuration.
+    pub fn builder(config: EngineConfig) -> HostBuilder {
+        HostBuilder { config, store: None, hubs: None, clock: Arc::new(SystemClock), rng: None }
+    }
+
+    /// The engine (its configuration, and flow constructors for callers that drive flows themselves).
+    pub fn engine(&self) -> &Engine {
+        &self.inner.engine
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn DynStore> {
+        &self.inner.store
+    }
+
+    /// The hub directory.
+    pub fn hubs(&self) -> &Arc<dyn DynHubDirectory> {
+        &self.inner.hubs
+    }
+
+    /// The host clock's current time.
+    pub fn now(&self) -> Timestamp {
+        self.inner.clock.now()
+    }
+
+    /// Draws 16 random bytes from the host RNG (e.g. for a tracking ID).
+    pub fn random16(&self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        self.with_rng(|rng| rng.fill_bytes(&mut b));
+        b
+    }
+
+    fn with_rng<T>(&self, f: impl FnOnce(&mut dyn RngCore) -> T) -> T {
+        let mut guard = self.inner.rng.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut **guard)
+    }
+
+    /// An error reply with a tracking ID from the host RNG and the host clock.
+    pub fn error_reply(&self, error: &DpsError) -> Reply {
+        Reply::error(error, format_uuid(self.random16()), self.now())
+    }
+
+    /// Runs a device API request (already addressed by a transport) to its reply. If the flow answers
+    /// early, the rest of it continues on a background task (see the crate docs); this needs a Tokio
+    /// runtime only in that case.
+    pub async fn device(&self, request: DeviceRequest) -> Reply {
+        let now = self.now();
+        let flow = self.with_rng(|rng| self.inner.engine.device(now, rng, request));
+        self.drive(flow).await
+    }
+
+    /// Runs an HTTP request (device or service API: method, path and query, headers, body) to its reply.
+    pub async fn http(&self, request: HttpRequest) -> Reply {
+        let now = self.now();
+        let flow = self.with_rng(|rng| self.inner.engine.http(now, rng, request));
+        self.drive(flow).await
+    }
+
+    async fn drive<F: dps_core::Flow + Send + 'static>(&self, mut flow: F) -> Reply {
+        let inner = &self.inner;
+        match run_async_until_reply(&mut flow, &inner.store, &inner.hubs).await {
+            Progress::Done(reply) => reply,
+            Progress::Replied { reply, next } => {
+                let store = Arc::clone(&inner.store);
+                let hubs = Arc::clone(&inner.hubs);
+                inner.background.spawn(async move {
+                    finish_async(&mut flow, next, &store, &hubs).await;
+                });
+                reply
+            }
+        }
+    }
+
+    /// How many early-answered flows are still finishing in the background.
+    pub fn background_flows(&self) -> usize {
+        self.inner.background.len()
+    }
+
+    /// Waits until every background flow started so far has finished (call on shutdown, before closing
+    /// the store). New requests may still be served meanwhile.
+    pub async fn drain(&self) {
+        let tracker = &self.inner.background;
+        tracker.close();
+        tracker.wait().await;
+        tracker.reopen();
+    }
+}
+
+impl DeviceHandler for Host {
+    fn handle(&self, request: DeviceRequest) -> impl Future<Output = Reply> + Send {
+        self.device(request)
+    }
+
+    fn error_reply(&self, error: &DpsError) -> Reply {
+        Host::error_reply(self, error)
+    }
+}
+
+/// The blocking twin of [`Host`], for embedders without an async runtime (scripts, FFI callers, tests):
+/// a blocking store (e.g. `MemoryStore`, or `SqliteStore` through its blocking interface) and a blocking hub
+/// directory, driven on the caller's thread.
+pub struct BlockingHost<S, H> {
+    engine: Engine,
+    store: S,
+    hubs: H,
+    clock: Arc<dyn Clock>,
+    rng: Mutex<Box<dyn RngCore + Send>>,
+}
+
+impl<S, H> fmt::Debug for BlockingHost<S, H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BlockingHost")
+            .field("id_scope", &self.engine.config().id_scope)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: BlockingStore, H: dps_core::hub::BlockingHubDirectory> BlockingHost<S, H> {
+    /// A blocking host with the system clock and an OS-seeded RNG.
+    pub fn new(config: EngineConfig, store: S, hubs: H) -> Result<Self, DpsError> {
+        Ok(BlockingHost {
+            engine: Engine::new(config)?,
+            store,
+            hubs,
+            clock: Arc::new(SystemClock),
+            rng: Mutex::new(Box::new(StdRng::from_entropy())),
+        })
+    }
+
+    /// Replaces the clock.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Replaces the RNG.
+    pub fn with_rng(mut self, rng: Box<dyn RngCore + Send>) -> Self {
+        self.rng = Mutex::new(rng);
+        self
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The hub directory.
+    pub fn hubs(&self) -> &H {
+        &self.hubs
+    }
+
+    /// Runs a device API request to completion and returns its (first) reply.
+    pub fn device(&self, request: DeviceRequest) -> Reply {
+        let now = self.clock.now();
+        let mut flow = {
+            let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+            self.engine.device(now, &mut **rng, request)
+        };
+        let mut out = None;
+        run_blocking_with(&mut flow, &self.store, &self.hubs, |r| out = Some(r));
+        out.unwrap_or_else(|| Reply::error_plain(&internal("the flow finished without a reply")))
+    }
+
+    /// Runs an HTTP request (device or service API) to completion and returns its (first) reply.
+    pub fn http(&self, request: HttpRequest) -> Reply {
+        let mut out = None;
+        self.http_with(request, |r| out = Some(r));
+        out.unwrap_or_else(|| Reply::error_plain(&internal("the flow finished without a reply")))
+    }
+
+    /// Runs an HTTP request, handing its reply to `on_reply` as soon as the flow produces it (an early
+    /// `202`), then finishes the flow on this thread before returning.
+    pub fn http_with(&self, request: HttpRequest, on_reply: impl FnOnce(Reply)) {
+        let now = self.clock.now();
+        let mut flow = {
+            let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+            self.engine.http(now, &mut **rng, request)
+        };
+        run_blocking_with(&mut flow, &self.store, &self.hubs, on_reply);
+    }
+}
+
+fn internal(message: &str) -> DpsError {
+    DpsError::with_message(dps_core::ErrorCode::InternalError, message)
+}

@@ -1,0 +1,151 @@
+//! The host as an embedder uses it: one object, real engine, in-memory store, a hub directory whose upsert
+//! can be held back to observe the early 202 and the background completion.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
+
+use dps_core::hub::{AsyncHubDirectory, HubError, HubOp, HubResult, MemoryHubDirectory};
+use dps_core::proto::sas::{build_token, device_resource, encode_resource, SymmetricKey};
+use dps_core::proto::IdScope;
+use dps_core::{AccessPolicy, EngineConfig, HttpRequest, LinkedHub, Reply, Rights};
+use dps_host::{BlockingHost, Host};
+use dps_store::MemoryStore;
+use serde_json::{json, Value};
+use std::future::Future;
+use std::sync::Arc;
+use tokio::sync::Semaphore;
+
+const SCOPE: &str = "0ne0000B0A7";
+const HOST: &str = "dps.example.net";
+const HUB: &str = "hub-1.example.net";
+
+fn key(b: u8) -> SymmetricKey {
+    SymmetricKey::from_bytes(vec![b; 32])
+}
+
+fn config(early: bool) -> EngineConfig {
+    let mut c = EngineConfig::new(
+        IdScope::parse(SCOPE).unwrap(),
+        HOST,
+        vec![LinkedHub::new(HUB, None, None).unwrap()],
+    )
+    .with_policy(AccessPolicy {
+        key_name: "owner".into(),
+        primary_key: key(1),
+        secondary_key: key(2),
+        rights: Rights::ALL,
+    });
+    c.respond_before_assignment = early;
+    c
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+fn service(method: &str, path: &str, body: Value) -> HttpRequest {
+    HttpRequest {
+        method: method.into(),
+        path_and_query: format!("{path}?api-version=2021-10-01"),
+        authorization: Some(build_token(&key(1), HOST, unix_now() + 600, Some("owner"))),
+        body: serde_json::to_vec(&body).unwrap(),
+        ..HttpRequest::default()
+    }
+}
+
+fn group_body() -> Value {
+    json!({"enrollmentGroupId": "g1", "attestation": {"type": "symmetricKey",
+        "symmetricKey": {"primaryKey": key(7).to_base64(), "secondaryKey": key(8).to_base64()}}})
+}
+
+fn device(method: &str, path: &str, registration_id: &str) -> HttpRequest {
+    let device_key = key(7).derive_device_key(registration_id);
+    let sr = encode_resource(&device_resource(SCOPE, registration_id));
+    HttpRequest {
+        method: method.into(),
+        path_and_query: format!("/{SCOPE}/registrations/{registration_id}{path}?api-version=2021-10-01"),
+        authorization: Some(build_token(&device_key, &sr, unix_now() + 600, Some("registration"))),
+        body: serde_json::to_vec(&json!({"registrationId": registration_id})).unwrap(),
+        ..HttpRequest::default()
+    }
+}
+
+fn body(r: &Reply) -> Value {
+    serde_json::from_slice(&r.body).unwrap()
+}
+
+/// A memory hub whose upserts wait for a permit.
+struct HeldHubs {
+    inner: MemoryHubDirectory,
+    gate: Semaphore,
+}
+
+impl AsyncHubDirectory for HeldHubs {
+    fn execute(&self, op: HubOp) -> impl Future<Output = Result<HubResult, HubError>> + Send {
+        async move {
+            if matches!(op, HubOp::UpsertDevice { .. }) {
+                self.gate.acquire().await.unwrap().forget();
+            }
+            dps_core::hub::BlockingHubDirectory::execute(&self.inner, op)
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_answer_returns_202_before_the_hub_work_and_polls_see_assigning_until_commit() {
+    let hubs = Arc::new(HeldHubs { inner: MemoryHubDirectory::new(), gate: Semaphore::new(0) });
+    let host =
+        Host::builder(config(true)).store(Arc::new(MemoryStore::new())).hubs(hubs.clone()).build().unwrap();
+    assert_eq!(host.http(service("PUT", "/enrollmentGroups/g1", group_body())).await.status, 200);
+
+    let registered = host.http(device("PUT", "/register", "dev-1")).await;
+    assert_eq!(registered.status, 202, "{}", String::from_utf8_lossy(&registered.body));
+    assert_eq!(body(&registered)["status"], "assigning");
+    let op = body(&registered)["operationId"].as_str().unwrap().to_owned();
+    assert!(hubs.inner.device(HUB, "dev-1").is_none(), "the hub work has not happened yet");
+    assert_eq!(host.background_flows(), 1);
+
+    let poll = host.http(device("GET", &format!("/operations/{op}"), "dev-1")).await;
+    assert_eq!(poll.status, 202);
+    assert_eq!(body(&poll)["status"], "assigning");
+
+    hubs.gate.add_permits(1);
+    host.drain().await;
+    assert_eq!(host.background_flows(), 0);
+    assert!(hubs.inner.device(HUB, "dev-1").is_some());
+    let poll = host.http(device("GET", &format!("/operations/{op}"), "dev-1")).await;
+    assert_eq!(poll.status, 200);
+    assert_eq!(body(&poll)["registrationState"]["assignedHub"], HUB);
+}
+
+#[tokio::test]
+async fn late_answer_returns_the_assignment_with_the_first_reply_and_leaves_nothing_behind() {
+    let hubs = Arc::new(MemoryHubDirectory::new());
+    let host =
+        Host::builder(config(false)).store(Arc::new(MemoryStore::new())).hubs(hubs.clone()).build().unwrap();
+    assert_eq!(host.http(service("PUT", "/enrollmentGroups/g1", group_body())).await.status, 200);
+    let registered = host.http(device("PUT", "/register", "dev-2")).await;
+    assert_eq!(registered.status, 202);
+    assert_eq!(host.background_flows(), 0);
+    assert!(hubs.device(HUB, "dev-2").is_some(), "the device is on its hub when the 202 is returned");
+}
+
+#[test]
+fn blocking_host_hands_out_the_early_reply_then_finishes_on_the_same_thread() {
+    let host = BlockingHost::new(config(true), MemoryStore::new(), MemoryHubDirectory::new()).unwrap();
+    assert_eq!(host.http(service("PUT", "/enrollmentGroups/g1", group_body())).status, 200);
+    let mut seen = None;
+    host.http_with(device("PUT", "/register", "dev-3"), |reply| {
+        // Delivered before the hub upsert.
+        seen = Some((reply.status, host.hubs().device(HUB, "dev-3").is_some()));
+    });
+    assert_eq!(seen, Some((202, false)));
+    assert!(host.hubs().device(HUB, "dev-3").is_some());
+    let status = host.http(device("POST", "", "dev-3"));
+    assert_eq!(status.status, 200, "{}", String::from_utf8_lossy(&status.body));
+    assert_eq!(body(&status)["status"], "assigned");
+}
+
+#[tokio::test]
+async fn a_host_without_a_store_is_refused_with_a_clear_message() {
+    let err = Host::builder(config(false)).build().unwrap_err();
+    assert!(err.message.contains("no store"), "{}", err.message);
+}
