@@ -242,6 +242,10 @@ async fn handle_https(mut req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Resp {
         method: parts.method.as_str().to_owned(),
         path_and_query: path_and_query.clone(),
         authorization: header_string(&parts.headers, "authorization"),
+        client_certificates: ctx
+            .client_certs
+            .as_ref()
+            .map(|chain| chain.iter().map(|c| c.as_ref().to_vec()).collect()),
         if_match: header_string(&parts.headers, "if-match"),
         max_item_count: header_string(&parts.headers, "x-ms-max-item-count"),
         continuation: header_string(&parts.headers, "x-ms-continuation"),

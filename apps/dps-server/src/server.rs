@@ -434,10 +434,16 @@ async fn serve_admin(
 
 async fn serve_mqtt(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, _permit: OwnedSemaphorePermit) {
     let _open = shared.state.metrics.open_connection(Transport::Mqtt);
-    let Some((tls, _client_certs)) = handshake(stream, peer, &shared).await else {
+    let Some((tls, client_certs)) = handshake(stream, peer, &shared).await else {
         return;
     };
-    let session = dps_mqtt::serve_connection(tls, Arc::clone(&shared.mqtt_handler), &shared.mqtt_limits);
+    let chain = client_certs.map(|chain| chain.iter().map(|c| c.as_ref().to_vec()).collect());
+    let session = dps_mqtt::serve_connection_with_peer(
+        tls,
+        Arc::clone(&shared.mqtt_handler),
+        &shared.mqtt_limits,
+        chain,
+    );
     let stopped = phase_reached(shared.phase.clone(), Phase::Stopped);
     tokio::select! {
         r = session => if let Err(e) = r {
@@ -461,10 +467,13 @@ pub(crate) fn spawn_websocket(ctx: Arc<ConnCtx>, on_upgrade: hyper::upgrade::OnU
         };
         // The connection's permit stays held (through `ctx`) while the WebSocket session runs.
         let _open = ctx.shared.state.metrics.open_connection(Transport::WebSocket);
-        let session = dps_mqtt::serve_websocket(
+        let chain =
+            ctx.client_certs.as_ref().map(|chain| chain.iter().map(|c| c.as_ref().to_vec()).collect());
+        let session = dps_mqtt::serve_websocket_with_peer(
             TokioIo::new(upgraded),
             Arc::clone(&ctx.shared.websocket_handler),
             &ctx.shared.mqtt_limits,
+            chain,
         );
         let stopped = phase_reached(ctx.shared.phase.clone(), Phase::Stopped);
         tokio::select! {

@@ -17,6 +17,7 @@
 //! This crate does no I/O and reads no clock: `now` is an argument.
 #![forbid(unsafe_code)]
 
+use dps_proto::credential::{CertificateChain, Credential, TpmRegistration};
 use dps_proto::model::{AttestationType, EnrollmentGroup, IndividualEnrollment, ProvisioningStatus};
 use dps_proto::sas::{device_resource, SasToken, SymmetricKey};
 use dps_proto::{DpsError, EnrollmentGroupId, ErrorCode, IdScope, RegistrationId, Timestamp};
@@ -217,6 +218,105 @@ fn decide<'a>(
             secondary_key,
             key_index,
         })
+    }
+}
+
+/// The credential the device's hub identity gets, named by the attestation proof.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HubCredential {
+    /// Symmetric keys (the enrollment's, or derived from the group's).
+    Keys {
+        /// Primary key.
+        primary: SymmetricKey,
+        /// Secondary key.
+        secondary: SymmetricKey,
+    },
+    /// X.509 thumbprints (SHA-1 or SHA-256 hex of the device certificate).
+    X509Thumbprints {
+        /// Primary thumbprint.
+        primary: String,
+        /// Secondary thumbprint.
+        secondary: Option<String>,
+    },
+    /// A TPM endorsement key (base64 TPM2B_PUBLIC).
+    Tpm {
+        /// The endorsement key.
+        endorsement_key: String,
+    },
+}
+
+impl VerifiedDevice<'_> {
+    /// The credential to install on the device's hub identity.
+    pub fn hub_credential(&self) -> HubCredential {
+        HubCredential::Keys { primary: self.primary_key.clone(), secondary: self.secondary_key.clone() }
+    }
+}
+
+/// A credential checked for everything that needs no storage (syntax, expiry), ready for [`attest`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Presented {
+    /// A parsed, unexpired SAS token.
+    SasToken(SasToken),
+    /// A TLS client-certificate chain.
+    ClientCertificate(CertificateChain),
+    /// TPM registration keys.
+    Tpm(TpmRegistration),
+}
+
+/// First half of attestation, before any storage is read: parses a SAS token (`401004`) and checks its
+/// expiry (`401001`); a request with no credential at all is `401004`.
+pub fn prepare(now: Timestamp, credential: &Credential) -> Result<Presented, DpsError> {
+    match credential {
+        Credential::SasToken(raw) => {
+            let token = SasToken::parse(raw)?;
+            if token.is_expired(now) {
+                return Err(DpsError::with_message(
+                    ErrorCode::TokenExpired,
+                    format!("The SAS token expired at {} (now {}).", token.expiry(), now.unix_seconds()),
+                ));
+            }
+            Ok(Presented::SasToken(token))
+        }
+        Credential::ClientCertificate(chain) => Ok(Presented::ClientCertificate(chain.clone())),
+        Credential::Tpm(tpm) => Ok(Presented::Tpm(tpm.clone())),
+        _ => Err(DpsError::with_message(
+            ErrorCode::MalformedToken,
+            "The request has no Authorization (SharedAccessSignature) and no client certificate.",
+        )),
+    }
+}
+
+/// The one attestation dispatcher: verifies a [`Presented`] credential against the device's individual
+/// enrollment (if any) and the instance's groups, and returns the proof naming the enrollment and the hub
+/// credential. Symmetric keys are verified as [`attest_symmetric_key`] describes; X.509 and TPM answer
+/// their precise "not supported yet" errors (`401002` for a presented client certificate, `401000` for
+/// TPM) until those mechanisms land.
+pub fn attest<'a>(
+    now: Timestamp,
+    id_scope: &IdScope,
+    registration_id: &RegistrationId,
+    presented: &Presented,
+    individual: Option<&'a IndividualEnrollment>,
+    groups: &'a [EnrollmentGroup],
+) -> Result<Attestation<'a>, DpsError> {
+    match presented {
+        Presented::SasToken(token) => {
+            attest_symmetric_key(now, id_scope, registration_id, token, individual, groups)
+        }
+        Presented::ClientCertificate(chain) => Err(DpsError::with_message(
+            ErrorCode::InvalidCertificate,
+            format!(
+                "Registration '{registration_id}' presented a client certificate ({} in the chain), but \
+                 X.509 attestation is not supported yet by this service; use symmetric-key attestation.",
+                chain.der.len()
+            ),
+        )),
+        Presented::Tpm(_) => Err(DpsError::with_message(
+            ErrorCode::Unauthorized,
+            "TPM attestation is not supported by this service; use symmetric-key attestation.",
+        )),
     }
 }
 

@@ -131,7 +131,7 @@ fn register_request(group_key: &SymmetricKey, i: u64) -> DeviceRequest {
         registration_id: RegistrationId::parse(&id).unwrap(),
         call: DeviceCall::Register { force: false },
         api_version: None,
-        authorization: Some(build_token(
+        credential: dps_core::proto::Credential::SasToken(build_token(
             &k,
             &encode_resource(&device_resource(SCOPE, &id)),
             NOW + 3600,

@@ -125,7 +125,7 @@ impl ClientRequest {
             registration_id: self.registration_id.clone(),
             call: self.call.clone(),
             api_version: Some(self.api_version.clone()),
-            authorization: Some(self.authorization.clone()),
+            credential: dps_proto::Credential::SasToken(self.authorization.clone()),
             body: self.body.clone(),
         }
     }

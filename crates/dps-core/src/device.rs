@@ -11,15 +11,15 @@ use crate::flow::{Flow, Input, Step};
 use crate::hub::{DeviceIdentity, DeviceTwin, HubError, HubOp, HubResult};
 use crate::reply::Reply;
 use crate::store::{DeviceContext, EnrollmentRef, RegistrationRecord, StoreError, StoreOp, StoreResult};
-use dps_attest::{attest_symmetric_key, Attestation, MatchedEnrollment, VerifiedDevice};
+use dps_attest::{Attestation, MatchedEnrollment, Presented, VerifiedDevice};
 use dps_policy::{
     allocate, billable_device_operation, candidate_hubs, Assignment, DeviceOperation, MeterEvent, TwinSource,
 };
+use dps_proto::credential::{Credential, TpmRegistration};
 use dps_proto::model::{
     AllocationPolicy, DeviceRegistration, DeviceRegistrationResult, InitialTwin, RegistrationOperationStatus,
     RegistrationStatus, RegistrationSubstatus, SymmetricKeyRegistrationResult,
 };
-use dps_proto::sas::SasToken;
 use dps_proto::{
     ApiVersion, DpsError, EnrollmentGroupId, ErrorCode, Etag, OperationId, RegistrationId, Timestamp,
     MAX_BODY_BYTES,
@@ -82,7 +82,7 @@ pub struct DeviceFlow {
     now: Timestamp,
     nonces: Nonces,
     request: DeviceRequest,
-    token: Option<SasToken>,
+    presented: Option<Presented>,
     body: DeviceRegistration,
     state: State,
 }
@@ -99,7 +99,7 @@ impl DeviceFlow {
             now,
             nonces,
             request,
-            token: None,
+            presented: None,
             body: DeviceRegistration::default(),
             state: State::Start,
         }
@@ -145,39 +145,29 @@ impl DeviceFlow {
                 ));
             }
         }
-        let Some(auth) = self.request.authorization.as_deref() else {
-            if self.body.tpm.is_some() {
-                return Err(DpsError::with_message(
-                    ErrorCode::Unauthorized,
-                    "TPM attestation is not supported by this service; use symmetric-key attestation.",
-                ));
+        if self.request.credential == Credential::None {
+            if let Some(tpm) = &self.body.tpm {
+                // A TPM device's first register carries its keys in the body, with no Authorization.
+                self.request.credential = Credential::Tpm(TpmRegistration {
+                    endorsement_key: tpm.endorsement_key.clone().unwrap_or_default(),
+                    storage_root_key: tpm.storage_root_key.clone().unwrap_or_default(),
+                });
             }
-            return Err(DpsError::with_message(
-                ErrorCode::MalformedToken,
-                "The request has no Authorization (SharedAccessSignature) and no client certificate.",
-            ));
-        };
-        let token = SasToken::parse(auth)?;
-        if token.is_expired(self.now) {
-            return Err(DpsError::with_message(
-                ErrorCode::TokenExpired,
-                format!("The SAS token expired at {} (now {}).", token.expiry(), self.now.unix_seconds()),
-            ));
         }
-        self.token = Some(token);
+        self.presented = Some(dps_attest::prepare(self.now, &self.request.credential)?);
         self.state = State::AwaitContext;
         Ok(Step::Store(StoreOp::LoadDeviceContext { registration_id: self.request.registration_id.clone() }))
     }
 
     fn on_context(&mut self, ctx: DeviceContext) -> Result<Step, DpsError> {
-        let Some(token) = self.token.as_ref() else {
-            return Err(DpsError::with_message(ErrorCode::InternalError, "token missing after start"));
+        let Some(presented) = self.presented.as_ref() else {
+            return Err(DpsError::with_message(ErrorCode::InternalError, "credential missing after start"));
         };
-        let attestation = attest_symmetric_key(
+        let attestation = dps_attest::attest(
             self.now,
             &self.config.id_scope,
             &self.request.registration_id,
-            token,
+            presented,
             ctx.individual.as_ref(),
             &ctx.symmetric_key_groups,
         )?;

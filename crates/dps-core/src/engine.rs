@@ -7,7 +7,9 @@ use crate::reply::Reply;
 use crate::service::ServiceFlow;
 use dps_proto::id::format_uuid;
 use dps_proto::route::{parse_route, Route};
-use dps_proto::{ApiVersion, DpsError, ErrorCode, IdScope, OperationId, RegistrationId, Timestamp};
+use dps_proto::{
+    ApiVersion, Credential, DpsError, ErrorCode, IdScope, OperationId, RegistrationId, Timestamp,
+};
 use rand_core::RngCore;
 use std::sync::Arc;
 
@@ -36,8 +38,9 @@ pub struct DeviceRequest {
     pub call: DeviceCall,
     /// The api-version, if sent.
     pub api_version: Option<ApiVersion>,
-    /// The `Authorization` header or MQTT password.
-    pub authorization: Option<String>,
+    /// What the device presented: the `Authorization` header or MQTT password as a SAS token, the TLS
+    /// client-certificate chain, TPM keys, or nothing (see [`Credential::from_transport`]).
+    pub credential: Credential,
     /// The request body (may be empty; ignored for polls).
     pub body: Vec<u8>,
 }
@@ -70,6 +73,9 @@ pub struct HttpRequest {
     pub path_and_query: String,
     /// `Authorization` header.
     pub authorization: Option<String>,
+    /// The TLS client-certificate chain of the connection (DER, leaf first), if the client sent one; a
+    /// device request without `Authorization` is attested by it.
+    pub client_certificates: Option<Vec<Vec<u8>>>,
     /// `If-Match` header.
     pub if_match: Option<String>,
     /// `x-ms-max-item-count` header.
@@ -149,7 +155,10 @@ impl Engine {
             registration_id,
             call,
             api_version: matched.api_version.clone(),
-            authorization: request.authorization.clone(),
+            credential: Credential::from_transport(
+                request.authorization.clone(),
+                request.client_certificates.clone(),
+            ),
             body: request.body.clone(),
         };
         match matched.route {

@@ -105,6 +105,7 @@ impl World {
             if_match: if_match.map(str::to_owned),
             max_item_count: page.map(|p| p.to_string()),
             continuation: continuation.map(str::to_owned),
+            client_certificates: None,
             body: body.map(|b| serde_json::to_vec(&b).unwrap()).unwrap_or_default(),
         };
         let mut flow = self.engine.http(self.now, &mut self.rng, request);
@@ -148,7 +149,7 @@ impl World {
             registration_id: RegistrationId::parse(id).unwrap(),
             call,
             api_version: Some(ApiVersion::V2021_06_01),
-            authorization,
+            credential: dps_core::proto::Credential::from_transport(authorization, None),
             body: body.to_vec(),
         };
         let mut flow = self.engine.device(self.now, &mut self.rng, request);
@@ -529,7 +530,7 @@ fn respond_before_assignment_polls_see_assigning() {
         registration_id: RegistrationId::parse("dev-1").unwrap(),
         call: DeviceCall::Register { force: false },
         api_version: None,
-        authorization: Some(t.clone()),
+        credential: dps_core::proto::Credential::SasToken(t.clone()),
         body: Vec::new(),
     };
     let mut flow = w.engine.device(w.now, &mut w.rng, request);
@@ -579,7 +580,7 @@ fn concurrent_registrations_of_one_device_conflict() {
             registration_id: RegistrationId::parse("dev-1").unwrap(),
             call: DeviceCall::Register { force: false },
             api_version: None,
-            authorization: Some(t.clone()),
+            credential: dps_core::proto::Credential::SasToken(t.clone()),
             body: Vec::new(),
         };
         w.engine.device(w.now, &mut w.rng, request)

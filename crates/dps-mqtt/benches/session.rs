@@ -169,7 +169,7 @@ fn sessions(c: &mut Criterion) {
                 registration_id: RegistrationId::parse(&id).unwrap(),
                 call: DeviceCall::Register { force: false },
                 api_version: None,
-                authorization: Some(token),
+                credential: dps_core::proto::Credential::SasToken(token),
                 body: Vec::new(),
             };
             let reply = rt.block_on(world.handle(request));

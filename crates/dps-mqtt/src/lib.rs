@@ -153,8 +153,24 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
     H: DeviceHandler,
 {
+    serve_connection_with_peer(stream, handler, limits, None).await
+}
+
+/// [`serve_connection`] for a TLS connection whose client sent a certificate chain (DER, leaf first): every
+/// request of the session carries it as its [`Credential`](dps_core::proto::Credential) when the CONNECT
+/// has no password (SAS), so X.509 devices on port 8883 are attested by their certificate.
+pub async fn serve_connection_with_peer<S, H>(
+    stream: S,
+    handler: Arc<H>,
+    limits: &MqttLimits,
+    client_certificates: Option<Vec<Vec<u8>>>,
+) -> Result<(), MqttError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+    H: DeviceHandler,
+{
     let mut transport = session::RawTransport::new(stream);
-    session::run(&mut transport, handler, limits).await
+    session::run(&mut transport, handler, limits, client_certificates).await
 }
 
 /// Serves one MQTT-over-WebSocket connection: `io` is the upgraded stream after the server wrote the `101`
@@ -169,6 +185,21 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
     H: DeviceHandler,
 {
+    serve_websocket_with_peer(io, handler, limits, None).await
+}
+
+/// [`serve_websocket`] for a TLS connection whose client sent a certificate chain (see
+/// [`serve_connection_with_peer`]).
+pub async fn serve_websocket_with_peer<S, H>(
+    io: S,
+    handler: Arc<H>,
+    limits: &MqttLimits,
+    client_certificates: Option<Vec<Vec<u8>>>,
+) -> Result<(), MqttError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+    H: DeviceHandler,
+{
     let mut transport = websocket::WsTransport::new(io, limits).await;
-    session::run(&mut transport, handler, limits).await
+    session::run(&mut transport, handler, limits, client_certificates).await
 }

@@ -10,7 +10,7 @@ use dps_core::proto::mqtt::{
     parse_request_topic, parse_username, register_topic, response_topic, MqttRequest, MqttUsername,
     RESPONSE_TOPIC_FILTER,
 };
-use dps_core::proto::RegistrationId;
+use dps_core::proto::{Credential, RegistrationId};
 use dps_core::{DeviceCall, DeviceRequest, DpsError, ErrorCode, Reply};
 use rumqttc::mqttbytes::v4::{
     ConnAck, Connect, ConnectReturnCode, Packet, PubAck, Publish, SubAck, Subscribe, SubscribeReasonCode,
@@ -111,8 +111,10 @@ pub(crate) async fn run<T: Transport, H: DeviceHandler>(
     transport: &mut T,
     handler: Arc<H>,
     limits: &MqttLimits,
+    client_certificates: Option<Vec<Vec<u8>>>,
 ) -> Result<(), MqttError> {
     let mut session = Session::new(handler, limits);
+    session.client_certificates = client_certificates.filter(|c| !c.is_empty());
     let result = session.serve(transport).await;
     if !matches!(result, Err(MqttError::Io(_) | MqttError::WriteTimeout(_))) {
         // What was answered but not yet written (e.g. the replies before a DISCONNECT) still goes out.
@@ -211,6 +213,8 @@ struct Session<H> {
     queue: VecDeque<(String, Pending)>,
     /// A request that arrived while `queue` was full; reading pauses until it can start.
     parked: Option<(String, Job)>,
+    /// The TLS client-certificate chain of the connection (DER, leaf first), if the client sent one.
+    client_certificates: Option<Vec<Vec<u8>>>,
 }
 
 impl<H: DeviceHandler> Session<H> {
@@ -231,6 +235,7 @@ impl<H: DeviceHandler> Session<H> {
             pkid: 0,
             queue: VecDeque::new(),
             parked: None,
+            client_certificates: None,
         }
     }
 
@@ -499,7 +504,7 @@ impl<H: DeviceHandler> Session<H> {
             registration_id: c.username.registration_id.clone(),
             call,
             api_version: c.username.api_version.clone(),
-            authorization: c.password.clone(),
+            credential: Credential::from_transport(c.password.clone(), self.client_certificates.clone()),
             body,
         })
     }
@@ -778,7 +783,7 @@ mod tests {
             let counting = CountingIo { inner: server, flushes: Arc::clone(&flushes) };
             let session = tokio::spawn(async move {
                 let mut transport = RawTransport::new(counting);
-                run(&mut transport, handler, &MqttLimits::default()).await
+                run(&mut transport, handler, &MqttLimits::default(), None).await
             });
             let mut client = TestClient { io, buf: BytesMut::new(), flushes, session };
             let mut connect = Connect::new("dev-1");

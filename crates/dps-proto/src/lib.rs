@@ -11,6 +11,7 @@
 //! - [`time`]: timestamps passed in by callers.
 #![forbid(unsafe_code)]
 
+pub mod credential;
 pub mod error;
 pub mod id;
 pub mod model;
@@ -20,6 +21,7 @@ pub mod route;
 pub mod sas;
 pub mod time;
 
+pub use credential::Credential;
 pub use error::{DpsError, ErrorBody, ErrorCode};
 pub use id::{ApiVersion, DeviceId, EnrollmentGroupId, Etag, IdScope, IfMatch, OperationId, RegistrationId};
 pub use time::Timestamp;

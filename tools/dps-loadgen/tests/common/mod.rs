@@ -141,6 +141,7 @@ impl EngineServer {
                                     .map(|p| p.as_str().to_owned())
                                     .unwrap_or_default(),
                                 authorization: header(&request, "authorization"),
+                                client_certificates: None,
                                 if_match: header(&request, "if-match"),
                                 max_item_count: header(&request, "x-ms-max-item-count"),
                                 continuation: header(&request, "x-ms-continuation"),
@@ -231,7 +232,10 @@ where
                         registration_id: user.registration_id.clone(),
                         call,
                         api_version: user.api_version.clone(),
-                        authorization: Some(login.password.clone()),
+                        credential: dps_core::proto::Credential::from_transport(
+                            Some(login.password.clone()),
+                            None,
+                        ),
                         body: p.payload.to_vec(),
                     })
                     .await;
