@@ -131,25 +131,41 @@ struct KeepKeys {
 
 impl KeepKeys {
     /// The write, given the stored item (`Err(None)`: the store answered with the wrong kind of result).
-    fn into_put(self, stored: Result<StoreResult, StoreError>) -> Result<StoreOp, Option<StoreError>> {
+    ///
+    /// A read-modify-write never loses an update: a request without `If-Match` writes with `If-Match` of
+    /// the ETag it read (or create-only when nothing was stored), so a writer that changed the item in
+    /// between makes this write fail (reported as `409` "changed concurrently"; see [`guard_result`])
+    /// instead of being overwritten with keys from a stale read.
+    fn into_put(
+        self,
+        stored: Result<StoreResult, StoreError>,
+    ) -> Result<(StoreOp, bool), Option<StoreError>> {
         let KeepKeys { item, supplied, condition } = self;
-        let item = match (item, stored) {
+        let read_etag = |etag: Option<&String>| etag.map(|e| IfMatch::parse(e));
+        let (item, stored_etag) = match (item, stored) {
             (Prepared::Enrollment(id, mut e), Ok(StoreResult::Enrollment(stored))) => {
+                let etag = stored.as_ref().map(|s| read_etag(s.etag.as_ref()));
                 if let Some(stored) = stored {
                     keep_stored_keys(&mut e.attestation, &stored.attestation, supplied);
                 }
-                Prepared::Enrollment(id, e)
+                (Prepared::Enrollment(id, e), etag)
             }
             (Prepared::Group(id, mut g), Ok(StoreResult::Group(stored))) => {
+                let etag = stored.as_ref().map(|s| read_etag(s.etag.as_ref()));
                 if let Some(stored) = stored {
                     keep_stored_keys(&mut g.attestation, &stored.attestation, supplied);
                 }
-                Prepared::Group(id, g)
+                (Prepared::Group(id, g), etag)
             }
             (_, Err(e)) => return Err(Some(e)),
             (_, Ok(_)) => return Err(None),
         };
-        Ok(item.put(condition))
+        let (condition, guarded) = match (condition, stored_etag) {
+            (WriteCondition::Upsert, None) => (WriteCondition::CreateOnly, true),
+            (WriteCondition::Upsert, Some(Some(Ok(etag)))) => (WriteCondition::IfMatch(etag), true),
+            (condition, _) => (condition, false),
+        };
+        Ok((item.put(condition), guarded))
     }
 }
 
@@ -168,7 +184,11 @@ enum Job {
         items: VecDeque<BulkItem>,
         current: Option<(String, Option<KeepKeys>)>,
         errors: Vec<BulkEnrollmentOperationError>,
+        /// The write in flight is the guarded half of a read-modify-write.
+        guarded: bool,
     },
+    /// The guarded write of a read-modify-write is in flight (see [`KeepKeys::into_put`]).
+    Guarded(Then),
     Done,
 }
 
@@ -744,6 +764,18 @@ fn query_reply(reply: Reply, item_type: &str, size: usize, next: Option<String>)
     }
 }
 
+/// A guarded write (If-Match of the ETag read, or create-only) that lost to a concurrent writer.
+fn guard_error(e: StoreError) -> StoreError {
+    match e {
+        StoreError::PreconditionFailed | StoreError::AlreadyExists => StoreError::Conflict,
+        other => other,
+    }
+}
+
+fn guard_result(result: Result<StoreResult, StoreError>) -> Result<StoreResult, StoreError> {
+    result.map_err(guard_error)
+}
+
 fn check_bulk_size(n: usize) -> Result<(), DpsError> {
     if n == 0 || n > MAX_BULK_ITEMS {
         return Err(DpsError::with_message(
@@ -823,7 +855,7 @@ fn bulk_job<T>(
             Err(err) => errors.push(bulk_error(kind, id, &err)),
         }
     }
-    Ok(Job::Bulk { kind, items: queue, current: None, errors })
+    Ok(Job::Bulk { kind, items: queue, current: None, errors, guarded: false })
 }
 
 fn bulk_error(kind: Kind, id: String, err: &DpsError) -> BulkEnrollmentOperationError {
@@ -855,12 +887,12 @@ impl Flow for ServiceFlow {
                 };
                 Step::Respond(self.metered(reply))
             }
-            (Job::Bulk { kind, mut items, current, mut errors }, input) => {
+            (Job::Bulk { kind, mut items, current, mut errors, guarded }, input) => {
                 match (current, input) {
                     // The stored item was read: now write, keeping its keys.
                     (Some((id, Some(keep))), Input::Store(stored)) => match keep.into_put(stored) {
-                        Ok(put) => {
-                            self.job = Job::Bulk { kind, items, current: Some((id, None)), errors };
+                        Ok((put, guarded)) => {
+                            self.job = Job::Bulk { kind, items, current: Some((id, None)), errors, guarded };
                             return Step::Store(put);
                         }
                         Err(e) => {
@@ -872,6 +904,7 @@ impl Flow for ServiceFlow {
                         }
                     },
                     (Some((id, None)), Input::Store(Err(e))) => {
+                        let e = if guarded { guard_error(e) } else { e };
                         let err = self.store_failure(e, Some(kind), &id);
                         errors.push(bulk_error(kind, id, &err));
                     }
@@ -879,7 +912,13 @@ impl Flow for ServiceFlow {
                 }
                 match items.pop_front() {
                     Some(item) => {
-                        self.job = Job::Bulk { kind, items, current: Some((item.id, item.keep)), errors };
+                        self.job = Job::Bulk {
+                            kind,
+                            items,
+                            current: Some((item.id, item.keep)),
+                            errors,
+                            guarded: false,
+                        };
                         Step::Store(item.op)
                     }
                     None => {
@@ -895,8 +934,8 @@ impl Flow for ServiceFlow {
                 Step::Store(op)
             }
             (Job::KeepKeys { get: None, keep, then }, Input::Store(stored)) => match keep.into_put(stored) {
-                Ok(put) => {
-                    self.job = Job::One(None, then);
+                Ok((put, guarded)) => {
+                    self.job = if guarded { Job::Guarded(then) } else { Job::One(None, then) };
                     Step::Store(put)
                 }
                 Err(e) => {
@@ -908,8 +947,15 @@ impl Flow for ServiceFlow {
                     Step::Respond(self.metered(reply))
                 }
             },
+            (Job::Guarded(then), Input::Store(result)) => {
+                let reply = match self.finish(&then, guard_result(result)) {
+                    Ok(r) => r,
+                    Err(e) => Reply::error(&e, self.tracking_id.clone(), self.now),
+                };
+                Step::Respond(self.metered(reply))
+            }
             (Job::Done, _) => Step::Finished,
-            (Job::One(..), _) | (Job::KeepKeys { .. }, _) => {
+            (Job::One(..), _) | (Job::KeepKeys { .. }, _) | (Job::Guarded(_), _) => {
                 let reply = Reply::error(&unexpected_store_result(), self.tracking_id.clone(), self.now);
                 Step::Respond(self.metered(reply))
             }

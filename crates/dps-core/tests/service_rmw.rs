@@ -1,0 +1,119 @@
+//! Read-modify-write service paths (a replace that keeps the stored keys) write with If-Match of the ETag
+//! they read, so a concurrent writer's update is never lost.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use dps_core::hub::MemoryHubDirectory;
+use dps_core::proto::sas::{build_token, SymmetricKey};
+use dps_core::proto::{ErrorBody, IdScope, Timestamp};
+use dps_core::store::BlockingStore;
+use dps_core::{
+    run_blocking, AccessPolicy, Engine, EngineConfig, Flow, HttpRequest, Input, LinkedHub, Rights, Step,
+};
+use dps_store::MemoryStore;
+use rand_chacha::rand_core::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde_json::{json, Value};
+
+const NOW: i64 = 1_700_000_000;
+
+fn engine() -> Engine {
+    let hubs = vec![LinkedHub::new("hub.example.net", None, None).unwrap()];
+    let k = SymmetricKey::from_bytes(vec![1; 32]);
+    Engine::new(
+        EngineConfig::new(IdScope::parse("0ne00000001").unwrap(), "dps.example.net", hubs).with_policy(
+            AccessPolicy {
+                key_name: "owner".into(),
+                primary_key: k.clone(),
+                secondary_key: k,
+                rights: Rights::ALL,
+            },
+        ),
+    )
+    .unwrap()
+}
+
+fn put(body: Value) -> HttpRequest {
+    HttpRequest {
+        method: "PUT".into(),
+        path_and_query: "/enrollmentGroups/g?api-version=2021-10-01".into(),
+        authorization: Some(build_token(
+            &SymmetricKey::from_bytes(vec![1; 32]),
+            "dps.example.net",
+            NOW + 60,
+            Some("owner"),
+        )),
+        body: serde_json::to_vec(&body).unwrap(),
+        ..HttpRequest::default()
+    }
+}
+
+fn group(tag: &str, with_keys: bool) -> Value {
+    let mut sk = json!({});
+    if with_keys {
+        sk = json!({"primaryKey": SymmetricKey::from_bytes(vec![5; 32]).to_base64(),
+            "secondaryKey": SymmetricKey::from_bytes(vec![6; 32]).to_base64()});
+    }
+    json!({"enrollmentGroupId": "g", "attestation": {"type": "symmetricKey", "symmetricKey": sk},
+        "initialTwin": {"tags": {"who": tag}}})
+}
+
+#[test]
+fn a_replace_that_keeps_stored_keys_fails_with_409_when_another_writer_changed_the_item_in_between() {
+    let engine = engine();
+    let store = MemoryStore::new();
+    let hubs = MemoryHubDirectory::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let now = Timestamp::from_unix_seconds(NOW);
+    let mut create = engine.http(now, &mut rng, put(group("first", true)));
+    assert_eq!(run_blocking(&mut create, &store, &hubs).status, 200);
+
+    // Writer A omits the keys: its flow reads the stored group first.
+    let mut a = engine.http(now, &mut rng, put(group("a", false)));
+    let Step::Store(read) = a.resume(Input::Start) else { panic!("expected the read of the stored group") };
+    let stale = store.execute(read);
+
+    // Writer B replaces the group meanwhile.
+    let mut b = engine.http(now, &mut rng, put(group("b", true)));
+    assert_eq!(run_blocking(&mut b, &store, &hubs).status, 200);
+
+    // A resumes with what it read before B's write: its guarded write must not overwrite B.
+    let Step::Store(write) = a.resume(Input::Store(stale)) else { panic!("expected the write") };
+    let Step::Respond(reply) = a.resume(Input::Store(store.execute(write))) else {
+        panic!("expected a reply")
+    };
+    assert_eq!(reply.status, 409, "{}", String::from_utf8_lossy(&reply.body));
+    let err: ErrorBody = serde_json::from_slice(&reply.body).unwrap();
+    assert!(err.message.contains("changed concurrently"), "{}", err.message);
+
+    let mut get =
+        engine.http(now, &mut rng, HttpRequest { method: "GET".into(), body: vec![], ..put(json!({})) });
+    let stored: Value = serde_json::from_slice(&run_blocking(&mut get, &store, &hubs).body).unwrap();
+    assert_eq!(stored["initialTwin"]["tags"]["who"], "b", "B's update survives");
+}
+
+#[test]
+fn a_replace_without_keys_and_without_a_race_still_keeps_the_stored_keys() {
+    let engine = engine();
+    let store = MemoryStore::new();
+    let hubs = MemoryHubDirectory::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let now = Timestamp::from_unix_seconds(NOW);
+    assert_eq!(
+        run_blocking(&mut engine.http(now, &mut rng, put(group("first", true))), &store, &hubs).status,
+        200
+    );
+    let r = run_blocking(&mut engine.http(now, &mut rng, put(group("second", false))), &store, &hubs);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let mut att = engine.http(
+        now,
+        &mut rng,
+        HttpRequest {
+            method: "POST".into(),
+            path_and_query: "/enrollmentGroups/g/attestationmechanism?api-version=2021-10-01".into(),
+            body: vec![],
+            ..put(json!({}))
+        },
+    );
+    let mech: Value = serde_json::from_slice(&run_blocking(&mut att, &store, &hubs).body).unwrap();
+    assert_eq!(mech["symmetricKey"]["primaryKey"], SymmetricKey::from_bytes(vec![5; 32]).to_base64());
+}
