@@ -29,7 +29,11 @@ mod common;
 mod memory;
 #[cfg(feature = "sqlite")]
 mod sqlite;
+#[cfg(feature = "sqlite")]
+mod sqlite_hub;
 
 pub use memory::MemoryStore;
 #[cfg(feature = "sqlite")]
 pub use sqlite::{SqliteOptions, SqliteStats, SqliteStore, SCHEMA_VERSION};
+#[cfg(feature = "sqlite")]
+pub use sqlite_hub::{HubDatabase, SqliteHubDirectory, UsageEvent, UsageRow, HUB_SCHEMA_VERSION};

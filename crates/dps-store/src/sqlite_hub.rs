@@ -1,0 +1,592 @@
+//! A durable IoT hub directory: every hub's device identities (keys) and twins (tags, desired properties,
+//! capabilities) in one SQLite file (WAL, `synchronous=FULL`), so that a restarted server still finds the
+//! twins it must migrate (spec §9.2). The same file holds a small per-day usage table (billable operations,
+//! spec §10.3) written by the server.
+//!
+//! One worker thread owns the read-write connection. Every operation (blocking or async) is sent to it over
+//! a channel; it takes whatever has queued up and applies it in one transaction, answering each caller after
+//! the `COMMIT` (and its fsync) returned, so an acknowledged upsert survives a crash. Readers that only look
+//! (the admin CLI) open the file read-only with [`HubDatabase::open_read_only`].
+
+use dps_core::hub::{
+    AsyncHubDirectory, BlockingHubDirectory, DeviceIdentity, DeviceTwin, HubDevice, HubError, HubOp,
+    HubResult,
+};
+use futures::channel::oneshot;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use serde_json::Value;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+/// The schema version stored in the hub database's `user_version`.
+pub const HUB_SCHEMA_VERSION: i64 = 1;
+
+/// At most this many queued requests share one transaction.
+const MAX_BATCH: usize = 256;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS hub_devices (
+    hub TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    primary_key TEXT NOT NULL,
+    secondary_key TEXT NOT NULL,
+    tags TEXT NOT NULL,
+    desired TEXT NOT NULL,
+    iot_edge INTEGER NOT NULL,
+    PRIMARY KEY (hub, device_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS usage (
+    id_scope TEXT NOT NULL,
+    day TEXT NOT NULL,
+    operation TEXT NOT NULL,
+    succeeded INTEGER NOT NULL,
+    failed INTEGER NOT NULL,
+    PRIMARY KEY (id_scope, day, operation)
+) WITHOUT ROWID;
+";
+
+/// One day's count of one billable operation in one ID scope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageRow {
+    /// The ID scope.
+    pub id_scope: String,
+    /// The UTC day, `YYYY-MM-DD`.
+    pub day: String,
+    /// The operation's stable name (e.g. `device_register`).
+    pub operation: String,
+    /// Successful (billed) calls.
+    pub succeeded: u64,
+    /// Failed (not billed) calls.
+    pub failed: u64,
+}
+
+/// Usage to add to the usage table: one call of `operation` on `day` in `id_scope`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageEvent {
+    /// The ID scope.
+    pub id_scope: String,
+    /// The UTC day, `YYYY-MM-DD`.
+    pub day: String,
+    /// The operation's stable name.
+    pub operation: String,
+    /// Whether the call succeeded.
+    pub succeeded: bool,
+}
+
+enum Job {
+    Hub(HubOp, oneshot::Sender<Result<HubResult, HubError>>),
+    Device(String, String, oneshot::Sender<Result<Option<HubDevice>, HubError>>),
+    Devices(String, oneshot::Sender<Result<Vec<HubDevice>, HubError>>),
+    Usage(UsageEvent),
+    UsageRows(Option<String>, oneshot::Sender<Result<Vec<UsageRow>, HubError>>),
+    Sync(oneshot::Sender<Result<(), HubError>>),
+}
+
+struct Shared {
+    path: PathBuf,
+    sender: Mutex<Option<mpsc::Sender<Job>>>,
+    worker: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        let sender = self.sender.get_mut().unwrap_or_else(|e| e.into_inner()).take();
+        drop(sender);
+        if let Some(worker) = self.worker.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = worker.join();
+        }
+    }
+}
+
+/// A durable hub directory in one SQLite file. Cheap to clone (one `Arc`); implements
+/// [`BlockingHubDirectory`] and [`AsyncHubDirectory`].
+#[derive(Clone)]
+pub struct SqliteHubDirectory {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for SqliteHubDirectory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteHubDirectory").field("path", &self.shared.path).finish_non_exhaustive()
+    }
+}
+
+fn db_error(context: &str, e: impl std::fmt::Display) -> HubError {
+    HubError { hub: "*".to_owned(), message: format!("hub database: {context}: {e}") }
+}
+
+fn hub_error(hub: &str, e: impl std::fmt::Display) -> HubError {
+    HubError { hub: hub.to_owned(), message: format!("hub database: {e}") }
+}
+
+fn closed() -> HubError {
+    HubError { hub: "*".to_owned(), message: "hub database: closed".to_owned() }
+}
+
+impl SqliteHubDirectory {
+    /// Opens (creating if needed) the hub database at `path` and starts its worker thread.
+    pub fn open(path: impl AsRef<Path>) -> Result<SqliteHubDirectory, HubError> {
+        let path = path.as_ref().to_path_buf();
+        let conn = Connection::open(&path).map_err(|e| db_error(&path.display().to_string(), e))?;
+        conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000;")
+            .map_err(|e| db_error("pragmas", e))?;
+        let version: i64 =
+            conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(|e| db_error("version", e))?;
+        if version > HUB_SCHEMA_VERSION {
+            return Err(db_error(
+                "schema",
+                format!("version {version} is newer than this build's {HUB_SCHEMA_VERSION}"),
+            ));
+        }
+        conn.execute_batch(SCHEMA).map_err(|e| db_error("schema", e))?;
+        conn.execute_batch(&format!("PRAGMA user_version={HUB_SCHEMA_VERSION}"))
+            .map_err(|e| db_error("schema", e))?;
+        let (sender, receiver) = mpsc::channel();
+        let worker = std::thread::Builder::new()
+            .name("dps-hub-db".to_owned())
+            .spawn(move || worker(conn, receiver))
+            .map_err(|e| db_error("worker thread", e))?;
+        Ok(SqliteHubDirectory {
+            shared: Arc::new(Shared {
+                path,
+                sender: Mutex::new(Some(sender)),
+                worker: Mutex::new(Some(worker)),
+            }),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    fn send(&self, job: Job) -> Result<(), HubError> {
+        let guard = self.shared.sender.lock().unwrap_or_else(|e| e.into_inner());
+        match guard.as_ref() {
+            Some(s) => s.send(job).map_err(|_| closed()),
+            None => Err(closed()),
+        }
+    }
+
+    fn ask<T>(
+        &self,
+        job: impl FnOnce(oneshot::Sender<Result<T, HubError>>) -> Job,
+    ) -> impl Future<Output = Result<T, HubError>> + Send + 'static
+    where
+        T: Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.send(job(tx));
+        async move {
+            sent?;
+            rx.await.unwrap_or_else(|_| Err(closed()))
+        }
+    }
+
+    /// The device `device_id` on `hub` (None if absent or if the database cannot be read; see
+    /// [`read_device`](Self::read_device) for the error).
+    pub fn device(&self, hub: &str, device_id: &str) -> Option<HubDevice> {
+        self.read_device(hub, device_id).ok().flatten()
+    }
+
+    /// The device `device_id` on `hub`, if registered. Blocks.
+    pub fn read_device(&self, hub: &str, device_id: &str) -> Result<Option<HubDevice>, HubError> {
+        futures::executor::block_on(
+            self.ask(|tx| Job::Device(hub.to_ascii_lowercase(), device_id.to_owned(), tx)),
+        )
+    }
+
+    /// Every device of `hub`, by device ID. Blocks.
+    pub fn devices(&self, hub: &str) -> Result<Vec<HubDevice>, HubError> {
+        futures::executor::block_on(self.ask(|tx| Job::Devices(hub.to_ascii_lowercase(), tx)))
+    }
+
+    /// Queues one call for the usage table (written with the next transaction; durable after
+    /// [`sync`](Self::sync) or [`close`](Self::close)). Does not block.
+    pub fn record_usage(&self, event: UsageEvent) -> Result<(), HubError> {
+        self.send(Job::Usage(event))
+    }
+
+    /// The usage rows of days `>= since` (every day when None), by scope, day and operation. Blocks.
+    pub fn usage(&self, since: Option<&str>) -> Result<Vec<UsageRow>, HubError> {
+        futures::executor::block_on(self.ask(|tx| Job::UsageRows(since.map(str::to_owned), tx)))
+    }
+
+    /// Waits until everything queued so far is committed. Blocks.
+    pub fn sync(&self) -> Result<(), HubError> {
+        futures::executor::block_on(self.ask(Job::Sync))
+    }
+
+    /// Commits what is queued and stops the worker thread; later operations fail. Blocks.
+    pub fn close(&self) -> Result<(), HubError> {
+        let sender = self.shared.sender.lock().unwrap_or_else(|e| e.into_inner()).take();
+        drop(sender);
+        let worker = self.shared.worker.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(worker) = worker {
+            worker.join().map_err(|_| db_error("worker thread", "panicked"))?;
+        }
+        Ok(())
+    }
+}
+
+impl BlockingHubDirectory for SqliteHubDirectory {
+    fn execute(&self, op: HubOp) -> Result<HubResult, HubError> {
+        futures::executor::block_on(self.ask(|tx| Job::Hub(op, tx)))
+    }
+}
+
+impl AsyncHubDirectory for SqliteHubDirectory {
+    fn execute(&self, op: HubOp) -> impl Future<Output = Result<HubResult, HubError>> + Send {
+        self.ask(|tx| Job::Hub(op, tx))
+    }
+}
+
+/// Read-only access to a hub database file (for tools such as the admin CLI, while the server may be
+/// running).
+#[derive(Debug)]
+pub struct HubDatabase {
+    conn: Connection,
+}
+
+impl HubDatabase {
+    /// Opens the file at `path` read-only (it must exist).
+    pub fn open_read_only(path: impl AsRef<Path>) -> Result<HubDatabase, HubError> {
+        let path = path.as_ref();
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
+        )
+        .map_err(|e| db_error(&path.display().to_string(), e))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(|e| db_error("busy timeout", e))?;
+        Ok(HubDatabase { conn })
+    }
+
+    /// The device `device_id` on `hub`, if registered.
+    pub fn device(&self, hub: &str, device_id: &str) -> Result<Option<HubDevice>, HubError> {
+        read_device(&self.conn, &hub.to_ascii_lowercase(), device_id)
+    }
+
+    /// Every device of `hub`, by device ID.
+    pub fn devices(&self, hub: &str) -> Result<Vec<HubDevice>, HubError> {
+        read_devices(&self.conn, &hub.to_ascii_lowercase())
+    }
+
+    /// The usage rows of days `>= since` (every day when None).
+    pub fn usage(&self, since: Option<&str>) -> Result<Vec<UsageRow>, HubError> {
+        read_usage(&self.conn, since)
+    }
+}
+
+fn worker(mut conn: Connection, receiver: mpsc::Receiver<Job>) {
+    while let Ok(first) = receiver.recv() {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_BATCH {
+            match receiver.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        run_batch(&mut conn, jobs);
+    }
+}
+
+enum Answer {
+    Hub(oneshot::Sender<Result<HubResult, HubError>>, Result<HubResult, HubError>),
+    Device(oneshot::Sender<Result<Option<HubDevice>, HubError>>, Result<Option<HubDevice>, HubError>),
+    Devices(oneshot::Sender<Result<Vec<HubDevice>, HubError>>, Result<Vec<HubDevice>, HubError>),
+    Usage(oneshot::Sender<Result<Vec<UsageRow>, HubError>>, Result<Vec<UsageRow>, HubError>),
+    Sync(oneshot::Sender<Result<(), HubError>>),
+}
+
+impl Answer {
+    /// Sends the answer; a failed commit turns every write's success into that error.
+    fn send(self, commit: &Result<(), HubError>) {
+        match self {
+            Answer::Hub(tx, r) => {
+                let _ = tx.send(match (r, commit) {
+                    (Ok(_), Err(e)) => Err(e.clone()),
+                    (r, _) => r,
+                });
+            }
+            Answer::Device(tx, r) => {
+                let _ = tx.send(r);
+            }
+            Answer::Devices(tx, r) => {
+                let _ = tx.send(r);
+            }
+            Answer::Usage(tx, r) => {
+                let _ = tx.send(r);
+            }
+            Answer::Sync(tx) => {
+                let _ = tx.send(commit.clone());
+            }
+        }
+    }
+}
+
+fn run_batch(conn: &mut Connection, jobs: Vec<Job>) {
+    let tx = match conn.transaction() {
+        Ok(tx) => tx,
+        Err(e) => {
+            let e = db_error("begin", e);
+            for job in jobs {
+                match job {
+                    Job::Hub(_, s) => drop(s.send(Err(e.clone()))),
+                    Job::Device(_, _, s) => drop(s.send(Err(e.clone()))),
+                    Job::Devices(_, s) => drop(s.send(Err(e.clone()))),
+                    Job::UsageRows(_, s) => drop(s.send(Err(e.clone()))),
+                    Job::Sync(s) => drop(s.send(Err(e.clone()))),
+                    Job::Usage(_) => {}
+                }
+            }
+            return;
+        }
+    };
+    let mut answers = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        match job {
+            Job::Hub(op, s) => answers.push(Answer::Hub(s, apply(&tx, op))),
+            Job::Device(hub, id, s) => answers.push(Answer::Device(s, read_device(&tx, &hub, &id))),
+            Job::Devices(hub, s) => answers.push(Answer::Devices(s, read_devices(&tx, &hub))),
+            Job::UsageRows(since, s) => answers.push(Answer::Usage(s, read_usage(&tx, since.as_deref()))),
+            Job::Sync(s) => answers.push(Answer::Sync(s)),
+            Job::Usage(event) => {
+                // A usage row that cannot be written must not fail the hub writes sharing the transaction.
+                let _ = add_usage(&tx, &event);
+            }
+        }
+    }
+    let commit = tx.commit().map_err(|e| db_error("commit", e));
+    for a in answers {
+        a.send(&commit);
+    }
+}
+
+fn apply(conn: &Connection, op: HubOp) -> Result<HubResult, HubError> {
+    match op {
+        HubOp::UpsertDevice { hub, identity, twin, replace_twin } => {
+            let hub_key = hub.to_ascii_lowercase();
+            let tags = serde_json::to_string(&twin.tags).map_err(|e| hub_error(&hub, e))?;
+            let desired = serde_json::to_string(&twin.desired).map_err(|e| hub_error(&hub, e))?;
+            let sql = if replace_twin {
+                "INSERT INTO hub_devices (hub, device_id, primary_key, secondary_key, tags, desired, iot_edge)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (hub, device_id) DO UPDATE SET primary_key = excluded.primary_key,
+                   secondary_key = excluded.secondary_key, tags = excluded.tags, desired = excluded.desired,
+                   iot_edge = excluded.iot_edge"
+            } else {
+                "INSERT INTO hub_devices (hub, device_id, primary_key, secondary_key, tags, desired, iot_edge)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (hub, device_id) DO UPDATE SET primary_key = excluded.primary_key,
+                   secondary_key = excluded.secondary_key"
+            };
+            conn.execute(
+                sql,
+                params![
+                    hub_key,
+                    identity.device_id,
+                    identity.primary_key,
+                    identity.secondary_key,
+                    tags,
+                    desired,
+                    twin.iot_edge
+                ],
+            )
+            .map_err(|e| hub_error(&hub, e))?;
+            Ok(HubResult::Done)
+        }
+        HubOp::ReadTwin { hub, device_id } => {
+            Ok(HubResult::Twin(read_device(conn, &hub.to_ascii_lowercase(), &device_id)?.map(|d| d.twin)))
+        }
+        HubOp::DeleteDevice { hub, device_id } => {
+            conn.execute(
+                "DELETE FROM hub_devices WHERE hub = ?1 AND device_id = ?2",
+                params![hub.to_ascii_lowercase(), device_id],
+            )
+            .map_err(|e| hub_error(&hub, e))?;
+            Ok(HubResult::Done)
+        }
+        other => Err(db_error("operation", format!("unsupported hub operation {other:?}"))),
+    }
+}
+
+type Row = (String, String, String, String, String, bool);
+
+fn to_device(hub: &str, row: Row) -> Result<HubDevice, HubError> {
+    let (device_id, primary_key, secondary_key, tags, desired, iot_edge) = row;
+    let json = |s: &str| serde_json::from_str::<Value>(s).map_err(|e| hub_error(hub, e));
+    Ok(HubDevice {
+        identity: DeviceIdentity { device_id, primary_key, secondary_key },
+        twin: DeviceTwin { tags: json(&tags)?, desired: json(&desired)?, iot_edge },
+    })
+}
+
+fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+}
+
+fn read_device(conn: &Connection, hub: &str, device_id: &str) -> Result<Option<HubDevice>, HubError> {
+    let found = conn
+        .query_row(
+            "SELECT device_id, primary_key, secondary_key, tags, desired, iot_edge FROM hub_devices
+             WHERE hub = ?1 AND device_id = ?2",
+            params![hub, device_id],
+            row,
+        )
+        .optional()
+        .map_err(|e| hub_error(hub, e))?;
+    found.map(|r| to_device(hub, r)).transpose()
+}
+
+fn read_devices(conn: &Connection, hub: &str) -> Result<Vec<HubDevice>, HubError> {
+    let mut stmt = conn
+        .prepare(
+            "SELECT device_id, primary_key, secondary_key, tags, desired, iot_edge FROM hub_devices
+             WHERE hub = ?1 ORDER BY device_id",
+        )
+        .map_err(|e| hub_error(hub, e))?;
+    let rows = stmt.query_map(params![hub], row).map_err(|e| hub_error(hub, e))?;
+    let mut out = Vec::new();
+    for r in rows {
+        out.push(to_device(hub, r.map_err(|e| hub_error(hub, e))?)?);
+    }
+    Ok(out)
+}
+
+fn add_usage(conn: &Connection, e: &UsageEvent) -> Result<(), HubError> {
+    let (ok, failed) = if e.succeeded { (1_i64, 0_i64) } else { (0, 1) };
+    conn.execute(
+        "INSERT INTO usage (id_scope, day, operation, succeeded, failed) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (id_scope, day, operation) DO UPDATE SET succeeded = succeeded + excluded.succeeded,
+           failed = failed + excluded.failed",
+        params![e.id_scope, e.day, e.operation, ok, failed],
+    )
+    .map_err(|err| db_error("usage", err))?;
+    Ok(())
+}
+
+fn read_usage(conn: &Connection, since: Option<&str>) -> Result<Vec<UsageRow>, HubError> {
+    let mut stmt = conn
+        .prepare(
+            "SELECT id_scope, day, operation, succeeded, failed FROM usage WHERE day >= ?1
+             ORDER BY id_scope, day, operation",
+        )
+        .map_err(|e| db_error("usage", e))?;
+    let rows = stmt
+        .query_map(params![since.unwrap_or("")], |r| {
+            Ok(UsageRow {
+                id_scope: r.get(0)?,
+                day: r.get(1)?,
+                operation: r.get(2)?,
+                succeeded: u64::try_from(r.get::<_, i64>(3)?).unwrap_or(0),
+                failed: u64::try_from(r.get::<_, i64>(4)?).unwrap_or(0),
+            })
+        })
+        .map_err(|e| db_error("usage", e))?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(|e| db_error("usage", e))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use serde_json::json;
+
+    fn upsert(hub: &str, id: &str, twin: DeviceTwin, replace_twin: bool) -> HubOp {
+        HubOp::UpsertDevice {
+            hub: hub.to_owned(),
+            identity: DeviceIdentity {
+                device_id: id.to_owned(),
+                primary_key: "cA==".to_owned(),
+                secondary_key: "cw==".to_owned(),
+            },
+            twin,
+            replace_twin,
+        }
+    }
+
+    fn twin() -> DeviceTwin {
+        DeviceTwin { tags: json!({"site": "a"}), desired: json!({"rate": 5}), iot_edge: true }
+    }
+
+    #[test]
+    fn reopen_keeps_devices_and_twins() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hubs.sqlite3");
+        let hubs = SqliteHubDirectory::open(&path).unwrap();
+        BlockingHubDirectory::execute(&hubs, upsert("Hub-1.example", "d1", twin(), false)).unwrap();
+        BlockingHubDirectory::execute(&hubs, upsert("hub-1.example", "d2", DeviceTwin::default(), false))
+            .unwrap();
+        hubs.close().unwrap();
+        drop(hubs);
+
+        let hubs = SqliteHubDirectory::open(&path).unwrap();
+        let d1 = hubs.device("hub-1.example", "d1").unwrap();
+        assert_eq!(d1.twin, twin());
+        assert_eq!(d1.identity.primary_key, "cA==");
+        assert_eq!(hubs.devices("HUB-1.example").unwrap().len(), 2);
+        assert_eq!(
+            BlockingHubDirectory::execute(
+                &hubs,
+                HubOp::ReadTwin { hub: "hub-1.example".into(), device_id: "d1".into() }
+            )
+            .unwrap(),
+            HubResult::Twin(Some(twin()))
+        );
+        assert_eq!(
+            BlockingHubDirectory::execute(
+                &hubs,
+                HubOp::ReadTwin { hub: "hub-2.example".into(), device_id: "d1".into() }
+            )
+            .unwrap(),
+            HubResult::Twin(None)
+        );
+        let ro = HubDatabase::open_read_only(&path).unwrap();
+        assert_eq!(ro.device("hub-1.example", "d1").unwrap().unwrap().twin, twin());
+        drop(ro);
+        hubs.close().unwrap();
+    }
+
+    #[test]
+    fn upsert_keeps_or_replaces_the_twin_and_delete_removes() {
+        let dir = tempfile::tempdir().unwrap();
+        let hubs = SqliteHubDirectory::open(dir.path().join("h.sqlite3")).unwrap();
+        futures::executor::block_on(AsyncHubDirectory::execute(&hubs, upsert("h", "d", twin(), true)))
+            .unwrap();
+        BlockingHubDirectory::execute(&hubs, upsert("h", "d", DeviceTwin::default(), false)).unwrap();
+        assert_eq!(hubs.device("h", "d").unwrap().twin, twin());
+        BlockingHubDirectory::execute(&hubs, upsert("h", "d", DeviceTwin::default(), true)).unwrap();
+        assert_eq!(hubs.device("h", "d").unwrap().twin, DeviceTwin::default());
+        BlockingHubDirectory::execute(&hubs, HubOp::DeleteDevice { hub: "H".into(), device_id: "d".into() })
+            .unwrap();
+        assert!(hubs.device("h", "d").is_none());
+        hubs.close().unwrap();
+        assert!(BlockingHubDirectory::execute(&hubs, upsert("h", "d", twin(), true)).is_err());
+    }
+
+    #[test]
+    fn usage_adds_up_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.sqlite3");
+        let hubs = SqliteHubDirectory::open(&path).unwrap();
+        let ev = |day: &str, ok: bool| UsageEvent {
+            id_scope: "0ne1".into(),
+            day: day.into(),
+            operation: "device_register".into(),
+            succeeded: ok,
+        };
+        hubs.record_usage(ev("2026-01-01", true)).unwrap();
+        hubs.record_usage(ev("2026-01-02", true)).unwrap();
+        hubs.record_usage(ev("2026-01-02", true)).unwrap();
+        hubs.record_usage(ev("2026-01-02", false)).unwrap();
+        hubs.close().unwrap();
+        let ro = HubDatabase::open_read_only(&path).unwrap();
+        let rows = ro.usage(Some("2026-01-02")).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!((rows[0].succeeded, rows[0].failed), (2, 1));
+        assert_eq!(ro.usage(None).unwrap().len(), 2);
+    }
+}
