@@ -56,15 +56,27 @@ async fn symmetric_key_device_provisions_over_https() {
     let op = body["operationId"].as_str().unwrap().to_owned();
 
     // The poll as the Node SDK sends it: a `{}` body on GET, plus the bogus Content-Encoding of the docs.
-    let get = conn
-        .send(
-            "GET",
-            &format!("/{SCOPE}/registrations/dev-https-1/operations/{op}?api-version=2021-06-01"),
-            &[("Authorization", token), ("content-encoding", "utf-8".into())],
-            b"{}".to_vec(),
-        )
-        .await
-        .unwrap();
+    // The server answers 202 before the hub work (respond_early), so polls see `assigning` until the
+    // final commit, as with Azure.
+    let mut get;
+    let mut polls = 0;
+    loop {
+        get = conn
+            .send(
+                "GET",
+                &format!("/{SCOPE}/registrations/dev-https-1/operations/{op}?api-version=2021-06-01"),
+                &[("Authorization", token.clone()), ("content-encoding", "utf-8".into())],
+                b"{}".to_vec(),
+            )
+            .await
+            .unwrap();
+        if get.status != 202 || polls == 100 {
+            break;
+        }
+        assert_eq!(get.json().unwrap()["status"], "assigning");
+        polls += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     assert_eq!(get.status, 200, "{}", String::from_utf8_lossy(&get.body));
     let body = get.json().unwrap();
     assert_eq!(body["operationId"], op.as_str());
@@ -143,13 +155,27 @@ async fn mqtt_register<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     let body: Value = serde_json::from_slice(&payload).unwrap();
     let op = body["operationId"].as_str().unwrap().to_owned();
 
-    write_all(s, &mqtt_publish(&operation_status_topic("2", &op), b"")).await;
-    let (topic, id, payload) = mqtt_read(s, &mut buf).await.publish();
-    if let Some(id) = id {
-        write_all(s, &mqtt_puback(id)).await;
-    }
-    let response = parse_response_topic(&topic).unwrap();
-    assert_eq!((response.status, response.rid.as_str()), (200, "2"), "{}", String::from_utf8_lossy(&payload));
+    // Polls see `assigning` (202) until the early-answered registration's final commit lands.
+    let mut rid = 2;
+    let (response, payload) = loop {
+        write_all(s, &mqtt_publish(&operation_status_topic(&rid.to_string(), &op), b"")).await;
+        let (topic, id, payload) = mqtt_read(s, &mut buf).await.publish();
+        if let Some(id) = id {
+            write_all(s, &mqtt_puback(id)).await;
+        }
+        let response = parse_response_topic(&topic).unwrap();
+        if response.status != 202 || rid == 100 {
+            break (response, payload);
+        }
+        rid += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        (response.status, response.rid.as_str()),
+        (200, rid.to_string().as_str()),
+        "{}",
+        String::from_utf8_lossy(&payload)
+    );
     write_all(s, &[0xE0, 0x00]).await; // DISCONNECT
     serde_json::from_slice(&payload).unwrap()
 }

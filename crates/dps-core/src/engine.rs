@@ -1,5 +1,6 @@
 //! The engine: turns requests into flows.
 
+use crate::command::{Principal, ServiceCommand};
 use crate::config::EngineConfig;
 use crate::device::DeviceFlow;
 use crate::flow::{Flow, Input, Step};
@@ -138,6 +139,19 @@ impl Engine {
     /// A flow for a service API request.
     pub fn service(&self, now: Timestamp, rng: &mut dyn RngCore, request: ServiceRequest) -> ServiceFlow {
         ServiceFlow::new(self.config.clone(), now, rng, request)
+    }
+
+    /// Executes a typed service command under `principal` (from a verified service SAS, or granted
+    /// in-process by an embedder): the same validation, store operations and replies as the HTTP service
+    /// API, without tokens or JSON.
+    pub fn command(
+        &self,
+        now: Timestamp,
+        rng: &mut dyn RngCore,
+        principal: &Principal,
+        command: ServiceCommand,
+    ) -> ServiceFlow {
+        ServiceFlow::from_command(self.config.clone(), now, rng, principal, command)
     }
 
     /// Routes an HTTP request (device or service API) to its flow. Routing errors become an immediate reply.

@@ -18,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod command;
 pub mod config;
 pub mod device;
 pub mod engine;
@@ -28,6 +29,7 @@ pub mod reply;
 pub mod service;
 pub mod store;
 
+pub use command::{Paging, Principal, ServiceCommand};
 pub use config::{AccessPolicy, EngineConfig, Rights, OWNER_POLICY};
 pub use dps_policy::{BillableOperation, LinkedHub, Meter, MeterEvent};
 pub use dps_proto as proto;

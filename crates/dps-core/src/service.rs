@@ -4,6 +4,7 @@
 //! All pure work (authorization, parsing, validation, key generation) happens when the flow is created;
 //! the flow then performs its storage operations one by one and formats the reply.
 
+use crate::command::{Paging, Principal, ServiceCommand};
 use crate::config::{EngineConfig, Rights};
 use crate::engine::{unexpected_store_result, Nonces, ServiceRequest};
 use crate::flow::{Flow, Input, Step};
@@ -250,7 +251,20 @@ pub fn authorize(
     authorization: Option<&str>,
     path: &str,
     needed: Rights,
-) -> Result<(), DpsError> {
+) -> Result<Principal, DpsError> {
+    let principal = authenticate(config, now, authorization, path)?;
+    check_rights(&principal, needed)?;
+    Ok(principal)
+}
+
+/// Verifies a service SAS token (`Authorization` of a request to `path`) against the configured shared
+/// access policies and returns the [`Principal`] of the policy that signed it.
+pub fn authenticate(
+    config: &EngineConfig,
+    now: Timestamp,
+    authorization: Option<&str>,
+    path: &str,
+) -> Result<Principal, DpsError> {
     let auth = authorization.ok_or_else(|| {
         DpsError::with_message(ErrorCode::MalformedToken, "The request has no Authorization header.")
     })?;
@@ -264,18 +278,101 @@ pub fn authorize(
         })?;
     let target = format!("{}{}", config.service_host_name, path);
     token.verify(now, &target, &[&policy.primary_key, &policy.secondary_key])?;
-    if !policy.rights.contains(needed) {
+    Ok(Principal::granted(policy.key_name.clone(), policy.rights))
+}
+
+fn check_rights(principal: &Principal, needed: Rights) -> Result<(), DpsError> {
+    if !principal.rights().contains(needed) {
         return Err(DpsError::with_message(
             ErrorCode::InsufficientRights,
             format!(
                 "The policy '{}' has rights [{}] but this operation needs [{}].",
-                policy.key_name,
-                policy.rights.names().join(", "),
+                principal.name(),
+                principal.rights().names().join(", "),
                 needed.names().join(", ")
             ),
         ));
     }
     Ok(())
+}
+
+/// Turns an HTTP service request (route, headers, JSON body) into a typed command, with the same errors
+/// the HTTP API has always given (`400001` bad JSON, `400003` path/body ID mismatch, bad paging header).
+fn command_of(config: &EngineConfig, request: ServiceRequest) -> Result<ServiceCommand, DpsError> {
+    use ServiceCommand as C;
+    let _ = config;
+    let if_match = parse_if_match(request.if_match.as_deref())?;
+    let body = request.body.as_slice();
+    let paging = || -> Result<Paging, DpsError> {
+        let max_items = match request.max_item_count.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+            None => None,
+            Some(s) => Some(s.parse::<usize>().map_err(|_| {
+                DpsError::with_message(
+                    ErrorCode::BadRequest,
+                    format!("x-ms-max-item-count '{s}' is not a positive integer."),
+                )
+            })?),
+        };
+        Ok(Paging { max_items, continuation: request.continuation.clone() })
+    };
+    let query = || -> Result<String, DpsError> {
+        if body.iter().all(u8::is_ascii_whitespace) {
+            Ok(String::new())
+        } else {
+            Ok(parse_json::<QuerySpecification>(body, "query specification")?.query)
+        }
+    };
+    Ok(match request.route {
+        Route::GetEnrollment { id } => C::GetEnrollment { registration_id: id },
+        Route::PutEnrollment { id } => {
+            let e = parse_json::<IndividualEnrollment>(body, "individual enrollment")?;
+            let body_id = RegistrationId::parse(&e.registration_id)?;
+            if body_id != id {
+                return Err(DpsError::with_message(
+                    ErrorCode::RegistrationIdMismatch,
+                    format!(
+                        "The body's registrationId '{body_id}' does not match '{id}' in the request address."
+                    ),
+                ));
+            }
+            C::PutEnrollment { enrollment: Box::new(e), if_match }
+        }
+        Route::DeleteEnrollment { id } => C::DeleteEnrollment { registration_id: id, if_match },
+        Route::EnrollmentAttestation { id } => C::GetEnrollmentAttestation { registration_id: id },
+        Route::QueryEnrollments => {
+            let paging = paging()?;
+            C::QueryEnrollments { query: query()?, paging }
+        }
+        Route::GetEnrollmentGroup { id } => C::GetGroup { group_id: id },
+        Route::PutEnrollmentGroup { id } => {
+            let g = parse_json::<EnrollmentGroup>(body, "enrollment group")?;
+            let body_id = EnrollmentGroupId::parse(&g.enrollment_group_id)?;
+            if body_id != id {
+                return Err(DpsError::with_message(
+                    ErrorCode::RegistrationIdMismatch,
+                    format!("The body's enrollmentGroupId '{body_id}' does not match '{id}' in the request address."),
+                ));
+            }
+            C::PutGroup { group: Box::new(g), if_match }
+        }
+        Route::DeleteEnrollmentGroup { id } => C::DeleteGroup { group_id: id, if_match },
+        Route::EnrollmentGroupAttestation { id } => C::GetGroupAttestation { group_id: id },
+        Route::QueryEnrollmentGroups => {
+            let paging = paging()?;
+            C::QueryGroups { query: query()?, paging }
+        }
+        Route::GetRegistration { id } => C::GetRegistration { registration_id: id },
+        Route::DeleteRegistration { id } => C::DeleteRegistration { registration_id: id, if_match },
+        Route::QueryRegistrations { group_id } => C::QueryRegistrations { group_id, paging: paging()? },
+        Route::BulkEnrollments => {
+            C::BulkEnrollments(parse_json::<BulkEnrollmentOperation>(body, "bulk enrollment operation")?)
+        }
+        Route::BulkEnrollmentGroups => C::BulkGroups(parse_json::<BulkEnrollmentGroupOperation>(
+            body,
+            "bulk enrollment group operation",
+        )?),
+        _ => return Err(DpsError::with_message(ErrorCode::NotFound, "not a service API route")),
+    })
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, DpsError> {
@@ -479,21 +576,28 @@ impl ServiceFlow {
         ServiceFlow { now, tracking_id, billable, job }
     }
 
-    fn page(config: &EngineConfig, request: &ServiceRequest) -> Result<(usize, Option<String>), DpsError> {
-        let size = match request.max_item_count.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
-            None => config.default_page_size,
-            Some(s) => match s.parse::<usize>() {
-                Ok(0) => config.default_page_size,
-                Ok(n) => n.min(config.max_page_size),
-                Err(_) => {
-                    return Err(DpsError::with_message(
-                        ErrorCode::BadRequest,
-                        format!("x-ms-max-item-count '{s}' is not a positive integer."),
-                    ))
-                }
-            },
+    pub(crate) fn from_command(
+        config: Arc<EngineConfig>,
+        now: Timestamp,
+        rng: &mut dyn RngCore,
+        principal: &Principal,
+        command: ServiceCommand,
+    ) -> ServiceFlow {
+        let tracking_id = Nonces::draw(rng).tracking_id();
+        let billable = Some(command.billable());
+        let job = match Self::plan_command(&config, now, rng, principal, command) {
+            Ok(job) => job,
+            Err(e) => Job::Reply(Reply::error(&e, tracking_id.clone(), now)),
         };
-        let after = match request.continuation.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+        ServiceFlow { now, tracking_id, billable, job }
+    }
+
+    fn page(config: &EngineConfig, paging: &Paging) -> Result<(usize, Option<String>), DpsError> {
+        let size = match paging.max_items {
+            None | Some(0) => config.default_page_size,
+            Some(n) => n.min(config.max_page_size),
+        };
+        let after = match paging.continuation.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
             None => None,
             Some(t) => Some(parse_continuation_token(t).ok_or_else(|| {
                 DpsError::with_message(ErrorCode::BadRequest, "The x-ms-continuation token is not valid.")
@@ -502,13 +606,8 @@ impl ServiceFlow {
         Ok((size, after))
     }
 
-    fn query_of(body: &[u8], source: QuerySource) -> Result<Query, DpsError> {
-        let text = if body.iter().all(u8::is_ascii_whitespace) {
-            String::new()
-        } else {
-            parse_json::<QuerySpecification>(body, "query specification")?.query
-        };
-        let q = parse_query(&text, source)?;
+    fn query_of(text: &str, source: QuerySource) -> Result<Query, DpsError> {
+        let q = parse_query(text, source)?;
         if q.source != source {
             return Err(DpsError::with_message(
                 ErrorCode::InvalidQuery,
@@ -518,6 +617,8 @@ impl ServiceFlow {
         Ok(q)
     }
 
+    /// The HTTP adapter: verifies the SAS token into a [`Principal`], checks the route's rights (before the
+    /// body is looked at), turns route + headers + body into a [`ServiceCommand`] and plans it.
     fn plan(
         config: &EngineConfig,
         now: Timestamp,
@@ -527,85 +628,95 @@ impl ServiceFlow {
         if request.route.is_device_api() {
             return Err(DpsError::with_message(ErrorCode::NotFound, "not a service API route"));
         }
-        authorize(config, now, request.authorization.as_deref(), &request.path, rights_of(&request.route))?;
-        let if_match = parse_if_match(request.if_match.as_deref())?;
-        let condition = if_match.clone().map(WriteCondition::IfMatch).unwrap_or(WriteCondition::Upsert);
-        let body = request.body.as_slice();
-        Ok(match &request.route {
-            Route::GetEnrollment { id } => Job::One(
+        let principal = authenticate(config, now, request.authorization.as_deref(), &request.path)?;
+        check_rights(&principal, rights_of(&request.route))?;
+        let command = command_of(config, request)?;
+        Self::plan_command(config, now, rng, &principal, command)
+    }
+
+    /// Plans a typed command under a principal: all pure work (rights, validation, key generation) happens
+    /// here; the job then performs its store operations.
+    fn plan_command(
+        config: &EngineConfig,
+        now: Timestamp,
+        rng: &mut dyn RngCore,
+        principal: &Principal,
+        command: ServiceCommand,
+    ) -> Result<Job, DpsError> {
+        use ServiceCommand as C;
+        check_rights(principal, command.rights())?;
+        let condition = |if_match: &Option<IfMatch>| {
+            if_match.clone().map(WriteCondition::IfMatch).unwrap_or(WriteCondition::Upsert)
+        };
+        Ok(match command {
+            C::GetEnrollment { registration_id: id } => Job::One(
                 Some(StoreOp::GetEnrollment { registration_id: id.clone() }),
                 Then::Get(Kind::Enrollment, id.to_string()),
             ),
-            Route::PutEnrollment { id } => {
-                let e = parse_json::<IndividualEnrollment>(body, "individual enrollment")?;
-                let supplied = supplied_keys(&e.attestation);
-                let (id, e) = prepare_enrollment(config, now, rng, e, Some(id))?;
+            C::PutEnrollment { enrollment, if_match } => {
+                let supplied = supplied_keys(&enrollment.attestation);
+                let (id, e) = prepare_enrollment(config, now, rng, *enrollment, None)?;
                 let then = Then::Put(Kind::Enrollment, id.to_string());
-                single_write(Prepared::Enrollment(id, Box::new(e)), supplied, condition, then)
+                single_write(Prepared::Enrollment(id, Box::new(e)), supplied, condition(&if_match), then)
             }
-            Route::DeleteEnrollment { id } => Job::One(
+            C::DeleteEnrollment { registration_id: id, if_match } => Job::One(
                 Some(StoreOp::DeleteEnrollment { registration_id: id.clone(), if_match }),
                 Then::Delete(Kind::Enrollment, id.to_string()),
             ),
-            Route::EnrollmentAttestation { id } => Job::One(
+            C::GetEnrollmentAttestation { registration_id: id } => Job::One(
                 Some(StoreOp::GetEnrollment { registration_id: id.clone() }),
                 Then::Attestation(Kind::Enrollment, id.to_string()),
             ),
-            Route::QueryEnrollments => {
-                let (size, after) = Self::page(config, &request)?;
-                let query = Self::query_of(body, QuerySource::Enrollments)?;
+            C::QueryEnrollments { query, paging } => {
+                let (size, after) = Self::page(config, &paging)?;
+                let query = Self::query_of(&query, QuerySource::Enrollments)?;
                 Job::One(
                     Some(StoreOp::QueryEnrollments { query, page: PageRequest { after, limit: size } }),
                     Then::Query(Kind::Enrollment, size),
                 )
             }
-            Route::GetEnrollmentGroup { id } => Job::One(
+            C::GetGroup { group_id: id } => Job::One(
                 Some(StoreOp::GetGroup { group_id: id.clone() }),
                 Then::Get(Kind::Group, id.to_string()),
             ),
-            Route::PutEnrollmentGroup { id } => {
-                let g = parse_json::<EnrollmentGroup>(body, "enrollment group")?;
-                let supplied = supplied_keys(&g.attestation);
-                let (id, g) = prepare_group(config, now, rng, g, Some(id))?;
+            C::PutGroup { group, if_match } => {
+                let supplied = supplied_keys(&group.attestation);
+                let (id, g) = prepare_group(config, now, rng, *group, None)?;
                 let then = Then::Put(Kind::Group, id.to_string());
-                single_write(Prepared::Group(id, Box::new(g)), supplied, condition, then)
+                single_write(Prepared::Group(id, Box::new(g)), supplied, condition(&if_match), then)
             }
-            Route::DeleteEnrollmentGroup { id } => Job::One(
+            C::DeleteGroup { group_id: id, if_match } => Job::One(
                 Some(StoreOp::DeleteGroup { group_id: id.clone(), if_match }),
                 Then::Delete(Kind::Group, id.to_string()),
             ),
-            Route::EnrollmentGroupAttestation { id } => Job::One(
+            C::GetGroupAttestation { group_id: id } => Job::One(
                 Some(StoreOp::GetGroup { group_id: id.clone() }),
                 Then::Attestation(Kind::Group, id.to_string()),
             ),
-            Route::QueryEnrollmentGroups => {
-                let (size, after) = Self::page(config, &request)?;
-                let query = Self::query_of(body, QuerySource::EnrollmentGroups)?;
+            C::QueryGroups { query, paging } => {
+                let (size, after) = Self::page(config, &paging)?;
+                let query = Self::query_of(&query, QuerySource::EnrollmentGroups)?;
                 Job::One(
                     Some(StoreOp::QueryGroups { query, page: PageRequest { after, limit: size } }),
                     Then::Query(Kind::Group, size),
                 )
             }
-            Route::GetRegistration { id } => Job::One(
+            C::GetRegistration { registration_id: id } => Job::One(
                 Some(StoreOp::GetRegistration { registration_id: id.clone() }),
                 Then::GetRegistration(id.to_string()),
             ),
-            Route::DeleteRegistration { id } => Job::One(
+            C::DeleteRegistration { registration_id: id, if_match } => Job::One(
                 Some(StoreOp::DeleteRegistration { registration_id: id.clone(), if_match }),
                 Then::DeleteRegistration(id.to_string()),
             ),
-            Route::QueryRegistrations { group_id } => {
-                let (size, after) = Self::page(config, &request)?;
+            C::QueryRegistrations { group_id, paging } => {
+                let (size, after) = Self::page(config, &paging)?;
                 Job::One(
-                    Some(StoreOp::QueryRegistrations {
-                        group_id: group_id.clone(),
-                        page: PageRequest { after, limit: size },
-                    }),
+                    Some(StoreOp::QueryRegistrations { group_id, page: PageRequest { after, limit: size } }),
                     Then::QueryRegistrations(size),
                 )
             }
-            Route::BulkEnrollments => {
-                let bulk = parse_json::<BulkEnrollmentOperation>(body, "bulk enrollment operation")?;
+            C::BulkEnrollments(bulk) => {
                 let mode = bulk.mode;
                 bulk_job(
                     Kind::Enrollment,
@@ -624,9 +735,7 @@ impl ServiceFlow {
                     },
                 )?
             }
-            Route::BulkEnrollmentGroups => {
-                let bulk =
-                    parse_json::<BulkEnrollmentGroupOperation>(body, "bulk enrollment group operation")?;
+            C::BulkGroups(bulk) => {
                 let mode = bulk.mode;
                 bulk_job(
                     Kind::Group,
@@ -645,7 +754,6 @@ impl ServiceFlow {
                     },
                 )?
             }
-            _ => return Err(DpsError::with_message(ErrorCode::NotFound, "not a service API route")),
         })
     }
 

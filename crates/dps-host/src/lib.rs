@@ -33,7 +33,7 @@ use dps_core::proto::id::format_uuid;
 use dps_core::store::BlockingStore;
 use dps_core::{
     finish_async, run_async_until_reply, run_blocking_with, DeviceRequest, DpsError, Engine, EngineConfig,
-    HttpRequest, Progress, Reply, Timestamp,
+    HttpRequest, Principal, Progress, Reply, ServiceCommand, Timestamp,
 };
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -230,6 +230,15 @@ impl Host {
         self.drive(flow).await
     }
 
+    /// Executes a typed service command (create, query, delete enrollments, groups and registration
+    /// states) under `principal`, e.g. `Principal::granted("backend", Rights::ALL)`: no token, no JSON.
+    /// The reply is the one the HTTP service API would give (status, JSON body, ETag header, error code).
+    pub async fn command(&self, principal: &Principal, command: ServiceCommand) -> Reply {
+        let now = self.now();
+        let flow = self.with_rng(|rng| self.inner.engine.command(now, rng, principal, command));
+        self.drive(flow).await
+    }
+
     async fn drive<F: dps_core::Flow + Send + 'static>(&self, mut flow: F) -> Reply {
         let inner = &self.inner;
         match run_async_until_reply(&mut flow, &inner.store, &inner.hubs).await {
@@ -334,6 +343,18 @@ impl<S: BlockingStore, H: dps_core::hub::BlockingHubDirectory> BlockingHost<S, H
         let mut flow = {
             let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
             self.engine.device(now, &mut **rng, request)
+        };
+        let mut out = None;
+        run_blocking_with(&mut flow, &self.store, &self.hubs, |r| out = Some(r));
+        out.unwrap_or_else(|| Reply::error_plain(&internal("the flow finished without a reply")))
+    }
+
+    /// Executes a typed service command under `principal` (see [`Host::command`]).
+    pub fn command(&self, principal: &Principal, command: ServiceCommand) -> Reply {
+        let now = self.clock.now();
+        let mut flow = {
+            let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+            self.engine.command(now, &mut **rng, principal, command)
         };
         let mut out = None;
         run_blocking_with(&mut flow, &self.store, &self.hubs, |r| out = Some(r));

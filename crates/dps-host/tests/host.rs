@@ -149,3 +149,50 @@ async fn a_host_without_a_store_is_refused_with_a_clear_message() {
     let err = Host::builder(config(false)).build().unwrap_err();
     assert!(err.message.contains("no store"), "{}", err.message);
 }
+
+#[tokio::test]
+async fn an_embedder_creates_queries_and_deletes_without_tokens_or_json_and_rights_are_enforced() {
+    use dps_core::proto::model::EnrollmentGroup;
+    use dps_core::proto::{EnrollmentGroupId, RegistrationId};
+    use dps_core::{Paging, Principal, ServiceCommand};
+    let hubs = Arc::new(MemoryHubDirectory::new());
+    let host =
+        Host::builder(config(false)).store(Arc::new(MemoryStore::new())).hubs(hubs.clone()).build().unwrap();
+    let admin = Principal::granted("backend", Rights::ALL);
+    let group: EnrollmentGroup = serde_json::from_value(group_body()).unwrap();
+    let created =
+        host.command(&admin, ServiceCommand::PutGroup { group: Box::new(group), if_match: None }).await;
+    assert_eq!(created.status, 200, "{}", String::from_utf8_lossy(&created.body));
+    assert!(created.headers.iter().any(|(k, _)| *k == "etag"));
+
+    // A device of the group provisions against what the embedder created.
+    assert_eq!(host.http(device("PUT", "/register", "dev-9")).await.status, 202);
+    let state = host
+        .command(
+            &admin,
+            ServiceCommand::GetRegistration { registration_id: RegistrationId::parse("dev-9").unwrap() },
+        )
+        .await;
+    assert_eq!(body(&state)["status"], "assigned");
+
+    let listed = host
+        .command(&admin, ServiceCommand::QueryGroups { query: String::new(), paging: Paging::default() })
+        .await;
+    assert_eq!(body(&listed).as_array().map(Vec::len), Some(1));
+
+    let reader = Principal::granted("reader", Rights::ENROLLMENT_READ);
+    let refused = host
+        .command(
+            &reader,
+            ServiceCommand::DeleteGroup { group_id: EnrollmentGroupId::parse("g1").unwrap(), if_match: None },
+        )
+        .await;
+    assert_eq!((refused.status, refused.error_code.map(|c| c.code())), (403, Some(403001)));
+    let deleted = host
+        .command(
+            &admin,
+            ServiceCommand::DeleteGroup { group_id: EnrollmentGroupId::parse("g1").unwrap(), if_match: None },
+        )
+        .await;
+    assert_eq!(deleted.status, 204);
+}
