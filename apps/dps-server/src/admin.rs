@@ -1,11 +1,15 @@
 //! The service API from the outside, as the admin CLI uses it: a [`ServiceClient`] signs every request with
 //! a service SAS token built from a connection string (`sr` = host name, `skn` = policy name), and the
-//! helpers here build enrollment and group bodies from command-line settings.
+//! helpers here build enrollment and group bodies from command-line settings. [`hub_devices`], [`twin`] and
+//! [`usage_report`] read the data directory's hub database (`hubs.sqlite3`) directly, read-only.
 
 use crate::client::{HttpResponse, HttpsClient};
-use crate::datadir::ConnectionString;
+use crate::datadir::{ConnectionString, DataDir};
 use crate::state::now;
 use crate::ServerError;
+use dps_core::hub::HubDevice;
+use dps_core::Timestamp;
+use dps_store::HubDatabase;
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use serde_json::{json, Map, Value};
 
@@ -390,6 +394,77 @@ impl ServiceClient {
             .await
             .map(|_| ())
     }
+}
+
+/// Opens the data directory's hub database read-only.
+fn hub_database(dir: &DataDir) -> Result<HubDatabase, ServerError> {
+    let path = dir.hubs_database();
+    if !path.exists() {
+        return Err(ServerError::Client(format!(
+            "no hub database at {} (use --data-dir with the server's data directory)",
+            path.display()
+        )));
+    }
+    HubDatabase::open_read_only(&path).map_err(|e| ServerError::Client(e.to_string()))
+}
+
+/// A twin in the IoT Hub shape (`tags`, `properties.desired`, `capabilities.iotEdge`).
+fn twin_json(hub: &str, device: &HubDevice) -> Value {
+    json!({
+        "deviceId": device.identity.device_id,
+        "hub": hub.to_ascii_lowercase(),
+        "tags": device.twin.tags,
+        "properties": { "desired": device.twin.desired },
+        "capabilities": { "iotEdge": device.twin.iot_edge },
+    })
+}
+
+/// `admin hub-devices`: the devices of `hub` in the data directory's hub database (no keys).
+pub fn hub_devices(dir: &DataDir, hub: &str) -> Result<Value, ServerError> {
+    let devices = hub_database(dir)?.devices(hub).map_err(|e| ServerError::Client(e.to_string()))?;
+    Ok(Value::Array(
+        devices
+            .iter()
+            .map(|d| json!({ "deviceId": d.identity.device_id, "capabilities": { "iotEdge": d.twin.iot_edge } }))
+            .collect(),
+    ))
+}
+
+/// `admin twin`: one hub device's twin from the data directory's hub database.
+pub fn twin(dir: &DataDir, hub: &str, device_id: &str) -> Result<Value, ServerError> {
+    match hub_database(dir)?.device(hub, device_id).map_err(|e| ServerError::Client(e.to_string()))? {
+        Some(d) => Ok(twin_json(hub, &d)),
+        None => Err(ServerError::Client(format!("no device '{device_id}' on hub '{hub}'"))),
+    }
+}
+
+/// `admin usage`: billable operations per ID scope, UTC day and operation (the last `days` days up to
+/// `now`, or every day), with a total per scope.
+pub fn usage_report(dir: &DataDir, days: Option<u32>, now: Timestamp) -> Result<Value, ServerError> {
+    let since = days.map(|n| {
+        let back = i64::from(n.max(1) - 1).saturating_mul(86_400);
+        crate::usage::day_of_unix(now.unix_seconds().saturating_sub(back))
+    });
+    let rows = hub_database(dir)?.usage(since.as_deref()).map_err(|e| ServerError::Client(e.to_string()))?;
+    let mut totals: std::collections::BTreeMap<&str, (u64, u64)> = std::collections::BTreeMap::new();
+    for r in &rows {
+        let t = totals.entry(r.id_scope.as_str()).or_default();
+        t.0 = t.0.saturating_add(r.succeeded);
+        t.1 = t.1.saturating_add(r.failed);
+    }
+    Ok(json!({
+        "since": since,
+        "days": rows.iter().map(|r| json!({
+            "idScope": r.id_scope,
+            "day": r.day,
+            "operation": r.operation,
+            "billable": r.succeeded,
+            "failed": r.failed,
+        })).collect::<Vec<_>>(),
+        "totals": totals.iter().map(|(scope, (ok, failed))| json!({
+            "idScope": scope, "billable": ok, "failed": failed,
+        })).collect::<Vec<_>>(),
+    }))
 }
 
 #[cfg(test)]

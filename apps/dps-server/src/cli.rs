@@ -1,6 +1,8 @@
 //! The command line: `dps-server [run] [--config FILE] [flags]` runs the server; `enrollment`, `group` and
 //! `registration` manage the service through its HTTPS service API (in the spirit of `az iot dps …`);
-//! `provision-device` registers a symmetric-key device over HTTPS with this project's device client.
+//! `provision-device` registers a symmetric-key device over HTTPS with this project's device client;
+//! `admin hub-devices|twin|usage` read the data directory's hub database (`hubs.sqlite3`) directly,
+//! read-only, and so need no connection string.
 //!
 //! Admin commands authenticate with a connection string (`--connection-string` / `DPS_CONNECTION_STRING`,
 //! or the data directory's `connection-string.txt`), trust `--ca` (default: the data directory's
@@ -12,6 +14,7 @@ use crate::admin::{CallError, EnrollmentSettings, Kind, Reprovision, ServiceClie
 use crate::client::HttpsClient;
 use crate::config::{FileConfig, Overrides, ServerConfig};
 use crate::datadir::{ConnectionString, DataDir, Ready};
+use crate::state::now;
 use crate::ServerError;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use dps_core::client::ClientConfig;
@@ -59,6 +62,77 @@ pub enum Command {
     },
     /// Provision a symmetric-key device over HTTPS with this project's device client.
     ProvisionDevice(ProvisionArgs),
+    /// Inspect a local server's hub directory and usage report. These commands do not use the HTTPS API:
+    /// they read the data directory's `hubs.sqlite3` directly, read-only (the server may be running).
+    Admin {
+        /// The operation.
+        #[command(subcommand)]
+        action: AdminAction,
+    },
+}
+
+/// Where the local-database admin commands find the data directory.
+#[derive(Debug, Clone, Args)]
+pub struct LocalArgs {
+    /// Data directory of the server (its hubs.sqlite3 is read, read-only) [default: ./dps-data].
+    #[arg(long, env = "DPS_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl LocalArgs {
+    /// The data directory.
+    pub fn dir(&self) -> DataDir {
+        DataDir::new(self.data_dir.clone().unwrap_or_else(|| PathBuf::from("./dps-data")))
+    }
+}
+
+/// `admin hub-devices`.
+#[derive(Debug, Clone, Args)]
+pub struct HubDevicesArgs {
+    /// Data directory.
+    #[command(flatten)]
+    pub local: LocalArgs,
+    /// IoT hub host name.
+    #[arg(long, value_name = "HOST")]
+    pub hub: String,
+}
+
+/// `admin twin`.
+#[derive(Debug, Clone, Args)]
+pub struct TwinArgs {
+    /// Data directory.
+    #[command(flatten)]
+    pub local: LocalArgs,
+    /// IoT hub host name.
+    #[arg(long, value_name = "HOST")]
+    pub hub: String,
+    /// Device ID.
+    #[arg(long, value_name = "ID")]
+    pub device: String,
+}
+
+/// `admin usage`.
+#[derive(Debug, Clone, Args)]
+pub struct UsageArgs {
+    /// Data directory.
+    #[command(flatten)]
+    pub local: LocalArgs,
+    /// Only the last N UTC days, today included [default: every day recorded].
+    #[arg(long, value_name = "N")]
+    pub days: Option<u32>,
+}
+
+/// Local-database admin operations (read the data directory's `hubs.sqlite3` read-only, not the HTTPS API).
+#[derive(Debug, Subcommand)]
+pub enum AdminAction {
+    /// List the devices the server registered in an IoT hub (reads DATA_DIR/hubs.sqlite3 directly).
+    HubDevices(HubDevicesArgs),
+    /// Show a hub device's twin: tags, desired properties, capabilities (reads DATA_DIR/hubs.sqlite3
+    /// directly).
+    Twin(TwinArgs),
+    /// Billable operations per ID scope and UTC day, successes (billed) and failures (reads
+    /// DATA_DIR/hubs.sqlite3 directly).
+    Usage(UsageArgs),
 }
 
 /// Log output format.
@@ -653,6 +727,20 @@ pub async fn run_admin(command: Command) -> ExitCode {
                 Err(e) => fail(e),
             },
         },
+        Command::Admin { action } => {
+            let result = match action {
+                AdminAction::HubDevices(a) => crate::admin::hub_devices(&a.local.dir(), &a.hub),
+                AdminAction::Twin(a) => crate::admin::twin(&a.local.dir(), &a.hub, &a.device),
+                AdminAction::Usage(a) => crate::admin::usage_report(&a.local.dir(), a.days, now()),
+            };
+            match result {
+                Ok(v) => {
+                    print_json(&v);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
         Command::ProvisionDevice(a) => match provision_device(&a).await {
             Ok(v) => {
                 print_json(&v);

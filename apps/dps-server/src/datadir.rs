@@ -45,6 +45,11 @@ impl DataDir {
         self.root.join("dps.sqlite3")
     }
 
+    /// The durable IoT hub directory (hub devices and twins, and the usage table).
+    pub fn hubs_database(&self) -> PathBuf {
+        self.root.join("hubs.sqlite3")
+    }
+
     /// The TLS directory.
     pub fn tls_dir(&self) -> PathBuf {
         self.root.join("tls")

@@ -8,7 +8,7 @@
 //! - [`tls`]: certificate generation and the rustls configurations.
 //! - [`server`]: the listeners ([`server::start`] → [`server::RunningServer`], graceful shutdown).
 //! - [`state`]: the engine, store and hub directory every connection shares.
-//! - [`metrics`]: Prometheus metrics for the admin listener.
+//! - [`metrics`]: Prometheus metrics for the admin listener; [`usage`] billable-operation metering.
 //! - [`client`]: a small HTTPS client (admin CLI, demo device, tests); [`admin`] the service API commands;
 //!   [`provision`] the device client driving `dps_core::client::RegistrationClient` over HTTPS.
 //! - [`cli`]: the command line.
@@ -38,6 +38,7 @@ pub mod provision;
 pub mod server;
 pub mod state;
 pub mod tls;
+pub mod usage;
 
 /// Why the server (or a CLI command) could not do its job.
 #[derive(Debug, thiserror::Error)]

@@ -10,7 +10,9 @@
 //! | `dps_connections_refused_total` | counter | `reason` (limit, tls_handshake) |
 //! | `dps_store_commit_duration_seconds` | histogram | — (`CommitRegistration`, until durable) |
 //! | `dps_store_batches_total`, `dps_store_rows_total` | counter | — (SQLite group-commit transactions and the writes they carried) |
+//! | `dps_billable_operations_total` | counter | `operation` (spec §10.3, e.g. `device_register`), `outcome` (success, failure); a register by its final status |
 
+use dps_core::BillableOperation;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -144,6 +146,7 @@ pub struct Metrics {
     refused_limit: AtomicU64,
     refused_tls: AtomicU64,
     store_stats: Mutex<Option<(u64, u64)>>,
+    billable: Mutex<BTreeMap<(BillableOperation, bool), u64>>,
 }
 
 impl Metrics {
@@ -158,6 +161,26 @@ impl Metrics {
     pub fn request(&self, api: Api, status: u16) {
         let key = (api, status_class(status));
         *self.requests.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_insert(0) += 1;
+    }
+
+    /// Counts one billable operation (spec §10.3) by outcome.
+    pub fn billable(&self, operation: BillableOperation, succeeded: bool) {
+        *self
+            .billable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((operation, succeeded))
+            .or_insert(0) += 1;
+    }
+
+    /// How many `operation` calls ended with `succeeded`.
+    pub fn billable_count(&self, operation: BillableOperation, succeeded: bool) -> u64 {
+        self.billable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(operation, succeeded))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Counts a refused connection.
@@ -239,6 +262,18 @@ impl Metrics {
             "dps_store_commit_duration_seconds",
             "Time for a registration commit to become durable.",
         );
+        out.push_str(
+            "# HELP dps_billable_operations_total Billable DPS operations (spec 10.3) by outcome.\n",
+        );
+        out.push_str("# TYPE dps_billable_operations_total counter\n");
+        for ((op, ok), n) in self.billable.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let outcome = if *ok { "success" } else { "failure" };
+            let _ = writeln!(
+                out,
+                "dps_billable_operations_total{{operation=\"{}\",outcome=\"{outcome}\"}} {n}",
+                op.name()
+            );
+        }
         if let Some((batches, rows)) = *self.store_stats.lock().unwrap_or_else(|e| e.into_inner()) {
             let _ = writeln!(
                 out,
@@ -280,7 +315,14 @@ mod tests {
         }
         assert_eq!(m.open_connections(Transport::Https), 0);
         m.refused(Refusal::Limit);
+        m.billable(BillableOperation::DeviceRegister, true);
+        m.billable(BillableOperation::DeviceRegister, false);
+        m.billable(BillableOperation::DeviceRegister, true);
         let text = m.render();
+        assert!(text
+            .contains("dps_billable_operations_total{operation=\"device_register\",outcome=\"success\"} 2"));
+        assert!(text
+            .contains("dps_billable_operations_total{operation=\"device_register\",outcome=\"failure\"} 1"));
         assert!(text
             .contains("dps_registrations_total{transport=\"https\",status_class=\"2xx\",error_code=\"\"} 1"));
         assert!(text.contains(

@@ -1,17 +1,19 @@
 //! State shared by every connection: the [`Host`] (engine, clock, RNG, store, hub directory, background
-//! flows) and metrics.
+//! flows), metrics and usage metering. The hub directory is durable ([`SqliteHubDirectory`] in the data
+//! directory's `hubs.sqlite3`), so a restarted server still migrates its devices' twins.
 
 use crate::config::ServerConfig;
+use crate::datadir::DataDir;
 use crate::datadir::OwnerKeys;
 use crate::metrics::Metrics;
+use crate::usage::Billing;
 use crate::ServerError;
-use dps_core::hub::MemoryHubDirectory;
 use dps_core::proto::Timestamp;
 use dps_core::store::{AsyncStore, StoreError, StoreOp, StoreResult};
 use dps_core::OWNER_POLICY;
 use dps_core::{AccessPolicy, DeviceRequest, Engine, EngineConfig, HttpRequest, Reply, Rights};
 use dps_host::{Clock, Host, SystemClock};
-use dps_store::{SqliteOptions, SqliteStore};
+use dps_store::{SqliteHubDirectory, SqliteOptions, SqliteStore};
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
@@ -28,12 +30,20 @@ pub fn now() -> Timestamp {
 pub struct MeteredStore {
     inner: SqliteStore,
     metrics: Arc<Metrics>,
+    billing: Option<Arc<Billing>>,
 }
 
 impl MeteredStore {
     /// Wraps a store.
     pub fn new(inner: SqliteStore, metrics: Arc<Metrics>) -> Self {
-        MeteredStore { inner, metrics }
+        MeteredStore { inner, metrics, billing: None }
+    }
+
+    /// Also reports every committed registration record to `billing` (a register is billed by its final
+    /// status).
+    pub fn with_billing(mut self, billing: Arc<Billing>) -> Self {
+        self.billing = Some(billing);
+        self
     }
 
     /// The wrapped store.
@@ -44,6 +54,12 @@ impl MeteredStore {
 
 impl AsyncStore for MeteredStore {
     fn execute(&self, op: StoreOp) -> impl Future<Output = Result<StoreResult, StoreError>> + Send {
+        let committed = match (&op, &self.billing) {
+            (StoreOp::CommitRegistration { record, .. }, Some(b)) if record.status.is_terminal() => {
+                Some((Arc::clone(b), record.clone()))
+            }
+            _ => None,
+        };
         let timed = matches!(op, StoreOp::CommitRegistration { .. });
         let started = Instant::now();
         let pending = self.inner.execute(op);
@@ -52,6 +68,9 @@ impl AsyncStore for MeteredStore {
             let result = pending.await;
             if timed {
                 metrics.store_commit_latency.observe(started.elapsed());
+            }
+            if let (Some((billing, record)), Ok(_)) = (committed, &result) {
+                billing.on_commit(&record);
             }
             result
         }
@@ -68,10 +87,12 @@ pub struct AppState {
     pub engine: Engine,
     /// The durable store (timed); the host holds the same store.
     pub store: Arc<MeteredStore>,
-    /// The IoT hub directory; the host holds the same directory.
-    pub hubs: Arc<MemoryHubDirectory>,
+    /// The durable IoT hub directory; the host holds the same directory.
+    pub hubs: Arc<SqliteHubDirectory>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// Billable-operation metering (counters and the usage table).
+    pub billing: Arc<Billing>,
 }
 
 /// The engine configuration for a server configuration and its owner keys.
@@ -95,18 +116,24 @@ pub fn engine_config(config: &ServerConfig, owner: &OwnerKeys) -> EngineConfig {
 }
 
 impl AppState {
-    /// Opens the store at `database` and builds the engine.
+    /// Opens the store at `database` and the hub directory (`hubs.sqlite3` in the data directory) and builds
+    /// the engine.
     pub fn open(config: &ServerConfig, owner: &OwnerKeys, database: &Path) -> Result<AppState, ServerError> {
+        let hubs_path = DataDir::new(config.data_dir.clone()).hubs_database();
+        let hubs = SqliteHubDirectory::open(&hubs_path)
+            .map_err(|e| ServerError::DataDir(format!("{}: {e}", hubs_path.display())))?;
         let store = SqliteStore::open(database, SqliteOptions::default()).map_err(ServerError::Store)?;
         let metrics = Arc::new(Metrics::default());
-        let store = Arc::new(MeteredStore::new(store, Arc::clone(&metrics)));
-        let hubs = Arc::new(MemoryHubDirectory::new());
+        let billing = Arc::new(Billing::new(config.id_scope.to_string(), Arc::clone(&metrics), hubs.clone()));
+        let store =
+            Arc::new(MeteredStore::new(store, Arc::clone(&metrics)).with_billing(Arc::clone(&billing)));
+        let hubs = Arc::new(hubs);
         let host = Host::builder(engine_config(config, owner))
             .store(store.clone())
             .hubs(hubs.clone())
             .build()
             .map_err(|e| ServerError::Config(crate::config::ConfigError(e.message)))?;
-        Ok(AppState { engine: host.engine().clone(), host, store, hubs, metrics })
+        Ok(AppState { engine: host.engine().clone(), host, store, hubs, metrics, billing })
     }
 
     /// Draws 16 random bytes (e.g. for a tracking ID).
@@ -116,12 +143,16 @@ impl AppState {
 
     /// Runs a device API request (HTTPS or MQTT, already addressed) to its reply.
     pub async fn run_device(&self, request: DeviceRequest) -> Reply {
-        self.host.device(request).await
+        let reply = self.host.device(request).await;
+        self.billing.on_reply(&reply);
+        reply
     }
 
     /// Runs any HTTP request (device or service API) to its reply.
     pub async fn run_http(&self, request: HttpRequest) -> Reply {
-        self.host.http(request).await
+        let reply = self.host.http(request).await;
+        self.billing.on_reply(&reply);
+        reply
     }
 
     /// Refreshes the store counters shown by `/metrics`.
@@ -130,9 +161,15 @@ impl AppState {
         self.metrics.set_store_stats(stats.batches, stats.rows);
     }
 
-    /// Closes the store: queued writes are committed and the writer thread exits. Blocks; call it from a
-    /// blocking context.
+    /// Closes the store and the hub directory: queued writes (and usage rows) are committed and the writer
+    /// threads exit. A register whose assignment never finished is billed as a failure. Blocks; call it
+    /// from a blocking context.
     pub fn close_store(&self) -> Result<(), StoreError> {
-        self.store.inner().clone().close()
+        self.billing.settle_all();
+        let closed = self.store.inner().clone().close();
+        if let Err(e) = self.hubs.close() {
+            tracing::warn!(error = %e, "closing the hub directory");
+        }
+        closed
     }
 }
