@@ -1,7 +1,8 @@
 //! Storage backends for the DPS engine. The engine (in `dps-core`) asks for a
 //! [`StoreOp`](dps_core::store::StoreOp); a backend here performs it. Both backends implement
 //! [`BlockingStore`](dps_core::store::BlockingStore) and [`AsyncStore`](dps_core::store::AsyncStore) and
-//! pass the same conformance suite (`tests/conformance.rs`).
+//! pass the same conformance suite (`store_conformance_tests!`, exported with the feature `testing` so
+//! that other backends run it too).
 //!
 //! - [`MemoryStore`]: everything in memory behind one lock. For tests, benchmarks and deployments that can
 //!   lose their data on restart. Every operation is atomic; nothing is durable.
@@ -31,6 +32,8 @@ mod memory;
 mod sqlite;
 #[cfg(feature = "sqlite")]
 mod sqlite_hub;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use memory::MemoryStore;
 #[cfg(feature = "sqlite")]

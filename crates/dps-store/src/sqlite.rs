@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, RwLock, TryLockError};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -51,6 +51,14 @@ const MIGRATIONS: &[&str] = &[
         json TEXT NOT NULL
     );
     CREATE INDEX registrations_by_group ON registrations (group_key, key);",
+    // Version 2: the store version, one row bumped by every write transaction that changes anything, so a
+    // store that caches what it read can tell whether another connection (another process, another
+    // `SqliteStore` on the same file) wrote since.
+    "CREATE TABLE store_version (
+        id INTEGER PRIMARY KEY NOT NULL CHECK (id = 0),
+        version INTEGER NOT NULL
+    );
+    INSERT INTO store_version (id, version) VALUES (0, 0);",
 ];
 
 /// The schema version this build writes (`PRAGMA user_version`).
@@ -120,8 +128,20 @@ pub struct SqliteStats {
 ///     with what the writer commits, so it never holds anything older than the database. A device's poll
 ///     after its register is answered without touching SQLite; a miss falls back to a read connection.
 ///
-/// Open each database file with one `SqliteStore` at a time (clone the handle to share it): the in-memory
-/// views only see writes made through this store.
+/// # Other writers of the same file
+///
+/// Another process, or a second `SqliteStore` opened on the same file, may write to the database at any
+/// time (SQLite serializes the writers; each waits up to a few seconds for the lock). Every write
+/// transaction that changes anything also bumps the `store_version` row (schema version 2). The views above
+/// are trusted only while they reflect the current version: every [`StoreOp::LoadDeviceContext`] and
+/// [`StoreOp::GetRegistration`] first reads that row (one single-row read on its read connection) and,
+/// when another connection wrote since, reads the database instead and asks the writer to reload its views.
+/// The writer checks the version again under its write lock at the start of every batch, and reloads the
+/// views inside that transaction before applying anything, so a batch never publishes views built on a
+/// stale copy. Preconditions (ETags, create-only) are always evaluated against the database rows, never
+/// against a view. A read therefore reflects every write committed, by any process, before it started.
+/// Within one process, clone the handle rather than opening the file twice: a second store works, but
+/// each one's writes make the other's views stale until its next write.
 ///
 /// Cheap to clone: clones share the connections and the writer thread. Implements both
 /// [`BlockingStore`] (a write blocks until its batch is durable) and [`AsyncStore`] (the future resolves
@@ -151,6 +171,14 @@ struct WriterState {
     enrollment_ids: cache::KeySet,
     /// Registration records as last committed.
     registrations: cache::RecordCache,
+    /// The store version (the `store_version` row) the three views above reflect; `-1` while they reflect
+    /// none. Set by the writer only after the views are up to date with it.
+    version: AtomicI64,
+    /// The version the writer is committing right now (set before `COMMIT`): a reader that finds it in the
+    /// database knows the views are about to catch up and needs no resync.
+    committing: AtomicI64,
+    /// A [`WriteOp::Resync`] is queued (so readers queue at most one).
+    resync_queued: AtomicBool,
     batches: AtomicU64,
     rows: AtomicU64,
 }
@@ -197,6 +225,9 @@ enum WriteOp {
         key: String,
         if_match: Option<IfMatch>,
     },
+    /// Writes nothing: asks the writer to bring the in-memory views up to date with a database that another
+    /// connection wrote to (queued by a reader that found the views stale).
+    Resync,
 }
 
 enum ReadOp {
@@ -310,6 +341,13 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     tx.commit().map_err(|e| sql_error("committing the schema migration", &e))
 }
 
+/// The current store version (the `store_version` row).
+fn read_version(conn: &Connection) -> Result<i64, StoreError> {
+    conn.prepare_cached("SELECT version FROM store_version WHERE id = 0")
+        .and_then(|mut s| s.query_row([], |r| r.get(0)))
+        .map_err(|e| sql_error("reading the store version", &e))
+}
+
 /// Loads the keys of every individual enrollment into `ids`.
 fn load_enrollment_ids(conn: &Connection, ids: &cache::KeySet) -> Result<(), StoreError> {
     let mut stmt = conn
@@ -353,6 +391,8 @@ impl SqliteStore {
             Connection::open(&path).map_err(|e| sql_error(&format!("opening database '{shown}'"), &e))?;
         configure_writer(&conn)?;
         migrate(&mut conn)?;
+        // The version first: views loaded after it can only be newer than it, never older.
+        let version = read_version(&conn)?;
         let groups = load_symmetric_key_groups(&conn)?;
 
         let mut readers = Vec::new();
@@ -374,11 +414,15 @@ impl SqliteStore {
             symmetric_key_groups: RwLock::new(Arc::new(Vec::new())),
             enrollment_ids: cache::KeySet::new(),
             registrations: cache::RecordCache::new(options.registration_cache_bytes),
+            version: AtomicI64::new(-1),
+            committing: AtomicI64::new(-1),
+            resync_queued: AtomicBool::new(false),
             batches: AtomicU64::new(0),
             rows: AtomicU64::new(0),
         });
         state.publish_groups(&groups);
         load_enrollment_ids(&conn, &state.enrollment_ids)?;
+        state.version.store(version, Ordering::Release);
 
         let (sender, receiver) = mpsc::channel();
         let writer = Writer {
@@ -388,6 +432,7 @@ impl SqliteStore {
             batch_window: options.batch_window,
             state: Arc::clone(&state),
             groups,
+            version,
             groups_stale: false,
             enrollment_ids_stale: false,
         };
@@ -510,13 +555,29 @@ impl SqliteStore {
     }
 
     /// A registration record from the database.
-    fn read_registration(&self, key: &str) -> Result<Option<RegistrationRecord>, StoreError> {
-        get_json(
-            &*self.reader()?,
-            "SELECT json FROM registrations WHERE key = ?1",
-            key,
-            "a registration record",
-        )
+    fn read_registration(conn: &Connection, key: &str) -> Result<Option<RegistrationRecord>, StoreError> {
+        get_json(conn, "SELECT json FROM registrations WHERE key = ?1", key, "a registration record")
+    }
+
+    /// Whether the in-memory views reflect the database as `conn` sees it now (no other connection wrote
+    /// since the writer last brought them up to date). When they do not, the caller reads the database
+    /// instead, and a [`WriteOp::Resync`] is queued so that the writer catches up.
+    fn views_current(&self, conn: &Connection) -> Result<bool, StoreError> {
+        let state = &self.shared.state;
+        let current = read_version(conn)?;
+        if current == state.version.load(Ordering::Acquire) {
+            return Ok(true);
+        }
+        // Our own writer's commit in flight: the views catch up before its requesters are answered.
+        if current != state.committing.load(Ordering::Acquire)
+            && !state.resync_queued.swap(true, Ordering::AcqRel)
+        {
+            let (reply, _) = oneshot::channel();
+            if self.submit(WriteOp::Resync, Reply::Async(reply)).is_err() {
+                state.resync_queued.store(false, Ordering::Release);
+            }
+        }
+        Ok(false)
     }
 
     fn read(&self, op: ReadOp) -> OpResult {
@@ -526,22 +587,26 @@ impl SqliteStore {
         let state = &self.shared.state;
         match op {
             ReadOp::LoadDeviceContext(id) => {
-                let cached = state.registrations.get(id.key());
-                let individual: Option<IndividualEnrollment> = if state.enrollment_ids.may_contain(id.key()) {
-                    get_json(
-                        &*self.reader()?,
-                        "SELECT json FROM enrollments WHERE key = ?1",
-                        id.key(),
-                        "an enrollment",
-                    )?
+                let conn = self.reader()?;
+                let current = self.views_current(&conn)?;
+                let cached = if current { state.registrations.get(id.key()) } else { None };
+                let individual: Option<IndividualEnrollment> = if !current
+                    || state.enrollment_ids.may_contain(id.key())
+                {
+                    get_json(&conn, "SELECT json FROM enrollments WHERE key = ?1", id.key(), "an enrollment")?
                 } else {
                     None
                 };
-                let symmetric_key_groups =
-                    if individual.is_some() { Arc::clone(&self.shared.no_groups) } else { state.groups() };
+                let symmetric_key_groups = if individual.is_some() {
+                    Arc::clone(&self.shared.no_groups)
+                } else if current {
+                    state.groups()
+                } else {
+                    Arc::new(load_symmetric_key_groups(&conn)?.into_values().collect())
+                };
                 let registration = match cached {
                     Some(record) => Some(RegistrationRecord::clone(&record)),
-                    None => self.read_registration(id.key())?,
+                    None => Self::read_registration(&conn, id.key())?,
                 };
                 Ok(StoreResult::DeviceContext(DeviceContext {
                     individual,
@@ -550,9 +615,12 @@ impl SqliteStore {
                 }))
             }
             ReadOp::GetRegistration(id) => {
-                let record = match state.registrations.get(id.key()) {
+                let conn = self.reader()?;
+                let cached =
+                    if self.views_current(&conn)? { state.registrations.get(id.key()) } else { None };
+                let record = match cached {
                     Some(record) => Some(RegistrationRecord::clone(&record)),
-                    None => self.read_registration(id.key())?,
+                    None => Self::read_registration(&conn, id.key())?,
                 };
                 Ok(StoreResult::Registration(record.map(Box::new)))
             }
@@ -753,6 +821,8 @@ struct Writer {
     state: Arc<WriterState>,
     /// The symmetric-key groups as committed, by key (what the shared cache is built from).
     groups: BTreeMap<String, EnrollmentGroup>,
+    /// The store version this writer last committed or read under its write lock (what the views reflect).
+    version: i64,
     /// Set when a batch that touched groups failed: the database may or may not hold its changes, so
     /// `groups` is reloaded from the database.
     groups_stale: bool,
@@ -802,8 +872,11 @@ impl Writer {
         let mut changes = Vec::new();
         match self.transact(batch, results, &mut changes) {
             Ok(()) => {
-                self.state.batches.fetch_add(1, Ordering::Relaxed);
-                self.state.rows.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                let rows = batch.iter().filter(|r| !matches!(r.op, WriteOp::Resync)).count() as u64;
+                if rows > 0 {
+                    self.state.batches.fetch_add(1, Ordering::Relaxed);
+                    self.state.rows.fetch_add(rows, Ordering::Relaxed);
+                }
                 // Every in-memory view is brought up to date before anyone is answered.
                 let mut groups_changed = false;
                 for change in changes {
@@ -836,11 +909,15 @@ impl Writer {
                         _ => {}
                     }
                 }
+                // The views now reflect the version just committed: readers may trust them again.
+                self.state.version.store(self.version, Ordering::Release);
                 for (request, result) in batch.drain(..).zip(results.drain(..)) {
                     request.reply.send(result);
                 }
             }
             Err(e) => {
+                // If the batch did land, its version is not this writer's: the next batch resyncs.
+                self.state.committing.store(-1, Ordering::Release);
                 if !self.conn.is_autocommit() {
                     // Best effort: if even ROLLBACK fails, the next BEGIN reports the problem.
                     let _ = self.conn.execute_batch("ROLLBACK");
@@ -882,25 +959,64 @@ impl Writer {
     }
 
     /// `BEGIN IMMEDIATE`, every request in order, `COMMIT`. An `Err` aborts the whole batch.
+    ///
+    /// Under the write lock, the store version is read first: if another connection wrote since this
+    /// writer's last transaction, the in-memory views are reloaded (inside the transaction, so from exactly
+    /// the state the batch's preconditions are checked against) before anything is applied. The version
+    /// is bumped in the same transaction when any request changed something.
     fn transact(
-        &self,
+        &mut self,
         batch: &[WriteRequest],
         results: &mut Vec<OpResult>,
         changes: &mut Vec<Change>,
     ) -> Result<(), StoreError> {
-        let run = |sql: &str, what: &str| -> Result<(), StoreError> {
-            self.conn
-                .prepare_cached(sql)
+        fn run(conn: &Connection, sql: &str, what: &str) -> Result<(), StoreError> {
+            conn.prepare_cached(sql)
                 .and_then(|mut s| s.execute([]))
                 .map(|_| ())
                 .map_err(|e| sql_error(what, &e))
-        };
-        run("BEGIN IMMEDIATE", "starting a write transaction")?;
+        }
+        run(&self.conn, "BEGIN IMMEDIATE", "starting a write transaction")?;
+        self.state.resync_queued.store(false, Ordering::Release);
+        let found = read_version(&self.conn)?;
+        if found != self.version {
+            self.resync()?;
+            self.version = found;
+            self.state.version.store(found, Ordering::Release);
+        }
+        let mut changed = false;
         for request in batch {
             let result = self.apply(&request.op, changes).map_err(|e| sql_error("writing", &e))?;
+            changed |= result.is_ok() && !matches!(request.op, WriteOp::Resync);
             results.push(result);
         }
-        run("COMMIT", "committing a write transaction")
+        let next = found + 1;
+        if changed {
+            run(
+                &self.conn,
+                "UPDATE store_version SET version = version + 1 WHERE id = 0",
+                "bumping the store version",
+            )?;
+            self.state.committing.store(next, Ordering::Release);
+        }
+        run(&self.conn, "COMMIT", "committing a write transaction")?;
+        if changed {
+            self.version = next;
+        }
+        Ok(())
+    }
+
+    /// Reloads every in-memory view from the database (another connection wrote to it).
+    fn resync(&mut self) -> Result<(), StoreError> {
+        self.state.registrations.clear();
+        self.state.enrollment_ids.unknown();
+        self.enrollment_ids_stale = true;
+        load_enrollment_ids(&self.conn, &self.state.enrollment_ids)?;
+        self.enrollment_ids_stale = false;
+        self.groups = load_symmetric_key_groups(&self.conn)?;
+        self.groups_stale = false;
+        self.state.publish_groups(&self.groups);
+        Ok(())
     }
 
     /// Applies one request inside the open transaction. The outer error is a database failure (it aborts
@@ -908,6 +1024,7 @@ impl Writer {
     fn apply(&self, op: &WriteOp, changes: &mut Vec<Change>) -> Result<OpResult, rusqlite::Error> {
         let conn = &self.conn;
         match op {
+            WriteOp::Resync => Ok(Ok(StoreResult::Done)),
             WriteOp::CommitRegistration { key, group_key, etag, json, expected, .. } => {
                 // One statement checks and writes: a create that finds a row, or an update that finds no row
                 // with the expected ETag, changes nothing.
@@ -1216,6 +1333,16 @@ mod cache {
             }
             let cost = json_len.saturating_add(ENTRY_OVERHEAD);
             self.shard(key).insert(key.to_owned(), Arc::new(record), cost, self.budget_per_shard);
+        }
+
+        /// Forgets every record (another connection wrote to the database).
+        pub(super) fn clear(&self) {
+            for shard in &self.shards {
+                let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+                shard.entries.clear();
+                shard.order.clear();
+                shard.bytes = 0;
+            }
         }
 
         /// Forgets `key` (deleted, or its state in the database is unsure).

@@ -1,726 +1,17 @@
-//! The store conformance suite: every test is written once, generically over `S: BlockingStore`, and run
-//! against every backend (memory and SQLite, each through its blocking and its async interface). SQLite-only
-//! tests (durability, migrations, group commit) follow.
+//! The store conformance suite (`dps_store::testing`, feature `testing`), run against every backend of this
+//! crate (memory and SQLite, each through its blocking and its async interface). SQLite-only tests
+//! (durability, migrations, group commit, several handles on one file) follow.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use dps_core::proto::model::{
-    EnrollmentGroup, IndividualEnrollment, RegistrationStatus, RegistrationSubstatus,
-};
-use dps_core::proto::query::{parse_query, Query, QuerySource};
-use dps_core::proto::{EnrollmentGroupId, Etag, IfMatch, OperationId, RegistrationId, Timestamp};
-use dps_core::store::{
-    AsyncStore, BlockingStore, DeviceContext, EnrollmentRef, Page, PageRequest, RegistrationRecord,
-    StoreError, StoreOp, StoreResult, WriteCondition,
-};
+use dps_core::store::{AsyncStore, BlockingStore, StoreError, StoreOp, StoreResult, WriteCondition};
+use dps_store::testing::*;
 use dps_store::MemoryStore;
 #[cfg(feature = "sqlite")]
 use dps_store::{SqliteOptions, SqliteStore};
-use serde_json::json;
-
-// ------------------------------------------------------------------------------------------------
-// Fixtures
-// ------------------------------------------------------------------------------------------------
-
-const CREATED: &str = "2024-01-01T00:00:00.0000000Z";
-const LATER: &str = "2024-06-01T12:00:00.0000000Z";
-
-fn rid(s: &str) -> RegistrationId {
-    RegistrationId::parse(s).unwrap()
-}
-
-fn gid(s: &str) -> EnrollmentGroupId {
-    EnrollmentGroupId::parse(s).unwrap()
-}
-
-fn etag(s: &str) -> Etag {
-    Etag::parse(s).unwrap()
-}
-
-fn if_match(s: &str) -> IfMatch {
-    IfMatch::Etag(etag(s))
-}
-
-fn enrollment_at(id: &str, etag: &str, created: &str) -> IndividualEnrollment {
-    serde_json::from_value(json!({
-        "registrationId": id,
-        "attestation": {
-            "type": "symmetricKey",
-            "symmetricKey": {"primaryKey": "cHJpbWFyeQ==", "secondaryKey": "c2Vjb25kYXJ5"}
-        },
-        "iotHubHostName": "hub1.azure-devices.net",
-        "etag": etag,
-        "provisioningStatus": "enabled",
-        "createdDateTimeUtc": created,
-        "lastUpdatedDateTimeUtc": created,
-        "capabilities": {"iotEdge": false}
-    }))
-    .unwrap()
-}
-
-fn enrollment(id: &str, etag: &str) -> IndividualEnrollment {
-    enrollment_at(id, etag, CREATED)
-}
-
-fn group_with(id: &str, kind: &str, etag: &str, status: &str, created: &str) -> EnrollmentGroup {
-    let attestation = match kind {
-        "symmetricKey" => {
-            json!({"type": "symmetricKey", "symmetricKey": {"primaryKey": "a2V5", "secondaryKey": "a2V5Mg=="}})
-        }
-        "x509" => json!({"type": "x509", "x509": {"caReferences": {"primary": "root-ca"}}}),
-        other => panic!("unknown attestation kind {other}"),
-    };
-    serde_json::from_value(json!({
-        "enrollmentGroupId": id,
-        "attestation": attestation,
-        "etag": etag,
-        "provisioningStatus": status,
-        "createdDateTimeUtc": created,
-        "lastUpdatedDateTimeUtc": created,
-        "iotHubs": ["hub1.azure-devices.net"]
-    }))
-    .unwrap()
-}
-
-fn sym_group(id: &str, etag: &str) -> EnrollmentGroup {
-    group_with(id, "symmetricKey", etag, "enabled", CREATED)
-}
-
-fn record(id: &str, group: Option<&str>, etag_value: &str) -> RegistrationRecord {
-    RegistrationRecord {
-        registration_id: rid(id),
-        enrollment: match group {
-            Some(g) => EnrollmentRef::Group(gid(g)),
-            None => EnrollmentRef::Individual(rid(id)),
-        },
-        operation_id: OperationId::parse("5.316aac5bdc130deb.8f1c2d3e-0000-4000-8000-000000000001").unwrap(),
-        status: RegistrationStatus::Assigned,
-        substatus: Some(RegistrationSubstatus::InitialAssignment),
-        assigned_hub: Some("hub1.azure-devices.net".into()),
-        device_id: Some(id.into()),
-        error_code: None,
-        error_message: None,
-        payload: Some(json!({"hello": "world"})),
-        created: Timestamp::from_unix_seconds(1_700_000_000),
-        last_updated: Timestamp::from_unix_seconds(1_700_000_100),
-        etag: etag(etag_value),
-    }
-}
-
-fn all(source: QuerySource) -> Query {
-    Query { source, conditions: Vec::new() }
-}
-
-fn page(after: Option<String>, limit: usize) -> PageRequest {
-    PageRequest { after, limit }
-}
-
-// ------------------------------------------------------------------------------------------------
-// Operation helpers
-// ------------------------------------------------------------------------------------------------
-
-fn put_enrollment<S: BlockingStore>(
-    s: &S,
-    e: IndividualEnrollment,
-    condition: WriteCondition,
-) -> Result<IndividualEnrollment, StoreError> {
-    match s.execute(StoreOp::PutEnrollment { enrollment: Box::new(e), condition })? {
-        StoreResult::Enrollment(Some(e)) => Ok(*e),
-        other => panic!("unexpected result {other:?}"),
-    }
-}
-
-fn get_enrollment<S: BlockingStore>(s: &S, id: &str) -> Option<IndividualEnrollment> {
-    match s.execute(StoreOp::GetEnrollment { registration_id: rid(id) }).unwrap() {
-        StoreResult::Enrollment(e) => e.map(|e| *e),
-        other => panic!("unexpected result {other:?}"),
-    }
-}
-
-fn delete_enrollment<S: BlockingStore>(s: &S, id: &str, if_match: Option<IfMatch>) -> Result<(), StoreError> {
-    match s.execute(StoreOp::DeleteEnrollment { registration_id: rid(id), if_match })? {
-        StoreResult::Done => Ok(()),
-        other => panic!("unexpected result {other:?}"),
-    }
-}
-
-fn query_enrollments<S: BlockingStore>(s: &S, query: Query, req: PageRequest) -> Page<IndividualEnrollment> {
-    match s.execute(StoreOp::QueryEnrollments { query, page: req }).unwrap() {
-        StoreResult::Enrollments(p) => p,
-        other => panic!("unexpected result {other:?}"),
-    }
-}
-
-fn put_group<S: BlockingStore>(
-    s: &S,
-    g: EnrollmentGroup,
-    condition: WriteCondition,
-) -> Result<EnrollmentGroup, StoreError> {
-    match s.execute(StoreOp::PutGroup { group: Box::new(g), condition })? {
-        StoreResult::Group(Some(g)) => Ok(*g),
-        other => panic!("unexpected result {other:?}"),
-    }
-}
-
-fn get_group<S: BlockingStore>(s: &S, id: &str) -> Option<EnrollmentGroup> {
-    match s.execute(StoreOp::GetGroup { group_id: gid(id) }).unwrap() {
-        StoreResult::Group(g) => g.map(|g| *g),
-        other => panic!("unexpected result {other:?}"),
-    }
-}
-
-fn delete_group<S: BlockingStore>(s: &S, id: &str, if_match: Option<IfMatch>) -> Result<(), StoreError> {
-    match s.execute(StoreOp::DeleteGroup { group_id: gid(id), if_match })? {
-        StoreResult::Done => Ok(()),
-        other => panic!("unexpected result {other:?}"),
-    }
-}
-
-fn query_groups<S: BlockingStore>(s: &S, query: Query, req: PageRequest) -> Page<EnrollmentGroup> {
-    match s.execute(StoreOp::QueryGroups { query, page: req }).unwrap() {
-        StoreResult::Groups(p) => p,
-        other => panic!("unexpected result {other:?}"),
-    }
-}
-
-fn commit<S: BlockingStore>(s: &S, r: RegistrationRecord, expected: Option<&str>) -> Result<(), StoreError> {
-    match s.execute(StoreOp::CommitRegistration { record: Box::new(r), expected: expected.map(etag) })? {
-        StoreResult::Done => Ok(()),
-        other => panic!("unexpected result {other:?}"),
-    }
-}
-
-fn get_registration<S: BlockingStore>(s: &S, id: &str) -> Option<RegistrationRecord> {
-    match s.execute(StoreOp::GetRegistration { registration_id: rid(id) }).unwrap() {
-        StoreResult::Registration(r) => r.map(|r| *r),
-        other => panic!("unexpected result {other:?}"),
-    }
-}
-
-fn delete_registration<S: BlockingStore>(
-    s: &S,
-    id: &str,
-    if_match: Option<IfMatch>,
-) -> Result<(), StoreError> {
-    match s.execute(StoreOp::DeleteRegistration { registration_id: rid(id), if_match })? {
-        StoreResult::Done => Ok(()),
-        other => panic!("unexpected result {other:?}"),
-    }
-}
-
-fn query_registrations<S: BlockingStore>(s: &S, group: &str, req: PageRequest) -> Page<RegistrationRecord> {
-    match s.execute(StoreOp::QueryRegistrations { group_id: gid(group), page: req }).unwrap() {
-        StoreResult::Registrations(p) => p,
-        other => panic!("unexpected result {other:?}"),
-    }
-}
-
-fn load<S: BlockingStore>(s: &S, id: &str) -> DeviceContext {
-    match s.execute(StoreOp::LoadDeviceContext { registration_id: rid(id) }).unwrap() {
-        StoreResult::DeviceContext(c) => c,
-        other => panic!("unexpected result {other:?}"),
-    }
-}
-
-fn group_ids(groups: &[EnrollmentGroup]) -> Vec<&str> {
-    groups.iter().map(|g| g.enrollment_group_id.as_str()).collect()
-}
-
-/// Pages through everything with the given page size, checking the paging contract on the way.
-fn collect_all<T>(
-    limit: usize,
-    mut fetch: impl FnMut(PageRequest) -> Page<T>,
-    key: impl Fn(&T) -> String,
-) -> Vec<String> {
-    let mut keys = Vec::new();
-    let mut after = None;
-    let mut pages = 0;
-    loop {
-        let p = fetch(page(after.clone(), limit));
-        pages += 1;
-        assert!(pages < 1000, "paging does not terminate");
-        assert!(p.items.len() <= limit.max(1));
-        let page_keys: Vec<String> = p.items.iter().map(&key).collect();
-        if let Some(next) = &p.next {
-            assert_eq!(Some(next), page_keys.last(), "next is the key of the last item");
-        }
-        keys.extend(page_keys);
-        match p.next {
-            Some(next) => after = Some(next),
-            None => break,
-        }
-    }
-    keys
-}
-
-// ------------------------------------------------------------------------------------------------
-// The generic suite
-// ------------------------------------------------------------------------------------------------
-
-fn enrollment_put_and_get<S: BlockingStore>(s: &S) {
-    assert_eq!(get_enrollment(s, "dev-1"), None);
-    let e = enrollment("Dev-1", "e1");
-    let stored = put_enrollment(s, e.clone(), WriteCondition::Upsert).unwrap();
-    assert_eq!(stored, e);
-    // Keys are case-insensitive; the ID keeps its original spelling.
-    assert_eq!(get_enrollment(s, "dev-1"), Some(e.clone()));
-    assert_eq!(get_enrollment(s, "DEV-1"), Some(e));
-    assert_eq!(get_enrollment(s, "dev-2"), None);
-}
-
-fn enrollment_create_only<S: BlockingStore>(s: &S) {
-    put_enrollment(s, enrollment("dev-1", "e1"), WriteCondition::CreateOnly).unwrap();
-    let err = put_enrollment(s, enrollment("DEV-1", "e2"), WriteCondition::CreateOnly).unwrap_err();
-    assert_eq!(err, StoreError::AlreadyExists);
-    assert_eq!(get_enrollment(s, "dev-1").unwrap().etag.as_deref(), Some("e1"));
-}
-
-fn enrollment_if_match<S: BlockingStore>(s: &S) {
-    let absent = put_enrollment(s, enrollment("dev-1", "e1"), WriteCondition::IfMatch(IfMatch::Any));
-    assert_eq!(absent.unwrap_err(), StoreError::NotFound);
-    let absent = put_enrollment(s, enrollment("dev-1", "e1"), WriteCondition::IfMatch(if_match("e0")));
-    assert_eq!(absent.unwrap_err(), StoreError::NotFound);
-    assert_eq!(get_enrollment(s, "dev-1"), None);
-
-    put_enrollment(s, enrollment("dev-1", "e1"), WriteCondition::Upsert).unwrap();
-    let stale = put_enrollment(s, enrollment("dev-1", "e2"), WriteCondition::IfMatch(if_match("e0")));
-    assert_eq!(stale.unwrap_err(), StoreError::PreconditionFailed);
-    assert_eq!(get_enrollment(s, "dev-1").unwrap().etag.as_deref(), Some("e1"));
-
-    put_enrollment(s, enrollment("dev-1", "e2"), WriteCondition::IfMatch(if_match("e1"))).unwrap();
-    // A quoted / weak If-Match value parses to the same ETag.
-    put_enrollment(
-        s,
-        enrollment("dev-1", "e3"),
-        WriteCondition::IfMatch(IfMatch::parse("W/\"e2\"").unwrap()),
-    )
-    .unwrap();
-    put_enrollment(s, enrollment("dev-1", "e4"), WriteCondition::IfMatch(IfMatch::Any)).unwrap();
-    assert_eq!(get_enrollment(s, "dev-1").unwrap().etag.as_deref(), Some("e4"));
-}
-
-fn enrollment_stored_etag_is_parsed<S: BlockingStore>(s: &S) {
-    // The stored etag string is compared after Etag::parse (quotes stripped).
-    put_enrollment(s, enrollment("dev-1", "\"quoted\""), WriteCondition::Upsert).unwrap();
-    put_enrollment(s, enrollment("dev-1", "e2"), WriteCondition::IfMatch(if_match("quoted"))).unwrap();
-    // An item without an ETag only satisfies `*`.
-    let mut e = enrollment("dev-2", "x");
-    e.etag = None;
-    put_enrollment(s, e.clone(), WriteCondition::Upsert).unwrap();
-    let err = put_enrollment(s, e.clone(), WriteCondition::IfMatch(if_match("x"))).unwrap_err();
-    assert_eq!(err, StoreError::PreconditionFailed);
-    put_enrollment(s, e.clone(), WriteCondition::IfMatch(IfMatch::Any)).unwrap();
-    assert_eq!(delete_enrollment(s, "dev-2", Some(if_match("x"))), Err(StoreError::PreconditionFailed));
-    delete_enrollment(s, "dev-2", Some(IfMatch::Any)).unwrap();
-}
-
-fn enrollment_replace_keeps_created_time<S: BlockingStore>(s: &S) {
-    let first = put_enrollment(s, enrollment_at("dev-1", "e1", CREATED), WriteCondition::Upsert).unwrap();
-    assert_eq!(first.created_date_time_utc.as_deref(), Some(CREATED));
-    let mut update = enrollment_at("dev-1", "e2", LATER);
-    update.iot_hub_host_name = Some("hub2.azure-devices.net".into());
-    let stored = put_enrollment(s, update.clone(), WriteCondition::Upsert).unwrap();
-    assert_eq!(stored.created_date_time_utc.as_deref(), Some(CREATED), "creation time kept");
-    assert_eq!(stored.last_updated_date_time_utc.as_deref(), Some(LATER));
-    assert_eq!(stored.iot_hub_host_name.as_deref(), Some("hub2.azure-devices.net"));
-    assert_eq!(get_enrollment(s, "dev-1"), Some(stored));
-
-    let stored =
-        put_enrollment(s, enrollment_at("dev-1", "e3", LATER), WriteCondition::IfMatch(if_match("e2")))
-            .unwrap();
-    assert_eq!(stored.created_date_time_utc.as_deref(), Some(CREATED));
-    assert_eq!(get_enrollment(s, "dev-1").unwrap().created_date_time_utc.as_deref(), Some(CREATED));
-}
-
-fn enrollment_delete<S: BlockingStore>(s: &S) {
-    assert_eq!(delete_enrollment(s, "dev-1", None), Err(StoreError::NotFound));
-    assert_eq!(delete_enrollment(s, "dev-1", Some(IfMatch::Any)), Err(StoreError::NotFound));
-    put_enrollment(s, enrollment("dev-1", "e1"), WriteCondition::Upsert).unwrap();
-    put_enrollment(s, enrollment("dev-2", "e1"), WriteCondition::Upsert).unwrap();
-    put_enrollment(s, enrollment("dev-3", "e1"), WriteCondition::Upsert).unwrap();
-    assert_eq!(delete_enrollment(s, "dev-1", Some(if_match("e0"))), Err(StoreError::PreconditionFailed));
-    assert!(get_enrollment(s, "dev-1").is_some());
-    delete_enrollment(s, "DEV-1", Some(if_match("e1"))).unwrap();
-    delete_enrollment(s, "dev-2", Some(IfMatch::Any)).unwrap();
-    delete_enrollment(s, "dev-3", None).unwrap();
-    for id in ["dev-1", "dev-2", "dev-3"] {
-        assert_eq!(get_enrollment(s, id), None);
-    }
-    assert_eq!(delete_enrollment(s, "dev-1", None), Err(StoreError::NotFound));
-}
-
-fn group_put_get_and_conditions<S: BlockingStore>(s: &S) {
-    assert_eq!(get_group(s, "g1"), None);
-    let g = group_with("Group-1", "symmetricKey", "e1", "enabled", CREATED);
-    assert_eq!(put_group(s, g.clone(), WriteCondition::CreateOnly).unwrap(), g);
-    assert_eq!(get_group(s, "group-1"), Some(g.clone()));
-    assert_eq!(put_group(s, g.clone(), WriteCondition::CreateOnly), Err(StoreError::AlreadyExists));
-
-    let absent = put_group(s, sym_group("other", "e1"), WriteCondition::IfMatch(IfMatch::Any));
-    assert_eq!(absent, Err(StoreError::NotFound));
-    let stale = put_group(s, sym_group("group-1", "e2"), WriteCondition::IfMatch(if_match("nope")));
-    assert_eq!(stale, Err(StoreError::PreconditionFailed));
-    assert_eq!(get_group(s, "group-1").unwrap().etag.as_deref(), Some("e1"));
-
-    let update = group_with("GROUP-1", "symmetricKey", "e2", "disabled", LATER);
-    let stored = put_group(s, update, WriteCondition::IfMatch(if_match("e1"))).unwrap();
-    assert_eq!(stored.created_date_time_utc.as_deref(), Some(CREATED), "creation time kept");
-    assert_eq!(stored.last_updated_date_time_utc.as_deref(), Some(LATER));
-    assert_eq!(stored.enrollment_group_id, "GROUP-1");
-    assert_eq!(get_group(s, "group-1"), Some(stored));
-
-    let stored =
-        put_group(s, group_with("group-1", "x509", "e3", "enabled", LATER), WriteCondition::Upsert).unwrap();
-    assert_eq!(stored.created_date_time_utc.as_deref(), Some(CREATED));
-    put_group(s, sym_group("group-1", "e4"), WriteCondition::IfMatch(IfMatch::Any)).unwrap();
-    assert_eq!(get_group(s, "group-1").unwrap().etag.as_deref(), Some("e4"));
-}
-
-fn group_delete<S: BlockingStore>(s: &S) {
-    assert_eq!(delete_group(s, "g1", None), Err(StoreError::NotFound));
-    assert_eq!(delete_group(s, "g1", Some(IfMatch::Any)), Err(StoreError::NotFound));
-    put_group(s, sym_group("g1", "e1"), WriteCondition::Upsert).unwrap();
-    put_group(s, sym_group("g2", "e1"), WriteCondition::Upsert).unwrap();
-    assert_eq!(delete_group(s, "g1", Some(if_match("e9"))), Err(StoreError::PreconditionFailed));
-    assert!(get_group(s, "g1").is_some());
-    delete_group(s, "G1", Some(if_match("e1"))).unwrap();
-    delete_group(s, "g2", None).unwrap();
-    assert_eq!(get_group(s, "g1"), None);
-    assert_eq!(get_group(s, "g2"), None);
-    assert_eq!(delete_group(s, "g1", None), Err(StoreError::NotFound));
-}
-
-fn registration_commit_conditions<S: BlockingStore>(s: &S) {
-    assert_eq!(get_registration(s, "dev-1"), None);
-    // Some(expected) when nothing exists: conflict.
-    assert_eq!(commit(s, record("dev-1", None, "r1"), Some("r0")), Err(StoreError::Conflict));
-    commit(s, record("Dev-1", None, "r1"), None).unwrap();
-    assert_eq!(get_registration(s, "dev-1"), Some(record("Dev-1", None, "r1")));
-    // None when a record exists: conflict.
-    assert_eq!(commit(s, record("dev-1", None, "r2"), None), Err(StoreError::Conflict));
-    // Wrong expected etag: conflict.
-    assert_eq!(commit(s, record("dev-1", None, "r2"), Some("r0")), Err(StoreError::Conflict));
-    assert_eq!(get_registration(s, "DEV-1").unwrap().etag, etag("r1"));
-    // Right expected etag.
-    let mut next = record("dev-1", Some("g1"), "r2");
-    next.status = RegistrationStatus::Failed;
-    next.error_code = Some(400_209);
-    next.error_message = Some("nope".into());
-    commit(s, next.clone(), Some("r1")).unwrap();
-    assert_eq!(get_registration(s, "dev-1"), Some(next));
-    // The old etag no longer works.
-    assert_eq!(commit(s, record("dev-1", None, "r3"), Some("r1")), Err(StoreError::Conflict));
-}
-
-fn registration_get_and_delete<S: BlockingStore>(s: &S) {
-    assert_eq!(delete_registration(s, "dev-1", None), Err(StoreError::NotFound));
-    assert_eq!(delete_registration(s, "dev-1", Some(IfMatch::Any)), Err(StoreError::NotFound));
-    commit(s, record("dev-1", Some("g1"), "r1"), None).unwrap();
-    commit(s, record("dev-2", None, "r1"), None).unwrap();
-    commit(s, record("dev-3", None, "r1"), None).unwrap();
-    assert_eq!(delete_registration(s, "dev-1", Some(if_match("r0"))), Err(StoreError::PreconditionFailed));
-    assert!(get_registration(s, "dev-1").is_some());
-    delete_registration(s, "DEV-1", Some(if_match("r1"))).unwrap();
-    delete_registration(s, "dev-2", Some(IfMatch::Any)).unwrap();
-    delete_registration(s, "dev-3", None).unwrap();
-    for id in ["dev-1", "dev-2", "dev-3"] {
-        assert_eq!(get_registration(s, id), None);
-    }
-    assert!(query_registrations(s, "g1", page(None, 10)).items.is_empty());
-    // A deleted registration can be created again from scratch.
-    commit(s, record("dev-1", Some("g1"), "r5"), None).unwrap();
-    assert_eq!(get_registration(s, "dev-1").unwrap().etag, etag("r5"));
-}
-
-fn context_with_individual_enrollment<S: BlockingStore>(s: &S) {
-    put_group(s, sym_group("g1", "e1"), WriteCondition::Upsert).unwrap();
-    let e = put_enrollment(s, enrollment("Dev-1", "e1"), WriteCondition::Upsert).unwrap();
-    let ctx = load(s, "dev-1");
-    assert_eq!(ctx.individual, Some(e));
-    assert!(
-        ctx.symmetric_key_groups.is_empty(),
-        "groups are not loaded when an individual enrollment exists"
-    );
-    assert_eq!(ctx.registration, None);
-
-    commit(s, record("dev-1", None, "r1"), None).unwrap();
-    let ctx = load(s, "DEV-1");
-    assert!(ctx.individual.is_some());
-    assert_eq!(ctx.registration, Some(record("dev-1", None, "r1")));
-}
-
-fn context_without_individual_enrollment<S: BlockingStore>(s: &S) {
-    let ctx = load(s, "dev-1");
-    assert!(ctx.individual.is_none() && ctx.registration.is_none() && ctx.symmetric_key_groups.is_empty());
-
-    // Inserted out of order, mixed case, one disabled, two non-symmetric.
-    put_group(s, group_with("Zeta", "symmetricKey", "e1", "enabled", CREATED), WriteCondition::Upsert)
-        .unwrap();
-    put_group(s, group_with("alpha", "symmetricKey", "e1", "disabled", CREATED), WriteCondition::Upsert)
-        .unwrap();
-    put_group(s, group_with("certs", "x509", "e1", "enabled", CREATED), WriteCondition::Upsert).unwrap();
-    put_group(s, group_with("Mid", "symmetricKey", "e1", "enabled", CREATED), WriteCondition::Upsert)
-        .unwrap();
-    put_group(s, group_with("more-certs", "x509", "e1", "enabled", CREATED), WriteCondition::Upsert).unwrap();
-    put_enrollment(s, enrollment("other-device", "e1"), WriteCondition::Upsert).unwrap();
-    commit(s, record("dev-1", Some("mid"), "r1"), None).unwrap();
-
-    let ctx = load(s, "dev-1");
-    assert_eq!(ctx.individual, None);
-    assert_eq!(group_ids(&ctx.symmetric_key_groups), ["alpha", "Mid", "Zeta"]);
-    assert_eq!(
-        ctx.symmetric_key_groups[0].provisioning_status,
-        Some(serde_json::from_value(json!("disabled")).unwrap())
-    );
-    assert_eq!(ctx.registration, Some(record("dev-1", Some("mid"), "r1")));
-
-    // The cached group list follows writes: update, kind change, delete, new group.
-    put_group(s, group_with("zeta", "symmetricKey", "e2", "disabled", LATER), WriteCondition::Upsert)
-        .unwrap();
-    let ctx = load(s, "dev-1");
-    assert_eq!(group_ids(&ctx.symmetric_key_groups), ["alpha", "Mid", "zeta"]);
-    assert_eq!(ctx.symmetric_key_groups[2].etag.as_deref(), Some("e2"));
-    assert_eq!(ctx.symmetric_key_groups[2].created_date_time_utc.as_deref(), Some(CREATED));
-
-    put_group(s, group_with("mid", "x509", "e2", "enabled", LATER), WriteCondition::Upsert).unwrap();
-    assert_eq!(group_ids(&load(s, "dev-1").symmetric_key_groups), ["alpha", "zeta"]);
-    put_group(s, group_with("certs", "symmetricKey", "e2", "enabled", LATER), WriteCondition::Upsert)
-        .unwrap();
-    assert_eq!(group_ids(&load(s, "dev-1").symmetric_key_groups), ["alpha", "certs", "zeta"]);
-    delete_group(s, "ALPHA", None).unwrap();
-    assert_eq!(group_ids(&load(s, "dev-1").symmetric_key_groups), ["certs", "zeta"]);
-    // A failed conditional write leaves the list alone.
-    let failed = put_group(s, sym_group("new", "e1"), WriteCondition::IfMatch(IfMatch::Any));
-    assert_eq!(failed, Err(StoreError::NotFound));
-    assert_eq!(delete_group(s, "zeta", Some(if_match("wrong"))), Err(StoreError::PreconditionFailed));
-    assert_eq!(group_ids(&load(s, "dev-1").symmetric_key_groups), ["certs", "zeta"]);
-    put_group(s, sym_group("beta", "e1"), WriteCondition::CreateOnly).unwrap();
-    assert_eq!(group_ids(&load(s, "dev-1").symmetric_key_groups), ["beta", "certs", "zeta"]);
-
-    // Once the device gets an individual enrollment, groups are no longer loaded; removing it brings them back.
-    put_enrollment(s, enrollment("dev-1", "e1"), WriteCondition::Upsert).unwrap();
-    assert!(load(s, "dev-1").symmetric_key_groups.is_empty());
-    delete_enrollment(s, "dev-1", None).unwrap();
-    assert_eq!(load(s, "dev-1").symmetric_key_groups.len(), 3);
-}
-
-fn enrollments_page_through_25<S: BlockingStore>(s: &S) {
-    // Inserted in scrambled order and mixed case; pages come back by lowercase key.
-    let mut expected = Vec::new();
-    for i in 0..25 {
-        let n = (i * 7) % 25;
-        let id = if n % 2 == 0 { format!("Device-{n:02}") } else { format!("device-{n:02}") };
-        put_enrollment(s, enrollment(&id, "e1"), WriteCondition::Upsert).unwrap();
-        expected.push(id.to_ascii_lowercase());
-    }
-    expected.sort();
-    let mut sizes = Vec::new();
-    let keys = collect_all(
-        10,
-        |req| {
-            let p = query_enrollments(s, all(QuerySource::Enrollments), req);
-            sizes.push((p.items.len(), p.next.is_some()));
-            p
-        },
-        |e| e.registration_id.to_ascii_lowercase(),
-    );
-    assert_eq!(sizes, [(10, true), (10, true), (5, false)], "exactly three pages");
-    assert_eq!(keys, expected, "no duplicates, no omissions, key order");
-
-    // Exactly a multiple of the page size: the last full page has no `next`.
-    let p = query_enrollments(s, all(QuerySource::Enrollments), page(None, 25));
-    assert_eq!((p.items.len(), p.next), (25, None));
-    let p = query_enrollments(s, all(QuerySource::Enrollments), page(None, 24));
-    assert_eq!(p.next.as_deref(), Some(expected[23].as_str()));
-    // Past the end.
-    let p = query_enrollments(s, all(QuerySource::Enrollments), page(Some("zzz".into()), 10));
-    assert!(p.items.is_empty() && p.next.is_none());
-    // `after` need not be an existing key.
-    let p = query_enrollments(s, all(QuerySource::Enrollments), page(Some("device-10a".into()), 100));
-    assert_eq!(p.items.len(), 14);
-}
-
-fn groups_page_through_25<S: BlockingStore>(s: &S) {
-    let mut expected = Vec::new();
-    for i in 0..25 {
-        let id = format!("group-{:02}", (i * 11) % 25);
-        let kind = if i % 3 == 0 { "x509" } else { "symmetricKey" };
-        put_group(s, group_with(&id, kind, "e1", "enabled", CREATED), WriteCondition::Upsert).unwrap();
-        expected.push(id);
-    }
-    expected.sort();
-    let mut sizes = Vec::new();
-    let keys = collect_all(
-        10,
-        |req| {
-            let p = query_groups(s, all(QuerySource::EnrollmentGroups), req);
-            sizes.push((p.items.len(), p.next.is_some()));
-            p
-        },
-        |g| g.enrollment_group_id.to_ascii_lowercase(),
-    );
-    assert_eq!(sizes, [(10, true), (10, true), (5, false)]);
-    assert_eq!(keys, expected);
-}
-
-fn registrations_page_by_group<S: BlockingStore>(s: &S) {
-    let mut expected = Vec::new();
-    for i in 0..25 {
-        let id = format!("Dev-{:02}", (i * 3) % 25);
-        commit(s, record(&id, Some("G1"), "r1"), None).unwrap();
-        expected.push(id.to_ascii_lowercase());
-    }
-    expected.sort();
-    // Noise: another group, individual enrollments, a group whose ID is a prefix.
-    for i in 0..5 {
-        commit(s, record(&format!("other-{i}"), Some("g2"), "r1"), None).unwrap();
-        commit(s, record(&format!("solo-{i}"), None, "r1"), None).unwrap();
-        commit(s, record(&format!("prefix-{i}"), Some("g"), "r1"), None).unwrap();
-    }
-    let mut sizes = Vec::new();
-    let keys = collect_all(
-        10,
-        |req| {
-            let p = query_registrations(s, "g1", req);
-            sizes.push((p.items.len(), p.next.is_some()));
-            p
-        },
-        |r| r.registration_id.key().to_owned(),
-    );
-    assert_eq!(sizes, [(10, true), (10, true), (5, false)]);
-    assert_eq!(keys, expected);
-    assert_eq!(query_registrations(s, "G2", page(None, 100)).items.len(), 5);
-    assert_eq!(query_registrations(s, "g", page(None, 100)).items.len(), 5);
-    assert!(query_registrations(s, "nope", page(None, 100)).items.is_empty());
-    let p = query_registrations(s, "g1", page(None, 1));
-    assert_eq!(p.items[0], record("Dev-00", Some("G1"), "r1"));
-
-    // A registration that moves to another group moves between the query results.
-    commit(s, record("dev-00", Some("g2"), "r2"), Some("r1")).unwrap();
-    assert_eq!(query_registrations(s, "g1", page(None, 100)).items.len(), 24);
-    assert_eq!(query_registrations(s, "g2", page(None, 100)).items.len(), 6);
-    commit(s, record("dev-00", None, "r3"), Some("r2")).unwrap();
-    assert_eq!(query_registrations(s, "g2", page(None, 100)).items.len(), 5);
-}
-
-fn query_filters<S: BlockingStore>(s: &S) {
-    for i in 0..12 {
-        let mut e = enrollment(&format!("dev-{i:02}"), "e1");
-        if i % 3 == 0 {
-            e.provisioning_status = Some(serde_json::from_value(json!("disabled")).unwrap());
-        }
-        if i % 4 == 0 {
-            e.iot_hub_host_name = Some("Hub2.azure-devices.net".into());
-        }
-        put_enrollment(s, e, WriteCondition::Upsert).unwrap();
-    }
-    let q = |text: &str| parse_query(text, QuerySource::Enrollments).unwrap();
-
-    let disabled = q("SELECT * FROM enrollments WHERE provisioningStatus = 'disabled'");
-    let p = query_enrollments(s, disabled.clone(), page(None, 100));
-    let ids: Vec<_> = p.items.iter().map(|e| e.registration_id.as_str()).collect();
-    assert_eq!(ids, ["dev-00", "dev-03", "dev-06", "dev-09"]);
-    assert_eq!(p.next, None);
-
-    // Paging through a filtered result: `next` only when another *matching* item exists.
-    let p = query_enrollments(s, disabled.clone(), page(None, 3));
-    assert_eq!(p.items.len(), 3);
-    assert_eq!(p.next.as_deref(), Some("dev-06"));
-    let p = query_enrollments(s, disabled.clone(), page(p.next, 3));
-    assert_eq!(p.items.len(), 1);
-    assert_eq!(p.next, None, "items after dev-09 exist but none match");
-    let p = query_enrollments(s, disabled, page(Some("dev-06".into()), 1));
-    assert_eq!(p.items.len(), 1);
-    assert_eq!(p.next, None);
-
-    let both = q("select * from enrollments where provisioningStatus = disabled and iotHubHostName = 'hub2.AZURE-devices.net'");
-    let ids: Vec<_> =
-        query_enrollments(s, both, page(None, 100)).items.into_iter().map(|e| e.registration_id).collect();
-    assert_eq!(ids, ["dev-00"]);
-
-    let none = q("SELECT * FROM enrollments WHERE iotHubHostName = 'nowhere'");
-    let p = query_enrollments(s, none, page(None, 5));
-    assert!(p.items.is_empty() && p.next.is_none());
-
-    // Groups are filtered the same way.
-    put_group(s, group_with("ga", "symmetricKey", "e1", "disabled", CREATED), WriteCondition::Upsert)
-        .unwrap();
-    put_group(s, group_with("gb", "x509", "e1", "enabled", CREATED), WriteCondition::Upsert).unwrap();
-    put_group(s, group_with("gc", "symmetricKey", "e1", "enabled", CREATED), WriteCondition::Upsert).unwrap();
-    let enabled = parse_query(
-        "SELECT * FROM enrollmentGroups WHERE provisioningStatus = 'enabled'",
-        QuerySource::EnrollmentGroups,
-    )
-    .unwrap();
-    let p = query_groups(s, enabled, page(None, 10));
-    assert_eq!(group_ids(&p.items), ["gb", "gc"]);
-}
-
-fn page_limit_zero_means_one<S: BlockingStore>(s: &S) {
-    put_enrollment(s, enrollment("a", "e1"), WriteCondition::Upsert).unwrap();
-    put_enrollment(s, enrollment("b", "e1"), WriteCondition::Upsert).unwrap();
-    put_group(s, sym_group("ga", "e1"), WriteCondition::Upsert).unwrap();
-    put_group(s, sym_group("gb", "e1"), WriteCondition::Upsert).unwrap();
-    commit(s, record("a", Some("g"), "r1"), None).unwrap();
-    commit(s, record("b", Some("g"), "r1"), None).unwrap();
-    let p = query_enrollments(s, all(QuerySource::Enrollments), page(None, 0));
-    assert_eq!((p.items.len(), p.next.as_deref()), (1, Some("a")));
-    let p = query_groups(s, all(QuerySource::EnrollmentGroups), page(None, 0));
-    assert_eq!((p.items.len(), p.next.as_deref()), (1, Some("ga")));
-    let p = query_registrations(s, "g", page(None, 0));
-    assert_eq!((p.items.len(), p.next.as_deref()), (1, Some("a")));
-    let p = query_registrations(s, "g", page(p.next, 0));
-    assert_eq!((p.items.len(), p.next), (1, None));
-}
-
-fn group_delete_leaves_registrations<S: BlockingStore>(s: &S) {
-    put_group(s, sym_group("g1", "e1"), WriteCondition::Upsert).unwrap();
-    for i in 0..3 {
-        commit(s, record(&format!("dev-{i}"), Some("g1"), "r1"), None).unwrap();
-    }
-    delete_group(s, "g1", None).unwrap();
-    assert_eq!(get_group(s, "g1"), None);
-    for i in 0..3 {
-        assert!(get_registration(s, &format!("dev-{i}")).is_some());
-    }
-    assert_eq!(query_registrations(s, "g1", page(None, 10)).items.len(), 3);
-    let ctx = load(s, "dev-1");
-    assert!(ctx.symmetric_key_groups.is_empty());
-    assert_eq!(ctx.registration.unwrap().enrollment, EnrollmentRef::Group(gid("g1")));
-}
-
-fn enrollment_delete_leaves_registration<S: BlockingStore>(s: &S) {
-    put_enrollment(s, enrollment("dev-1", "e1"), WriteCondition::Upsert).unwrap();
-    commit(s, record("dev-1", None, "r1"), None).unwrap();
-    delete_enrollment(s, "dev-1", None).unwrap();
-    let ctx = load(s, "dev-1");
-    assert!(ctx.individual.is_none());
-    assert!(ctx.registration.is_some());
-}
-
-fn operations_are_independent<S: BlockingStore>(s: &S) {
-    // Same key in the three collections: they do not interfere.
-    put_enrollment(s, enrollment("same", "e1"), WriteCondition::Upsert).unwrap();
-    put_group(s, sym_group("same", "g1"), WriteCondition::Upsert).unwrap();
-    commit(s, record("same", Some("same"), "r1"), None).unwrap();
-    delete_group(s, "same", None).unwrap();
-    assert!(get_enrollment(s, "same").is_some());
-    assert!(get_registration(s, "same").is_some());
-    delete_registration(s, "same", None).unwrap();
-    assert!(get_enrollment(s, "same").is_some());
-}
 
 // ------------------------------------------------------------------------------------------------
 // Backends
 // ------------------------------------------------------------------------------------------------
-
-/// Runs an [`AsyncStore`] through the blocking interface, so the async paths run the same suite.
-struct ViaAsync<S>(S);
-
-impl<S: AsyncStore> BlockingStore for ViaAsync<S> {
-    fn execute(&self, op: StoreOp) -> Result<StoreResult, StoreError> {
-        futures::executor::block_on(AsyncStore::execute(&self.0, op))
-    }
-}
 
 #[cfg(feature = "sqlite")]
 fn sqlite_options() -> SqliteOptions {
@@ -732,73 +23,61 @@ fn open_sqlite(dir: &std::path::Path) -> SqliteStore {
     SqliteStore::open(dir.join("dps.db"), sqlite_options()).unwrap()
 }
 
-macro_rules! conformance {
-    ($($test:ident),* $(,)?) => {
-        mod memory {
-            $(
-                #[test]
-                fn $test() {
-                    super::$test(&super::MemoryStore::new());
-                }
-            )*
-        }
-        mod memory_async {
-            $(
-                #[test]
-                fn $test() {
-                    super::$test(&super::ViaAsync(super::MemoryStore::new()));
-                }
-            )*
-        }
-        #[cfg(feature = "sqlite")]
-        mod sqlite {
-            $(
-                #[test]
-                fn $test() {
-                    let dir = tempfile::tempdir().unwrap();
-                    let store = super::open_sqlite(dir.path());
-                    super::$test(&store);
-                    store.close().unwrap();
-                }
-            )*
-        }
-        #[cfg(feature = "sqlite")]
-        mod sqlite_async {
-            $(
-                #[test]
-                fn $test() {
-                    let dir = tempfile::tempdir().unwrap();
-                    let store = super::open_sqlite(dir.path());
-                    super::$test(&super::ViaAsync(store.clone()));
-                    store.close().unwrap();
-                }
-            )*
-        }
-    };
+/// A SQLite store in its own temporary directory (removed after the store is closed).
+#[cfg(feature = "sqlite")]
+struct TempSqlite {
+    store: Option<SqliteStore>,
+    _dir: tempfile::TempDir,
 }
 
-conformance!(
-    enrollment_put_and_get,
-    enrollment_create_only,
-    enrollment_if_match,
-    enrollment_stored_etag_is_parsed,
-    enrollment_replace_keeps_created_time,
-    enrollment_delete,
-    group_put_get_and_conditions,
-    group_delete,
-    registration_commit_conditions,
-    registration_get_and_delete,
-    context_with_individual_enrollment,
-    context_without_individual_enrollment,
-    enrollments_page_through_25,
-    groups_page_through_25,
-    registrations_page_by_group,
-    query_filters,
-    page_limit_zero_means_one,
-    group_delete_leaves_registrations,
-    enrollment_delete_leaves_registration,
-    operations_are_independent,
-);
+#[cfg(feature = "sqlite")]
+impl TempSqlite {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        TempSqlite { store: Some(open_sqlite(dir.path())), _dir: dir }
+    }
+
+    fn store(&self) -> &SqliteStore {
+        self.store.as_ref().unwrap()
+    }
+}
+
+#[cfg(feature = "sqlite")]
+impl Drop for TempSqlite {
+    fn drop(&mut self) {
+        if let Some(store) = self.store.take() {
+            // Not while unwinding from a failed test: that would hide its message.
+            if !std::thread::panicking() {
+                store.close().unwrap();
+            }
+        }
+    }
+}
+
+#[cfg(feature = "sqlite")]
+impl BlockingStore for TempSqlite {
+    fn execute(&self, op: StoreOp) -> Result<StoreResult, StoreError> {
+        BlockingStore::execute(self.store(), op)
+    }
+}
+
+/// [`TempSqlite`] through its async interface.
+#[cfg(feature = "sqlite")]
+struct TempSqliteAsync(TempSqlite);
+
+#[cfg(feature = "sqlite")]
+impl BlockingStore for TempSqliteAsync {
+    fn execute(&self, op: StoreOp) -> Result<StoreResult, StoreError> {
+        futures::executor::block_on(AsyncStore::execute(self.0.store(), op))
+    }
+}
+
+dps_store::store_conformance_tests!(memory, MemoryStore::new());
+dps_store::store_conformance_tests!(memory_async, ViaAsync(MemoryStore::new()));
+#[cfg(feature = "sqlite")]
+dps_store::store_conformance_tests!(sqlite, TempSqlite::new());
+#[cfg(feature = "sqlite")]
+dps_store::store_conformance_tests!(sqlite_async, TempSqliteAsync(TempSqlite::new()));
 
 // ------------------------------------------------------------------------------------------------
 // SQLite only
@@ -896,13 +175,12 @@ mod sqlite_only {
         let store = SqliteStore::open(&path, sqlite_options()).unwrap();
         put_enrollment(&store, enrollment("dev-1", "e1"), WriteCondition::Upsert).unwrap();
         store.close().unwrap();
-        assert_eq!(user_version(), 1);
-        assert_eq!(dps_store::SCHEMA_VERSION, 1);
+        assert_eq!(user_version(), i64::from(dps_store::SCHEMA_VERSION));
         for _ in 0..3 {
             let store = SqliteStore::open(&path, sqlite_options()).unwrap();
             assert!(get_enrollment(&store, "dev-1").is_some());
             store.close().unwrap();
-            assert_eq!(user_version(), 1);
+            assert_eq!(user_version(), i64::from(dps_store::SCHEMA_VERSION));
         }
         let conn = rusqlite::Connection::open(&path).unwrap();
         let mode: String = conn.pragma_query_value(None, "journal_mode", |r| r.get(0)).unwrap();
