@@ -9,9 +9,9 @@ use dps_core::proto::mqtt::{parse_request_topic, parse_username, response_topic,
 use dps_core::proto::sas::SymmetricKey;
 use dps_core::proto::IdScope;
 use dps_core::{
-    run_async, AccessPolicy, DeviceCall, DeviceRequest, Engine, EngineConfig, HttpRequest, LinkedHub, Reply,
-    Rights, OWNER_POLICY,
+    AccessPolicy, DeviceCall, DeviceRequest, EngineConfig, HttpRequest, LinkedHub, Reply, Rights, OWNER_POLICY,
 };
+use dps_host::Host;
 use dps_loadgen::baseline::FixedReply;
 use dps_loadgen::mqtt::PacketIo;
 use dps_loadgen::tls::TestPki;
@@ -29,35 +29,25 @@ use rumqttc::mqttbytes::v4::{
 use rumqttc::mqttbytes::QoS;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 pub const SCOPE: &str = "0ne00000B22";
 pub const SERVICE_HOST: &str = "test-dps.localhost";
 
+/// The engine as an embedder runs it: one `dps_host::Host`.
 pub struct State {
-    engine: Engine,
-    store: MemoryStore,
-    hubs: MemoryHubDirectory,
-    rng: Mutex<StdRng>,
+    host: Host,
 }
 
 impl State {
     async fn http(&self, request: HttpRequest) -> Reply {
-        let mut flow = {
-            let mut rng = self.rng.lock().unwrap();
-            self.engine.http(dps_loadgen::device::now(), &mut *rng, request)
-        };
-        run_async(&mut flow, &self.store, &self.hubs).await
+        self.host.http(request).await
     }
 
     async fn device(&self, request: DeviceRequest) -> Reply {
-        let mut flow = {
-            let mut rng = self.rng.lock().unwrap();
-            self.engine.device(dps_loadgen::device::now(), &mut *rng, request)
-        };
-        run_async(&mut flow, &self.store, &self.hubs).await
+        self.host.device(request).await
     }
 }
 
@@ -111,12 +101,13 @@ impl EngineServer {
             secondary_key: owner.clone(),
             rights: Rights::ALL,
         });
-        let state = Arc::new(State {
-            engine: Engine::new(config).unwrap(),
-            store: MemoryStore::new(),
-            hubs: MemoryHubDirectory::new(),
-            rng: Mutex::new(StdRng::seed_from_u64(99)),
-        });
+        let host = Host::builder(config)
+            .store(Arc::new(MemoryStore::new()))
+            .hubs(Arc::new(MemoryHubDirectory::new()))
+            .rng(Box::new(StdRng::seed_from_u64(99)))
+            .build()
+            .unwrap();
+        let state = Arc::new(State { host });
         let pki = TestPki::generate(&["127.0.0.1".to_owned()]).unwrap();
         let acceptor = TlsAcceptor::from(pki.server_config().unwrap());
         let https = TcpListener::bind("127.0.0.1:0").await.unwrap();
