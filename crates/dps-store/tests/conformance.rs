@@ -86,6 +86,7 @@ dps_store::store_conformance_tests!(sqlite_async, TempSqliteAsync(TempSqlite::ne
 #[cfg(feature = "sqlite")]
 mod sqlite_only {
     use super::*;
+    use dps_core::proto::model::ProvisioningStatus;
     use std::collections::BTreeSet;
 
     #[test]
@@ -365,6 +366,128 @@ mod sqlite_only {
         });
         assert_eq!(store.stats(), dps_store::SqliteStats { batches: 80, rows: 80 });
         store.close().unwrap();
+    }
+
+    /// Two stores on one database file, as two processes would have.
+    fn two_handles(dir: &std::path::Path) -> (SqliteStore, SqliteStore) {
+        (open_sqlite(dir), open_sqlite(dir))
+    }
+
+    fn group_status(ctx: &dps_core::store::DeviceContext, id: &str) -> Option<ProvisioningStatus> {
+        ctx.symmetric_key_groups
+            .iter()
+            .find(|g| g.enrollment_group_id == id)
+            .map(|g| g.provisioning_status.unwrap_or_default())
+    }
+
+    #[test]
+    fn sqlite_second_handle_sees_groups_created_disabled_and_deleted_elsewhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = two_handles(dir.path());
+        // B's views are loaded (and its caches warm) before A writes.
+        assert!(load(&b, "dev-1").symmetric_key_groups.is_empty());
+        put_group(&a, sym_group("g1", "e1"), WriteCondition::Upsert).unwrap();
+        assert_eq!(group_ids(&load(&b, "dev-1").symmetric_key_groups), ["g1"], "created via A");
+        // Disabled via A: B sees it disabled, not as the enabled copy it had.
+        put_group(&a, group_with("g1", "symmetricKey", "e2", "disabled", CREATED), WriteCondition::Upsert)
+            .unwrap();
+        assert_eq!(group_status(&load(&b, "dev-1"), "g1"), Some(ProvisioningStatus::Disabled));
+        // A write through B first (its writer resyncs under the write lock): B's views stay right.
+        put_group(&a, sym_group("g2", "e1"), WriteCondition::Upsert).unwrap();
+        put_group(&b, sym_group("g3", "e1"), WriteCondition::Upsert).unwrap();
+        let ctx = load(&b, "dev-1");
+        assert_eq!(group_ids(&ctx.symmetric_key_groups), ["g1", "g2", "g3"]);
+        assert_eq!(group_status(&ctx, "g1"), Some(ProvisioningStatus::Disabled));
+        // Deleted via A: B no longer offers it.
+        delete_group(&a, "g1", None).unwrap();
+        assert_eq!(group_ids(&load(&b, "dev-1").symmetric_key_groups), ["g2", "g3"]);
+        // And A sees what B wrote.
+        assert_eq!(group_ids(&load(&a, "dev-1").symmetric_key_groups), ["g2", "g3"]);
+        // Once B's writer has caught up (any later write), its views are trusted again and still right.
+        commit(&b, record("dev-9", Some("g2"), "r1"), None).unwrap();
+        assert_eq!(group_ids(&load(&b, "dev-1").symmetric_key_groups), ["g2", "g3"]);
+        a.close().unwrap();
+        b.close().unwrap();
+    }
+
+    #[test]
+    fn sqlite_second_handle_stale_etag_conflicts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = two_handles(dir.path());
+        // B commits (its record cache now holds r1), then A replaces the record.
+        commit(&b, record("dev-1", Some("g1"), "r1"), None).unwrap();
+        assert_eq!(load(&a, "dev-1").registration.unwrap().etag, etag("r1"));
+        commit(&a, record("dev-1", Some("g1"), "r2"), Some("r1")).unwrap();
+        // B does not answer from its stale cache.
+        assert_eq!(load(&b, "dev-1").registration.unwrap().etag, etag("r2"));
+        assert_eq!(get_registration(&b, "dev-1").unwrap().etag, etag("r2"));
+        // A commit through B with the ETag it read before A's write conflicts.
+        assert_eq!(commit(&b, record("dev-1", Some("g1"), "r3"), Some("r1")), Err(StoreError::Conflict));
+        assert_eq!(commit(&b, record("dev-1", Some("g1"), "r3"), None), Err(StoreError::Conflict));
+        commit(&b, record("dev-1", Some("g1"), "r3"), Some("r2")).unwrap();
+        assert_eq!(get_registration(&a, "dev-1").unwrap().etag, etag("r3"));
+        // Deleted via A: gone for B too.
+        delete_registration(&a, "dev-1", None).unwrap();
+        assert_eq!(get_registration(&b, "dev-1"), None);
+        assert!(load(&b, "dev-1").registration.is_none());
+        a.close().unwrap();
+        b.close().unwrap();
+    }
+
+    #[test]
+    fn sqlite_second_handle_sees_enrollments_created_and_deleted_elsewhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = two_handles(dir.path());
+        put_group(&b, sym_group("g1", "e1"), WriteCondition::Upsert).unwrap();
+        // B's set of enrollment IDs says "certainly absent"; A creates one.
+        assert!(load(&b, "ind-1").individual.is_none());
+        put_enrollment(&a, enrollment("ind-1", "e1"), WriteCondition::Upsert).unwrap();
+        let ctx = load(&b, "ind-1");
+        assert!(ctx.individual.is_some(), "created via A");
+        assert!(ctx.symmetric_key_groups.is_empty());
+        // Deleted via A: not found via B, by any read.
+        delete_enrollment(&a, "ind-1", None).unwrap();
+        let ctx = load(&b, "ind-1");
+        assert!(ctx.individual.is_none(), "deleted via A");
+        assert_eq!(group_ids(&ctx.symmetric_key_groups), ["g1"]);
+        assert_eq!(get_enrollment(&b, "ind-1"), None);
+        assert_eq!(delete_enrollment(&b, "ind-1", None), Err(StoreError::NotFound));
+        // After B's writer caught up, its views still agree.
+        put_enrollment(&b, enrollment("ind-2", "e1"), WriteCondition::Upsert).unwrap();
+        assert!(load(&b, "ind-1").individual.is_none());
+        assert!(load(&b, "ind-2").individual.is_some());
+        assert!(load(&a, "ind-2").individual.is_some());
+        a.close().unwrap();
+        b.close().unwrap();
+    }
+
+    #[test]
+    fn sqlite_handles_on_one_file_race_without_lost_views() {
+        // Two handles write groups and registrations concurrently; afterwards both agree with the database.
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = two_handles(dir.path());
+        std::thread::scope(|scope| {
+            for (t, store) in [(0, &a), (1, &b)] {
+                scope.spawn(move || {
+                    for i in 0..30 {
+                        put_group(store, sym_group(&format!("g-{t}-{i:02}"), "e1"), WriteCondition::Upsert)
+                            .unwrap();
+                        commit(store, record(&format!("dev-{t}-{i}"), None, "r1"), None).unwrap();
+                        let _ = load(store, "dev-x");
+                    }
+                });
+            }
+        });
+        for store in [&a, &b] {
+            assert_eq!(load(store, "dev-x").symmetric_key_groups.len(), 60);
+            for t in 0..2 {
+                for i in 0..30 {
+                    assert!(get_registration(store, &format!("dev-{t}-{i}")).is_some());
+                }
+            }
+        }
+        a.close().unwrap();
+        b.close().unwrap();
     }
 
     #[test]
