@@ -131,17 +131,21 @@ async fn twin_survives_restart_and_migrates() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn billable_operations_are_counted_and_persisted() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start(config(dir.path())).await;
-    let ok =
-        EnrollmentSettings { primary_key: Some(device_key().to_base64()), ..EnrollmentSettings::default() };
-    service(&server).create(Kind::Enrollment, "bill-1", &ok).await.unwrap();
+    let server = start(two_hub_config(dir.path())).await;
+    let on = |hub: &str| EnrollmentSettings {
+        primary_key: Some(device_key().to_base64()),
+        iot_hubs: Some(vec![hub.to_owned()]),
+        ..EnrollmentSettings::default()
+    };
+    service(&server).create(Kind::Enrollment, "bill-1", &on("hub-1.localhost")).await.unwrap();
+    service(&server).create(Kind::Enrollment, "bill-2", &on("hub-2.localhost")).await.unwrap();
     service(&server).show(Kind::Enrollment, "bill-1", false).await.unwrap();
     assert!(service(&server).show(Kind::Enrollment, "nobody", false).await.is_err());
     assert_eq!(provision(&server, "bill-1").await["status"], "assigned");
 
     let m = &server.state.metrics;
     assert_eq!(m.billable_count(BillableOperation::DeviceRegister, true), 1);
-    assert_eq!(m.billable_count(BillableOperation::EnrollmentCreateOrUpdate, true), 1);
+    assert_eq!(m.billable_count(BillableOperation::EnrollmentCreateOrUpdate, true), 2);
     assert_eq!(m.billable_count(BillableOperation::EnrollmentGet, true), 1);
     assert_eq!(m.billable_count(BillableOperation::EnrollmentGet, false), 1);
     let text = m.render();
@@ -149,12 +153,23 @@ async fn billable_operations_are_counted_and_persisted() {
         text.contains("dps_billable_operations_total{operation=\"device_register\",outcome=\"success\"} 1"),
         "{text}"
     );
+    assert!(
+        text.contains("dps_billable_operations_total{operation=\"enrollment_get\",outcome=\"failure\"} 1"),
+        "{text}"
+    );
     server.shutdown().await.unwrap();
 
-    // The usage report survives the restart and adds up across runs.
+    // Restarted with hub-2 unlinked: bill-2's register is answered 202 and then ends `failed`, which is
+    // billed as a failure, not a success.
     let server = start(config(dir.path())).await;
     assert_eq!(provision(&server, "bill-1").await["status"], "assigned");
+    assert_eq!(provision(&server, "bill-2").await["status"], "failed");
+    let m = &server.state.metrics;
+    assert_eq!(m.billable_count(BillableOperation::DeviceRegister, true), 1);
+    assert_eq!(m.billable_count(BillableOperation::DeviceRegister, false), 1);
     server.shutdown().await.unwrap();
+
+    // The usage report survived the restart and adds up across both runs.
     let usage = admin(dir.path(), &["usage", "--days", "1"]);
     let count = |op: &str, field: &str| {
         usage["days"]
@@ -166,9 +181,10 @@ async fn billable_operations_are_counted_and_persisted() {
             .sum::<u64>()
     };
     assert_eq!(count("device_register", "billable"), 2, "{usage}");
-    assert_eq!(count("device_register", "failed"), 0, "{usage}");
+    assert_eq!(count("device_register", "failed"), 1, "{usage}");
     assert_eq!(count("enrollment_get", "billable"), 1, "{usage}");
     assert_eq!(count("enrollment_get", "failed"), 1, "{usage}");
-    assert_eq!(count("enrollment_create_or_update", "billable"), 1, "{usage}");
-    assert_eq!(usage["totals"][0]["billable"], 4, "{usage}");
+    assert_eq!(count("enrollment_create_or_update", "billable"), 2, "{usage}");
+    assert_eq!(usage["totals"][0]["billable"], 5, "{usage}");
+    assert_eq!(usage["totals"][0]["failed"], 2, "{usage}");
 }
