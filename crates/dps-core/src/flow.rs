@@ -11,6 +11,7 @@ use dps_proto::{DpsError, ErrorCode};
 #[derive(Debug)]
 // Results are moved once per step; boxing would add an allocation on the hot path for no gain.
 #[allow(clippy::large_enum_variant)]
+#[non_exhaustive]
 pub enum Input {
     /// The first call.
     Start,
@@ -24,6 +25,7 @@ pub enum Input {
 
 /// What a flow wants next.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Step {
     /// Perform a storage operation and feed back [`Input::Store`].
     Store(StoreOp),

@@ -542,6 +542,7 @@ fn respond_before_assignment_polls_see_assigning() {
             Step::Hub(_) => panic!("hub work must come after the early reply"),
             Step::Respond(r) => break r,
             Step::Finished => panic!("finished early"),
+            other => panic!("unexpected step {other:?}"),
         }
     };
     assert_eq!(reply.status, 202);
@@ -562,6 +563,7 @@ fn respond_before_assignment_polls_see_assigning() {
             Step::Hub(op) => Input::Hub(dps_core::hub::BlockingHubDirectory::execute(&w.hubs, op)),
             Step::Respond(_) => panic!("only one reply"),
             Step::Finished => break,
+            other => panic!("unexpected step {other:?}"),
         }
     }
     let poll = w.device_raw("dev-1", DeviceCall::OperationStatus(op), Some(t), b"");
@@ -603,6 +605,7 @@ fn concurrent_registrations_of_one_device_conflict() {
             }
             Step::Respond(r) => break r,
             Step::Finished => panic!("no reply"),
+            other => panic!("unexpected step {other:?}"),
         }
     };
     let ra = finish(&mut a, std::mem::replace(&mut sa, Step::Finished));
