@@ -4,6 +4,33 @@
 //!
 //! Conditional writes are evaluated by the store, atomically: the engine never does an unguarded
 //! read-modify-write.
+//!
+//! # Store contract: many processes, caches and staleness
+//!
+//! Several processes (or several store handles in one process) may serve the same data: a backend must
+//! stay correct when another process writes its database at any time. What follows binds every backend
+//! and is what the conformance suite (`dps_store::testing`) checks.
+//!
+//! - **Reads are current.** A read ([`StoreOp::LoadDeviceContext`], the `Get*` and `Query*` operations)
+//!   reflects every write acknowledged, by any process, before the read started. A read racing a write may
+//!   or may not see it, but never goes back in time: once a value is seen, older values are not.
+//! - **What may be cached.** Anything, for speed — e.g. the symmetric-key groups (parsed), registration
+//!   records, the set of individual enrollment IDs (SQLite caches all three) — provided a cached value is
+//!   only used after a check, cheap and done on every read, that no other writer changed the data since the
+//!   cache was filled (SQLite: a version row bumped by every write transaction; a backend with change
+//!   notifications may use those instead). A cache that fails the check is bypassed (the database is read)
+//!   until it is rebuilt. Staleness beyond the start of the read is not allowed, not even "a few
+//!   milliseconds": a device's register on one instance and its poll on another must agree.
+//! - **What must be checked at commit.** Every precondition ([`WriteCondition`], `If-Match`, the
+//!   `expected` ETag of [`StoreOp::CommitRegistration`]) is evaluated against the stored item inside the
+//!   write's transaction, never against a cache, so a decision taken from a stale read fails with
+//!   [`StoreError::Conflict`] / [`StoreError::PreconditionFailed`] instead of overwriting. A backend that
+//!   updates its caches from its own writes must re-check, under the write lock, that nobody else wrote
+//!   since its caches were built, and rebuild them first, so it never publishes its own change on top of a
+//!   stale copy.
+//! - **What is not guarded.** A registration commit is guarded by the record's ETag only, not by the
+//!   enrollment or group it was decided from: a group deleted or disabled between a device's context load
+//!   and its commit does not fail the commit (in one process as across several); the next load sees it.
 
 use dps_proto::model::{EnrollmentGroup, IndividualEnrollment, RegistrationStatus, RegistrationSubstatus};
 use dps_proto::query::Query;
@@ -249,12 +276,19 @@ pub enum StoreError {
 }
 
 /// A store that performs operations synchronously (in memory, or a blocking database client).
+///
+/// Implementations follow the [module's store contract](self#store-contract-many-processes-caches-and-staleness):
+/// reads reflect every write acknowledged before them, by any process; caches are used only after a check
+/// that nobody else wrote; preconditions are evaluated against the stored items at commit.
 pub trait BlockingStore {
     /// Performs one operation.
     fn execute(&self, op: StoreOp) -> Result<StoreResult, StoreError>;
 }
 
 /// A store whose operations complete asynchronously (e.g. a group-committing SQLite writer).
+///
+/// The same [store contract](self#store-contract-many-processes-caches-and-staleness) as
+/// [`BlockingStore`]; a write is acknowledged when its future resolves.
 pub trait AsyncStore {
     /// Performs one operation.
     fn execute(&self, op: StoreOp) -> impl Future<Output = Result<StoreResult, StoreError>> + Send;
