@@ -9,7 +9,6 @@ use dps_core::{AccessPolicy, EngineConfig, HttpRequest, LinkedHub, Reply, Rights
 use dps_host::{BlockingHost, Host};
 use dps_store::MemoryStore;
 use serde_json::{json, Value};
-use std::future::Future;
 use std::sync::Arc;
 use tokio::sync::Semaphore;
 
@@ -79,13 +78,11 @@ struct HeldHubs {
 }
 
 impl AsyncHubDirectory for HeldHubs {
-    fn execute(&self, op: HubOp) -> impl Future<Output = Result<HubResult, HubError>> + Send {
-        async move {
-            if matches!(op, HubOp::UpsertDevice { .. }) {
-                self.gate.acquire().await.unwrap().forget();
-            }
-            dps_core::hub::BlockingHubDirectory::execute(&self.inner, op)
+    async fn execute(&self, op: HubOp) -> Result<HubResult, HubError> {
+        if matches!(op, HubOp::UpsertDevice { .. }) {
+            self.gate.acquire().await.unwrap().forget();
         }
+        dps_core::hub::BlockingHubDirectory::execute(&self.inner, op)
     }
 }
 
