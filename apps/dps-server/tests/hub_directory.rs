@@ -188,3 +188,34 @@ async fn billable_operations_are_counted_and_persisted() {
     assert_eq!(usage["totals"][0]["billable"], 5, "{usage}");
     assert_eq!(usage["totals"][0]["failed"], 2, "{usage}");
 }
+
+/// A device missing from its previous hub (deleted there by someone) has nothing to migrate: Azure
+/// documents `deviceDataMigrated` only for data "migrated from the previous hub", so the re-provisioned device
+/// gets the enrollment's initial twin and `initialAssignment`. Needs the engine change described in the
+/// hub-directory commit (dps-core `DeviceFlow::on_hub`: `ReadTwin` → `Twin(None)` sets the plan's substatus
+/// to `InitialAssignment`); ignored until it lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the dps-core device.rs change: a missing previous device is not deviceDataMigrated"]
+async fn missing_previous_device_is_not_migrated() {
+    use dps_core::hub::{BlockingHubDirectory, HubOp};
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(two_hub_config(dir.path())).await;
+    let on = |hub: &str| EnrollmentSettings {
+        primary_key: Some(device_key().to_base64()),
+        iot_hubs: Some(vec![hub.to_owned()]),
+        reprovision: Some(Reprovision::ReprovisionAndMigrateData),
+        initial_twin_tags: Some(json!({"from": "enrollment"})),
+        ..EnrollmentSettings::default()
+    };
+    service(&server).create(Kind::Enrollment, "gone-1", &on("hub-1.localhost")).await.unwrap();
+    assert_eq!(provision(&server, "gone-1").await["status"], "assigned");
+    let delete = HubOp::DeleteDevice { hub: "hub-1.localhost".into(), device_id: "gone-1".into() };
+    BlockingHubDirectory::execute(&*server.state.hubs, delete).unwrap();
+    service(&server).update(Kind::Enrollment, "gone-1", &on("hub-2.localhost"), None).await.unwrap();
+    let again = provision(&server, "gone-1").await;
+    assert_eq!(again["registrationState"]["assignedHub"], "hub-2.localhost");
+    assert_eq!(again["registrationState"]["substatus"], "initialAssignment", "{again}");
+    let twin = server.state.hubs.device("hub-2.localhost", "gone-1").unwrap().twin;
+    assert_eq!(twin.tags, json!({"from": "enrollment"}));
+    server.shutdown().await.unwrap();
+}
