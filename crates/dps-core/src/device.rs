@@ -4,6 +4,30 @@
 //! (allocation + reprovision policy) → hub operations → commit the registration record → 202. With
 //! `respond_before_assignment`, an `assigning` record is committed and the 202 sent right after attestation,
 //! and the assignment finishes afterwards; polls meanwhile answer 202 `assigning`.
+//!
+//! # Overlapping registrations
+//!
+//! A device may send its register again while the first is in flight (reboot, retry after a lost reply,
+//! two SDK instances). No operation ID the server handed out is ever stranded:
+//! - every operation ID committed for a registration is kept in its operation history
+//!   ([`crate::store::DeviceContext::operations`], the last [`crate::store::OPERATION_HISTORY_LEN`]); a
+//!   poll of any of them issued within [`OPERATION_RETENTION_MS`] (24 h), or of the record's current one,
+//!   is answered with the registration's *current* state (202 `assigning`, then the terminal result), under
+//!   the polled operation ID;
+//! - a register that arrives while the record is `assigning` through the same enrollment and was written
+//!   within [`IN_FLIGHT_REUSE_MS`] reuses the in-flight operation ID instead of minting a new one (it still
+//!   does the whole assignment itself, so a flow that died after its early reply does not strand it);
+//! - registers that load the same record state race on the final commit as before: the loser answers
+//!   409203 (retryable) before it has handed out anything, or, after an early reply, ends quietly while
+//!   the winner's result answers both operation IDs.
+//!
+//! # Enrollment ownership
+//!
+//! A registration record belongs to the enrollment it was made through. An individual enrollment always
+//! decides (it takes precedence over groups), but a register that attests only through an enrollment
+//! group is refused with 401000 while the record names another group, or an individual enrollment: group
+//! G's key cannot move or take over a device of group H. Deleting the registration record through the
+//! service API releases the device.
 
 use crate::config::EngineConfig;
 use crate::engine::{unexpected_store_result, DeviceCall, DeviceRequest, Nonces};
@@ -26,6 +50,13 @@ use dps_proto::{
 };
 use serde_json::{json, Value};
 use std::sync::Arc;
+
+/// How long an operation ID from a registration's operation history keeps answering polls (24 h). The
+/// record's current operation ID answers as long as the record exists.
+pub const OPERATION_RETENTION_MS: i64 = 24 * 60 * 60 * 1000;
+
+/// How recent an `assigning` record must be for a new register to reuse its operation ID (2 minutes).
+pub const IN_FLIGHT_REUSE_MS: i64 = 2 * 60 * 1000;
 
 /// The api-version assumed when a request sends none.
 const DEFAULT_API_VERSION: ApiVersion = ApiVersion::V2021_10_01;
@@ -174,16 +205,19 @@ impl DeviceFlow {
         match self.request.call.clone() {
             DeviceCall::Register { .. } => self.register(attestation, ctx.registration.as_ref()),
             DeviceCall::OperationStatus(op) => {
-                let record = ctx.registration.filter(|r| r.operation_id == op).ok_or_else(|| {
-                    DpsError::with_message(
-                        ErrorCode::OperationNotFound,
-                        format!(
-                            "Operation '{op}' of registration '{}' does not exist.",
-                            self.request.registration_id
-                        ),
-                    )
-                })?;
-                Ok(self.respond(self.operation_reply(&record, true)))
+                let now = self.now;
+                let operations = &ctx.operations;
+                let record =
+                    ctx.registration.filter(|r| answers(r, operations, &op, now)).ok_or_else(|| {
+                        DpsError::with_message(
+                            ErrorCode::OperationNotFound,
+                            format!(
+                                "Operation '{op}' of registration '{}' does not exist.",
+                                self.request.registration_id
+                            ),
+                        )
+                    })?;
+                Ok(self.respond(self.operation_reply(&record, &op)))
             }
             DeviceCall::StatusLookup => {
                 let record = ctx.registration.ok_or_else(|| {
@@ -207,10 +241,21 @@ impl DeviceFlow {
         enrollment: EnrollmentRef,
     ) -> RegistrationRecord {
         let partition = partition_of(self.request.registration_id.key());
+        // Reuse the operation of a recent in-flight register through the same enrollment.
+        let operation_id = match previous {
+            Some(p)
+                if p.status == RegistrationStatus::Assigning
+                    && p.enrollment == enrollment
+                    && self.now <= p.last_updated.plus_millis(IN_FLIGHT_REUSE_MS) =>
+            {
+                p.operation_id.clone()
+            }
+            _ => OperationId::generate(partition, self.nonces.op),
+        };
         RegistrationRecord {
             registration_id: self.request.registration_id.clone(),
             enrollment,
-            operation_id: OperationId::generate(partition, self.nonces.op),
+            operation_id,
             status: RegistrationStatus::Assigning,
             substatus: None,
             assigned_hub: previous.and_then(|p| p.assigned_hub.clone()),
@@ -239,6 +284,7 @@ impl DeviceFlow {
                 (enrollment_ref(&self.request.registration_id, v.enrollment())?, Some(plan))
             }
         };
+        check_owner(&self.request.registration_id, previous, &enrollment)?;
         let mut record = self.new_record(previous, enrollment);
         let plan = match plan {
             None => {
@@ -359,17 +405,18 @@ impl DeviceFlow {
         reply
     }
 
-    fn operation_reply(&self, record: &RegistrationRecord, _poll: bool) -> Reply {
+    /// The answer to a poll of `operation_id`: the record's current state.
+    fn operation_reply(&self, record: &RegistrationRecord, operation_id: &OperationId) -> Reply {
         if record.status.is_terminal() {
             let body = RegistrationOperationStatus {
-                operation_id: record.operation_id.to_string(),
+                operation_id: operation_id.to_string(),
                 status: record.status,
                 registration_state: Some(result_of(record)),
             };
             Reply::json(200, &body, self.nonces.tracking_id())
         } else {
             let body = RegistrationOperationStatus {
-                operation_id: record.operation_id.to_string(),
+                operation_id: operation_id.to_string(),
                 status: RegistrationStatus::Assigning,
                 registration_state: Some(DeviceRegistrationResult::minimal(
                     record.registration_id.as_str(),
@@ -475,6 +522,42 @@ fn enrollment_ref(
             EnrollmentRef::Group(EnrollmentGroupId::parse(&g.enrollment_group_id)?)
         }
     })
+}
+
+/// Whether a poll of `operation_id` is answered from `record`: it is the record's current operation, or one
+/// of its history issued within [`OPERATION_RETENTION_MS`].
+fn answers(
+    record: &RegistrationRecord,
+    history: &[crate::store::IssuedOperation],
+    operation_id: &OperationId,
+    now: Timestamp,
+) -> bool {
+    record.operation_id == *operation_id
+        || history
+            .iter()
+            .any(|o| o.operation_id == *operation_id && now <= o.issued.plus_millis(OPERATION_RETENTION_MS))
+}
+
+/// The enrollment-ownership rule (module docs): an individual enrollment always decides; a register
+/// through group G is refused while the record names another enrollment.
+fn check_owner(
+    registration_id: &RegistrationId,
+    previous: Option<&RegistrationRecord>,
+    attested: &EnrollmentRef,
+) -> Result<(), DpsError> {
+    let (EnrollmentRef::Group(group), Some(previous)) = (attested, previous) else { return Ok(()) };
+    let owner = match &previous.enrollment {
+        EnrollmentRef::Group(h) if h.key() == group.key() => return Ok(()),
+        EnrollmentRef::Group(h) => format!("enrollment group '{h}'"),
+        EnrollmentRef::Individual(_) => "an individual enrollment".to_owned(),
+    };
+    Err(DpsError::with_message(
+        ErrorCode::Unauthorized,
+        format!(
+            "Registration '{registration_id}' belongs to {owner}, not to enrollment group '{group}' whose key \
+             was presented; delete its registration record to move it."
+        ),
+    ))
 }
 
 fn set_failed(record: &mut RegistrationRecord, err: &DpsError) {

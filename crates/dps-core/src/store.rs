@@ -59,10 +59,40 @@ impl EnrollmentRef {
     }
 }
 
+/// How many operation IDs a store keeps per registration record ([`DeviceContext::operations`]).
+pub const OPERATION_HISTORY_LEN: usize = 8;
+
+/// One operation ID the server handed out for a registration, with when it was first committed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuedOperation {
+    /// The operation ID.
+    pub operation_id: OperationId,
+    /// When the first record carrying it was committed (that record's `last_updated`).
+    pub issued: Timestamp,
+}
+
+/// Appends an operation to a registration's operation history, as every store does on a successful
+/// [`StoreOp::CommitRegistration`] (with [`RegistrationRecord::issued_operation`] of the committed record):
+/// nothing changes when the newest entry already has that operation ID (the same operation committed
+/// again, e.g. `assigning` then `assigned`); otherwise it is added and the oldest entries beyond
+/// [`OPERATION_HISTORY_LEN`] are dropped.
+pub fn push_operation(history: &mut Vec<IssuedOperation>, operation: IssuedOperation) {
+    if history.last().is_some_and(|last| last.operation_id == operation.operation_id) {
+        return;
+    }
+    history.push(operation);
+    if history.len() > OPERATION_HISTORY_LEN {
+        let excess = history.len() - OPERATION_HISTORY_LEN;
+        history.drain(..excess);
+    }
+}
+
 /// A device registration record (the service API's `DeviceRegistrationState`, plus the latest operation).
 ///
-/// There is one record per registration ID; it carries the device's latest operation, so a poll for an
-/// older, superseded operation ID is answered 404.
+/// There is one record per registration ID; it carries the device's latest operation. The operation IDs
+/// handed out before it are kept by the store next to the record (see [`DeviceContext::operations`]), so
+/// polls for them keep being answered with the record's current state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RegistrationRecord {
@@ -94,6 +124,13 @@ pub struct RegistrationRecord {
     pub etag: Etag,
 }
 
+impl RegistrationRecord {
+    /// The record's operation as a history entry: its operation ID, issued at `last_updated`.
+    pub fn issued_operation(&self) -> IssuedOperation {
+        IssuedOperation { operation_id: self.operation_id.clone(), issued: self.last_updated }
+    }
+}
+
 /// What a registration needs from storage, loaded in one round trip.
 #[derive(Debug, Clone, Default)]
 pub struct DeviceContext {
@@ -104,6 +141,11 @@ pub struct DeviceContext {
     pub symmetric_key_groups: Arc<Vec<EnrollmentGroup>>,
     /// The device's registration record, if any.
     pub registration: Option<RegistrationRecord>,
+    /// The operation IDs committed for that record, oldest first, at most [`OPERATION_HISTORY_LEN`]
+    /// (maintained by the store with [`push_operation`] on every successful
+    /// [`StoreOp::CommitRegistration`] and dropped with the record). Empty when there is no record, or for
+    /// a record written before the store kept histories (its current `operation_id` still counts).
+    pub operations: Vec<IssuedOperation>,
 }
 
 /// A write precondition.
@@ -146,7 +188,8 @@ pub enum StoreOp {
         registration_id: RegistrationId,
     },
     /// Write a registration record, durably, if the current record's ETag is `expected`
-    /// (`None`: no record may exist). Mismatch: [`StoreError::Conflict`].
+    /// (`None`: no record may exist). Mismatch: [`StoreError::Conflict`]. On success the store also adds
+    /// the record's operation to the registration's operation history ([`push_operation`]).
     CommitRegistration {
         /// The record to write.
         record: Box<RegistrationRecord>,
@@ -158,7 +201,7 @@ pub enum StoreOp {
         /// The device.
         registration_id: RegistrationId,
     },
-    /// Delete a registration record ([`StoreError::NotFound`] when absent).
+    /// Delete a registration record and its operation history ([`StoreError::NotFound`] when absent).
     DeleteRegistration {
         /// The device.
         registration_id: RegistrationId,

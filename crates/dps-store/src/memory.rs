@@ -9,8 +9,8 @@ use dps_core::proto::model::{EnrollmentGroup, IndividualEnrollment};
 use dps_core::proto::query::Query;
 use dps_core::proto::{EnrollmentGroupId, Etag, IfMatch, RegistrationId};
 use dps_core::store::{
-    AsyncStore, BlockingStore, DeviceContext, Page, PageRequest, RegistrationRecord, StoreError, StoreOp,
-    StoreResult, WriteCondition,
+    push_operation, AsyncStore, BlockingStore, DeviceContext, IssuedOperation, Page, PageRequest,
+    RegistrationRecord, StoreError, StoreOp, StoreResult, WriteCondition,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -35,6 +35,8 @@ struct Inner {
     enrollments: BTreeMap<String, IndividualEnrollment>,
     groups: BTreeMap<String, EnrollmentGroup>,
     registrations: BTreeMap<String, RegistrationRecord>,
+    /// The operation history of each registration record, by registration key.
+    operations: BTreeMap<String, Vec<IssuedOperation>>,
     /// `(group key, registration key)` of every registration that came through a group.
     registrations_by_group: BTreeSet<(String, String)>,
     /// Every symmetric-key group, ordered by group key.
@@ -105,7 +107,8 @@ impl MemoryStore {
             Arc::clone(&inner.symmetric_key_groups)
         };
         let registration = inner.registrations.get(key).cloned();
-        DeviceContext { individual, symmetric_key_groups, registration }
+        let operations = inner.operations.get(key).cloned().unwrap_or_default();
+        DeviceContext { individual, symmetric_key_groups, registration, operations }
     }
 
     fn commit_registration(&self, record: RegistrationRecord, expected: Option<&Etag>) -> OpResult {
@@ -116,6 +119,7 @@ impl MemoryStore {
             return Err(StoreError::Conflict);
         }
         let new_group = record.enrollment.group_id().map(|g| g.key().to_owned());
+        push_operation(inner.operations.entry(key.clone()).or_default(), record.issued_operation());
         if let Some(old) = inner.registrations.insert(key.clone(), record) {
             if let Some(g) = old.enrollment.group_id() {
                 inner.registrations_by_group.remove(&(g.key().to_owned(), key.clone()));
@@ -135,6 +139,7 @@ impl MemoryStore {
             (Some(r), Some(m)) if !m.matches(&r.etag) => return Err(StoreError::PreconditionFailed),
             _ => {}
         }
+        inner.operations.remove(key);
         if let Some(old) = inner.registrations.remove(key) {
             if let Some(g) = old.enrollment.group_id() {
                 inner.registrations_by_group.remove(&(g.key().to_owned(), key.to_owned()));

@@ -8,8 +8,8 @@ use dps_core::proto::model::{EnrollmentGroup, IndividualEnrollment};
 use dps_core::proto::query::Query;
 use dps_core::proto::{EnrollmentGroupId, Etag, IfMatch, RegistrationId};
 use dps_core::store::{
-    AsyncStore, BlockingStore, DeviceContext, Page, PageRequest, RegistrationRecord, StoreError, StoreOp,
-    StoreResult, WriteCondition,
+    push_operation, AsyncStore, BlockingStore, DeviceContext, IssuedOperation, Page, PageRequest,
+    RegistrationRecord, StoreError, StoreOp, StoreResult, WriteCondition,
 };
 use futures::channel::oneshot;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
@@ -143,6 +143,14 @@ pub struct SqliteStats {
 /// Within one process, clone the handle rather than opening the file twice: a second store works, but
 /// each one's writes make the other's views stale until its next write.
 ///
+/// # Operation histories
+///
+/// A registration row's JSON is the record's JSON plus an `operations` member (its
+/// [`DeviceContext::operations`]), which the writer reads and extends inside the commit's write
+/// transaction. Rows written before histories were kept have no such member and read with an empty
+/// history, so this needs no schema change; readers of the plain record (the service API) ignore the
+/// member.
+///
 /// Cheap to clone: clones share the connections and the writer thread. Implements both
 /// [`BlockingStore`] (a write blocks until its batch is durable) and [`AsyncStore`] (the future resolves
 /// when its batch is durable; the request is queued when `execute` is called, so dropping the future does
@@ -202,6 +210,8 @@ enum WriteOp {
         etag: String,
         json: String,
         expected: Option<Etag>,
+        /// The record's operation, for the operation history.
+        operation: IssuedOperation,
         /// For the record cache once committed.
         record: Option<Box<RegistrationRecord>>,
     },
@@ -490,6 +500,7 @@ impl SqliteStore {
                     etag: record.etag.as_str().to_owned(),
                     json: to_json("serializing a registration record", &record)?,
                     expected,
+                    operation: record.issued_operation(),
                     record: Some(record),
                 })
             }
@@ -580,6 +591,15 @@ impl SqliteStore {
         Ok(false)
     }
 
+    /// A registration record and its operation history from the database.
+    fn read_registration_with_operations(
+        conn: &Connection,
+        key: &str,
+    ) -> Result<Option<cache::CachedRegistration>, StoreError> {
+        let json: Option<String> = get_text(conn, "SELECT json FROM registrations WHERE key = ?1", key)?;
+        json.map(|json| parse_registration_row(&json)).transpose()
+    }
+
     fn read(&self, op: ReadOp) -> OpResult {
         if self.shared.closed.load(Ordering::Acquire) {
             return Err(closed_error());
@@ -604,14 +624,18 @@ impl SqliteStore {
                 } else {
                     Arc::new(load_symmetric_key_groups(&conn)?.into_values().collect())
                 };
-                let registration = match cached {
-                    Some(record) => Some(RegistrationRecord::clone(&record)),
-                    None => Self::read_registration(&conn, id.key())?,
+                let (registration, operations) = match cached {
+                    Some(cached) => (Some(cached.record.clone()), cached.operations.clone()),
+                    None => match Self::read_registration_with_operations(&conn, id.key())? {
+                        Some(read) => (Some(read.record), read.operations),
+                        None => (None, Vec::new()),
+                    },
                 };
                 Ok(StoreResult::DeviceContext(DeviceContext {
                     individual,
                     symmetric_key_groups,
                     registration,
+                    operations,
                 }))
             }
             ReadOp::GetRegistration(id) => {
@@ -619,7 +643,7 @@ impl SqliteStore {
                 let cached =
                     if self.views_current(&conn)? { state.registrations.get(id.key()) } else { None };
                 let record = match cached {
-                    Some(record) => Some(RegistrationRecord::clone(&record)),
+                    Some(cached) => Some(cached.record.clone()),
                     None => Self::read_registration(&conn, id.key())?,
                 };
                 Ok(StoreResult::Registration(record.map(Box::new)))
@@ -667,6 +691,40 @@ impl SqliteStore {
             .map(StoreResult::Groups),
         }
     }
+}
+
+/// The operation history inside a registration row's JSON (absent in rows written before histories were
+/// kept: an empty history).
+#[derive(serde::Deserialize)]
+struct StoredOperations {
+    #[serde(default)]
+    operations: Vec<IssuedOperation>,
+}
+
+/// Parses a registration row's JSON: the record's fields plus its `operations` history.
+fn parse_registration_row(json: &str) -> Result<cache::CachedRegistration, StoreError> {
+    let reading = "reading a registration record";
+    let record: RegistrationRecord = from_json(reading, json)?;
+    let StoredOperations { operations } = from_json(reading, json)?;
+    Ok(cache::CachedRegistration { record, operations })
+}
+
+/// A registration row's JSON: the record's JSON object with an `operations` member added.
+fn registration_row(record_json: &str, operations: &[IssuedOperation]) -> Result<String, StoreError> {
+    let history = to_json("serializing an operation history", &operations)?;
+    let body = record_json
+        .strip_suffix('}')
+        .filter(|b| b.starts_with('{') && b.len() > 1)
+        .ok_or_else(|| backend("a registration record did not serialize to a JSON object"))?;
+    Ok(format!("{body},\"operations\":{history}}}"))
+}
+
+/// Reads one text column by key.
+fn get_text(conn: &Connection, sql: &str, key: &str) -> Result<Option<String>, StoreError> {
+    let reading = "reading a registration record";
+    conn.prepare_cached(sql)
+        .and_then(|mut stmt| stmt.query_row([key], |r| r.get(0)).optional())
+        .map_err(|e| sql_error(reading, &e))
 }
 
 /// Reads one JSON column by key and parses it.
@@ -837,6 +895,9 @@ enum Change {
     GroupRemove(String),
     EnrollmentAdded(String),
     EnrollmentRemoved(String),
+    /// The operation history a successful registration commit wrote (one per successful commit, in request
+    /// order).
+    RegistrationOperations(Vec<IssuedOperation>),
 }
 
 impl Writer {
@@ -870,6 +931,8 @@ impl Writer {
     fn apply_batch(&mut self, batch: &mut Vec<WriteRequest>, results: &mut Vec<OpResult>) {
         results.clear();
         let mut changes = Vec::new();
+        // The operation history of every successful registration commit, in request order.
+        let mut histories = std::collections::VecDeque::new();
         match self.transact(batch, results, &mut changes) {
             Ok(()) => {
                 let rows = batch.iter().filter(|r| !matches!(r.op, WriteOp::Resync)).count() as u64;
@@ -891,6 +954,7 @@ impl Writer {
                         }
                         Change::EnrollmentAdded(key) => self.state.enrollment_ids.added(&key),
                         Change::EnrollmentRemoved(key) => self.state.enrollment_ids.removed(&key),
+                        Change::RegistrationOperations(operations) => histories.push_back(operations),
                     }
                 }
                 if groups_changed {
@@ -899,8 +963,14 @@ impl Writer {
                 for (request, result) in batch.iter_mut().zip(results.iter()) {
                     match (&mut request.op, result) {
                         (WriteOp::CommitRegistration { key, json, record, .. }, Ok(_)) => {
-                            if let Some(record) = record.take() {
-                                self.state.registrations.put(key, *record, json.len());
+                            let operations = histories.pop_front();
+                            match (record.take(), operations) {
+                                (Some(record), Some(operations)) => self.state.registrations.put(
+                                    key,
+                                    cache::CachedRegistration { record: *record, operations },
+                                    json.len(),
+                                ),
+                                _ => self.state.registrations.remove(key),
                             }
                         }
                         (WriteOp::DeleteRegistration { key, .. }, Ok(_)) => {
@@ -930,6 +1000,7 @@ impl Writer {
                             self.enrollment_ids_stale = true;
                             self.state.enrollment_ids.unknown();
                         }
+                        Change::RegistrationOperations(_) => {}
                     }
                 }
                 for request in batch.iter() {
@@ -1025,24 +1096,43 @@ impl Writer {
         let conn = &self.conn;
         match op {
             WriteOp::Resync => Ok(Ok(StoreResult::Done)),
-            WriteOp::CommitRegistration { key, group_key, etag, json, expected, .. } => {
-                // One statement checks and writes: a create that finds a row, or an update that finds no row
-                // with the expected ETag, changes nothing.
-                let changed = match expected {
+            WriteOp::CommitRegistration { key, group_key, etag, json, expected, operation, .. } => {
+                // The precondition and the operation history are read inside the write transaction (it holds
+                // SQLite's write lock), so nothing changes the row between read and write.
+                let current: Option<(String, String)> = conn
+                    .prepare_cached("SELECT etag, json FROM registrations WHERE key = ?1")?
+                    .query_row([key], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()?;
+                let mut operations = match (&current, expected) {
+                    (None, None) => Vec::new(),
+                    (Some((current, row)), Some(expected)) if current == expected.as_str() => {
+                        // An unreadable history (never written so by this store) starts over rather than
+                        // blocking the device.
+                        serde_json::from_str::<StoredOperations>(row)
+                            .map(|s| s.operations)
+                            .unwrap_or_default()
+                    }
+                    _ => return Ok(Err(StoreError::Conflict)),
+                };
+                push_operation(&mut operations, operation.clone());
+                let row = match registration_row(json, &operations) {
+                    Ok(row) => row,
+                    Err(e) => return Ok(Err(e)),
+                };
+                match current {
                     None => conn
                         .prepare_cached(
-                            "INSERT INTO registrations (key, group_key, etag, json) VALUES (?1, ?2, ?3, ?4)
-                             ON CONFLICT (key) DO NOTHING",
+                            "INSERT INTO registrations (key, group_key, etag, json) VALUES (?1, ?2, ?3, ?4)",
                         )?
-                        .execute(params![key, group_key, etag, json])?,
-                    Some(expected) => conn
+                        .execute(params![key, group_key, etag, row])?,
+                    Some(_) => conn
                         .prepare_cached(
-                            "UPDATE registrations SET group_key = ?2, etag = ?3, json = ?4
-                             WHERE key = ?1 AND etag = ?5",
+                            "UPDATE registrations SET group_key = ?2, etag = ?3, json = ?4 WHERE key = ?1",
                         )?
-                        .execute(params![key, group_key, etag, json, expected.as_str()])?,
+                        .execute(params![key, group_key, etag, row])?,
                 };
-                Ok(if changed == 1 { Ok(StoreResult::Done) } else { Err(StoreError::Conflict) })
+                changes.push(Change::RegistrationOperations(operations));
+                Ok(Ok(StoreResult::Done))
             }
             WriteOp::DeleteRegistration { key, if_match } => {
                 let current: Option<String> = conn
@@ -1176,7 +1266,7 @@ fn prepare_put<T>(
 // ------------------------------------------------------------------------------------------------
 
 mod cache {
-    use dps_core::store::RegistrationRecord;
+    use dps_core::store::{IssuedOperation, RegistrationRecord};
     use std::collections::hash_map::RandomState;
     use std::collections::{HashMap, VecDeque};
     use std::hash::BuildHasher;
@@ -1248,8 +1338,16 @@ mod cache {
     /// What an entry costs beyond its JSON size (the parsed record, its strings, the map and queue slots).
     const ENTRY_OVERHEAD: usize = 256;
 
+    /// A registration record with its operation history, as last committed.
+    pub(super) struct CachedRegistration {
+        /// The record.
+        pub(super) record: RegistrationRecord,
+        /// Its operation history, oldest first.
+        pub(super) operations: Vec<IssuedOperation>,
+    }
+
     struct Entry {
-        record: Arc<RegistrationRecord>,
+        record: Arc<CachedRegistration>,
         cost: usize,
         /// Which insertion of the key this is, to tell its queue slot from stale ones.
         generation: u64,
@@ -1277,7 +1375,7 @@ mod cache {
             }
         }
 
-        fn insert(&mut self, key: String, record: Arc<RegistrationRecord>, cost: usize, budget: usize) {
+        fn insert(&mut self, key: String, record: Arc<CachedRegistration>, cost: usize, budget: usize) {
             self.remove(&key);
             if cost > budget {
                 return;
@@ -1319,7 +1417,7 @@ mod cache {
             self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
         }
 
-        pub(super) fn get(&self, key: &str) -> Option<Arc<RegistrationRecord>> {
+        pub(super) fn get(&self, key: &str) -> Option<Arc<CachedRegistration>> {
             if self.budget_per_shard == 0 {
                 return None;
             }
@@ -1327,11 +1425,12 @@ mod cache {
         }
 
         /// Stores `key`'s newly committed record; `json_len` is the size of its stored JSON.
-        pub(super) fn put(&self, key: &str, record: RegistrationRecord, json_len: usize) {
+        pub(super) fn put(&self, key: &str, record: CachedRegistration, json_len: usize) {
             if self.budget_per_shard == 0 {
                 return;
             }
-            let cost = json_len.saturating_add(ENTRY_OVERHEAD);
+            // About 96 bytes per history entry (two strings and a timestamp).
+            let cost = json_len.saturating_add(ENTRY_OVERHEAD).saturating_add(record.operations.len() * 96);
             self.shard(key).insert(key.to_owned(), Arc::new(record), cost, self.budget_per_shard);
         }
 
@@ -1387,6 +1486,115 @@ mod tests {
             last_updated: Timestamp::from_unix_seconds(1_700_000_100),
             etag: Etag::parse(etag).unwrap(),
         }
+    }
+
+    fn entry(record: RegistrationRecord) -> cache::CachedRegistration {
+        cache::CachedRegistration { record, operations: Vec::new() }
+    }
+
+    /// `record` with operation number `n` (as issued at second `n`) and ETag `e{n}`.
+    fn with_operation(id: &str, n: u32) -> RegistrationRecord {
+        let mut r = record(id, "g", &format!("e{n}"));
+        r.operation_id =
+            OperationId::parse(&format!("5.316aac5bdc130deb.8f1c2d3e-0000-4000-8000-{n:012}")).unwrap();
+        r.last_updated = Timestamp::from_unix_seconds(1_700_000_000 + i64::from(n));
+        r
+    }
+
+    /// The operation IDs (last 12 characters) `LoadDeviceContext` reports for `id`.
+    fn operations(store: &SqliteStore, id: &str) -> Vec<String> {
+        match run(store, StoreOp::LoadDeviceContext { registration_id: RegistrationId::parse(id).unwrap() }) {
+            StoreResult::DeviceContext(c) => c
+                .operations
+                .iter()
+                .map(|o| {
+                    let n = o.operation_id.as_str().rsplit('-').next().unwrap().parse::<i64>().unwrap();
+                    assert_eq!(o.issued.unix_seconds() - 1_700_000_000, n);
+                    n.to_string()
+                })
+                .collect(),
+            other => panic!("unexpected result {other:?}"),
+        }
+    }
+
+    #[test]
+    fn operation_histories_round_trip_and_are_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dps.db");
+        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+        commit(&store, with_operation("dev-1", 1), None);
+        // The same operation committed again (assigning, then assigned) is one entry.
+        let mut again = with_operation("dev-1", 1);
+        again.etag = Etag::parse("e1b").unwrap();
+        commit(&store, again, Some("e1"));
+        commit(&store, with_operation("dev-1", 2), Some("e1b"));
+        assert_eq!(operations(&store, "dev-1"), ["1", "2"]);
+        // A commit that loses its precondition adds nothing.
+        let stale = StoreOp::CommitRegistration {
+            record: Box::new(with_operation("dev-1", 3)),
+            expected: Some(Etag::parse("e1").unwrap()),
+        };
+        assert_eq!(BlockingStore::execute(&store, stale).unwrap_err(), StoreError::Conflict);
+        store.close().unwrap();
+
+        // From the database (no cache), after reopening.
+        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+        assert_eq!(cached(&store), 0);
+        assert_eq!(operations(&store, "dev-1"), ["1", "2"]);
+        for n in 3..=12 {
+            commit(&store, with_operation("dev-1", n), Some(&format!("e{}", n - 1)));
+        }
+        let newest: Vec<String> = (5..=12).map(|n| n.to_string()).collect();
+        assert_eq!(operations(&store, "dev-1"), newest);
+        store.close().unwrap();
+        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+        assert_eq!(operations(&store, "dev-1"), newest);
+        // Deleting the record drops its history; a new record starts a new one.
+        let delete = StoreOp::DeleteRegistration {
+            registration_id: RegistrationId::parse("dev-1").unwrap(),
+            if_match: None,
+        };
+        run(&store, delete);
+        assert!(operations(&store, "dev-1").is_empty());
+        commit(&store, with_operation("dev-1", 20), None);
+        assert_eq!(operations(&store, "dev-1"), ["20"]);
+        store.close().unwrap();
+    }
+
+    #[test]
+    fn a_row_written_without_a_history_still_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dps.db");
+        drop(SqliteStore::open(&path, SqliteOptions::default()).unwrap());
+        {
+            // A row as builds before operation histories wrote it: the record's JSON alone.
+            let conn = Connection::open(&path).unwrap();
+            let r = with_operation("dev-1", 1);
+            conn.execute(
+                "INSERT INTO registrations (key, group_key, etag, json) VALUES (?1, ?2, ?3, ?4)",
+                params!["dev-1", "g", "e1", serde_json::to_string(&r).unwrap()],
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+        assert_eq!(context(&store, "dev-1"), (false, Some("e1".into())));
+        assert!(operations(&store, "dev-1").is_empty());
+        // Its next commit starts a history; the service API still reads the plain record.
+        commit(&store, with_operation("dev-1", 2), Some("e1"));
+        assert_eq!(operations(&store, "dev-1"), ["2"]);
+        store.close().unwrap();
+        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+        assert_eq!(registration(&store, "dev-1").as_deref(), Some("e2"));
+        assert_eq!(operations(&store, "dev-1"), ["2"]);
+        let page = run(
+            &store,
+            StoreOp::QueryRegistrations {
+                group_id: EnrollmentGroupId::parse("g").unwrap(),
+                page: PageRequest { after: None, limit: 10 },
+            },
+        );
+        assert!(matches!(page, StoreResult::Registrations(p) if p.items.len() == 1));
+        store.close().unwrap();
     }
 
     fn enrollment(id: &str) -> IndividualEnrollment {
@@ -1511,7 +1719,7 @@ mod tests {
         let cache = cache::RecordCache::new(budget);
         for i in 0..1000 {
             let id = format!("dev-{i}");
-            cache.put(&id, record(&id, "g", "e"), 100);
+            cache.put(&id, entry(record(&id, "g", "e")), 100);
             // The newest record is always there (it fits its shard's budget).
             assert!(cache.get(&id).is_some());
         }
@@ -1523,15 +1731,15 @@ mod tests {
         // Removing and putting again many times leaves no garbage behind.
         for _ in 0..10_000 {
             cache.remove("dev-999");
-            cache.put("dev-999", record("dev-999", "g", "e"), 100);
+            cache.put("dev-999", entry(record("dev-999", "g", "e")), 100);
         }
         assert!(cache.get("dev-999").is_some());
         assert!(cache.len_and_bytes().1 <= budget);
         // A record larger than a shard's budget is not cached; a zero budget caches nothing.
-        cache.put("huge", record("huge", "g", "e"), budget);
+        cache.put("huge", entry(record("huge", "g", "e")), budget);
         assert!(cache.get("huge").is_none());
         let off = cache::RecordCache::new(0);
-        off.put("dev-1", record("dev-1", "g", "e"), 10);
+        off.put("dev-1", entry(record("dev-1", "g", "e")), 10);
         assert!(off.get("dev-1").is_none());
     }
 
