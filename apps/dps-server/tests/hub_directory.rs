@@ -191,11 +191,9 @@ async fn billable_operations_are_counted_and_persisted() {
 
 /// A device missing from its previous hub (deleted there by someone) has nothing to migrate: Azure
 /// documents `deviceDataMigrated` only for data "migrated from the previous hub", so the re-provisioned device
-/// gets the enrollment's initial twin and `initialAssignment`. Needs the engine change described in the
-/// hub-directory commit (dps-core `DeviceFlow::on_hub`: `ReadTwin` → `Twin(None)` sets the plan's substatus
-/// to `InitialAssignment`); ignored until it lands.
+/// gets the enrollment's initial twin and `initialAssignment` (dps-core `DeviceFlow::on_hub`: `ReadTwin` →
+/// `Twin(None)` sets the plan's substatus to `InitialAssignment`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the dps-core device.rs change: a missing previous device is not deviceDataMigrated"]
 async fn missing_previous_device_is_not_migrated() {
     use dps_core::hub::{BlockingHubDirectory, HubOp};
     let dir = tempfile::tempdir().unwrap();

@@ -366,7 +366,16 @@ impl DeviceFlow {
 
     fn on_hub(&mut self, mut job: Box<Job>, stage: HubStage, result: Result<HubResult, HubError>) -> Step {
         match (&stage, result) {
-            (HubStage::ReadTwin, Ok(HubResult::Twin(twin))) => job.migrated_twin = twin,
+            (HubStage::ReadTwin, Ok(HubResult::Twin(twin))) => {
+                // Nothing to migrate (the previous device is gone from its hub): the device starts from the
+                // enrollment's initial twin, so it is an initial assignment, not `deviceDataMigrated`.
+                if twin.is_none() {
+                    if let Some(plan) = job.plan.as_mut() {
+                        plan.substatus = RegistrationSubstatus::InitialAssignment;
+                    }
+                }
+                job.migrated_twin = twin;
+            }
             (HubStage::Upsert, Ok(HubResult::Done)) => {}
             // The device already lives on its new hub; a stale identity left on the old hub does not stop it.
             (HubStage::Delete, _) => {}
@@ -446,6 +455,11 @@ impl DeviceFlow {
 }
 
 impl Flow for DeviceFlow {
+    fn resume_at(&mut self, now: Timestamp, input: Input) -> Step {
+        self.now = self.now.max(now);
+        self.resume(input)
+    }
+
     fn resume(&mut self, input: Input) -> Step {
         let state = std::mem::replace(&mut self.state, State::Finished);
         match (state, input) {

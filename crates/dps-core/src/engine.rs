@@ -234,6 +234,14 @@ impl Flow for EngineFlow {
             },
         }
     }
+
+    fn resume_at(&mut self, now: Timestamp, input: Input) -> Step {
+        match self {
+            EngineFlow::Device(f) => f.resume_at(now, input),
+            EngineFlow::Service(f) => f.resume_at(now, input),
+            EngineFlow::Immediate(_) => self.resume(input),
+        }
+    }
 }
 
 /// The error for a store/flow protocol violation (a backend answered with the wrong result kind).

@@ -5,7 +5,7 @@
 use crate::hub::{AsyncHubDirectory, BlockingHubDirectory, HubError, HubOp, HubResult};
 use crate::reply::Reply;
 use crate::store::{AsyncStore, BlockingStore, StoreError, StoreOp, StoreResult};
-use dps_proto::{DpsError, ErrorCode};
+use dps_proto::{DpsError, ErrorCode, Timestamp};
 
 /// What a flow is given.
 #[derive(Debug)]
@@ -43,11 +43,25 @@ pub trait Flow {
     /// Feeds an input and returns the next step. Call first with [`Input::Start`]; after
     /// [`Step::Finished`] further calls keep returning `Finished`.
     fn resume(&mut self, input: Input) -> Step;
+
+    /// Feeds an input at time `now`: a driver with a clock (the host) passes the current time on every
+    /// resume, so a flow can own its deadlines (webhook retries, challenge expiry) and stamps replies with
+    /// the time they are made. [`Flow::resume`] keeps the time the flow last saw (its creation time at
+    /// first), which is what pure drivers and virtual-time tests use. The engine's flows never go back in
+    /// time: an earlier `now` is ignored.
+    fn resume_at(&mut self, now: Timestamp, input: Input) -> Step {
+        let _ = now;
+        self.resume(input)
+    }
 }
 
 impl<F: Flow + ?Sized> Flow for Box<F> {
     fn resume(&mut self, input: Input) -> Step {
         (**self).resume(input)
+    }
+
+    fn resume_at(&mut self, now: Timestamp, input: Input) -> Step {
+        (**self).resume_at(now, input)
     }
 }
 
@@ -118,18 +132,21 @@ pub enum Progress {
 /// Drives a flow until its first [`Step::Respond`], so the caller can answer the client while the rest of
 /// the flow (hub operations, final commit) goes on; see [`Progress`]. A flow that answers last returns
 /// [`Progress::Done`] after the same steps as [`run_async`].
+///
+/// `clock` is read before every resume ([`Flow::resume_at`]).
 pub async fn run_async_until_reply<F: Flow + ?Sized>(
     flow: &mut F,
     store: &impl AsyncStore,
     hubs: &impl AsyncHubDirectory,
+    clock: &(impl Fn() -> Timestamp + ?Sized),
 ) -> Progress {
     let mut input = Input::Start;
     loop {
-        input = match flow.resume(input) {
+        input = match flow.resume_at(clock(), input) {
             Step::Store(op) => Input::Store(store.execute(op).await),
             Step::Hub(op) => Input::Hub(hubs.execute(op).await),
             Step::Respond(reply) => {
-                return match flow.resume(Input::Responded) {
+                return match flow.resume_at(clock(), Input::Responded) {
                     Step::Finished => Progress::Done(reply),
                     next => Progress::Replied { reply, next },
                 };
@@ -146,6 +163,7 @@ pub async fn finish_async<F: Flow + ?Sized>(
     next: Step,
     store: &impl AsyncStore,
     hubs: &impl AsyncHubDirectory,
+    clock: &(impl Fn() -> Timestamp + ?Sized),
 ) {
     let mut step = next;
     loop {
@@ -155,7 +173,7 @@ pub async fn finish_async<F: Flow + ?Sized>(
             Step::Respond(_) => Input::Responded,
             Step::Finished => return,
         };
-        step = flow.resume(input);
+        step = flow.resume_at(clock(), input);
     }
 }
 
@@ -166,12 +184,13 @@ pub fn run_blocking_with<F: Flow + ?Sized>(
     flow: &mut F,
     store: &impl BlockingStore,
     hubs: &impl BlockingHubDirectory,
+    clock: &(impl Fn() -> Timestamp + ?Sized),
     on_reply: impl FnOnce(Reply),
 ) {
     let mut on_reply = Some(on_reply);
     let mut input = Input::Start;
     loop {
-        input = match flow.resume(input) {
+        input = match flow.resume_at(clock(), input) {
             Step::Store(op) => Input::Store(store.execute(op)),
             Step::Hub(op) => Input::Hub(hubs.execute(op)),
             Step::Respond(r) => {

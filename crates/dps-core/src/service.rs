@@ -980,6 +980,11 @@ fn bulk_error(kind: Kind, id: String, err: &DpsError) -> BulkEnrollmentOperation
 }
 
 impl Flow for ServiceFlow {
+    fn resume_at(&mut self, now: Timestamp, input: Input) -> Step {
+        self.now = self.now.max(now);
+        self.resume(input)
+    }
+
     fn resume(&mut self, input: Input) -> Step {
         let job = std::mem::replace(&mut self.job, Job::Done);
         match (job, input) {

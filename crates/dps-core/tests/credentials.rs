@@ -132,3 +132,36 @@ fn transports_build_the_credential_the_same_way() {
     );
     assert_eq!(Credential::from_transport(None, Some(vec![vec![1]])).kind(), "x509");
 }
+
+/// Every resume can carry `now`: a flow stamps what it produces with the time it is resumed at, not the
+/// time it was created (so later effects can own deadlines).
+#[test]
+fn a_flow_resumed_later_stamps_its_reply_with_the_later_time() {
+    use dps_core::store::StoreError;
+    use dps_core::{Flow, Input, Step};
+    let mut w = World::new();
+    let t0 = Timestamp::from_unix_seconds(NOW);
+    let mut flow = w.engine.http(
+        t0,
+        &mut w.rng,
+        HttpRequest {
+            method: "PUT".into(),
+            path_and_query: format!("/{SCOPE}/registrations/dev-1/register?api-version=2021-10-01"),
+            authorization: Some(device_token()),
+            body: br#"{"registrationId":"dev-1"}"#.to_vec(),
+            ..HttpRequest::default()
+        },
+    );
+    let Step::Store(_) = flow.resume_at(t0, Input::Start) else { panic!("expected the context load") };
+    let later = Timestamp::from_unix_seconds(NOW + 30);
+    let Step::Respond(reply) =
+        flow.resume_at(later, Input::Store(Err(StoreError::Backend { message: "disk gone".into() })))
+    else {
+        panic!("expected the error reply")
+    };
+    let body: ErrorBody = serde_json::from_slice(&reply.body).unwrap();
+    assert_eq!(body.error_code, 500001);
+    assert_eq!(body.timestamp_utc, later.to_iso());
+    // A clock that goes back is ignored.
+    assert!(matches!(flow.resume_at(t0, Input::Responded), Step::Finished));
+}

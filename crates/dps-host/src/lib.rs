@@ -241,13 +241,15 @@ impl Host {
 
     async fn drive<F: dps_core::Flow + Send + 'static>(&self, mut flow: F) -> Reply {
         let inner = &self.inner;
-        match run_async_until_reply(&mut flow, &inner.store, &inner.hubs).await {
+        let clock = || inner.clock.now();
+        match run_async_until_reply(&mut flow, &inner.store, &inner.hubs, &clock).await {
             Progress::Done(reply) => reply,
             Progress::Replied { reply, next } => {
                 let store = Arc::clone(&inner.store);
                 let hubs = Arc::clone(&inner.hubs);
+                let clock = Arc::clone(&inner.clock);
                 inner.background.spawn(async move {
-                    finish_async(&mut flow, next, &store, &hubs).await;
+                    finish_async(&mut flow, next, &store, &hubs, &|| clock.now()).await;
                 });
                 reply
             }
@@ -345,7 +347,7 @@ impl<S: BlockingStore, H: dps_core::hub::BlockingHubDirectory> BlockingHost<S, H
             self.engine.device(now, &mut **rng, request)
         };
         let mut out = None;
-        run_blocking_with(&mut flow, &self.store, &self.hubs, |r| out = Some(r));
+        run_blocking_with(&mut flow, &self.store, &self.hubs, &|| self.clock.now(), |r| out = Some(r));
         out.unwrap_or_else(|| Reply::error_plain(&internal("the flow finished without a reply")))
     }
 
@@ -357,7 +359,7 @@ impl<S: BlockingStore, H: dps_core::hub::BlockingHubDirectory> BlockingHost<S, H
             self.engine.command(now, &mut **rng, principal, command)
         };
         let mut out = None;
-        run_blocking_with(&mut flow, &self.store, &self.hubs, |r| out = Some(r));
+        run_blocking_with(&mut flow, &self.store, &self.hubs, &|| self.clock.now(), |r| out = Some(r));
         out.unwrap_or_else(|| Reply::error_plain(&internal("the flow finished without a reply")))
     }
 
@@ -376,7 +378,7 @@ impl<S: BlockingStore, H: dps_core::hub::BlockingHubDirectory> BlockingHost<S, H
             let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
             self.engine.http(now, &mut **rng, request)
         };
-        run_blocking_with(&mut flow, &self.store, &self.hubs, on_reply);
+        run_blocking_with(&mut flow, &self.store, &self.hubs, &|| self.clock.now(), on_reply);
     }
 }
 
