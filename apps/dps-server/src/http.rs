@@ -242,10 +242,7 @@ async fn handle_https(mut req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Resp {
         method: parts.method.as_str().to_owned(),
         path_and_query: path_and_query.clone(),
         authorization: header_string(&parts.headers, "authorization"),
-        client_certificates: ctx
-            .client_certs
-            .as_ref()
-            .map(|chain| chain.iter().map(|c| c.as_ref().to_vec()).collect()),
+        client_certificates: der_chain(ctx.client_certs.as_deref()),
         if_match: header_string(&parts.headers, "if-match"),
         max_item_count: header_string(&parts.headers, "x-ms-max-item-count"),
         continuation: header_string(&parts.headers, "x-ms-continuation"),
@@ -401,6 +398,12 @@ pub(crate) fn admin_service(
             Ok::<_, Infallible>(response)
         }
     })
+}
+
+/// The client-certificate chain a TLS handshake captured, as the DER list a device request's `Credential`
+/// carries (leaf first).
+pub(crate) fn der_chain(certs: Option<&[CertificateDer<'static>]>) -> Option<Vec<Vec<u8>>> {
+    certs.map(|chain| chain.iter().map(|c| c.as_ref().to_vec()).collect())
 }
 
 #[cfg(test)]

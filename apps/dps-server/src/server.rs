@@ -437,7 +437,7 @@ async fn serve_mqtt(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, _p
     let Some((tls, client_certs)) = handshake(stream, peer, &shared).await else {
         return;
     };
-    let chain = client_certs.map(|chain| chain.iter().map(|c| c.as_ref().to_vec()).collect());
+    let chain = crate::http::der_chain(client_certs.as_deref());
     let session = dps_mqtt::serve_connection_with_peer(
         tls,
         Arc::clone(&shared.mqtt_handler),
@@ -467,8 +467,7 @@ pub(crate) fn spawn_websocket(ctx: Arc<ConnCtx>, on_upgrade: hyper::upgrade::OnU
         };
         // The connection's permit stays held (through `ctx`) while the WebSocket session runs.
         let _open = ctx.shared.state.metrics.open_connection(Transport::WebSocket);
-        let chain =
-            ctx.client_certs.as_ref().map(|chain| chain.iter().map(|c| c.as_ref().to_vec()).collect());
+        let chain = crate::http::der_chain(ctx.client_certs.as_deref());
         let session = dps_mqtt::serve_websocket_with_peer(
             TokioIo::new(upgraded),
             Arc::clone(&ctx.shared.websocket_handler),
