@@ -189,6 +189,29 @@ mod sqlite_only {
     }
 
     #[test]
+    fn sqlite_upgrades_a_version_1_database() {
+        // A database written before the store version existed (schema 1) is upgraded in place, data kept.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dps.db");
+        let store = SqliteStore::open(&path, sqlite_options()).unwrap();
+        put_group(&store, sym_group("g1", "e1"), WriteCondition::Upsert).unwrap();
+        commit(&store, record("dev-1", Some("g1"), "r1"), None).unwrap();
+        store.close().unwrap();
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch("DROP TABLE store_version; PRAGMA user_version = 1;").unwrap();
+        drop(conn);
+        let (a, b) = two_handles(dir.path());
+        assert_eq!(group_ids(&load(&b, "dev-1").symmetric_key_groups), ["g1"]);
+        commit(&a, record("dev-1", Some("g1"), "r2"), Some("r1")).unwrap();
+        assert_eq!(load(&b, "dev-1").registration.unwrap().etag, etag("r2"));
+        a.close().unwrap();
+        b.close().unwrap();
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        assert_eq!(version, i64::from(dps_store::SCHEMA_VERSION));
+    }
+
+    #[test]
     fn sqlite_refuses_newer_schema() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("dps.db");
