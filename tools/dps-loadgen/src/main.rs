@@ -101,6 +101,10 @@ enum Command {
         /// The `dps-server` executable (default: next to this one, else target/release/dps-server).
         #[arg(long)]
         server_bin: Option<PathBuf>,
+        /// The spawned server's `respond_early`: answer registers 202 before the hub work (true, the
+        /// server's default) or after the final commit (false).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+        server_respond_early: bool,
         /// Protocols to run, in order.
         #[arg(long, value_enum, value_delimiter = ',', default_value = "https,mqtt")]
         modes: Vec<Protocol>,
@@ -422,6 +426,7 @@ async fn main_inner(cli: Cli) -> Result<ExitCode, Error> {
             target,
             load,
             spawn_server,
+            server_respond_early,
             server_bin,
             modes,
             no_baseline,
@@ -461,6 +466,7 @@ async fn main_inner(cli: Cli) -> Result<ExitCode, Error> {
                     service_host_name: "loadgen.localhost".to_owned(),
                     hubs: vec!["hub-1.loadgen.localhost".to_owned(), "hub-2.loadgen.localhost".to_owned()],
                     retry_after_secs: 1,
+                    respond_early: server_respond_early,
                     data_dir: work.path().join("data"),
                     work_dir: work.path().to_path_buf(),
                 },

@@ -60,6 +60,8 @@ pub struct ServerSettings {
     pub hubs: Vec<String>,
     /// Retry-After sent with 202 answers.
     pub retry_after_secs: u32,
+    /// Answer registers 202 before the hub work (`respond_early`).
+    pub respond_early: bool,
     /// The data directory (store, `tls/ca.pem`, `connection-string.txt`, `ready.json`).
     pub data_dir: PathBuf,
     /// Where the configuration file and the server logs go.
@@ -72,6 +74,7 @@ struct ConfigFile<'a> {
     service_host_name: &'a str,
     data_dir: &'a Path,
     retry_after_secs: u32,
+    respond_early: bool,
     listen: Listen,
     tls: Tls,
     linked_hubs: Vec<Hub<'a>>,
@@ -111,6 +114,7 @@ impl ServerSettings {
             service_host_name: &self.service_host_name,
             data_dir: &self.data_dir,
             retry_after_secs: self.retry_after_secs,
+            respond_early: self.respond_early,
             listen: Listen { https: self.https_addr().to_string(), mqtt: self.mqtt_addr().to_string() },
             tls: Tls { subject_alt_names: vec![self.host.to_string(), "localhost".to_owned()] },
             linked_hubs: self.hubs.iter().map(|h| Hub { host_name: h }).collect(),
@@ -273,6 +277,7 @@ mod tests {
             service_host_name: "loadgen.localhost".into(),
             hubs: vec!["hub-1.localhost".into(), "hub-2.localhost".into()],
             retry_after_secs: 1,
+            respond_early: true,
             data_dir: "/tmp/x/data".into(),
             work_dir: "/tmp/x".into(),
         };
