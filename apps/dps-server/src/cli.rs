@@ -1,6 +1,6 @@
 //! The command line: `dps-server [run] [--config FILE] [flags]` runs the server; `enrollment`, `group` and
 //! `registration` manage the service through its HTTPS service API (in the spirit of `az iot dps …`);
-//! `provision-device` registers a symmetric-key device over HTTPS with this project's device client;
+//! `provision-device` registers a symmetric-key device over HTTPS or MQTT with the `dps-client` crate;
 //! `admin hub-devices|twin|usage` read the data directory's hub database (`hubs.sqlite3`) directly,
 //! read-only, and so need no connection string.
 //!
@@ -17,7 +17,7 @@ use crate::datadir::{ConnectionString, DataDir, Ready};
 use crate::state::now;
 use crate::ServerError;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use dps_core::client::ClientConfig;
+use dps_client::ClientConfig;
 use dps_core::proto::sas::SymmetricKey;
 use dps_core::proto::{ApiVersion, IdScope, RegistrationId};
 use serde_json::Value;
@@ -60,7 +60,7 @@ pub enum Command {
         #[command(subcommand)]
         action: RegistrationAction,
     },
-    /// Provision a symmetric-key device over HTTPS with this project's device client.
+    /// Provision a symmetric-key device over HTTPS or MQTT with the dps-client crate.
     ProvisionDevice(ProvisionArgs),
     /// Inspect a local server's hub directory and usage report. These commands do not use the HTTPS API:
     /// they read the data directory's `hubs.sqlite3` directly, read-only (the server may be running).
@@ -566,6 +566,18 @@ pub struct ProvisionArgs {
     /// api-version to send.
     #[arg(long, default_value = "2021-10-01")]
     pub api_version: String,
+    /// Device transport (`--port` is the HTTPS or the MQTT port accordingly).
+    #[arg(long, value_enum, default_value_t = DeviceTransport::Https)]
+    pub transport: DeviceTransport,
+}
+
+/// The device transport of `provision-device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceTransport {
+    /// HTTPS.
+    Https,
+    /// MQTT 3.1.1 over TLS.
+    Mqtt,
 }
 
 fn read_text(path: &Path, what: &str) -> Result<String, ServerError> {
@@ -779,7 +791,11 @@ pub async fn provision_device(a: &ProvisionArgs) -> Result<Value, ServerError> {
         Err(_) => format!("{}:{}", a.host, a.port),
     };
     let http = HttpsClient::new(address, &a.host, tls)?;
-    let result = crate::provision::provision(&http, config, |x| {
+    let transport = match a.transport {
+        DeviceTransport::Https => dps_client::Transport::Https,
+        DeviceTransport::Mqtt => dps_client::Transport::Mqtt,
+    };
+    let result = crate::provision::provision_over(&http, transport, config, |x| {
         let retry = x.retry_after.map(|r| format!(" (Retry-After {r})")).unwrap_or_default();
         eprintln!("device -> {}", x.request);
         eprintln!("device <- {}{retry} {}", x.status, x.body);

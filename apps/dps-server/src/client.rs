@@ -72,6 +72,11 @@ impl HttpsClient {
         Ok(HttpsClient { address: address.into(), server_name, host_header, tls })
     }
 
+    /// The same endpoint as a [`dps_client::Connector`] (for the device client's transports).
+    pub fn device_connector(&self) -> dps_client::Connector {
+        dps_client::Connector::from_parts(self.address.clone(), self.server_name.clone(), self.tls.clone())
+    }
+
     /// Opens a keep-alive connection.
     pub async fn connect(&self) -> Result<HttpsConnection, ServerError> {
         let connect = async {

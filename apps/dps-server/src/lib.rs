@@ -10,7 +10,7 @@
 //! - [`state`]: the engine, store and hub directory every connection shares.
 //! - [`metrics`]: Prometheus metrics for the admin listener; [`usage`] billable-operation metering.
 //! - [`client`]: a small HTTPS client (admin CLI, demo device, tests); [`admin`] the service API commands;
-//!   [`provision`] the device client driving `dps_core::client::RegistrationClient` over HTTPS.
+//!   [`provision`] the device client driving `dps_client` (its state machine and HTTPS/MQTT transports).
 //! - [`cli`]: the command line.
 //!
 //! ```no_run

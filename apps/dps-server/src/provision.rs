@@ -1,17 +1,16 @@
-//! A symmetric-key device provisioning over HTTPS: [`dps_core::client::RegistrationClient`] driven in real
-//! time (honouring Retry-After, reconnecting after transport failures) through an [`HttpsClient`].
+//! A symmetric-key device provisioning with the [`dps_client`] crate: its state machine driven in real
+//! time (honouring Retry-After, reconnecting after transport failures) over its HTTPS or MQTT transport,
+//! to the endpoint of an [`HttpsClient`].
 
-use crate::client::{HttpsClient, HttpsConnection};
-use crate::state::now;
+use crate::client::HttpsClient;
 use crate::ServerError;
-use dps_core::client::{ClientAction, ClientConfig, ClientEvent, RegistrationClient};
+use dps_client::{ClientConfig, ProvisionError, Transport};
 use dps_core::proto::model::DeviceRegistrationResult;
-use std::time::Duration;
 
 /// One exchange, for progress output.
 #[derive(Debug, Clone)]
 pub struct Exchange {
-    /// `PUT …/register` or `GET …/operations/…`.
+    /// `PUT …/register`, `GET …/operations/…` or the MQTT topic.
     pub request: String,
     /// The status (0 when the transport failed).
     pub status: u16,
@@ -21,80 +20,44 @@ pub struct Exchange {
     pub body: String,
 }
 
-/// Registers the device described by `config` through `http` and returns its assignment. `on_exchange` is
-/// called after every request (for progress output).
+/// Registers the device described by `config` over HTTPS to the endpoint of `http` and returns its
+/// assignment. `on_exchange` is called after every request (for progress output).
 pub async fn provision(
     http: &HttpsClient,
     config: ClientConfig,
+    on_exchange: impl FnMut(&Exchange),
+) -> Result<DeviceRegistrationResult, ServerError> {
+    provision_over(http, Transport::Https, config, on_exchange).await
+}
+
+/// [`provision`] over either transport (`http` gives the address, server name and trust roots; for MQTT
+/// its address is the MQTT listener's).
+pub async fn provision_over(
+    http: &HttpsClient,
+    transport: Transport,
+    config: ClientConfig,
     mut on_exchange: impl FnMut(&Exchange),
 ) -> Result<DeviceRegistrationResult, ServerError> {
-    let mut client = RegistrationClient::new(config);
-    let mut connection: Option<HttpsConnection> = None;
-    let mut action = client.start(now());
-    loop {
-        action = match action {
-            ClientAction::Send(request) => {
-                let line = format!("{} {}", request.http_method(), request.http_path_and_query());
-                let result = async {
-                    let conn = match connection.as_mut() {
-                        Some(c) => c,
-                        None => connection.insert(http.connect().await?),
-                    };
-                    conn.send(
-                        request.http_method(),
-                        &request.http_path_and_query(),
-                        &[("authorization", request.authorization.clone())],
-                        request.body.clone(),
-                    )
-                    .await
-                }
-                .await;
-                match result {
-                    Ok(response) => {
-                        let retry_after =
-                            response.header("retry-after").and_then(|v| v.trim().parse::<u32>().ok());
-                        on_exchange(&Exchange {
-                            request: line,
-                            status: response.status,
-                            retry_after,
-                            body: String::from_utf8_lossy(&response.body).into_owned(),
-                        });
-                        if response.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close")) {
-                            connection = None;
-                        }
-                        client.handle(
-                            now(),
-                            ClientEvent::Response {
-                                status: response.status,
-                                retry_after,
-                                body: response.body,
-                            },
-                        )
-                    }
-                    Err(e) => {
-                        on_exchange(&Exchange {
-                            request: line,
-                            status: 0,
-                            retry_after: None,
-                            body: e.to_string(),
-                        });
-                        connection = None;
-                        client.handle(now(), ClientEvent::TransportFailed)
-                    }
-                }
+    let result = dps_client::provision_with(config, http.device_connector(), transport, |x| {
+        on_exchange(&match &x.outcome {
+            Ok(r) => Exchange {
+                request: x.request.clone(),
+                status: r.status,
+                retry_after: r.retry_after,
+                body: String::from_utf8_lossy(&r.body).into_owned(),
+            },
+            Err(e) => {
+                Exchange { request: x.request.clone(), status: 0, retry_after: None, body: e.to_string() }
             }
-            ClientAction::Wait { until } => {
-                let nanos = until.unix_nanos().saturating_sub(now().unix_nanos()).max(0);
-                tokio::time::sleep(Duration::from_nanos(u64::try_from(nanos).unwrap_or(0))).await;
-                client.handle(now(), ClientEvent::TimerFired)
-            }
-            ClientAction::Assigned(result) => return Ok(*result),
-            ClientAction::Failed(e) => {
-                return Err(ServerError::Client(format!(
-                    "registration failed: status {}, error code {}: {}",
-                    e.status, e.code, e.message
-                )))
-            }
-        };
+        })
+    })
+    .await;
+    match result {
+        Ok(p) => Ok(p.registration),
+        Err(ProvisionError::Registration(e)) => Err(ServerError::Client(format!(
+            "registration failed: status {}, error code {}: {}",
+            e.status, e.code, e.message
+        ))),
+        Err(e) => Err(ServerError::Client(format!("registration failed: {e}"))),
     }
 }

@@ -103,7 +103,7 @@ async fn group_device_provisions_with_the_device_client() {
     let group_key =
         SymmetricKey::parse(group["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap()).unwrap();
 
-    let config = dps_core::client::ClientConfig::new(
+    let config = dps_client::ClientConfig::new(
         dps_core::proto::IdScope::parse(SCOPE).unwrap(),
         dps_core::proto::RegistrationId::parse("group-dev-7").unwrap(),
         group_key.derive_device_key("group-dev-7"),

@@ -17,7 +17,6 @@
 //! ```
 #![forbid(unsafe_code)]
 
-pub mod client;
 pub mod command;
 pub mod config;
 pub mod device;

@@ -2,20 +2,35 @@
 //! the in-memory store and hub directory (see the `device` module docs for the rules).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use dps_core::client::{ClientAction, ClientConfig, ClientRequest, RegistrationClient};
+use dps_client::{ClientAction, ClientConfig, ClientRequest, RegistrationClient, RequestKind};
 use dps_core::device::{IN_FLIGHT_REUSE_MS, OPERATION_RETENTION_MS};
 use dps_core::hub::{BlockingHubDirectory, MemoryHubDirectory};
 use dps_core::proto::sas::{build_token, SymmetricKey};
 use dps_core::proto::{IdScope, OperationId, RegistrationId, Timestamp};
 use dps_core::store::{BlockingStore, OPERATION_HISTORY_LEN};
 use dps_core::{
-    run_blocking, AccessPolicy, DeviceCall, Engine, EngineConfig, Flow, HttpRequest, Input, LinkedHub, Reply,
-    Rights, Step,
+    run_blocking, AccessPolicy, DeviceCall, DeviceRequest, Engine, EngineConfig, Flow, HttpRequest, Input,
+    LinkedHub, Reply, Rights, Step,
 };
 use dps_store::MemoryStore;
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
+
+/// The device client's request as an in-process engine request.
+fn device_request(r: &ClientRequest) -> DeviceRequest {
+    DeviceRequest {
+        id_scope: r.id_scope().clone(),
+        registration_id: r.registration_id().clone(),
+        call: match &r.kind {
+            RequestKind::Register => DeviceCall::Register { force: false },
+            RequestKind::OperationStatus(op) => DeviceCall::OperationStatus(op.clone()),
+        },
+        api_version: Some(r.api_version().clone()),
+        credential: dps_core::proto::Credential::SasToken(r.authorization.clone()),
+        body: r.body.clone(),
+    }
+}
 
 const SCOPE: &str = "0ne0000ABCD";
 const HOST: &str = "mydps.example.net";
@@ -99,7 +114,7 @@ impl World {
     /// came early (hub work and the final commit still to do).
     fn register_until_reply(&mut self, request: &ClientRequest) -> (Reply, Box<dyn Flow>) {
         let mut flow: Box<dyn Flow> =
-            Box::new(self.engine.device(self.now, &mut self.rng, request.to_device_request()));
+            Box::new(self.engine.device(self.now, &mut self.rng, device_request(&request)));
         let mut input = Input::Start;
         loop {
             input = match flow.resume(input) {
@@ -136,9 +151,9 @@ impl World {
     /// Polls `op` with the credentials of `request`.
     fn poll(&mut self, request: &ClientRequest, op: &OperationId) -> Reply {
         let mut poll = request.clone();
-        poll.call = DeviceCall::OperationStatus(op.clone());
+        poll.kind = RequestKind::OperationStatus(op.clone());
         poll.body = Vec::new();
-        let mut flow = self.engine.device(self.now, &mut self.rng, poll.to_device_request());
+        let mut flow = self.engine.device(self.now, &mut self.rng, device_request(&poll));
         run_blocking(&mut flow, &self.store, &self.hubs)
     }
 
@@ -242,8 +257,8 @@ fn burst_of_eight_registers_before_any_completes() {
     }
     // Two flows that load the same record state race: the loser answers 409203 before handing anything
     // out, and its retry joins the in-flight operation.
-    let mut late_a = w.engine.device(w.now, &mut w.rng, request.to_device_request());
-    let mut late_b = w.engine.device(w.now, &mut w.rng, request.to_device_request());
+    let mut late_a = w.engine.device(w.now, &mut w.rng, device_request(&request));
+    let mut late_b = w.engine.device(w.now, &mut w.rng, device_request(&request));
     let (Step::Store(load_a), Step::Store(load_b)) =
         (late_a.resume(Input::Start), late_b.resume(Input::Start))
     else {

@@ -1,16 +1,15 @@
 //! Simulated devices: their identities (registration IDs and group-derived keys), the server they talk to,
 //! and the driver that runs one device's registration over a transport with
-//! [`dps_core::client::RegistrationClient`].
+//! [`dps_client::RegistrationClient`].
 
 use crate::stats::{Failure, Incident};
 use crate::Error;
-use dps_core::client::{
-    ClientAction, ClientConfig, ClientError, ClientEvent, ClientRequest, RegistrationClient,
+use dps_client::{
+    ClientAction, ClientConfig, ClientError, ClientEvent, ClientRequest, RegistrationClient, RequestKind,
 };
 use dps_core::proto::model::RegistrationStatus;
 use dps_core::proto::sas::SymmetricKey;
 use dps_core::proto::{ApiVersion, ErrorBody, IdScope, RegistrationId, Timestamp};
-use dps_core::DeviceCall;
 use rustls::ClientConfig as TlsClientConfig;
 use rustls_pki_types::ServerName;
 use std::net::SocketAddr;
@@ -214,7 +213,7 @@ pub(crate) async fn drive<E: Exchange>(
                         message_of(&response.body),
                     ));
                 }
-                if response.status == 202 && matches!(request.call, DeviceCall::OperationStatus(_)) {
+                if response.status == 202 && matches!(request.kind, RequestKind::OperationStatus(_)) {
                     assigning_polls += 1;
                 }
                 last_status = response.status;

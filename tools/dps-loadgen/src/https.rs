@@ -4,7 +4,7 @@
 use crate::device::{drive, DriveOptions, Exchange, Progress, RawResponse, Target};
 use crate::stats::{Failure, Incident};
 use bytes::Bytes;
-use dps_core::client::{ClientAction, ClientRequest, RegistrationClient};
+use dps_client::{ClientAction, ClientRequest, RegistrationClient};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::client::conn::http1::SendRequest;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};

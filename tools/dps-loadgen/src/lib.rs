@@ -1,6 +1,6 @@
 //! `dps-loadgen`: simulated symmetric-key devices that each open a **fresh TLS connection**, register and poll
 //! until assigned — over HTTPS or MQTT — driving the device-side state machine
-//! [`dps_core::client::RegistrationClient`] rather than re-implementing the protocol.
+//! [`dps_client::RegistrationClient`] rather than re-implementing the protocol.
 //!
 //! It measures registrations per second, the latency of whole registrations and errors by DPS error code,
 //! and compares the server with a **baseline**: a bare rustls + hyper server in the same process (same kind

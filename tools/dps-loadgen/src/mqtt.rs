@@ -8,8 +8,8 @@ use crate::device::{drive, Assignment, DeviceSet, DriveOptions, Exchange, Progre
 use crate::https::USER_AGENT;
 use crate::stats::{Failure, Incident};
 use bytes::BytesMut;
-use dps_core::client::{ClientAction, ClientRequest, RegistrationClient};
-use dps_core::proto::mqtt::{build_username, parse_response_topic, RESPONSE_TOPIC_FILTER};
+use dps_client::{ClientAction, ClientRequest, RegistrationClient};
+use dps_core::proto::mqtt::{parse_response_topic, RESPONSE_TOPIC_FILTER};
 use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet, PubAck, Publish, Subscribe, SubscribeReasonCode};
 use rumqttc::mqttbytes::{Error as CodecError, QoS};
 use std::time::Instant;
@@ -217,7 +217,7 @@ impl Exchange for MqttSession {
 /// One device's registration over a fresh MQTT-over-TLS connection.
 pub(crate) async fn register(
     target: &Target,
-    set: &DeviceSet,
+    _set: &DeviceSet,
     client: &mut RegistrationClient,
     options: &DriveOptions,
     progress: &mut Progress,
@@ -228,13 +228,8 @@ pub(crate) async fn register(
     let ClientAction::Send(request) = &first else {
         return Err(Incident::new(Failure::Protocol, "the client did not start with a request"));
     };
-    let registration_id = request.to_device_request().registration_id;
-    let username = build_username(
-        set.id_scope().as_str(),
-        registration_id.as_str(),
-        set.api_version().as_str(),
-        Some(USER_AGENT),
-    );
+    let registration_id = request.registration_id().clone();
+    let username = request.mqtt_username(Some(USER_AGENT));
     let password = request.authorization.clone();
 
     let tls = crate::https::connect_tls(target).await?;

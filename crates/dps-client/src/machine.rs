@@ -1,4 +1,4 @@
-//! The device-side client state machine, for people building custom device SDKs.
+//! The device-side registration state machine (sans I/O), for people building custom device SDKs.
 //!
 //! It knows the protocol (register, honour Retry-After, poll, result; retry 429 and transient errors) but
 //! not the transport: it asks its driver to [`ClientAction::Send`] a [`ClientRequest`] (which renders itself
@@ -6,9 +6,9 @@
 //! fed [`ClientEvent`]s. Time is passed in; nothing sleeps.
 //!
 //! ```
-//! use dps_core::client::{ClientAction, ClientConfig, ClientEvent, RegistrationClient};
-//! use dps_core::proto::sas::SymmetricKey;
-//! use dps_core::proto::{IdScope, RegistrationId, Timestamp};
+//! use dps_client::machine::{ClientAction, ClientConfig, ClientEvent, RegistrationClient};
+//! use dps_client::proto::sas::SymmetricKey;
+//! use dps_client::proto::{IdScope, RegistrationId, Timestamp};
 //!
 //! let config = ClientConfig::new(
 //!     IdScope::parse("0ne00000001").unwrap(),
@@ -29,11 +29,10 @@
 //! assert!(matches!(action, ClientAction::Wait { .. }));
 //! ```
 
-use crate::engine::{DeviceCall, DeviceRequest};
 use dps_proto::model::{
     DeviceRegistration, DeviceRegistrationResult, RegistrationOperationStatus, RegistrationStatus,
 };
-use dps_proto::mqtt::{operation_status_topic, register_topic};
+use dps_proto::mqtt::{build_username, operation_status_topic, register_topic};
 use dps_proto::sas::{build_token, device_resource, encode_resource, SymmetricKey};
 use dps_proto::{ApiVersion, ErrorBody, ErrorCode, IdScope, OperationId, RegistrationId, Timestamp};
 use serde_json::Value;
@@ -45,8 +44,9 @@ pub struct ClientConfig {
     pub id_scope: IdScope,
     /// This device's registration ID.
     pub registration_id: RegistrationId,
-    /// The device key (individual key, or the group-derived key).
-    pub device_key: SymmetricKey,
+    /// The device key (individual key, or the group-derived key); `None` for X.509 devices, which send no
+    /// SAS token.
+    pub device_key: Option<SymmetricKey>,
     /// api-version to send.
     pub api_version: ApiVersion,
     /// Lifetime of the SAS tokens it signs, in seconds.
@@ -60,12 +60,20 @@ pub struct ClientConfig {
 }
 
 impl ClientConfig {
+    /// Settings for an X.509 device (no SAS token; the TLS client certificate authenticates).
+    pub fn x509(id_scope: IdScope, registration_id: RegistrationId) -> Self {
+        ClientConfig {
+            device_key: None,
+            ..ClientConfig::new(id_scope, registration_id, SymmetricKey::from_bytes(Vec::new()))
+        }
+    }
+
     /// Settings with defaults: api-version 2021-10-01, one-hour tokens, 2 s default delay, 60 requests.
     pub fn new(id_scope: IdScope, registration_id: RegistrationId, device_key: SymmetricKey) -> Self {
         ClientConfig {
             id_scope,
             registration_id,
-            device_key,
+            device_key: Some(device_key),
             api_version: ApiVersion::V2021_10_01,
             token_ttl_secs: 3600,
             payload: None,
@@ -75,12 +83,23 @@ impl ClientConfig {
     }
 }
 
-/// What the client asks to send.
+/// Which device API call a [`ClientRequest`] is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestKind {
+    /// `PUT {scope}/registrations/{id}/register` (MQTT `$dps/registrations/PUT/iotdps-register/`).
+    Register,
+    /// `GET {scope}/registrations/{id}/operations/{op}` (MQTT `…/GET/iotdps-get-operationstatus/`).
+    OperationStatus(OperationId),
+}
+
+/// What the client asks to send: everything a transport needs (method, path, MQTT topic, body, and the
+/// `Authorization` header / MQTT password).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClientRequest {
     /// Register or poll.
-    pub call: DeviceCall,
-    /// The `Authorization` header / MQTT password.
+    pub kind: RequestKind,
+    /// The `Authorization` header / MQTT password (a SAS token); empty for X.509 devices, which
+    /// authenticate with their TLS client certificate.
     pub authorization: String,
     /// The JSON body (empty for polls).
     pub body: Vec<u8>,
@@ -92,10 +111,9 @@ pub struct ClientRequest {
 impl ClientRequest {
     /// HTTP method.
     pub fn http_method(&self) -> &'static str {
-        match self.call {
-            DeviceCall::Register { .. } => "PUT",
-            DeviceCall::OperationStatus(_) => "GET",
-            DeviceCall::StatusLookup => "POST",
+        match self.kind {
+            RequestKind::Register => "PUT",
+            RequestKind::OperationStatus(_) => "GET",
         }
     }
 
@@ -103,31 +121,43 @@ impl ClientRequest {
     pub fn http_path_and_query(&self) -> String {
         let base = format!("/{}/registrations/{}", self.id_scope, self.registration_id);
         let v = self.api_version.as_str();
-        match &self.call {
-            DeviceCall::Register { .. } => format!("{base}/register?api-version={v}"),
-            DeviceCall::OperationStatus(op) => format!("{base}/operations/{op}?api-version={v}"),
-            DeviceCall::StatusLookup => format!("{base}?api-version={v}"),
+        match &self.kind {
+            RequestKind::Register => format!("{base}/register?api-version={v}"),
+            RequestKind::OperationStatus(op) => format!("{base}/operations/{op}?api-version={v}"),
         }
     }
 
     /// MQTT topic for this request with the given request ID.
     pub fn mqtt_topic(&self, rid: &str) -> String {
-        match &self.call {
-            DeviceCall::OperationStatus(op) => operation_status_topic(rid, op.as_str()),
-            _ => register_topic(rid),
+        match &self.kind {
+            RequestKind::OperationStatus(op) => operation_status_topic(rid, op.as_str()),
+            RequestKind::Register => register_topic(rid),
         }
     }
 
-    /// The same request as an in-process engine request (for embedding the engine without a transport).
-    pub fn to_device_request(&self) -> DeviceRequest {
-        DeviceRequest {
-            id_scope: self.id_scope.clone(),
-            registration_id: self.registration_id.clone(),
-            call: self.call.clone(),
-            api_version: Some(self.api_version.clone()),
-            credential: dps_proto::Credential::SasToken(self.authorization.clone()),
-            body: self.body.clone(),
-        }
+    /// The MQTT username (`{scope}/registrations/{id}/api-version=…[&ClientVersion=…]`).
+    pub fn mqtt_username(&self, client_version: Option<&str>) -> String {
+        build_username(
+            self.id_scope.as_str(),
+            self.registration_id.as_str(),
+            self.api_version.as_str(),
+            client_version,
+        )
+    }
+
+    /// The ID scope the request is for.
+    pub fn id_scope(&self) -> &IdScope {
+        &self.id_scope
+    }
+
+    /// The registration ID the request is for (also the MQTT client ID).
+    pub fn registration_id(&self) -> &RegistrationId {
+        &self.registration_id
+    }
+
+    /// The api-version sent.
+    pub fn api_version(&self) -> &ApiVersion {
+        &self.api_version
     }
 }
 
@@ -219,20 +249,28 @@ impl RegistrationClient {
 
     /// Starts the registration: the first action is always a register request.
     pub fn start(&mut self, now: Timestamp) -> ClientAction {
-        self.send(now, DeviceCall::Register { force: false })
+        self.send(now, RequestKind::Register)
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &ClientConfig {
+        &self.config
     }
 
     fn token(&self, now: Timestamp) -> String {
+        let Some(key) = &self.config.device_key else {
+            return String::new();
+        };
         let resource = device_resource(self.config.id_scope.as_str(), self.config.registration_id.as_str());
         build_token(
-            &self.config.device_key,
+            key,
             &encode_resource(&resource),
             now.unix_seconds().saturating_add(self.config.token_ttl_secs),
             Some("registration"),
         )
     }
 
-    fn send(&mut self, now: Timestamp, call: DeviceCall) -> ClientAction {
+    fn send(&mut self, now: Timestamp, kind: RequestKind) -> ClientAction {
         if self.requests >= self.config.max_requests {
             self.phase = Phase::Done;
             return ClientAction::Failed(ClientError::new(
@@ -242,8 +280,8 @@ impl RegistrationClient {
             ));
         }
         self.requests += 1;
-        let body = match call {
-            DeviceCall::Register { .. } => {
+        let body = match kind {
+            RequestKind::Register => {
                 let reg = DeviceRegistration {
                     registration_id: Some(self.config.registration_id.as_str().to_owned()),
                     tpm: None,
@@ -252,14 +290,14 @@ impl RegistrationClient {
                 };
                 serde_json::to_vec(&reg).unwrap_or_default()
             }
-            _ => Vec::new(),
+            RequestKind::OperationStatus(_) => Vec::new(),
         };
-        self.phase = match &call {
-            DeviceCall::OperationStatus(op) => Phase::AwaitPoll(op.clone()),
-            _ => Phase::AwaitRegister,
+        self.phase = match &kind {
+            RequestKind::OperationStatus(op) => Phase::AwaitPoll(op.clone()),
+            RequestKind::Register => Phase::AwaitRegister,
         };
         ClientAction::Send(ClientRequest {
-            call,
+            kind,
             authorization: self.token(now),
             body,
             id_scope: self.config.id_scope.clone(),
@@ -284,11 +322,9 @@ impl RegistrationClient {
     pub fn handle(&mut self, now: Timestamp, event: ClientEvent) -> ClientAction {
         let phase = std::mem::replace(&mut self.phase, Phase::Done);
         match (phase, event) {
-            (Phase::WaitThenRegister, ClientEvent::TimerFired) => {
-                self.send(now, DeviceCall::Register { force: false })
-            }
+            (Phase::WaitThenRegister, ClientEvent::TimerFired) => self.send(now, RequestKind::Register),
             (Phase::WaitThenPoll(op), ClientEvent::TimerFired) => {
-                self.send(now, DeviceCall::OperationStatus(op))
+                self.send(now, RequestKind::OperationStatus(op))
             }
             (Phase::AwaitRegister, ClientEvent::TransportFailed) => {
                 self.wait(now, None, Phase::WaitThenRegister)
