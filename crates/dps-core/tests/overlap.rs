@@ -114,7 +114,7 @@ impl World {
     /// came early (hub work and the final commit still to do).
     fn register_until_reply(&mut self, request: &ClientRequest) -> (Reply, Box<dyn Flow>) {
         let mut flow: Box<dyn Flow> =
-            Box::new(self.engine.device(self.now, &mut self.rng, device_request(&request)));
+            Box::new(self.engine.device(self.now, &mut self.rng, device_request(request)));
         let mut input = Input::Start;
         loop {
             input = match flow.resume(input) {
