@@ -9,7 +9,8 @@ use dps_core::proto::mqtt::{parse_request_topic, parse_username, response_topic,
 use dps_core::proto::sas::SymmetricKey;
 use dps_core::proto::IdScope;
 use dps_core::{
-    AccessPolicy, DeviceCall, DeviceRequest, EngineConfig, HttpRequest, LinkedHub, Reply, Rights, OWNER_POLICY,
+    AccessPolicy, DeviceCall, DeviceRequest, EngineConfig, HttpRequest, LinkedHub, Reply, Rights,
+    OWNER_POLICY,
 };
 use dps_host::Host;
 use dps_loadgen::baseline::FixedReply;
