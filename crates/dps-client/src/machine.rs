@@ -445,6 +445,23 @@ mod tests {
     }
 
     #[test]
+    fn mqtt_username_and_x509_requests() {
+        let mut c = client();
+        let ClientAction::Send(r) = c.start(T) else { panic!() };
+        assert_eq!(
+            r.mqtt_username(Some("sdk/1")),
+            "0ne00000001/registrations/dev-1/api-version=2021-10-01&ClientVersion=sdk%2F1"
+        );
+        let mut x = RegistrationClient::new(ClientConfig::x509(
+            IdScope::parse("0ne00000001").unwrap(),
+            RegistrationId::parse("dev-x").unwrap(),
+        ));
+        let ClientAction::Send(r) = x.start(T) else { panic!() };
+        assert!(r.authorization.is_empty());
+        assert_eq!(r.registration_id().as_str(), "dev-x");
+    }
+
+    #[test]
     fn throttling_is_retried_after_the_given_delay() {
         let mut c = client();
         c.start(T);
