@@ -1,4 +1,5 @@
-//! The transport-agnostic DPS engine and the device-side client state machine.
+//! The transport-agnostic DPS engine: device and service flows, typed service commands, and the store and
+//! hub-directory contracts (the device side lives in `dps-client`, the embeddable host in `dps-host`).
 //!
 //! This crate does no I/O, reads no clock, spawns no threads and draws randomness only from an injected
 //! [`rand_core::RngCore`]. Requests become [`flow::Flow`] values — small state machines that ask for storage
