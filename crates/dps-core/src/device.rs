@@ -30,10 +30,10 @@
 //! service API releases the device.
 
 use crate::config::EngineConfig;
-use crate::engine::{unexpected_store_result, DeviceCall, DeviceRequest, Nonces};
 use crate::flow::{Flow, Input, Step};
 use crate::hub::{DeviceIdentity, DeviceTwin, HubError, HubOp, HubResult};
 use crate::reply::Reply;
+use crate::request::{unexpected_store_result, DeviceCall, DeviceRequest, Nonces};
 use crate::store::{DeviceContext, EnrollmentRef, RegistrationRecord, StoreError, StoreOp, StoreResult};
 use dps_attest::{Attestation, MatchedEnrollment, Presented, VerifiedDevice};
 use dps_policy::{

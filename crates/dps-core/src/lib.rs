@@ -26,6 +26,7 @@ pub mod flow;
 pub mod hub;
 pub mod object;
 pub mod reply;
+pub mod request;
 pub mod service;
 pub mod store;
 

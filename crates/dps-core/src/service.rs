@@ -6,9 +6,9 @@
 
 use crate::command::{Paging, Principal, ServiceCommand};
 use crate::config::{EngineConfig, Rights};
-use crate::engine::{unexpected_store_result, Nonces, ServiceRequest};
 use crate::flow::{Flow, Input, Step};
 use crate::reply::Reply;
+use crate::request::{unexpected_store_result, Nonces, ServiceRequest};
 use crate::store::{
     continuation_token, parse_continuation_token, PageRequest, RegistrationRecord, StoreError, StoreOp,
     StoreResult, WriteCondition,
