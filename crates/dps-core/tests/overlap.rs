@@ -2,6 +2,8 @@
 //! the in-memory store and hub directory (see the `device` module docs for the rules).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+use common::device_request;
 use dps_client::{ClientAction, ClientConfig, ClientRequest, RegistrationClient, RequestKind};
 use dps_core::device::{IN_FLIGHT_REUSE_MS, OPERATION_RETENTION_MS};
 use dps_core::hub::{BlockingHubDirectory, MemoryHubDirectory};
@@ -9,28 +11,13 @@ use dps_core::proto::sas::{build_token, SymmetricKey};
 use dps_core::proto::{IdScope, OperationId, RegistrationId, Timestamp};
 use dps_core::store::{BlockingStore, OPERATION_HISTORY_LEN};
 use dps_core::{
-    run_blocking, AccessPolicy, DeviceCall, DeviceRequest, Engine, EngineConfig, Flow, HttpRequest, Input,
-    LinkedHub, Reply, Rights, Step,
+    run_blocking, AccessPolicy, Engine, EngineConfig, Flow, HttpRequest, Input, LinkedHub, Reply, Rights,
+    Step,
 };
 use dps_store::MemoryStore;
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
-
-/// The device client's request as an in-process engine request.
-fn device_request(r: &ClientRequest) -> DeviceRequest {
-    DeviceRequest {
-        id_scope: r.id_scope().clone(),
-        registration_id: r.registration_id().clone(),
-        call: match &r.kind {
-            RequestKind::Register => DeviceCall::Register { force: false },
-            RequestKind::OperationStatus(op) => DeviceCall::OperationStatus(op.clone()),
-        },
-        api_version: Some(r.api_version().clone()),
-        credential: dps_core::proto::Credential::SasToken(r.authorization.clone()),
-        body: r.body.clone(),
-    }
-}
 
 const SCOPE: &str = "0ne0000ABCD";
 const HOST: &str = "mydps.example.net";

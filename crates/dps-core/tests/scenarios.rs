@@ -2,9 +2,9 @@
 //! store and the in-memory hub directory, wired together without sockets, threads or sleeps.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use dps_client::{
-    ClientAction, ClientConfig, ClientError, ClientEvent, ClientRequest, RegistrationClient, RequestKind,
-};
+mod common;
+use common::device_request;
+use dps_client::{ClientAction, ClientConfig, ClientError, ClientEvent, RegistrationClient};
 use dps_core::hub::{DeviceTwin, MemoryHubDirectory};
 use dps_core::proto::model::{DeviceRegistrationResult, RegistrationStatus, RegistrationSubstatus};
 use dps_core::proto::sas::{build_token, device_resource, encode_resource, SymmetricKey};
@@ -17,21 +17,6 @@ use dps_store::MemoryStore;
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
-
-/// The device client's request as an in-process engine request.
-fn device_request(r: &ClientRequest) -> DeviceRequest {
-    DeviceRequest {
-        id_scope: r.id_scope().clone(),
-        registration_id: r.registration_id().clone(),
-        call: match &r.kind {
-            RequestKind::Register => DeviceCall::Register { force: false },
-            RequestKind::OperationStatus(op) => DeviceCall::OperationStatus(op.clone()),
-        },
-        api_version: Some(r.api_version().clone()),
-        credential: dps_core::proto::Credential::SasToken(r.authorization.clone()),
-        body: r.body.clone(),
-    }
-}
 
 const SCOPE: &str = "0ne0000ABCD";
 const HOST: &str = "mydps.example.net";

@@ -382,6 +382,25 @@ impl<S: BlockingStore, H: dps_core::hub::BlockingHubDirectory> BlockingHost<S, H
     }
 }
 
+/// A `dps-client` device request as an in-process engine request, for running the device client against a
+/// host in the same process (demos, tests, a load generator's fixed replies) without a network hop.
+pub fn client_request(r: &dps_client::ClientRequest) -> DeviceRequest {
+    DeviceRequest {
+        id_scope: r.id_scope().clone(),
+        registration_id: r.registration_id().clone(),
+        call: match &r.kind {
+            dps_client::RequestKind::Register => dps_core::DeviceCall::Register { force: false },
+            dps_client::RequestKind::OperationStatus(op) => dps_core::DeviceCall::OperationStatus(op.clone()),
+        },
+        api_version: Some(r.api_version().clone()),
+        credential: dps_core::proto::Credential::from_transport(
+            Some(r.authorization.clone()).filter(|a| !a.is_empty()),
+            None,
+        ),
+        body: r.body.clone(),
+    }
+}
+
 fn internal(message: &str) -> DpsError {
     DpsError::with_message(dps_core::ErrorCode::InternalError, message)
 }

@@ -9,13 +9,11 @@
 // Examples are programs: they read the clock and sleep, which the pure crates may not.
 #![allow(clippy::disallowed_methods)]
 
-use dps_client::{ClientAction, ClientConfig, ClientEvent, ClientRequest, RegistrationClient, RequestKind};
+use dps_client::{ClientAction, ClientConfig, ClientEvent, RegistrationClient};
 use dps_core::hub::MemoryHubDirectory;
 use dps_core::proto::sas::{build_token, SymmetricKey};
 use dps_core::proto::{IdScope, RegistrationId, Timestamp};
-use dps_core::{
-    AccessPolicy, DeviceCall, DeviceRequest, EngineConfig, HttpRequest, LinkedHub, Reply, Rights,
-};
+use dps_core::{AccessPolicy, EngineConfig, HttpRequest, LinkedHub, Reply, Rights};
 use dps_host::BlockingHost;
 use dps_store::{SqliteOptions, SqliteStore};
 use rand::rngs::StdRng;
@@ -27,21 +25,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 const ID_SCOPE: &str = "0ne00DE0001";
 const SERVICE_HOST: &str = "localhost";
 const GROUP: &str = "demo-group";
-
-/// The device client's request (built by `dps-client`) as an in-process engine request.
-fn device_request(r: &ClientRequest) -> DeviceRequest {
-    DeviceRequest {
-        id_scope: r.id_scope().clone(),
-        registration_id: r.registration_id().clone(),
-        call: match &r.kind {
-            RequestKind::Register => DeviceCall::Register { force: false },
-            RequestKind::OperationStatus(op) => DeviceCall::OperationStatus(op.clone()),
-        },
-        api_version: Some(r.api_version().clone()),
-        credential: dps_core::proto::Credential::SasToken(r.authorization.clone()),
-        body: r.body.clone(),
-    }
-}
 
 fn now() -> Timestamp {
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
@@ -142,7 +125,7 @@ fn main() {
         action = match action {
             ClientAction::Send(request) => {
                 println!("device -> {} {}", request.http_method(), request.http_path_and_query());
-                let reply = host.device(device_request(&request));
+                let reply = host.device(dps_host::client_request(&request));
                 println!("device <- {} {}", reply.status, String::from_utf8_lossy(&reply.body));
                 client.handle(
                     now(),

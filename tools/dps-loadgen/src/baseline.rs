@@ -10,7 +10,7 @@ use crate::stats::Incident;
 use crate::tls::TestPki;
 use crate::Error;
 use bytes::Bytes;
-use dps_client::{ClientAction, ClientConfig, ClientEvent, ClientRequest, RegistrationClient, RequestKind};
+use dps_client::{ClientAction, ClientConfig, ClientEvent, RegistrationClient};
 use dps_core::hub::MemoryHubDirectory;
 use dps_core::proto::mqtt::{parse_request_topic, response_topic, MqttRequest};
 use dps_core::proto::sas::{build_token, SymmetricKey};
@@ -77,21 +77,6 @@ pub struct FixedReplies {
     pub register: FixedReply,
     /// The answer to every status poll (`GET …/operations/{id}` or `iotdps-get-operationstatus`).
     pub poll: FixedReply,
-}
-
-/// The device client's request as an in-process engine request.
-fn device_request(r: &ClientRequest) -> dps_core::DeviceRequest {
-    dps_core::DeviceRequest {
-        id_scope: r.id_scope().clone(),
-        registration_id: r.registration_id().clone(),
-        call: match &r.kind {
-            RequestKind::Register => dps_core::DeviceCall::Register { force: false },
-            RequestKind::OperationStatus(op) => dps_core::DeviceCall::OperationStatus(op.clone()),
-        },
-        api_version: Some(r.api_version().clone()),
-        credential: dps_core::proto::Credential::SasToken(r.authorization.clone()),
-        body: r.body.clone(),
-    }
 }
 
 fn config_error(e: impl std::fmt::Display) -> Error {
@@ -161,7 +146,7 @@ impl FixedReplies {
             action = match action {
                 ClientAction::Send(request) => {
                     let reply = run_blocking(
-                        &mut engine.device(now, &mut rng, device_request(&request)),
+                        &mut engine.device(now, &mut rng, dps_host::client_request(&request)),
                         &store,
                         &hubs,
                     );
