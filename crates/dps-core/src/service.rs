@@ -298,9 +298,8 @@ fn check_rights(principal: &Principal, needed: Rights) -> Result<(), DpsError> {
 
 /// Turns an HTTP service request (route, headers, JSON body) into a typed command, with the same errors
 /// the HTTP API has always given (`400001` bad JSON, `400003` path/body ID mismatch, bad paging header).
-fn command_of(config: &EngineConfig, request: ServiceRequest) -> Result<ServiceCommand, DpsError> {
+fn command_of(request: ServiceRequest) -> Result<ServiceCommand, DpsError> {
     use ServiceCommand as C;
-    let _ = config;
     let if_match = parse_if_match(request.if_match.as_deref())?;
     let body = request.body.as_slice();
     let paging = || -> Result<Paging, DpsError> {
@@ -630,7 +629,7 @@ impl ServiceFlow {
         }
         let principal = authenticate(config, now, request.authorization.as_deref(), &request.path)?;
         check_rights(&principal, rights_of(&request.route))?;
-        let command = command_of(config, request)?;
+        let command = command_of(request)?;
         Self::plan_command(config, now, rng, &principal, command)
     }
 
