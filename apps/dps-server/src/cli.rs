@@ -173,6 +173,10 @@ pub struct RunArgs {
     /// Answer registers 202 before the hub work: true (default) or false [env: DPS_RESPOND_EARLY].
     #[arg(long, value_name = "BOOL")]
     pub respond_early: Option<String>,
+    /// A poll of a registration still finishing here waits up to this for it, ms (default 100; 0 = at once)
+    /// [env: DPS_POLL_HOLD_MS].
+    #[arg(long, value_name = "MS")]
+    pub poll_hold_ms: Option<String>,
     /// Request header read timeout, seconds [env: DPS_HEADER_READ_TIMEOUT_SECS].
     #[arg(long)]
     pub header_read_timeout_secs: Option<String>,
@@ -207,6 +211,7 @@ impl RunArgs {
             default_allocation: self.default_allocation.clone(),
             retry_after_secs: self.retry_after_secs.clone(),
             respond_early: self.respond_early.clone(),
+            poll_hold_ms: self.poll_hold_ms.clone(),
             header_read_timeout_secs: self.header_read_timeout_secs.clone(),
             max_connections: self.max_connections.clone(),
             https_listen: self.https_listen.clone(),

@@ -12,6 +12,7 @@
 //! default_allocation = "hashed"          # hashed | static | geoLatency
 //! retry_after_secs = 2
 //! respond_early = true                 # answer a register 202 before the hub work (Azure's behaviour)
+//! poll_hold_ms = 100                     # a poll of a registration still finishing here waits up to this
 //! header_read_timeout_secs = 10
 //! max_connections = 10000
 //! tls_handshake_timeout_secs = 10        # extension: TLS handshake deadline
@@ -72,6 +73,8 @@ pub struct FileConfig {
     pub retry_after_secs: Option<u32>,
     /// Answer a register `202 assigning` before the hub work.
     pub respond_early: Option<bool>,
+    /// How long a poll of a registration still finishing in this process waits for it, milliseconds.
+    pub poll_hold_ms: Option<u64>,
     /// Header read timeout.
     pub header_read_timeout_secs: Option<u64>,
     /// Maximum concurrent connections.
@@ -171,6 +174,8 @@ pub struct Overrides {
     pub retry_after_secs: Option<String>,
     /// `--respond-early` / `DPS_RESPOND_EARLY` (`true` or `false`).
     pub respond_early: Option<String>,
+    /// `--poll-hold-ms` / `DPS_POLL_HOLD_MS`.
+    pub poll_hold_ms: Option<String>,
     /// `--header-read-timeout-secs` / `DPS_HEADER_READ_TIMEOUT_SECS`.
     pub header_read_timeout_secs: Option<String>,
     /// `--max-connections` / `DPS_MAX_CONNECTIONS`.
@@ -197,6 +202,7 @@ impl Overrides {
             default_allocation: lookup("DPS_DEFAULT_ALLOCATION"),
             retry_after_secs: lookup("DPS_RETRY_AFTER_SECS"),
             respond_early: lookup("DPS_RESPOND_EARLY"),
+            poll_hold_ms: lookup("DPS_POLL_HOLD_MS"),
             header_read_timeout_secs: lookup("DPS_HEADER_READ_TIMEOUT_SECS"),
             max_connections: lookup("DPS_MAX_CONNECTIONS"),
             https_listen: lookup("DPS_HTTPS_LISTEN"),
@@ -238,6 +244,7 @@ impl Overrides {
                 _ => return Err(err(format!("respond_early: '{v}' is not true or false"))),
             });
         }
+        num(&mut file.poll_hold_ms, &self.poll_hold_ms, "poll_hold_ms")?;
         num(&mut file.header_read_timeout_secs, &self.header_read_timeout_secs, "header_read_timeout_secs")?;
         num(&mut file.max_connections, &self.max_connections, "max_connections")?;
         set(&mut file.listen.https, &self.https_listen);
@@ -288,6 +295,10 @@ pub struct ServerConfig {
     /// Answer a register `202 assigning` right after attestation and finish the hub work in the
     /// background (default true, as Azure does); polls see `assigning` until the final commit.
     pub respond_early: bool,
+    /// A poll of a registration whose early-answered flow is still running in this process waits up to this
+    /// long for it (default 100 ms; zero answers at once), so a device polling right after its `202` gets
+    /// the result in one poll; a slower assignment is still reported `assigning`.
+    pub poll_hold: Duration,
     /// A client must send a complete request head within this time (also the keep-alive idle limit).
     pub header_read_timeout: Duration,
     /// A client must send the request body within this time after the head.
@@ -449,6 +460,7 @@ impl ServerConfig {
             default_allocation,
             retry_after_secs,
             respond_early: file.respond_early.unwrap_or(true),
+            poll_hold: Duration::from_millis(file.poll_hold_ms.unwrap_or(100).min(60_000)),
             header_read_timeout,
             body_read_timeout: header_read_timeout.max(Duration::from_secs(30)),
             tls_handshake_timeout,

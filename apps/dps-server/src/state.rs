@@ -54,9 +54,9 @@ impl MeteredStore {
 
 impl AsyncStore for MeteredStore {
     fn execute(&self, op: StoreOp) -> impl Future<Output = Result<StoreResult, StoreError>> + Send {
-        let committed = match (&op, &self.billing) {
-            (StoreOp::CommitRegistration { record, .. }, Some(b)) if record.status.is_terminal() => {
-                Some((Arc::clone(b), record.clone()))
+        let billed = match (&op, &self.billing) {
+            (StoreOp::CommitRegistration { record, .. }, Some(b)) => {
+                dps_core::register_meter(record).map(|event| (Arc::clone(b), event))
             }
             _ => None,
         };
@@ -69,8 +69,8 @@ impl AsyncStore for MeteredStore {
             if timed {
                 metrics.store_commit_latency.observe(started.elapsed());
             }
-            if let (Some((billing, record)), Ok(_)) = (committed, &result) {
-                billing.on_commit(&record);
+            if let (Some((billing, event)), Ok(_)) = (billed, &result) {
+                billing.bill(event);
             }
             result
         }
@@ -131,6 +131,7 @@ impl AppState {
         let host = Host::builder(engine_config(config, owner))
             .store(store.clone())
             .hubs(hubs.clone())
+            .poll_hold(config.poll_hold)
             .build()
             .map_err(|e| ServerError::Config(crate::config::ConfigError(e.message)))?;
         Ok(AppState { engine: host.engine().clone(), host, store, hubs, metrics, billing })
@@ -162,10 +163,8 @@ impl AppState {
     }
 
     /// Closes the store and the hub directory: queued writes (and usage rows) are committed and the writer
-    /// threads exit. A register whose assignment never finished is billed as a failure. Blocks; call it
-    /// from a blocking context.
+    /// threads exit. Blocks; call it from a blocking context.
     pub fn close_store(&self) -> Result<(), StoreError> {
-        self.billing.settle_all();
         let closed = self.store.inner().clone().close();
         if let Err(e) = self.hubs.close() {
             tracing::warn!(error = %e, "closing the hub directory");

@@ -406,12 +406,8 @@ impl DeviceFlow {
             status: RegistrationStatus::Assigning,
             registration_state: None,
         };
-        let mut reply =
-            Reply::json(202, &body, self.nonces.tracking_id()).with_retry_after(self.config.retry_after_secs);
-        if let Some(op) = billable_device_operation(DeviceOperation::Register) {
-            reply.meter = Some(MeterEvent { operation: op, at: self.now, succeeded: true });
-        }
-        reply
+        // No meter: a register is billed by its outcome, at its terminal commit ([`register_meter`]).
+        Reply::json(202, &body, self.nonces.tracking_id()).with_retry_after(self.config.retry_after_secs)
     }
 
     /// The answer to a poll of `operation_id`: the record's current state.
@@ -451,6 +447,30 @@ impl DeviceFlow {
             other => DpsError::with_message(ErrorCode::InternalError, other.to_string()),
         };
         self.fail(&err)
+    }
+}
+
+/// The billing event of a register, from the registration record it commits: a register is billed by its
+/// **outcome**, not by its `202` (which leaves before the assignment ends when answering early). A terminal
+/// record (`assigned` or `disabled`: success; `failed`: failure) is the billing point; a non-terminal one
+/// (`assigning`) bills nothing. Every register that gets as far as a commit commits exactly one terminal
+/// record; a register refused before that (bad token, unknown enrollment) is billed as a failure on its
+/// error reply ([`Reply::meter`]). Call it for each successful `CommitRegistration` (the reference server's
+/// store wrapper does).
+pub fn register_meter(record: &RegistrationRecord) -> Option<MeterEvent> {
+    let succeeded = match record.status {
+        RegistrationStatus::Assigned | RegistrationStatus::Disabled => true,
+        RegistrationStatus::Failed => false,
+        _ => return None,
+    };
+    let operation = billable_device_operation(DeviceOperation::Register)?;
+    Some(MeterEvent { operation, at: record.last_updated, succeeded })
+}
+
+impl DeviceFlow {
+    /// The request this flow serves (transport, scope, registration ID, call).
+    pub fn request(&self) -> &DeviceRequest {
+        &self.request
     }
 }
 

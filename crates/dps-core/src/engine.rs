@@ -124,6 +124,16 @@ pub enum EngineFlow {
     Immediate(Option<Reply>),
 }
 
+impl EngineFlow {
+    /// The device request, when this is a device API flow.
+    pub fn device_request(&self) -> Option<&DeviceRequest> {
+        match self {
+            EngineFlow::Device(f) => Some(f.request()),
+            _ => None,
+        }
+    }
+}
+
 impl Flow for EngineFlow {
     fn resume(&mut self, input: Input) -> Step {
         match self {

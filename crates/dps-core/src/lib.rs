@@ -32,6 +32,7 @@ pub mod store;
 
 pub use command::{Paging, Principal, ServiceCommand};
 pub use config::{AccessPolicy, EngineConfig, Rights, OWNER_POLICY};
+pub use device::register_meter;
 pub use dps_policy::{BillableOperation, LinkedHub, Meter, MeterEvent};
 pub use dps_proto as proto;
 pub use dps_proto::{DpsError, ErrorCode, Timestamp};

@@ -494,15 +494,72 @@ fn polls_status_lookup_and_unknown_operation() {
     assert_eq!(lookup.meter, None);
 }
 
+/// Drives a register flow to its end, returning its one reply and the billing events of its commits.
+fn register_billing(w: &mut World, id: &str, token: String) -> (Reply, Vec<dps_core::MeterEvent>) {
+    let request = DeviceRequest {
+        id_scope: IdScope::parse(SCOPE).unwrap(),
+        registration_id: RegistrationId::parse(id).unwrap(),
+        call: DeviceCall::Register { force: false },
+        api_version: None,
+        credential: dps_core::proto::Credential::SasToken(token),
+        body: Vec::new(),
+    };
+    let mut flow = w.engine.device(w.now, &mut w.rng, request);
+    let (mut input, mut reply, mut billed) = (Input::Start, None, Vec::new());
+    loop {
+        input = match flow.resume(input) {
+            Step::Store(op) => {
+                let meter = match &op {
+                    dps_core::store::StoreOp::CommitRegistration { record, .. } => {
+                        dps_core::register_meter(record)
+                    }
+                    _ => None,
+                };
+                let result = dps_core::store::BlockingStore::execute(&w.store, op);
+                if result.is_ok() {
+                    billed.extend(meter);
+                }
+                Input::Store(result)
+            }
+            Step::Hub(op) => Input::Hub(dps_core::hub::BlockingHubDirectory::execute(&w.hubs, op)),
+            Step::Respond(r) => {
+                assert!(reply.replace(r).is_none(), "one reply");
+                Input::Responded
+            }
+            Step::Finished => break,
+            other => panic!("unexpected step {other:?}"),
+        }
+    }
+    (reply.unwrap(), billed)
+}
+
 #[test]
-fn register_is_metered() {
-    let mut w = World::new();
-    w.enroll(sym("dev-1", &key(1), &key(2)));
-    let t = w.device_token("dev-1", &key(1), T0 + 600);
-    let r = w.device_raw("dev-1", DeviceCall::Register { force: false }, Some(t), b"");
-    let m = r.meter.unwrap();
-    assert_eq!(m.operation, dps_core::BillableOperation::DeviceRegister);
-    assert!(m.succeeded);
+fn register_is_billed_once_by_its_outcome() {
+    for early in [false, true] {
+        let mut w = World::new();
+        let mut config = w.engine.config().clone();
+        config.respond_before_assignment = early;
+        w.engine = Engine::new(config).unwrap();
+        w.enroll(static_on(sym("dev-1", &key(1), &key(2)), HUB_A));
+        // Assigned: the 202 carries no bill; the terminal commit bills one success.
+        let t = w.device_token("dev-1", &key(1), T0 + 600);
+        let (reply, billed) = register_billing(&mut w, "dev-1", t.clone());
+        assert_eq!((reply.status, reply.meter), (202, None), "early={early}");
+        assert_eq!(billed.len(), 1);
+        assert_eq!(billed[0].operation, dps_core::BillableOperation::DeviceRegister);
+        assert!(billed[0].succeeded);
+        // Failed after the 202 (hub down): one failure, never a success.
+        w.hubs.set_unavailable(HUB_A, true);
+        let (reply, billed) = register_billing(&mut w, "dev-1", t);
+        assert_eq!(reply.meter, None);
+        assert_eq!(billed.iter().map(|m| m.succeeded).collect::<Vec<_>>(), vec![false], "early={early}");
+        // Refused before any commit: billed as a failure on the error reply.
+        let bad = w.device_token("dev-1", &key(9), T0 + 600);
+        let (reply, billed) = register_billing(&mut w, "dev-1", bad);
+        assert_eq!(reply.status, 401);
+        assert!(billed.is_empty());
+        assert!(!reply.meter.unwrap().succeeded);
+    }
 }
 
 #[test]

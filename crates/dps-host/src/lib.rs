@@ -32,16 +32,18 @@ use dps_core::object::{DynHubDirectory, DynStore};
 use dps_core::proto::id::format_uuid;
 use dps_core::store::BlockingStore;
 use dps_core::{
-    finish_async, run_async_until_reply, run_blocking_with, DeviceRequest, DpsError, Engine, EngineConfig,
-    HttpRequest, Principal, Progress, Reply, ServiceCommand, Timestamp,
+    finish_async, run_async_until_reply, run_blocking_with, DeviceCall, DeviceRequest, DpsError, Engine,
+    EngineConfig, HttpRequest, Principal, Progress, Reply, ServiceCommand, Timestamp,
 };
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rand_core::RngCore;
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
 pub use dps_core;
@@ -98,7 +100,11 @@ pub struct HostBuilder {
     hubs: Option<Arc<dyn DynHubDirectory>>,
     clock: Arc<dyn Clock>,
     rng: Option<Box<dyn RngCore + Send>>,
+    poll_hold: Duration,
 }
+
+/// The default of [`HostBuilder::poll_hold`].
+pub const DEFAULT_POLL_HOLD: Duration = Duration::from_millis(100);
 
 impl HostBuilder {
     /// The store (required): any `AsyncStore + Send + Sync`, e.g. `dps_store::SqliteStore`.
@@ -126,6 +132,16 @@ impl HostBuilder {
         self
     }
 
+    /// How long a poll of a registration whose early-answered flow is still running in this host waits for
+    /// that flow to finish before it is answered (default [`DEFAULT_POLL_HOLD`]; zero answers at once).
+    /// A device polling right after its `202` then usually gets the final result instead of another
+    /// `assigning` (one request instead of several); a flow that takes longer (a slow hub or webhook) is
+    /// still reported `assigning` after the hold. Polls of other registrations never wait.
+    pub fn poll_hold(mut self, hold: Duration) -> Self {
+        self.poll_hold = hold;
+        self
+    }
+
     /// Validates the configuration and builds the host.
     pub fn build(self) -> Result<Host, DpsError> {
         let engine = Engine::new(self.config)?;
@@ -142,6 +158,8 @@ impl HostBuilder {
                 clock: self.clock,
                 rng: Mutex::new(rng),
                 background: TaskTracker::new(),
+                in_flight: Mutex::new(HashMap::new()),
+                poll_hold: self.poll_hold,
             }),
         })
     }
@@ -154,6 +172,16 @@ struct Inner {
     clock: Arc<dyn Clock>,
     rng: Mutex<Box<dyn RngCore + Send>>,
     background: TaskTracker,
+    /// Early-answered registrations still finishing, by (ID scope, registration ID): the receiver sees its
+    /// sender dropped when the flow is done.
+    in_flight: Mutex<HashMap<FlowKey, watch::Receiver<()>>>,
+    poll_hold: Duration,
+}
+
+type FlowKey = (String, String);
+
+fn key_of(request: &DeviceRequest) -> FlowKey {
+    (request.id_scope.as_str().to_owned(), request.registration_id.key().to_owned())
 }
 
 /// The embeddable provisioning service. Cheap to clone (one `Arc`); share it between connections.
@@ -174,7 +202,14 @@ impl fmt::Debug for Host {
 impl Host {
     /// Starts building a host for this engine configuration.
     pub fn builder(config: EngineConfig) -> HostBuilder {
-        HostBuilder { config, store: None, hubs: None, clock: Arc::new(SystemClock), rng: None }
+        HostBuilder {
+            config,
+            store: None,
+            hubs: None,
+            clock: Arc::new(SystemClock),
+            rng: None,
+            poll_hold: DEFAULT_POLL_HOLD,
+        }
     }
 
     /// The engine (its configuration, and flow constructors for callers that drive flows themselves).
@@ -220,14 +255,19 @@ impl Host {
     pub async fn device(&self, request: DeviceRequest) -> Reply {
         let now = self.now();
         let flow = self.with_rng(|rng| self.inner.engine.device(now, rng, request));
-        self.drive(flow).await
+        let key = self.hold_poll(flow.request()).await;
+        self.drive(flow, key).await
     }
 
     /// Runs an HTTP request (device or service API: method, path and query, headers, body) to its reply.
     pub async fn http(&self, request: HttpRequest) -> Reply {
         let now = self.now();
         let flow = self.with_rng(|rng| self.inner.engine.http(now, rng, request));
-        self.drive(flow).await
+        let key = match flow.device_request() {
+            Some(request) => self.hold_poll(request).await,
+            None => None,
+        };
+        self.drive(flow, key).await
     }
 
     /// Executes a typed service command (create, query, delete enrollments, groups and registration
@@ -236,10 +276,28 @@ impl Host {
     pub async fn command(&self, principal: &Principal, command: ServiceCommand) -> Reply {
         let now = self.now();
         let flow = self.with_rng(|rng| self.inner.engine.command(now, rng, principal, command));
-        self.drive(flow).await
+        self.drive(flow, None).await
     }
 
-    async fn drive<F: dps_core::Flow + Send + 'static>(&self, mut flow: F) -> Reply {
+    /// For a poll of a registration still finishing in the background, waits up to the poll hold for it.
+    /// Returns the key under which an early-answered register of this request is tracked.
+    async fn hold_poll(&self, request: &DeviceRequest) -> Option<FlowKey> {
+        let key = key_of(request);
+        if matches!(request.call, DeviceCall::OperationStatus(_)) && !self.inner.poll_hold.is_zero() {
+            let running = self.in_flight().get(&key).cloned();
+            if let Some(mut done) = running {
+                // Err (sender dropped) is the flow finishing; a timeout answers with the current state.
+                let _ = tokio::time::timeout(self.inner.poll_hold, done.changed()).await;
+            }
+        }
+        Some(key)
+    }
+
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<FlowKey, watch::Receiver<()>>> {
+        self.inner.in_flight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn drive<F: dps_core::Flow + Send + 'static>(&self, mut flow: F, key: Option<FlowKey>) -> Reply {
         let inner = &self.inner;
         let clock = || inner.clock.now();
         match run_async_until_reply(&mut flow, &inner.store, &inner.hubs, &clock).await {
@@ -248,8 +306,23 @@ impl Host {
                 let store = Arc::clone(&inner.store);
                 let hubs = Arc::clone(&inner.hubs);
                 let clock = Arc::clone(&inner.clock);
+                let tracked = key.map(|key| {
+                    let (done, running) = watch::channel(());
+                    self.in_flight().insert(key.clone(), running.clone());
+                    (key, done, running)
+                });
+                let host = self.clone();
                 inner.background.spawn(async move {
                     finish_async(&mut flow, next, &store, &hubs, &|| clock.now()).await;
+                    if let Some((key, done, running)) = tracked {
+                        let mut map = host.in_flight();
+                        // A later register of the same device may have replaced the entry.
+                        if map.get(&key).is_some_and(|r| r.same_channel(&running)) {
+                            map.remove(&key);
+                        }
+                        drop(map);
+                        drop(done);
+                    }
                 });
                 reply
             }

@@ -113,6 +113,37 @@ async fn early_answer_returns_202_before_the_hub_work_and_polls_see_assigning_un
     assert_eq!(body(&poll)["registrationState"]["assignedHub"], HUB);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poll_during_the_hub_work_is_held_until_the_flow_finishes_and_gets_the_result() {
+    let hubs = Arc::new(HeldHubs { inner: MemoryHubDirectory::new(), gate: Semaphore::new(0) });
+    let host = Host::builder(config(true))
+        .store(Arc::new(MemoryStore::new()))
+        .hubs(hubs.clone())
+        .poll_hold(std::time::Duration::from_secs(30))
+        .build()
+        .unwrap();
+    assert_eq!(host.http(service("PUT", "/enrollmentGroups/g1", group_body())).await.status, 200);
+    let registered = host.http(device("PUT", "/register", "dev-1")).await;
+    assert_eq!(body(&registered)["status"], "assigning");
+    let op = body(&registered)["operationId"].as_str().unwrap().to_owned();
+
+    let poller = host.clone();
+    let poll =
+        tokio::spawn(async move { poller.http(device("GET", &format!("/operations/{op}"), "dev-1")).await });
+    // The poll waits for the running flow rather than answering `assigning` (without the hold it would
+    // have answered long before the hub is released).
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert!(!poll.is_finished());
+    // Another device's request is not held behind it.
+    let other = host.http(device("PUT", "/register", "dev-2")).await;
+    assert_eq!(other.status, 202);
+    hubs.gate.add_permits(2);
+    let poll = poll.await.unwrap();
+    assert_eq!(poll.status, 200, "{}", String::from_utf8_lossy(&poll.body));
+    assert_eq!(body(&poll)["registrationState"]["assignedHub"], HUB);
+    host.drain().await;
+}
+
 #[tokio::test]
 async fn late_answer_returns_the_assignment_with_the_first_reply_and_leaves_nothing_behind() {
     let hubs = Arc::new(MemoryHubDirectory::new());

@@ -5,7 +5,9 @@
 //!
 //! One worker thread owns the read-write connection. Every operation (blocking or async) is sent to it over
 //! a channel; it takes whatever has queued up and applies it in one transaction, answering each caller after
-//! the `COMMIT` (and its fsync) returned, so an acknowledged upsert survives a crash. Readers that only look
+//! the `COMMIT` (and its fsync) returned, so an acknowledged upsert survives a crash. Under load it first
+//! collects requests for a short window (as the store's writer does), so concurrent registrations share one
+//! fsync; usage counts are added up in memory and ride on the next transaction. Readers that only look
 //! (the admin CLI) open the file read-only with [`HubDatabase::open_read_only`].
 
 use dps_core::hub::{
@@ -15,17 +17,27 @@ use dps_core::hub::{
 use futures::channel::oneshot;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde_json::Value;
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 /// The schema version stored in the hub database's `user_version`.
 pub const HUB_SCHEMA_VERSION: i64 = 1;
 
 /// At most this many queued requests share one transaction.
 const MAX_BATCH: usize = 256;
+
+/// Under load (the previous transaction carried more than one request), how long the worker collects
+/// requests before its next transaction (the store writer's default window).
+pub const DEFAULT_BATCH_WINDOW: Duration = Duration::from_millis(2);
+
+/// Usage counts ride on the next hub transaction; with no hub write for this long they are written on
+/// their own. A process killed outright loses at most this much metering (never a device or a twin).
+pub const USAGE_FLUSH: Duration = Duration::from_secs(1);
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS hub_devices (
@@ -127,8 +139,15 @@ fn closed() -> HubError {
 }
 
 impl SqliteHubDirectory {
-    /// Opens (creating if needed) the hub database at `path` and starts its worker thread.
+    /// Opens (creating if needed) the hub database at `path` and starts its worker thread, with the
+    /// [`DEFAULT_BATCH_WINDOW`].
     pub fn open(path: impl AsRef<Path>) -> Result<SqliteHubDirectory, HubError> {
+        SqliteHubDirectory::open_with(path, DEFAULT_BATCH_WINDOW)
+    }
+
+    /// [`open`](Self::open) with a collection window: under load the worker waits `batch_window` before
+    /// each transaction so that concurrent upserts share its fsync (zero commits every request at once).
+    pub fn open_with(path: impl AsRef<Path>, batch_window: Duration) -> Result<SqliteHubDirectory, HubError> {
         let path = path.as_ref().to_path_buf();
         let conn = Connection::open(&path).map_err(|e| db_error(&path.display().to_string(), e))?;
         conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000;")
@@ -147,7 +166,7 @@ impl SqliteHubDirectory {
         let (sender, receiver) = mpsc::channel();
         let worker = std::thread::Builder::new()
             .name("dps-hub-db".to_owned())
-            .spawn(move || worker(conn, receiver))
+            .spawn(move || worker(conn, receiver, batch_window))
             .map_err(|e| db_error("worker thread", e))?;
         Ok(SqliteHubDirectory {
             shared: Arc::new(Shared {
@@ -204,8 +223,9 @@ impl SqliteHubDirectory {
         futures::executor::block_on(self.ask(|tx| Job::Devices(hub.to_ascii_lowercase(), tx)))
     }
 
-    /// Queues one call for the usage table (written with the next transaction; durable after
-    /// [`sync`](Self::sync) or [`close`](Self::close)). Does not block.
+    /// Counts one call for the usage table. Counts are added up in memory and written with the next hub
+    /// transaction, or on their own after [`USAGE_FLUSH`] without one; they are durable after
+    /// [`sync`](Self::sync) or [`close`](Self::close). Does not block.
     pub fn record_usage(&self, event: UsageEvent) -> Result<(), HubError> {
         self.send(Job::Usage(event))
     }
@@ -280,16 +300,61 @@ impl HubDatabase {
     }
 }
 
-fn worker(mut conn: Connection, receiver: mpsc::Receiver<Job>) {
-    while let Ok(first) = receiver.recv() {
+/// Usage counts waiting for a transaction: (scope, day, operation) → (succeeded, failed).
+type PendingUsage = HashMap<(String, String, String), (i64, i64)>;
+
+fn worker(mut conn: Connection, receiver: mpsc::Receiver<Job>, batch_window: Duration) {
+    let mut usage = PendingUsage::new();
+    let mut under_load = false;
+    loop {
+        // Usage counts alone never start a transaction: they ride on the next one, or are written on
+        // their own after USAGE_FLUSH of quiet.
+        let first = if usage.is_empty() {
+            match receiver.recv() {
+                Ok(j) => j,
+                Err(_) => break,
+            }
+        } else {
+            match receiver.recv_timeout(USAGE_FLUSH) {
+                Ok(j) => j,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    run_batch(&mut conn, Vec::new(), &mut usage);
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        };
+        if let Job::Usage(event) = first {
+            count_usage(&mut usage, event);
+            continue;
+        }
+        if under_load && !batch_window.is_zero() {
+            // As the store's writer does: sleep through the window instead of being woken by every write,
+            // so a busy directory costs one transaction (and one fsync) per window, not one per upsert.
+            std::thread::sleep(batch_window);
+        }
         let mut jobs = vec![first];
         while jobs.len() < MAX_BATCH {
             match receiver.try_recv() {
+                Ok(Job::Usage(event)) => count_usage(&mut usage, event),
                 Ok(j) => jobs.push(j),
                 Err(_) => break,
             }
         }
-        run_batch(&mut conn, jobs);
+        under_load = jobs.len() > 1;
+        run_batch(&mut conn, jobs, &mut usage);
+    }
+    if !usage.is_empty() {
+        run_batch(&mut conn, Vec::new(), &mut usage);
+    }
+}
+
+fn count_usage(usage: &mut PendingUsage, event: UsageEvent) {
+    let counts = usage.entry((event.id_scope, event.day, event.operation)).or_insert((0, 0));
+    if event.succeeded {
+        counts.0 += 1;
+    } else {
+        counts.1 += 1;
     }
 }
 
@@ -327,7 +392,7 @@ impl Answer {
     }
 }
 
-fn run_batch(conn: &mut Connection, jobs: Vec<Job>) {
+fn run_batch(conn: &mut Connection, jobs: Vec<Job>, usage: &mut PendingUsage) {
     let tx = match conn.transaction() {
         Ok(tx) => tx,
         Err(e) => {
@@ -342,9 +407,16 @@ fn run_batch(conn: &mut Connection, jobs: Vec<Job>) {
                     Job::Usage(_) => {}
                 }
             }
+            // The pending usage counts stay queued for the next transaction.
             return;
         }
     };
+    // Usage first, so that a `UsageRows` or `Sync` in this batch sees (or waits for) every count queued
+    // before it. A usage row that cannot be written must not fail the hub writes sharing the transaction.
+    let mut usage_written = true;
+    for ((id_scope, day, operation), (succeeded, failed)) in usage.iter() {
+        usage_written &= add_usage(&tx, id_scope, day, operation, *succeeded, *failed).is_ok();
+    }
     let mut answers = Vec::with_capacity(jobs.len());
     for job in jobs {
         match job {
@@ -353,13 +425,13 @@ fn run_batch(conn: &mut Connection, jobs: Vec<Job>) {
             Job::Devices(hub, s) => answers.push(Answer::Devices(s, read_devices(&tx, &hub))),
             Job::UsageRows(since, s) => answers.push(Answer::Usage(s, read_usage(&tx, since.as_deref()))),
             Job::Sync(s) => answers.push(Answer::Sync(s)),
-            Job::Usage(event) => {
-                // A usage row that cannot be written must not fail the hub writes sharing the transaction.
-                let _ = add_usage(&tx, &event);
-            }
+            Job::Usage(event) => count_usage(usage, event),
         }
     }
     let commit = tx.commit().map_err(|e| db_error("commit", e));
+    if commit.is_ok() && usage_written {
+        usage.clear();
+    }
     for a in answers {
         a.send(&commit);
     }
@@ -383,19 +455,19 @@ fn apply(conn: &Connection, op: HubOp) -> Result<HubResult, HubError> {
                  ON CONFLICT (hub, device_id) DO UPDATE SET primary_key = excluded.primary_key,
                    secondary_key = excluded.secondary_key"
             };
-            conn.execute(
-                sql,
-                params![
-                    hub_key,
-                    identity.device_id,
-                    identity.primary_key,
-                    identity.secondary_key,
-                    tags,
-                    desired,
-                    twin.iot_edge
-                ],
-            )
-            .map_err(|e| hub_error(&hub, e))?;
+            conn.prepare_cached(sql)
+                .and_then(|mut stmt| {
+                    stmt.execute(params![
+                        hub_key,
+                        identity.device_id,
+                        identity.primary_key,
+                        identity.secondary_key,
+                        tags,
+                        desired,
+                        twin.iot_edge
+                    ])
+                })
+                .map_err(|e| hub_error(&hub, e))?;
             Ok(HubResult::Done)
         }
         HubOp::ReadTwin { hub, device_id } => {
@@ -430,13 +502,11 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
 
 fn read_device(conn: &Connection, hub: &str, device_id: &str) -> Result<Option<HubDevice>, HubError> {
     let found = conn
-        .query_row(
+        .prepare_cached(
             "SELECT device_id, primary_key, secondary_key, tags, desired, iot_edge FROM hub_devices
              WHERE hub = ?1 AND device_id = ?2",
-            params![hub, device_id],
-            row,
         )
-        .optional()
+        .and_then(|mut stmt| stmt.query_row(params![hub, device_id], row).optional())
         .map_err(|e| hub_error(hub, e))?;
     found.map(|r| to_device(hub, r)).transpose()
 }
@@ -456,14 +526,20 @@ fn read_devices(conn: &Connection, hub: &str) -> Result<Vec<HubDevice>, HubError
     Ok(out)
 }
 
-fn add_usage(conn: &Connection, e: &UsageEvent) -> Result<(), HubError> {
-    let (ok, failed) = if e.succeeded { (1_i64, 0_i64) } else { (0, 1) };
-    conn.execute(
+fn add_usage(
+    conn: &Connection,
+    id_scope: &str,
+    day: &str,
+    operation: &str,
+    succeeded: i64,
+    failed: i64,
+) -> Result<(), HubError> {
+    conn.prepare_cached(
         "INSERT INTO usage (id_scope, day, operation, succeeded, failed) VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT (id_scope, day, operation) DO UPDATE SET succeeded = succeeded + excluded.succeeded,
            failed = failed + excluded.failed",
-        params![e.id_scope, e.day, e.operation, ok, failed],
     )
+    .and_then(|mut stmt| stmt.execute(params![id_scope, day, operation, succeeded, failed]))
     .map_err(|err| db_error("usage", err))?;
     Ok(())
 }
@@ -588,5 +664,49 @@ mod tests {
         assert_eq!(rows.len(), 1);
         assert_eq!((rows[0].succeeded, rows[0].failed), (2, 1));
         assert_eq!(ro.usage(None).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn usage_is_visible_to_the_server_at_once_and_on_disk_after_a_quiet_second() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.sqlite3");
+        let hubs = SqliteHubDirectory::open(&path).unwrap();
+        let ev = UsageEvent {
+            id_scope: "0ne1".into(),
+            day: "2026-03-04".into(),
+            operation: "device_register".into(),
+            succeeded: true,
+        };
+        hubs.record_usage(ev.clone()).unwrap();
+        hubs.record_usage(ev.clone()).unwrap();
+        // The server's own report includes counts not written yet.
+        let rows = hubs.usage(None).unwrap();
+        assert_eq!((rows.len(), rows[0].succeeded), (1, 2));
+        // Counts after a write ride on a hub transaction; with none, they reach the file on their own.
+        hubs.record_usage(ev.clone()).unwrap();
+        std::thread::sleep(USAGE_FLUSH + Duration::from_millis(500));
+        let ro = HubDatabase::open_read_only(&path).unwrap();
+        assert_eq!(ro.usage(None).unwrap()[0].succeeded, 3);
+        // A hub write commits the counts queued before it.
+        hubs.record_usage(ev).unwrap();
+        BlockingHubDirectory::execute(&hubs, upsert("h", "d9", twin(), false)).unwrap();
+        assert_eq!(ro.usage(None).unwrap()[0].succeeded, 4);
+        hubs.close().unwrap();
+    }
+
+    #[test]
+    fn concurrent_upserts_under_a_window_all_land() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.sqlite3");
+        let hubs = SqliteHubDirectory::open_with(&path, Duration::from_millis(5)).unwrap();
+        let ops: Vec<_> = (0..200)
+            .map(|i| AsyncHubDirectory::execute(&hubs, upsert("h", &format!("d{i}"), twin(), true)))
+            .collect();
+        for r in futures::executor::block_on(futures::future::join_all(ops)) {
+            r.unwrap();
+        }
+        hubs.close().unwrap();
+        let ro = HubDatabase::open_read_only(&path).unwrap();
+        assert_eq!(ro.devices("h").unwrap().len(), 200);
     }
 }
