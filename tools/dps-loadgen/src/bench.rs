@@ -2,7 +2,7 @@
 //! runs against a server — optionally spawned here on a temporary data directory, stopped and restarted to
 //! check that every assignment was durably committed — summarised as a markdown table for `BENCHMARKS.md`.
 
-use crate::baseline::{BaselineServer, FixedReplies};
+use crate::baseline::{BaselineProcess, BaselineServer, FixedReplies};
 use crate::cpu::ServerCpu;
 use crate::device::{Assignment, DeviceSet, DriveOptions, Protocol, Target};
 use crate::runner::{run_load, LoadOptions, RunOutput};
@@ -79,6 +79,9 @@ pub struct LoadSettings {
     /// The baseline requests an optional client certificate in each handshake (as a DPS server must for
     /// X.509 attestation).
     pub baseline_client_auth: bool,
+    /// The program to run the baseline server as a process of its own (this binary; its hidden
+    /// `baseline-server` command), or None to run it inside the load generator's process.
+    pub baseline_process: Option<std::path::PathBuf>,
 }
 
 impl LoadSettings {
@@ -104,31 +107,51 @@ pub const BASELINE_SCOPE: &str = "0ne00000A11";
 /// The hub named in the baseline's `assigned` reply (the same length as a spawned server's hubs).
 pub const BASELINE_HUB: &str = "hub-1.loadgen.localhost";
 
-/// Runs the load against a fresh in-process baseline server bound on `bind` (port chosen by the system).
+/// Runs the load against a fresh baseline server bound on `bind` (port chosen by the system): in a process
+/// of its own when `load.baseline_process` names the program (see [`crate::baseline`] for why).
 pub async fn run_baseline(
     protocol: Protocol,
     set: Arc<DeviceSet>,
     load: &LoadSettings,
     bind: IpAddr,
 ) -> Result<RunOutput, Error> {
-    let replies = FixedReplies::from_engine(set.id_scope().as_str(), &set.registration_id(0), BASELINE_HUB)?;
-    let server = BaselineServer::start_with(bind, replies, load.baseline_threads, load.baseline_client_auth)?;
-    let endpoint = Endpoint::new(
-        server.https_addr(),
-        server.mqtt_addr(),
-        &bind.to_string(),
-        server.ca_pem().as_bytes(),
-        load.tls,
-    )?;
-    let target = Arc::new(endpoint.target(protocol)?);
+    let scope = set.id_scope().as_str().to_owned();
+    let registration_id = set.registration_id(0);
     let label = format!(
-        "baseline {} (bare rustls + {}, fixed replies{})",
+        "baseline {} (bare rustls + {}, fixed replies{}{})",
         protocol.as_str(),
         bare(protocol),
-        if load.baseline_client_auth { ", optional client cert requested" } else { "" }
+        if load.baseline_client_auth { ", optional client cert requested" } else { "" },
+        if load.baseline_process.is_none() { ", in the load generator's process" } else { "" }
     );
+    let Some(exe) = load.baseline_process.clone() else {
+        let replies = FixedReplies::from_engine(&scope, &registration_id, BASELINE_HUB)?;
+        let server =
+            BaselineServer::start_with(bind, replies, load.baseline_threads, load.baseline_client_auth)?;
+        let endpoint = Endpoint::new(
+            server.https_addr(),
+            server.mqtt_addr(),
+            &bind.to_string(),
+            server.ca_pem().as_bytes(),
+            load.tls,
+        )?;
+        let target = Arc::new(endpoint.target(protocol)?);
+        let output = run_load(protocol, target, set, &load.options(label), &server.cpu()).await;
+        drop(server);
+        return Ok(output);
+    };
+    let (threads, client_auth) = (load.baseline_threads, load.baseline_client_auth);
+    let server = tokio::task::spawn_blocking(move || {
+        BaselineProcess::start(&exe, bind, &scope, &registration_id, threads, client_auth)
+    })
+    .await
+    .map_err(|e| Error::Config(format!("starting the baseline server process: {e}")))??;
+    let ready = server.ready().clone();
+    let endpoint =
+        Endpoint::new(ready.https, ready.mqtt, &bind.to_string(), ready.ca_pem.as_bytes(), load.tls)?;
+    let target = Arc::new(endpoint.target(protocol)?);
     let output = run_load(protocol, target, set, &load.options(label), &server.cpu()).await;
-    drop(server);
+    let _ = tokio::task::spawn_blocking(move || drop(server)).await;
     Ok(output)
 }
 

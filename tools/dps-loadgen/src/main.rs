@@ -56,8 +56,31 @@ enum Command {
         #[arg(long)]
         verify: bool,
     },
-    /// Runs the same load against a bare rustls + hyper server (or bare MQTT responder) in this process that
-    /// answers with fixed replies of the same size, and prints its rate.
+    /// A baseline server alone, for `bench`/`compare`/`baseline` to run in a process of its own: serves until
+    /// standard input closes.
+    #[command(hide = true)]
+    BaselineServer {
+        /// Address to bind (ports chosen by the system).
+        #[arg(long)]
+        bind: IpAddr,
+        /// ID scope of the fixed replies.
+        #[arg(long)]
+        id_scope: String,
+        /// Registration ID of the fixed replies.
+        #[arg(long)]
+        registration_id: String,
+        /// Worker threads.
+        #[arg(long)]
+        threads: usize,
+        /// Request an optional client certificate.
+        #[arg(long)]
+        client_auth: bool,
+        /// Where to write the listeners and CA (JSON) once listening.
+        #[arg(long)]
+        ready_file: PathBuf,
+    },
+    /// Runs the same load against a bare rustls + hyper server (or bare MQTT responder) in a process of its
+    /// own that answers with fixed replies of the same size, and prints its rate.
     Baseline {
         #[command(flatten)]
         load: LoadArgs,
@@ -205,6 +228,10 @@ struct LoadArgs {
     /// server must for X.509 attestation.
     #[arg(long)]
     baseline_client_auth: bool,
+    /// Run the baseline server inside the load generator's process (it then shares the crypto code and
+    /// tables with the devices' TLS clients in the CPU caches and runs faster than any separate server).
+    #[arg(long)]
+    baseline_in_process: bool,
     /// No progress bar (it is also off when stderr is not a terminal).
     #[arg(long, short)]
     quiet: bool,
@@ -238,6 +265,11 @@ impl LoadArgs {
                 .baseline_threads
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
             baseline_client_auth: self.baseline_client_auth,
+            baseline_process: if self.baseline_in_process {
+                None
+            } else {
+                Some(std::env::current_exe().map_err(|e| Error::io("locating this program", e))?)
+            },
         })
     }
 }
@@ -395,6 +427,21 @@ async fn main_inner(cli: Cli) -> Result<ExitCode, Error> {
                 ok &= v.is_ok();
             }
             Ok(verdict(ok))
+        }
+        Command::BaselineServer { bind, id_scope, registration_id, threads, client_auth, ready_file } => {
+            tokio::task::spawn_blocking(move || {
+                dps_loadgen::baseline::serve_standalone(
+                    bind,
+                    &id_scope,
+                    &registration_id,
+                    threads,
+                    client_auth,
+                    &ready_file,
+                )
+            })
+            .await
+            .map_err(|e| Error::Config(format!("baseline server: {e}")))??;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Baseline { load, mode, bind } => {
             let settings = load.settings()?;

@@ -34,6 +34,7 @@ fn settings(devices: usize, concurrency: usize) -> LoadSettings {
         tls: TlsVersions::Any.into(),
         baseline_threads: 2,
         baseline_client_auth: false,
+        baseline_process: None,
     }
 }
 
@@ -62,6 +63,23 @@ async fn https_baseline_end_to_end() {
         run_baseline(Protocol::Https, set.clone(), &settings(40, 8), LOCAL.parse().unwrap()).await.unwrap();
     check_clean(&out, &set, 40);
     assert!(out.report.label.contains("baseline https"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_baseline_in_a_process_of_its_own_serves_both_protocols_and_reports_its_cpu() {
+    for protocol in [Protocol::Https, Protocol::Mqtt] {
+        let set = devices(&format!("proc-{}", protocol.as_str()));
+        let mut load = settings(30, 6);
+        load.baseline_process = Some(env!("CARGO_BIN_EXE_dps-loadgen").into());
+        load.baseline_client_auth = true;
+        let out = run_baseline(protocol, set.clone(), &load, LOCAL.parse().unwrap()).await.unwrap();
+        check_clean(&out, &set, 30);
+        assert!(!out.report.label.contains("in the load generator's process"));
+        assert!(
+            out.report.server_cpu_per_registration().is_some(),
+            "the child's CPU time is read from /proc"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
