@@ -2,7 +2,9 @@
 //!
 //! Attestation answers two questions at once: *is this device who it says it is*, and *which enrollment
 //! does it belong to*. The answer is a proof value, [`VerifiedDevice`], that only this crate can construct;
-//! the engine's assignment step takes one, so "assigned without attestation" does not compile.
+//! the engine's assignment step takes one, so "assigned without attestation" does not compile. The proof
+//! is owned (`'static`): it names the enrollment (the individual enrollment itself, or a shared handle on the
+//! store's group snapshot) and the hub credential, so it survives an await such as a webhook call.
 //!
 //! Symmetric-key resolution order (spec §4.3, §12 item 27):
 //! 1. An individual enrollment with the registration ID decides alone: its primary then secondary key must
@@ -21,17 +23,43 @@ use dps_proto::credential::{CertificateChain, Credential, TpmRegistration};
 use dps_proto::model::{AttestationType, EnrollmentGroup, IndividualEnrollment, ProvisioningStatus};
 use dps_proto::sas::{device_resource, SasToken, SymmetricKey};
 use dps_proto::{DpsError, EnrollmentGroupId, ErrorCode, IdScope, RegistrationId, Timestamp};
+use std::sync::Arc;
 
-/// The enrollment a device matched, borrowed from the caller's data.
-#[derive(Debug, Clone, Copy)]
-pub enum MatchedEnrollment<'a> {
-    /// An individual enrollment.
-    Individual(&'a IndividualEnrollment),
-    /// An enrollment group.
-    Group(&'a EnrollmentGroup),
+/// One enrollment group of a shared, immutable group list (the store's cached snapshot): owning it costs
+/// one reference count, not a copy of the group.
+#[derive(Debug, Clone)]
+pub struct SharedGroup {
+    groups: Arc<Vec<EnrollmentGroup>>,
+    index: usize,
 }
 
-impl MatchedEnrollment<'_> {
+impl SharedGroup {
+    /// The group.
+    pub fn group(&self) -> &EnrollmentGroup {
+        // `index` is always in bounds: only `attest_symmetric_key` builds one, from an index it iterated.
+        &self.groups[self.index]
+    }
+}
+
+impl std::ops::Deref for SharedGroup {
+    type Target = EnrollmentGroup;
+
+    fn deref(&self) -> &EnrollmentGroup {
+        self.group()
+    }
+}
+
+/// The enrollment a device matched. Owned: a proof holding it may be kept across an await (a webhook, a
+/// certificate issuer, a TPM challenge) without borrowing the store's data.
+#[derive(Debug, Clone)]
+pub enum MatchedEnrollment {
+    /// An individual enrollment.
+    Individual(Arc<IndividualEnrollment>),
+    /// An enrollment group.
+    Group(SharedGroup),
+}
+
+impl MatchedEnrollment {
     /// Whether the matched enrollment is disabled.
     pub fn is_disabled(&self) -> bool {
         let status = match self {
@@ -51,24 +79,25 @@ impl MatchedEnrollment<'_> {
 }
 
 /// Proof that a device authenticated and which enrollment it belongs to. Only this crate constructs it.
+/// It owns everything it names (`Send + Sync + 'static`), so a flow can hold it across any effect.
 #[derive(Debug, Clone)]
-pub struct VerifiedDevice<'a> {
+pub struct VerifiedDevice {
     registration_id: RegistrationId,
-    enrollment: MatchedEnrollment<'a>,
+    enrollment: MatchedEnrollment,
     primary_key: SymmetricKey,
     secondary_key: SymmetricKey,
     key_index: usize,
 }
 
-impl<'a> VerifiedDevice<'a> {
+impl VerifiedDevice {
     /// The authenticated registration ID.
     pub fn registration_id(&self) -> &RegistrationId {
         &self.registration_id
     }
 
     /// The enrollment it matched (always enabled).
-    pub fn enrollment(&self) -> MatchedEnrollment<'a> {
-        self.enrollment
+    pub fn enrollment(&self) -> &MatchedEnrollment {
+        &self.enrollment
     }
 
     /// The device's primary key (the enrollment's key, or the group-derived key): the credential its hub
@@ -90,30 +119,30 @@ impl<'a> VerifiedDevice<'a> {
 
 /// A device that authenticated but whose enrollment is disabled.
 #[derive(Debug, Clone)]
-pub struct DisabledDevice<'a> {
+pub struct DisabledDevice {
     registration_id: RegistrationId,
-    enrollment: MatchedEnrollment<'a>,
+    enrollment: MatchedEnrollment,
 }
 
-impl<'a> DisabledDevice<'a> {
+impl DisabledDevice {
     /// The authenticated registration ID.
     pub fn registration_id(&self) -> &RegistrationId {
         &self.registration_id
     }
 
     /// The disabled enrollment.
-    pub fn enrollment(&self) -> MatchedEnrollment<'a> {
-        self.enrollment
+    pub fn enrollment(&self) -> &MatchedEnrollment {
+        &self.enrollment
     }
 }
 
 /// The outcome of a successful authentication.
 #[derive(Debug, Clone)]
-pub enum Attestation<'a> {
+pub enum Attestation {
     /// Authenticated, enrollment enabled: the device may be assigned.
-    Verified(VerifiedDevice<'a>),
+    Verified(VerifiedDevice),
     /// Authenticated, enrollment disabled: the registration ends in status `disabled`.
-    Disabled(DisabledDevice<'a>),
+    Disabled(DisabledDevice),
 }
 
 fn keys_of(
@@ -142,15 +171,16 @@ fn unauthorized(registration_id: &RegistrationId) -> DpsError {
 /// Authenticates a symmetric-key device (see the crate docs for the resolution order).
 ///
 /// `individual` is the individual enrollment with this registration ID, if any; `groups` are the instance's
-/// enrollment groups (non-symmetric-key groups are skipped), in the order to try them.
-pub fn attest_symmetric_key<'a>(
+/// enrollment groups (non-symmetric-key groups are skipped), in the order to try them. The proof takes the
+/// individual enrollment and shares the group list.
+pub fn attest_symmetric_key(
     now: Timestamp,
     id_scope: &IdScope,
     registration_id: &RegistrationId,
     token: &SasToken,
-    individual: Option<&'a IndividualEnrollment>,
-    groups: &'a [EnrollmentGroup],
-) -> Result<Attestation<'a>, DpsError> {
+    individual: Option<Arc<IndividualEnrollment>>,
+    groups: &Arc<Vec<EnrollmentGroup>>,
+) -> Result<Attestation, DpsError> {
     if token.is_expired(now) {
         return Err(DpsError::with_message(
             ErrorCode::TokenExpired,
@@ -181,33 +211,34 @@ pub fn attest_symmetric_key<'a>(
         return Ok(decide(registration_id, enrollment, primary, secondary, key_index));
     }
 
-    for g in groups {
+    for (index, g) in groups.iter().enumerate() {
         if g.attestation.kind != AttestationType::SymmetricKey {
             continue;
         }
         let Ok((group_primary, group_secondary)) = keys_of(g.attestation.symmetric_key.as_ref()) else {
             continue;
         };
+        let matched = || MatchedEnrollment::Group(SharedGroup { groups: Arc::clone(groups), index });
         let primary = group_primary.derive_device_key(registration_id.as_str());
         if token.signature_matches(&primary) {
             let secondary = group_secondary.derive_device_key(registration_id.as_str());
-            return Ok(decide(registration_id, MatchedEnrollment::Group(g), primary, secondary, 0));
+            return Ok(decide(registration_id, matched(), primary, secondary, 0));
         }
         let secondary = group_secondary.derive_device_key(registration_id.as_str());
         if token.signature_matches(&secondary) {
-            return Ok(decide(registration_id, MatchedEnrollment::Group(g), primary, secondary, 1));
+            return Ok(decide(registration_id, matched(), primary, secondary, 1));
         }
     }
     Err(unauthorized(registration_id))
 }
 
-fn decide<'a>(
+fn decide(
     registration_id: &RegistrationId,
-    enrollment: MatchedEnrollment<'a>,
+    enrollment: MatchedEnrollment,
     primary_key: SymmetricKey,
     secondary_key: SymmetricKey,
     key_index: usize,
-) -> Attestation<'a> {
+) -> Attestation {
     if enrollment.is_disabled() {
         Attestation::Disabled(DisabledDevice { registration_id: registration_id.clone(), enrollment })
     } else {
@@ -246,7 +277,7 @@ pub enum HubCredential {
     },
 }
 
-impl VerifiedDevice<'_> {
+impl VerifiedDevice {
     /// The credential to install on the device's hub identity.
     pub fn hub_credential(&self) -> HubCredential {
         HubCredential::Keys { primary: self.primary_key.clone(), secondary: self.secondary_key.clone() }
@@ -293,14 +324,14 @@ pub fn prepare(now: Timestamp, credential: &Credential) -> Result<Presented, Dps
 /// credential. Symmetric keys are verified as [`attest_symmetric_key`] describes; X.509 and TPM answer
 /// their precise "not supported yet" errors (`401002` for a presented client certificate, `401000` for
 /// TPM) until those mechanisms land.
-pub fn attest<'a>(
+pub fn attest(
     now: Timestamp,
     id_scope: &IdScope,
     registration_id: &RegistrationId,
     presented: &Presented,
-    individual: Option<&'a IndividualEnrollment>,
-    groups: &'a [EnrollmentGroup],
-) -> Result<Attestation<'a>, DpsError> {
+    individual: Option<Arc<IndividualEnrollment>>,
+    groups: &Arc<Vec<EnrollmentGroup>>,
+) -> Result<Attestation, DpsError> {
     match presented {
         Presented::SasToken(token) => {
             attest_symmetric_key(now, id_scope, registration_id, token, individual, groups)
@@ -374,20 +405,44 @@ mod tests {
         SasToken::parse(&build_token(k, &sr, expiry, Some("registration"))).unwrap()
     }
 
-    fn run<'a>(
+    fn run(
         token: &SasToken,
         id: &str,
-        ind: Option<&'a IndividualEnrollment>,
-        groups: &'a [EnrollmentGroup],
-    ) -> Result<Attestation<'a>, DpsError> {
+        ind: Option<&IndividualEnrollment>,
+        groups: &[EnrollmentGroup],
+    ) -> Result<Attestation, DpsError> {
         attest_symmetric_key(
             Timestamp::from_unix_seconds(NOW),
             &IdScope::parse(SCOPE).unwrap(),
             &RegistrationId::parse(id).unwrap(),
             token,
-            ind,
-            groups,
+            ind.cloned().map(Arc::new),
+            &Arc::new(groups.to_vec()),
         )
+    }
+
+    #[test]
+    fn the_proof_is_owned_and_outlives_its_inputs_across_threads() {
+        fn is_static_send<T: Send + Sync + 'static>(_: &T) {}
+        let groups = vec![group("g1", &key(3), &key(4), false)];
+        let t = token_for(&key(3).derive_device_key("dev-7"), "dev-7", NOW + 60);
+        let proof = run(&t, "dev-7", None, &groups).unwrap();
+        drop(groups);
+        is_static_send(&proof);
+        // Moved into a boxed `'static` holder (as a flow holds it across an await) and still names the group.
+        let held: Box<dyn std::any::Any + Send + Sync> = Box::new(proof);
+        let proof = *held.downcast::<Attestation>().unwrap();
+        let Attestation::Verified(v) = proof else { panic!("not verified") };
+        assert_eq!(v.enrollment().group_id(), Some("g1"));
+        let MatchedEnrollment::Group(g) = v.enrollment() else { panic!("group") };
+        assert_eq!(g.group().enrollment_group_id, "g1");
+        assert_eq!(
+            v.hub_credential(),
+            HubCredential::Keys {
+                primary: key(3).derive_device_key("dev-7"),
+                secondary: key(4).derive_device_key("dev-7")
+            }
+        );
     }
 
     #[test]

@@ -190,7 +190,7 @@ impl DeviceFlow {
         Ok(Step::Store(StoreOp::LoadDeviceContext { registration_id: self.request.registration_id.clone() }))
     }
 
-    fn on_context(&mut self, ctx: DeviceContext) -> Result<Step, DpsError> {
+    fn on_context(&mut self, mut ctx: DeviceContext) -> Result<Step, DpsError> {
         let Some(presented) = self.presented.as_ref() else {
             return Err(DpsError::with_message(ErrorCode::InternalError, "credential missing after start"));
         };
@@ -199,7 +199,7 @@ impl DeviceFlow {
             &self.config.id_scope,
             &self.request.registration_id,
             presented,
-            ctx.individual.as_ref(),
+            ctx.individual.take().map(Arc::new),
             &ctx.symmetric_key_groups,
         )?;
         match self.request.call.clone() {
@@ -271,7 +271,7 @@ impl DeviceFlow {
 
     fn register(
         &mut self,
-        attestation: Attestation<'_>,
+        attestation: Attestation,
         previous: Option<&RegistrationRecord>,
     ) -> Result<Step, DpsError> {
         let expected = previous.map(|p| p.etag.clone());
@@ -548,7 +548,7 @@ fn parse_device_body(body: &[u8], registration_id: &RegistrationId) -> Result<De
 
 fn enrollment_ref(
     registration_id: &RegistrationId,
-    matched: MatchedEnrollment<'_>,
+    matched: &MatchedEnrollment,
 ) -> Result<EnrollmentRef, DpsError> {
     Ok(match matched {
         MatchedEnrollment::Individual(_) => EnrollmentRef::Individual(registration_id.clone()),
@@ -614,7 +614,7 @@ fn twin_of(initial: Option<&InitialTwin>, iot_edge: bool) -> DeviceTwin {
 /// Decides where a verified device goes. Requires the attestation proof.
 fn plan_assignment(
     config: &EngineConfig,
-    device: &VerifiedDevice<'_>,
+    device: &VerifiedDevice,
     previous: Option<&RegistrationRecord>,
     api_version: &ApiVersion,
 ) -> Result<AssignmentPlan, DpsError> {
