@@ -177,6 +177,9 @@ struct WriterState {
     symmetric_key_groups: RwLock<Arc<Vec<EnrollmentGroup>>>,
     /// Which registration IDs may have an individual enrollment.
     enrollment_ids: cache::KeySet,
+    /// Which registration IDs may have a registration record: a device registering for the first time is
+    /// answered "no record" without a database read (about 32 bytes per record).
+    registration_ids: cache::KeySet,
     /// Registration records as last committed.
     registrations: cache::RecordCache,
     /// The store version (the `store_version` row) the three views above reflect; `-1` while they reflect
@@ -360,13 +363,22 @@ fn read_version(conn: &Connection) -> Result<i64, StoreError> {
 
 /// Loads the keys of every individual enrollment into `ids`.
 fn load_enrollment_ids(conn: &Connection, ids: &cache::KeySet) -> Result<(), StoreError> {
-    let mut stmt = conn
-        .prepare_cached("SELECT key FROM enrollments")
-        .map_err(|e| sql_error("preparing the enrollment ID query", &e))?;
-    let keys = stmt
-        .query_map([], |r| r.get::<_, String>(0))
-        .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| sql_error("loading the enrollment IDs", &e))?;
+    load_keys(conn, "SELECT key FROM enrollments", "enrollment IDs", ids)
+}
+
+/// Loads the keys of every registration record into `ids`.
+fn load_registration_ids(conn: &Connection, ids: &cache::KeySet) -> Result<(), StoreError> {
+    load_keys(conn, "SELECT key FROM registrations", "registration IDs", ids)
+}
+
+fn load_keys(conn: &Connection, sql: &str, what: &str, ids: &cache::KeySet) -> Result<(), StoreError> {
+    let mut stmt =
+        conn.prepare_cached(sql).map_err(|e| sql_error(&format!("preparing the {what} query"), &e))?;
+    let mut rows = stmt.query([]).map_err(|e| sql_error(&format!("loading the {what}"), &e))?;
+    let mut keys = Vec::new();
+    while let Some(row) = rows.next().map_err(|e| sql_error(&format!("loading the {what}"), &e))? {
+        keys.push(row.get::<_, String>(0).map_err(|e| sql_error(&format!("loading the {what}"), &e))?);
+    }
     ids.load(keys.iter().map(String::as_str));
     Ok(())
 }
@@ -423,6 +435,7 @@ impl SqliteStore {
         let state = Arc::new(WriterState {
             symmetric_key_groups: RwLock::new(Arc::new(Vec::new())),
             enrollment_ids: cache::KeySet::new(),
+            registration_ids: cache::KeySet::new(),
             registrations: cache::RecordCache::new(options.registration_cache_bytes),
             version: AtomicI64::new(-1),
             committing: AtomicI64::new(-1),
@@ -432,6 +445,7 @@ impl SqliteStore {
         });
         state.publish_groups(&groups);
         load_enrollment_ids(&conn, &state.enrollment_ids)?;
+        load_registration_ids(&conn, &state.registration_ids)?;
         state.version.store(version, Ordering::Release);
 
         let (sender, receiver) = mpsc::channel();
@@ -445,6 +459,7 @@ impl SqliteStore {
             version,
             groups_stale: false,
             enrollment_ids_stale: false,
+            registration_ids_stale: false,
         };
         let handle = std::thread::Builder::new()
             .name("dps-store-sqlite-writer".into())
@@ -626,6 +641,8 @@ impl SqliteStore {
                 };
                 let (registration, operations) = match cached {
                     Some(cached) => (Some(cached.record.clone()), cached.operations.clone()),
+                    // Current views and no such key: no record (a first registration reads nothing).
+                    None if current && !state.registration_ids.may_contain(id.key()) => (None, Vec::new()),
                     None => match Self::read_registration_with_operations(&conn, id.key())? {
                         Some(read) => (Some(read.record), read.operations),
                         None => (None, Vec::new()),
@@ -886,6 +903,8 @@ struct Writer {
     groups_stale: bool,
     /// The same for the set of enrollment IDs.
     enrollment_ids_stale: bool,
+    /// The same for the set of registration IDs.
+    registration_ids_stale: bool,
 }
 
 /// A change to an in-memory view made by a request of the current batch (registration records are taken
@@ -895,6 +914,8 @@ enum Change {
     GroupRemove(String),
     EnrollmentAdded(String),
     EnrollmentRemoved(String),
+    RegistrationAdded(String),
+    RegistrationRemoved(String),
     /// The operation history a successful registration commit wrote (one per successful commit, in request
     /// order).
     RegistrationOperations(Vec<IssuedOperation>),
@@ -954,6 +975,8 @@ impl Writer {
                         }
                         Change::EnrollmentAdded(key) => self.state.enrollment_ids.added(&key),
                         Change::EnrollmentRemoved(key) => self.state.enrollment_ids.removed(&key),
+                        Change::RegistrationAdded(key) => self.state.registration_ids.added(&key),
+                        Change::RegistrationRemoved(key) => self.state.registration_ids.removed(&key),
                         Change::RegistrationOperations(operations) => histories.push_back(operations),
                     }
                 }
@@ -1000,6 +1023,10 @@ impl Writer {
                             self.enrollment_ids_stale = true;
                             self.state.enrollment_ids.unknown();
                         }
+                        Change::RegistrationAdded(_) | Change::RegistrationRemoved(_) => {
+                            self.registration_ids_stale = true;
+                            self.state.registration_ids.unknown();
+                        }
                         Change::RegistrationOperations(_) => {}
                     }
                 }
@@ -1026,6 +1053,11 @@ impl Writer {
         }
         if self.enrollment_ids_stale && load_enrollment_ids(&self.conn, &self.state.enrollment_ids).is_ok() {
             self.enrollment_ids_stale = false;
+        }
+        if self.registration_ids_stale
+            && load_registration_ids(&self.conn, &self.state.registration_ids).is_ok()
+        {
+            self.registration_ids_stale = false;
         }
     }
 
@@ -1084,6 +1116,10 @@ impl Writer {
         self.enrollment_ids_stale = true;
         load_enrollment_ids(&self.conn, &self.state.enrollment_ids)?;
         self.enrollment_ids_stale = false;
+        self.state.registration_ids.unknown();
+        self.registration_ids_stale = true;
+        load_registration_ids(&self.conn, &self.state.registration_ids)?;
+        self.registration_ids_stale = false;
         self.groups = load_symmetric_key_groups(&self.conn)?;
         self.groups_stale = false;
         self.state.publish_groups(&self.groups);
@@ -1119,6 +1155,9 @@ impl Writer {
                     Ok(row) => row,
                     Err(e) => return Ok(Err(e)),
                 };
+                if current.is_none() {
+                    changes.push(Change::RegistrationAdded(key.clone()));
+                }
                 match current {
                     None => conn
                         .prepare_cached(
@@ -1147,6 +1186,7 @@ impl Writer {
                     _ => {}
                 }
                 conn.prepare_cached("DELETE FROM registrations WHERE key = ?1")?.execute([key])?;
+                changes.push(Change::RegistrationRemoved(key.clone()));
                 Ok(Ok(StoreResult::Done))
             }
             WriteOp::PutEnrollment { enrollment, condition } => {
