@@ -28,6 +28,10 @@
 // A host crate: it reads the wall clock (SystemClock) and spawns Tokio tasks for early-answered flows.
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
+mod assigning;
+pub use assigning::AssigningRecords;
+use assigning::{FlowStore, Overlay};
+
 use dps_core::object::{DynHubDirectory, DynStore};
 use dps_core::proto::id::format_uuid;
 use dps_core::store::BlockingStore;
@@ -101,6 +105,7 @@ pub struct HostBuilder {
     clock: Arc<dyn Clock>,
     rng: Option<Box<dyn RngCore + Send>>,
     poll_hold: Duration,
+    assigning: AssigningRecords,
 }
 
 /// The default of [`HostBuilder::poll_hold`].
@@ -142,6 +147,14 @@ impl HostBuilder {
         self
     }
 
+    /// Where an early-answered registration's `assigning` record lives while its hub work runs (default
+    /// [`AssigningRecords::Host`]: in memory, one store write fewer per registration; see
+    /// [`AssigningRecords`] for what other processes then see).
+    pub fn assigning_records(mut self, assigning: AssigningRecords) -> Self {
+        self.assigning = assigning;
+        self
+    }
+
     /// Validates the configuration and builds the host.
     pub fn build(self) -> Result<Host, DpsError> {
         let engine = Engine::new(self.config)?;
@@ -160,6 +173,10 @@ impl HostBuilder {
                 background: TaskTracker::new(),
                 in_flight: Mutex::new(HashMap::new()),
                 poll_hold: self.poll_hold,
+                overlay: match self.assigning {
+                    AssigningRecords::Host => Some(Arc::new(Overlay::default())),
+                    AssigningRecords::Store => None,
+                },
             }),
         })
     }
@@ -176,6 +193,8 @@ struct Inner {
     /// sender dropped when the flow is done.
     in_flight: Mutex<HashMap<FlowKey, watch::Receiver<()>>>,
     poll_hold: Duration,
+    /// In-memory `assigning` records (with [`AssigningRecords::Host`]).
+    overlay: Option<Arc<Overlay>>,
 }
 
 type FlowKey = (String, String);
@@ -209,6 +228,7 @@ impl Host {
             clock: Arc::new(SystemClock),
             rng: None,
             poll_hold: DEFAULT_POLL_HOLD,
+            assigning: AssigningRecords::default(),
         }
     }
 
@@ -300,10 +320,13 @@ impl Host {
     async fn drive<F: dps_core::Flow + Send + 'static>(&self, mut flow: F, key: Option<FlowKey>) -> Reply {
         let inner = &self.inner;
         let clock = || inner.clock.now();
-        match run_async_until_reply(&mut flow, &inner.store, &inner.hubs, &clock).await {
-            Progress::Done(reply) => reply,
+        let store = FlowStore::new(Arc::clone(&inner.store), inner.overlay.clone());
+        match run_async_until_reply(&mut flow, &store, &inner.hubs, &clock).await {
+            Progress::Done(reply) => {
+                store.release();
+                reply
+            }
             Progress::Replied { reply, next } => {
-                let store = Arc::clone(&inner.store);
                 let hubs = Arc::clone(&inner.hubs);
                 let clock = Arc::clone(&inner.clock);
                 let tracked = key.map(|key| {
@@ -314,6 +337,7 @@ impl Host {
                 let host = self.clone();
                 inner.background.spawn(async move {
                     finish_async(&mut flow, next, &store, &hubs, &|| clock.now()).await;
+                    store.release();
                     if let Some((key, done, running)) = tracked {
                         let mut map = host.in_flight();
                         // A later register of the same device may have replaced the entry.
@@ -327,6 +351,11 @@ impl Host {
                 reply
             }
         }
+    }
+
+    /// How many registrations are assigning with their `assigning` record in this host's memory.
+    pub fn assigning_in_memory(&self) -> usize {
+        self.inner.overlay.as_ref().map_or(0, |o| o.len())
     }
 
     /// How many early-answered flows are still finishing in the background.

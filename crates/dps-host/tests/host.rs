@@ -144,6 +144,91 @@ async fn a_poll_during_the_hub_work_is_held_until_the_flow_finishes_and_gets_the
     host.drain().await;
 }
 
+fn stored_status(store: &MemoryStore, id: &str) -> Option<String> {
+    use dps_core::store::{BlockingStore, StoreOp, StoreResult};
+    let op =
+        StoreOp::GetRegistration { registration_id: dps_core::proto::RegistrationId::parse(id).unwrap() };
+    match BlockingStore::execute(store, op).unwrap() {
+        StoreResult::Registration(r) => {
+            r.map(|r| serde_json::to_value(r.status).unwrap().as_str().unwrap().to_owned())
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_assigning_record_lives_in_the_host_by_default_and_in_the_store_on_request() {
+    for where_ in [dps_host::AssigningRecords::Host, dps_host::AssigningRecords::Store] {
+        let hubs = Arc::new(HeldHubs { inner: MemoryHubDirectory::new(), gate: Semaphore::new(0) });
+        let store = Arc::new(MemoryStore::new());
+        let host = Host::builder(config(true))
+            .store(store.clone())
+            .hubs(hubs.clone())
+            .assigning_records(where_)
+            .poll_hold(std::time::Duration::ZERO)
+            .build()
+            .unwrap();
+        assert_eq!(host.http(service("PUT", "/enrollmentGroups/g1", group_body())).await.status, 200);
+        let registered = host.http(device("PUT", "/register", "dev-1")).await;
+        let op = body(&registered)["operationId"].as_str().unwrap().to_owned();
+        // Polls through the host see `assigning` either way; the store holds it only when asked to.
+        let poll = host.http(device("GET", &format!("/operations/{op}"), "dev-1")).await;
+        assert_eq!((poll.status, body(&poll)["status"].clone()), (202, json!("assigning")), "{where_:?}");
+        match where_ {
+            dps_host::AssigningRecords::Host => {
+                assert_eq!(stored_status(&store, "dev-1"), None);
+                assert_eq!(host.assigning_in_memory(), 1);
+            }
+            dps_host::AssigningRecords::Store => {
+                assert_eq!(stored_status(&store, "dev-1").as_deref(), Some("assigning"));
+                assert_eq!(host.assigning_in_memory(), 0);
+            }
+        }
+        // An overlapping register of the same device during the hub work keeps the operation ID.
+        let again = host.http(device("PUT", "/register", "dev-1")).await;
+        assert_eq!(body(&again)["operationId"], op.as_str(), "{where_:?}");
+        hubs.gate.add_permits(2);
+        host.drain().await;
+        assert_eq!(host.assigning_in_memory(), 0);
+        assert_eq!(stored_status(&store, "dev-1").as_deref(), Some("assigned"));
+        let poll = host.http(device("GET", &format!("/operations/{op}"), "dev-1")).await;
+        assert_eq!(poll.status, 200, "{where_:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_by_someone_else_during_an_in_memory_assignment_is_never_overwritten() {
+    let hubs = Arc::new(HeldHubs { inner: MemoryHubDirectory::new(), gate: Semaphore::new(0) });
+    let store = Arc::new(MemoryStore::new());
+    let host = Host::builder(config(true))
+        .store(store.clone())
+        .hubs(hubs.clone())
+        .poll_hold(std::time::Duration::ZERO)
+        .build()
+        .unwrap();
+    assert_eq!(host.http(service("PUT", "/enrollmentGroups/g1", group_body())).await.status, 200);
+    let registered = host.http(device("PUT", "/register", "dev-1")).await;
+    assert_eq!(registered.status, 202);
+    // Another process (a second host on the same store) registers the same device to the end meanwhile.
+    let other = Host::builder(config(false))
+        .store(store.clone())
+        .hubs(Arc::new(MemoryHubDirectory::new()))
+        .build()
+        .unwrap();
+    let theirs = other.http(device("PUT", "/register", "dev-1")).await;
+    assert_eq!(theirs.status, 202);
+    let their_op = body(&theirs)["operationId"].as_str().unwrap().to_owned();
+    assert_eq!(stored_status(&store, "dev-1").as_deref(), Some("assigned"));
+    // Our final commit expects the store to hold what it held before our register: it conflicts, and the
+    // other process's record stays.
+    hubs.gate.add_permits(1);
+    host.drain().await;
+    assert_eq!(host.assigning_in_memory(), 0);
+    let poll = other.http(device("GET", &format!("/operations/{their_op}"), "dev-1")).await;
+    assert_eq!(poll.status, 200, "{}", String::from_utf8_lossy(&poll.body));
+    assert_eq!(body(&poll)["operationId"], their_op.as_str());
+}
+
 #[tokio::test]
 async fn late_answer_returns_the_assignment_with_the_first_reply_and_leaves_nothing_behind() {
     let hubs = Arc::new(MemoryHubDirectory::new());
