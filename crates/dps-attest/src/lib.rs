@@ -85,8 +85,16 @@ pub struct VerifiedDevice {
     registration_id: RegistrationId,
     enrollment: MatchedEnrollment,
     primary_key: SymmetricKey,
-    secondary_key: SymmetricKey,
+    secondary_key: Secondary,
     key_index: usize,
+}
+
+/// The device's secondary key, or the group key it is derived from (derived only when asked for: a poll
+/// re-attests but never needs it).
+#[derive(Debug, Clone)]
+enum Secondary {
+    Key(SymmetricKey),
+    FromGroup(SymmetricKey),
 }
 
 impl VerifiedDevice {
@@ -106,9 +114,13 @@ impl VerifiedDevice {
         &self.primary_key
     }
 
-    /// The device's secondary key.
-    pub fn secondary_key(&self) -> &SymmetricKey {
-        &self.secondary_key
+    /// The device's secondary key (for a group device, derived from the group's secondary key on each
+    /// call).
+    pub fn secondary_key(&self) -> SymmetricKey {
+        match &self.secondary_key {
+            Secondary::Key(k) => k.clone(),
+            Secondary::FromGroup(group) => group.derive_device_key(self.registration_id.as_str()),
+        }
     }
 
     /// 0 when the primary key verified the token, 1 for the secondary.
@@ -208,7 +220,7 @@ pub fn attest_symmetric_key(
             .position(|k| token.signature_matches(k))
             .ok_or_else(|| unauthorized(registration_id))?;
         let enrollment = MatchedEnrollment::Individual(e);
-        return Ok(decide(registration_id, enrollment, primary, secondary, key_index));
+        return Ok(decide(registration_id, enrollment, primary, Secondary::Key(secondary), key_index));
     }
 
     for (index, g) in groups.iter().enumerate() {
@@ -221,12 +233,11 @@ pub fn attest_symmetric_key(
         let matched = || MatchedEnrollment::Group(SharedGroup { groups: Arc::clone(groups), index });
         let primary = group_primary.derive_device_key(registration_id.as_str());
         if token.signature_matches(&primary) {
-            let secondary = group_secondary.derive_device_key(registration_id.as_str());
-            return Ok(decide(registration_id, matched(), primary, secondary, 0));
+            return Ok(decide(registration_id, matched(), primary, Secondary::FromGroup(group_secondary), 0));
         }
         let secondary = group_secondary.derive_device_key(registration_id.as_str());
         if token.signature_matches(&secondary) {
-            return Ok(decide(registration_id, matched(), primary, secondary, 1));
+            return Ok(decide(registration_id, matched(), primary, Secondary::Key(secondary), 1));
         }
     }
     Err(unauthorized(registration_id))
@@ -236,7 +247,7 @@ fn decide(
     registration_id: &RegistrationId,
     enrollment: MatchedEnrollment,
     primary_key: SymmetricKey,
-    secondary_key: SymmetricKey,
+    secondary_key: Secondary,
     key_index: usize,
 ) -> Attestation {
     if enrollment.is_disabled() {
@@ -280,7 +291,7 @@ pub enum HubCredential {
 impl VerifiedDevice {
     /// The credential to install on the device's hub identity.
     pub fn hub_credential(&self) -> HubCredential {
-        HubCredential::Keys { primary: self.primary_key.clone(), secondary: self.secondary_key.clone() }
+        HubCredential::Keys { primary: self.primary_key.clone(), secondary: self.secondary_key() }
     }
 }
 
