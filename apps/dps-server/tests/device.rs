@@ -10,10 +10,7 @@ use common::*;
 use dps_core::proto::mqtt::{build_username, operation_status_topic, parse_response_topic, register_topic};
 use dps_core::proto::sas::SymmetricKey;
 use dps_server::admin::{EnrollmentSettings, Kind};
-use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::Message;
 
 async fn enroll(server: &dps_server::server::RunningServer, registration_id: &str) {
     let settings = EnrollmentSettings {
@@ -192,48 +189,12 @@ async fn device_provisions_over_mqtt_on_tls() {
     server.shutdown().await.unwrap();
 }
 
-/// Adapts a WebSocket (binary messages) to a byte stream for the MQTT helpers.
+/// One MQTT registration over a WebSocket on the HTTPS port.
 async fn websocket_register(server: &dps_server::server::RunningServer, registration_id: &str) -> Value {
-    let tls = raw_tls(server).await;
-    let mut request = "wss://localhost/$iothub/websocket".into_client_request().unwrap();
-    request.headers_mut().insert("sec-websocket-protocol", "mqtt".parse().unwrap());
-    let (ws, response) = tokio_tungstenite::client_async(request, tls).await.unwrap();
-    assert_eq!(response.status(), 101);
-    assert_eq!(response.headers().get("sec-websocket-protocol").unwrap(), "mqtt");
-
-    // Bridge: bytes written to `ours` become binary messages, and messages become bytes to read.
-    let (ours, theirs) = tokio::io::duplex(64 * 1024);
-    let (mut theirs_read, mut theirs_write) = tokio::io::split(theirs);
-    let (mut sink, mut stream) = ws.split();
-    let up = tokio::spawn(async move {
-        use tokio::io::AsyncReadExt;
-        let mut chunk = vec![0u8; 16 * 1024];
-        loop {
-            let n = theirs_read.read(&mut chunk).await.unwrap_or(0);
-            if n == 0 {
-                let _ = sink.close().await;
-                break;
-            }
-            if sink.send(Message::binary(chunk[..n].to_vec())).await.is_err() {
-                break;
-            }
-        }
-    });
-    let down = tokio::spawn(async move {
-        use tokio::io::AsyncWriteExt;
-        while let Some(Ok(msg)) = stream.next().await {
-            if let Message::Binary(b) = msg {
-                if theirs_write.write_all(&b).await.is_err() {
-                    break;
-                }
-            }
-        }
-    });
-    let mut ours = ours;
-    let result = mqtt_register(&mut ours, registration_id).await;
-    drop(ours);
-    let _ = up.await;
-    down.abort();
+    let (mut stream, bridge) = mqtt_websocket(server).await;
+    let result = mqtt_register(&mut stream, registration_id).await;
+    drop(stream);
+    bridge.finish().await;
     result
 }
 

@@ -61,16 +61,26 @@ async fn https_final(server: &RunningServer, id: &str, op: &str) -> Value {
     panic!("operation {op} still assigning");
 }
 
-/// An MQTT session over TLS on 8883's listener, connected and subscribed.
+/// A byte stream an MQTT session runs on.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// An MQTT session, over TLS on 8883's listener or over a WebSocket on 443's, connected and subscribed.
 struct Mqtt {
-    tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    tls: Box<dyn Io>,
     buf: Vec<u8>,
     rid: u32,
+    _bridge: Option<WsBridge>,
 }
 
 impl Mqtt {
-    async fn connect(server: &RunningServer, id: &str, client: &str) -> Mqtt {
-        let mut tls = raw_tls_to(server, server.ready.mqtt.unwrap()).await;
+    async fn connect_on(server: &RunningServer, id: &str, client: &str, websocket: bool) -> Mqtt {
+        let (mut tls, bridge): (Box<dyn Io>, _) = if websocket {
+            let (stream, bridge) = mqtt_websocket(server).await;
+            (Box::new(stream), Some(bridge))
+        } else {
+            (Box::new(raw_tls_to(server, server.ready.mqtt.unwrap()).await), None)
+        };
         let mut buf = Vec::new();
         let username = build_username(SCOPE, id, "2019-03-31", None);
         let password = device_token(&device_key(), SCOPE, id, 3600);
@@ -78,7 +88,7 @@ impl Mqtt {
         assert_eq!(mqtt_read(&mut tls, &mut buf).await.first, 0x20);
         write_all(&mut tls, &mqtt_subscribe(1, "$dps/registrations/res/#")).await;
         assert_eq!(mqtt_read(&mut tls, &mut buf).await.first, 0x90);
-        Mqtt { tls, buf, rid: 0 }
+        Mqtt { tls, buf, rid: 0, _bridge: bridge }
     }
 
     async fn call(&mut self, topic: impl Fn(&str) -> String, payload: &[u8]) -> (u16, Value) {
@@ -152,29 +162,42 @@ async fn https_staggered_and_burst_registers_all_poll_to_the_final_result() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt_staggered_and_burst_registers_all_poll_to_the_final_result() {
+    mqtt_overlaps(false, "ov-mqtt").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_over_websocket_staggered_and_burst_registers_all_poll_to_the_final_result() {
+    mqtt_overlaps(true, "ov-ws").await;
+}
+
+async fn mqtt_overlaps(websocket: bool, id: &str) {
     let dir = tempfile::tempdir().unwrap();
     let server = start(config(dir.path())).await;
-    enroll(&server, "ov-mqtt").await;
+    enroll(&server, id).await;
 
     // Two SDK instances of one device, 300 ms apart.
-    let mut a = Mqtt::connect(&server, "ov-mqtt", "ov-mqtt").await;
-    let mut b = Mqtt::connect(&server, "ov-mqtt", "ov-mqtt").await;
-    let first = a.register("ov-mqtt").await;
+    let mut a = Mqtt::connect_on(&server, id, id, websocket).await;
+    let mut b = Mqtt::connect_on(&server, id, id, websocket).await;
+    let first = a.register(id).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let second = b.register("ov-mqtt").await;
+    let second = b.register(id).await;
     let results = vec![a.final_state(&first).await, b.final_state(&second).await];
-    assert_all_assigned(&results, "ov-mqtt");
+    assert_all_assigned(&results, id);
 
     // A burst of eight sessions registering at once.
     let mut sessions = Vec::new();
     for _ in 0..8 {
-        sessions.push(Mqtt::connect(&server, "ov-mqtt", "ov-mqtt").await);
+        sessions.push(Mqtt::connect_on(&server, id, id, websocket).await);
     }
-    let ops = futures_util::future::join_all(sessions.iter_mut().map(|s| s.register("ov-mqtt"))).await;
+    let ops = futures_util::future::join_all(sessions.iter_mut().map(|s| s.register(id))).await;
     let mut results = Vec::new();
     for op in &ops {
         results.push(a.final_state(op).await);
     }
-    assert_all_assigned(&results, "ov-mqtt");
+    assert_all_assigned(&results, id);
+    if websocket {
+        let metrics = server.state.metrics.render();
+        assert!(metrics.contains("dps_connections_total{transport=\"websocket\"} 10"), "{metrics}");
+    }
     server.shutdown().await.unwrap();
 }

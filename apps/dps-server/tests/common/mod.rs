@@ -246,3 +246,59 @@ pub async fn write_all<S: AsyncWrite + Unpin>(s: &mut S, bytes: &[u8]) {
     s.write_all(bytes).await.unwrap();
     s.flush().await.unwrap();
 }
+
+/// The two copying tasks of a WebSocket bridge ([`mqtt_websocket`]).
+pub struct WsBridge {
+    up: tokio::task::JoinHandle<()>,
+    down: tokio::task::JoinHandle<()>,
+}
+
+impl WsBridge {
+    /// Waits for the upstream copy to close the WebSocket (after the stream was dropped), then stops.
+    pub async fn finish(self) {
+        let _ = self.up.await;
+        self.down.abort();
+    }
+}
+
+/// A WebSocket (subprotocol `mqtt`) on the server's HTTPS port, adapted to a byte stream for the MQTT
+/// helpers: bytes written become binary messages, messages become bytes to read.
+pub async fn mqtt_websocket(server: &RunningServer) -> (tokio::io::DuplexStream, WsBridge) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+    let tls = raw_tls(server).await;
+    let mut request = "wss://localhost/$iothub/websocket".into_client_request().unwrap();
+    request.headers_mut().insert("sec-websocket-protocol", "mqtt".parse().unwrap());
+    let (ws, response) = tokio_tungstenite::client_async(request, tls).await.unwrap();
+    assert_eq!(response.status(), 101);
+    assert_eq!(response.headers().get("sec-websocket-protocol").unwrap(), "mqtt");
+    let (ours, theirs) = tokio::io::duplex(64 * 1024);
+    let (mut theirs_read, mut theirs_write) = tokio::io::split(theirs);
+    let (mut sink, mut stream) = ws.split();
+    let up = tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut chunk = vec![0u8; 16 * 1024];
+        loop {
+            let n = theirs_read.read(&mut chunk).await.unwrap_or(0);
+            if n == 0 {
+                let _ = sink.close().await;
+                break;
+            }
+            if sink.send(Message::binary(chunk[..n].to_vec())).await.is_err() {
+                break;
+            }
+        }
+    });
+    let down = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        while let Some(Ok(msg)) = stream.next().await {
+            if let Message::Binary(b) = msg {
+                if theirs_write.write_all(&b).await.is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    (ours, WsBridge { up, down })
+}
