@@ -163,8 +163,30 @@ pub(crate) fn https_service(
     })
 }
 
+/// RFC 9112 §3.2: an HTTP/1.1 request carries exactly one `Host` header; anything else is answered 400.
+fn host_header_problem(req: &Request<Incoming>) -> Option<String> {
+    if req.version() != hyper::Version::HTTP_11 {
+        return None;
+    }
+    match req.headers().get_all(hyper::header::HOST).iter().count() {
+        1 => None,
+        0 => Some("an HTTP/1.1 request must carry a Host header (RFC 9112 §3.2); this one has none".into()),
+        n => Some(format!(
+            "an HTTP/1.1 request must carry exactly one Host header (RFC 9112 §3.2); this one has {n}"
+        )),
+    }
+}
+
 async fn handle_https(mut req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Resp {
     let shared = &ctx.shared;
+    if let Some(message) = host_header_problem(&req) {
+        shared.state.metrics.request(Api::Other, 400);
+        return reply_response(
+            error_reply(shared, DpsError::with_message(ErrorCode::BadRequest, message)),
+            None,
+            true,
+        );
+    }
     if dps_mqtt::is_websocket_upgrade(req.headers()) {
         let refused = |message: String| {
             tracing::debug!(peer = %ctx.peer, %message, "WebSocket upgrade refused");

@@ -95,6 +95,74 @@ async fn malformed_json(server: &RunningServer) {
     assert_eq!((r.status, error_code(&r.body)), (400, 400001));
 }
 
+/// Issue 14, defect 1: a JSON array where an object belongs was bound by position.
+async fn json_arrays_are_not_objects(server: &RunningServer) {
+    let token = device_token(&device_key(), SCOPE, "bi-dev-1", 3600);
+    for body in [&b"[]"[..], br#"["other-dev"]"#, br#"["bi-dev-1", null, {"a":1}]"#] {
+        let r = https(server)
+            .request(
+                "PUT",
+                &register_path(SCOPE, "bi-dev-1"),
+                &[("authorization", token.clone())],
+                body.to_vec(),
+            )
+            .await
+            .unwrap();
+        assert_eq!((r.status, error_code(&r.body)), (400, 400001), "{}", String::from_utf8_lossy(&r.body));
+    }
+    let svc = service(server);
+    let cases: [(&str, &str, &[u8]); 4] = [
+        ("POST", "/enrollments?api-version=2021-10-01", br#"[[{"registrationId":"x"}],"create"]"#),
+        ("POST", "/enrollments/query?api-version=2021-10-01", br#"["SELECT * FROM enrollments"]"#),
+        ("PUT", "/enrollments/arr-1?api-version=2021-10-01", br#"["arr-1"]"#),
+        (
+            "PUT",
+            "/enrollments/arr-2?api-version=2021-10-01",
+            br#"{"registrationId":"arr-2","attestation":["symmetricKey"]}"#,
+        ),
+    ];
+    for (method, path, body) in cases {
+        let r = https(server)
+            .request(method, path, &[("authorization", svc.token())], body.to_vec())
+            .await
+            .unwrap();
+        assert_eq!(
+            (r.status, error_code(&r.body)),
+            (400, 400001),
+            "{path}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+}
+
+/// Issue 14, defect 2: RFC 9112 §3.2 requires exactly one Host header in an HTTP/1.1 request.
+async fn host_header_is_required_once(server: &RunningServer) {
+    for head in
+        ["GET /health HTTP/1.1\r\n\r\n", "GET /health HTTP/1.1\r\nHost: localhost\r\nHost: other\r\n\r\n"]
+    {
+        let mut s = raw_tls(server).await;
+        write_all(&mut s, head.as_bytes()).await;
+        let (status, headers, body) = read_response(&mut s).await;
+        assert_eq!((status, error_code(&body)), (400, 400000), "{head:?}");
+        assert_eq!(header(&headers, "connection"), Some("close"));
+        let text = String::from_utf8_lossy(&body);
+        assert!(text.contains("Host header"), "{text}");
+    }
+}
+
+/// Issue 14, defect 9: a WebSocket upgrade offering only subprotocols the server does not speak.
+async fn websocket_upgrade_without_mqtt_is_refused(server: &RunningServer) {
+    let mut s = raw_tls(server).await;
+    let head =
+        "GET /$iothub/websocket HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+                Sec-WebSocket-Protocol: AMQPWSB10\r\n\r\n";
+    write_all(&mut s, head.as_bytes()).await;
+    let (status, _, body) = read_response(&mut s).await;
+    assert_eq!((status, error_code(&body)), (400, 400000));
+    assert!(String::from_utf8_lossy(&body).contains("AMQPWSB10"));
+}
+
 async fn bad_tokens(server: &RunningServer) {
     let http = https(server);
     let path = register_path(SCOPE, "bad-dev");
@@ -175,6 +243,9 @@ async fn bad_input_never_breaks_the_server() {
     malformed_request_line(&server).await;
     oversized_bodies(&server).await;
     malformed_json(&server).await;
+    json_arrays_are_not_objects(&server).await;
+    host_header_is_required_once(&server).await;
+    websocket_upgrade_without_mqtt_is_refused(&server).await;
     bad_tokens(&server).await;
     slow_client_is_cut_off_while_others_are_served(&server).await;
     garbage_instead_of_tls(&server, server.ready.https).await;

@@ -529,10 +529,10 @@ fn parse_device_body(body: &[u8], registration_id: &RegistrationId) -> Result<De
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(DeviceRegistration::default());
     }
-    let parsed: DeviceRegistration = serde_json::from_slice(body).map_err(|e| {
+    let parsed: DeviceRegistration = dps_proto::strict::from_slice(body).map_err(|e| {
         DpsError::with_message(
             ErrorCode::InvalidJson,
-            format!("The registration request is not valid JSON: {e}"),
+            format!("The registration request is not a valid JSON object: {e}"),
         )
     })?;
     if let Some(id) = parsed.registration_id.as_deref() {

@@ -381,7 +381,7 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result
             format!("The request body is {} bytes; the limit is {MAX_BODY_BYTES}.", body.len()),
         ));
     }
-    serde_json::from_slice(body).map_err(|e| {
+    dps_proto::strict::from_slice(body).map_err(|e| {
         DpsError::with_message(ErrorCode::InvalidJson, format!("The body is not a valid {what}: {e}"))
     })
 }

@@ -78,6 +78,16 @@ pub fn websocket_upgrade_response(headers: &HeaderMap) -> Result<Response<()>, M
     if !tokens(headers, &SEC_WEBSOCKET_VERSION).any(|v| v == "13") {
         return Err(invalid("the Sec-WebSocket-Version is missing or not 13"));
     }
+    // A client that offers subprotocols but none this server speaks would otherwise get a 101 without a
+    // Sec-WebSocket-Protocol header and wait for a protocol that never comes (RFC 6455 §4.2.2: the server
+    // may refuse). No offer at all is taken as MQTT, as some MQTT clients send none.
+    let offered: Vec<&str> = tokens(headers, &SEC_WEBSOCKET_PROTOCOL).collect();
+    if !offered.is_empty() && !offered.iter().any(|p| p.eq_ignore_ascii_case(WEBSOCKET_SUBPROTOCOL)) {
+        return Err(MqttError::InvalidUpgrade(format!(
+            "the client offers only the WebSocket subprotocol(s) {}; this endpoint speaks '{WEBSOCKET_SUBPROTOCOL}'",
+            offered.join(", ")
+        )));
+    }
     let accept = derive_accept_key(key_bytes.trim_ascii());
     let mut response = Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
@@ -209,7 +219,7 @@ mod tests {
     }
 
     #[test]
-    fn no_subprotocol_header_unless_mqtt_is_offered() {
+    fn an_offer_without_mqtt_is_refused_and_no_offer_is_taken_as_mqtt() {
         let base = [
             ("upgrade", "websocket"),
             ("connection", "Upgrade"),
@@ -220,8 +230,12 @@ mod tests {
         assert!(!r.headers().contains_key(SEC_WEBSOCKET_PROTOCOL));
         let mut other = base.to_vec();
         other.push(("sec-websocket-protocol", "AMQPWSB10"));
-        let r = websocket_upgrade_response(&headers(&other)).unwrap();
-        assert!(!r.headers().contains_key(SEC_WEBSOCKET_PROTOCOL));
+        match websocket_upgrade_response(&headers(&other)) {
+            Err(MqttError::InvalidUpgrade(m)) => {
+                assert!(m.contains("AMQPWSB10") && m.contains("mqtt"), "{m}")
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
     }
 
     #[test]

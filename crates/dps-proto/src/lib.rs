@@ -19,6 +19,7 @@ pub mod mqtt;
 pub mod query;
 pub mod route;
 pub mod sas;
+pub mod strict;
 pub mod time;
 
 pub use credential::Credential;
