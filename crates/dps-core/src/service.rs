@@ -63,7 +63,10 @@ impl Kind {
 #[derive(Debug, Clone)]
 enum Then {
     Get(Kind, String),
-    Put(Kind, String),
+    /// A create-or-replace; the flags name the symmetric-key slots (primary, secondary) kept from the
+    /// stored item because the request left them out: the reply hides those, as a GET would, and shows
+    /// only keys the caller sent or the service generated.
+    Put(Kind, String, [bool; 2]),
     Delete(Kind, String),
     Attestation(Kind, String),
     Query(Kind, usize),
@@ -140,21 +143,22 @@ impl KeepKeys {
     fn into_put(
         self,
         stored: Result<StoreResult, StoreError>,
-    ) -> Result<(StoreOp, bool), Option<StoreError>> {
+    ) -> Result<(StoreOp, bool, [bool; 2]), Option<StoreError>> {
         let KeepKeys { item, supplied, condition } = self;
+        let mut kept = [false; 2];
         let read_etag = |etag: Option<&String>| etag.map(|e| IfMatch::parse(e));
         let (item, stored_etag) = match (item, stored) {
             (Prepared::Enrollment(id, mut e), Ok(StoreResult::Enrollment(stored))) => {
                 let etag = stored.as_ref().map(|s| read_etag(s.etag.as_ref()));
                 if let Some(stored) = stored {
-                    keep_stored_keys(&mut e.attestation, &stored.attestation, supplied);
+                    kept = keep_stored_keys(&mut e.attestation, &stored.attestation, supplied);
                 }
                 (Prepared::Enrollment(id, e), etag)
             }
             (Prepared::Group(id, mut g), Ok(StoreResult::Group(stored))) => {
                 let etag = stored.as_ref().map(|s| read_etag(s.etag.as_ref()));
                 if let Some(stored) = stored {
-                    keep_stored_keys(&mut g.attestation, &stored.attestation, supplied);
+                    kept = keep_stored_keys(&mut g.attestation, &stored.attestation, supplied);
                 }
                 (Prepared::Group(id, g), etag)
             }
@@ -166,7 +170,7 @@ impl KeepKeys {
             (WriteCondition::Upsert, Some(Some(Ok(etag)))) => (WriteCondition::IfMatch(etag), true),
             (condition, _) => (condition, false),
         };
-        Ok((item.put(condition), guarded))
+        Ok((item.put(condition), guarded, kept))
     }
 }
 
@@ -655,7 +659,7 @@ impl ServiceFlow {
             C::PutEnrollment { enrollment, if_match } => {
                 let supplied = supplied_keys(&enrollment.attestation);
                 let (id, e) = prepare_enrollment(config, now, rng, *enrollment, None)?;
-                let then = Then::Put(Kind::Enrollment, id.to_string());
+                let then = Then::Put(Kind::Enrollment, id.to_string(), [false; 2]);
                 single_write(Prepared::Enrollment(id, Box::new(e)), supplied, condition(&if_match), then)
             }
             C::DeleteEnrollment { registration_id: id, if_match } => Job::One(
@@ -681,7 +685,7 @@ impl ServiceFlow {
             C::PutGroup { group, if_match } => {
                 let supplied = supplied_keys(&group.attestation);
                 let (id, g) = prepare_group(config, now, rng, *group, None)?;
-                let then = Then::Put(Kind::Group, id.to_string());
+                let then = Then::Put(Kind::Group, id.to_string(), [false; 2]);
                 single_write(Prepared::Group(id, Box::new(g)), supplied, condition(&if_match), then)
             }
             C::DeleteGroup { group_id: id, if_match } => Job::One(
@@ -787,7 +791,7 @@ impl ServiceFlow {
 
     fn finish(&self, then: &Then, result: Result<StoreResult, StoreError>) -> Result<Reply, DpsError> {
         let (kind, id) = match then {
-            Then::Get(k, id) | Then::Put(k, id) | Then::Delete(k, id) | Then::Attestation(k, id) => {
+            Then::Get(k, id) | Then::Put(k, id, _) | Then::Delete(k, id) | Then::Attestation(k, id) => {
                 (Some(*k), id.as_str())
             }
             Then::GetRegistration(id) | Then::DeleteRegistration(id) => (None, id.as_str()),
@@ -806,8 +810,9 @@ impl ServiceFlow {
                 let e = hide_enrollment_secrets(*e.ok_or_else(|| not_found(Kind::Enrollment))?);
                 with_etag(self.reply_json(200, &e), &e.etag)
             }
-            (Then::Put(Kind::Enrollment, _), StoreResult::Enrollment(e)) => {
-                let e = e.ok_or_else(|| not_found(Kind::Enrollment))?;
+            (Then::Put(Kind::Enrollment, _, kept), StoreResult::Enrollment(e)) => {
+                let mut e = e.ok_or_else(|| not_found(Kind::Enrollment))?;
+                hide_kept_keys(&mut e.attestation, *kept);
                 with_etag(self.reply_json(200, &e), &e.etag)
             }
             (Then::Attestation(Kind::Enrollment, _), StoreResult::Enrollment(e)) => {
@@ -817,8 +822,9 @@ impl ServiceFlow {
                 let g = hide_group_secrets(*g.ok_or_else(|| not_found(Kind::Group))?);
                 with_etag(self.reply_json(200, &g), &g.etag)
             }
-            (Then::Put(Kind::Group, _), StoreResult::Group(g)) => {
-                let g = g.ok_or_else(|| not_found(Kind::Group))?;
+            (Then::Put(Kind::Group, _, kept), StoreResult::Group(g)) => {
+                let mut g = g.ok_or_else(|| not_found(Kind::Group))?;
+                hide_kept_keys(&mut g.attestation, *kept);
                 with_etag(self.reply_json(200, &g), &g.etag)
             }
             (Then::Attestation(Kind::Group, _), StoreResult::Group(g)) => {
@@ -917,19 +923,39 @@ fn supplied_keys(attestation: &AttestationMechanism) -> [bool; 2] {
     [has(k.and_then(|k| k.primary_key.as_ref())), has(k.and_then(|k| k.secondary_key.as_ref()))]
 }
 
-/// Copies the stored keys into the slots the request left empty.
-fn keep_stored_keys(new: &mut AttestationMechanism, stored: &AttestationMechanism, supplied: [bool; 2]) {
+/// Copies the stored keys into the slots the request left empty; returns which slots it filled.
+fn keep_stored_keys(
+    new: &mut AttestationMechanism,
+    stored: &AttestationMechanism,
+    supplied: [bool; 2],
+) -> [bool; 2] {
     let (Some(new_keys), Some(old_keys)) = (new.symmetric_key.as_mut(), stored.symmetric_key.as_ref()) else {
-        return;
+        return [false; 2];
     };
     if stored.kind != AttestationType::SymmetricKey {
-        return;
+        return [false; 2];
     }
+    let mut kept = [false; 2];
     if !supplied[0] && old_keys.primary_key.is_some() {
         new_keys.primary_key.clone_from(&old_keys.primary_key);
+        kept[0] = true;
     }
     if !supplied[1] && old_keys.secondary_key.is_some() {
         new_keys.secondary_key.clone_from(&old_keys.secondary_key);
+        kept[1] = true;
+    }
+    kept
+}
+
+/// Hides the keys a replace kept from storage (the caller did not send them and may not read them).
+fn hide_kept_keys(attestation: &mut AttestationMechanism, kept: [bool; 2]) {
+    if let Some(keys) = attestation.symmetric_key.as_mut() {
+        if kept[0] {
+            keys.primary_key = None;
+        }
+        if kept[1] {
+            keys.secondary_key = None;
+        }
     }
 }
 
@@ -1003,7 +1029,7 @@ impl Flow for ServiceFlow {
                 match (current, input) {
                     // The stored item was read: now write, keeping its keys.
                     (Some((id, Some(keep))), Input::Store(stored)) => match keep.into_put(stored) {
-                        Ok((put, guarded)) => {
+                        Ok((put, guarded, _)) => {
                             self.job = Job::Bulk { kind, items, current: Some((id, None)), errors, guarded };
                             return Step::Store(put);
                         }
@@ -1046,7 +1072,11 @@ impl Flow for ServiceFlow {
                 Step::Store(op)
             }
             (Job::KeepKeys { get: None, keep, then }, Input::Store(stored)) => match keep.into_put(stored) {
-                Ok((put, guarded)) => {
+                Ok((put, guarded, kept)) => {
+                    let then = match then {
+                        Then::Put(kind, id, _) => Then::Put(kind, id, kept),
+                        other => other,
+                    };
                     self.job = if guarded { Job::Guarded(then) } else { Job::One(None, then) };
                     Step::Store(put)
                 }

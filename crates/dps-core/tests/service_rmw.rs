@@ -104,6 +104,11 @@ fn a_replace_without_keys_and_without_a_race_still_keeps_the_stored_keys() {
     );
     let r = run_blocking(&mut engine.http(now, &mut rng, put(group("second", false))), &store, &hubs);
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    // Issue 14, defect 3: the kept keys are not echoed to a caller that did not send them (it may hold only
+    // EnrollmentWrite); the reply hides them as a GET does.
+    let reply: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(reply["attestation"]["symmetricKey"], json!({}), "{reply}");
+    assert!(!String::from_utf8_lossy(&r.body).contains(&SymmetricKey::from_bytes(vec![5; 32]).to_base64()));
     let mut att = engine.http(
         now,
         &mut rng,
@@ -116,4 +121,26 @@ fn a_replace_without_keys_and_without_a_race_still_keeps_the_stored_keys() {
     );
     let mech: Value = serde_json::from_slice(&run_blocking(&mut att, &store, &hubs).body).unwrap();
     assert_eq!(mech["symmetricKey"]["primaryKey"], SymmetricKey::from_bytes(vec![5; 32]).to_base64());
+}
+
+#[test]
+fn a_write_reply_shows_the_keys_the_caller_sent_or_the_service_generated_and_no_others() {
+    let engine = engine();
+    let store = MemoryStore::new();
+    let hubs = MemoryHubDirectory::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let now = Timestamp::from_unix_seconds(NOW);
+    // Created without keys: the generated keys are in the reply (SDKs read them from it).
+    let r = run_blocking(&mut engine.http(now, &mut rng, put(group("new", false))), &store, &hubs);
+    let created: Value = serde_json::from_slice(&r.body).unwrap();
+    let primary = created["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap().to_owned();
+    assert_eq!(SymmetricKey::parse(&primary).unwrap().as_bytes().len(), 64);
+    // Replaced with only a new secondary key: the reply shows it, and hides the kept primary.
+    let secondary = SymmetricKey::from_bytes(vec![7; 32]).to_base64();
+    let mut body = group("half", false);
+    body["attestation"]["symmetricKey"] = json!({"secondaryKey": secondary});
+    let r = run_blocking(&mut engine.http(now, &mut rng, put(body)), &store, &hubs);
+    let replaced: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(replaced["attestation"]["symmetricKey"], json!({"secondaryKey": secondary}), "{replaced}");
+    assert!(!String::from_utf8_lossy(&r.body).contains(&primary));
 }
