@@ -149,6 +149,9 @@ pub enum LogFormat {
 /// configuration file.
 #[derive(Debug, Clone, Default, Args)]
 pub struct RunArgs {
+    /// Print the service connection string (with the owner key) at start even when it already existed.
+    #[arg(long)]
+    pub show_secrets: bool,
     /// TOML configuration file [env: DPS_CONFIG].
     #[arg(long, short = 'c', value_name = "FILE")]
     pub config: Option<PathBuf>,

@@ -51,6 +51,7 @@ async fn shutdown_signal() {
 
 fn run_server(args: RunArgs) -> ExitCode {
     init_logging(args.log_format);
+    let show_secrets = args.show_secrets;
     let config = match args.resolve(|k| std::env::var(k).ok()) {
         Ok(c) => c,
         Err(e) => {
@@ -73,7 +74,7 @@ fn run_server(args: RunArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        print!("{}", server.summary());
+        print!("{}", server.summary(show_secrets));
         use std::io::Write as _;
         let _ = std::io::stdout().flush();
         shutdown_signal().await;

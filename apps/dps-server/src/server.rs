@@ -78,6 +78,8 @@ pub struct RunningServer {
     pub data_dir: DataDir,
     /// The owner connection string (also in `connection-string.txt`).
     pub connection_string: String,
+    /// The owner keys (and so the connection string) were created by this start.
+    pub created_owner_keys: bool,
     /// The shared state (engine, store, metrics).
     pub state: Arc<AppState>,
     /// What was generated on this start, for the startup summary.
@@ -204,6 +206,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         ready,
         data_dir,
         connection_string,
+        created_owner_keys: new_keys,
         state,
         generated,
         phase: phase_tx,
@@ -213,8 +216,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
 }
 
 impl RunningServer {
-    /// A human-readable summary: where the files are, the listen addresses and the connection string.
-    pub fn summary(&self) -> String {
+    /// A human-readable summary: where the files are and the listen addresses. The connection string
+    /// (which carries the owner key) is printed only when this start created it, or with `show_secrets`:
+    /// otherwise it would end up in every log of every restart.
+    pub fn summary(&self, show_secrets: bool) -> String {
         let d = &self.data_dir;
         let or_off = |a: Option<SocketAddr>| a.map_or_else(|| "off".to_owned(), |a| a.to_string());
         let mut s = String::new();
@@ -246,7 +251,14 @@ impl RunningServer {
             d.owner_key().display(),
             d.connection_string().display(),
             d.ready().display(),
-            self.connection_string,
+            if show_secrets || self.created_owner_keys {
+                self.connection_string.clone()
+            } else {
+                format!(
+                    "(the connection string carries the owner key: read it from {}, or start with --show-secrets)",
+                    d.connection_string().display()
+                )
+            },
         ));
         s
     }

@@ -242,3 +242,19 @@ async fn health_and_metrics() {
     assert_eq!((status, body.as_slice()), (200, &br#"{"status":"ok"}"#[..]));
     server.shutdown().await.unwrap();
 }
+
+/// Issue 14, defect 4: the owner key is printed when it is created, not on every start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_string_is_shown_once_unless_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(dir.path())).await;
+    assert!(server.summary(false).contains("SharedAccessKey="), "first start shows the new key");
+    let secret = server.connection_string.clone();
+    server.shutdown().await.unwrap();
+    let server = start(config(dir.path())).await;
+    let quiet = server.summary(false);
+    assert!(!quiet.contains("SharedAccessKey=") && !quiet.contains(&secret), "{quiet}");
+    assert!(quiet.contains("connection-string.txt") && quiet.contains("--show-secrets"), "{quiet}");
+    assert!(server.summary(true).contains(&secret));
+    server.shutdown().await.unwrap();
+}
