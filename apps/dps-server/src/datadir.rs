@@ -90,7 +90,11 @@ impl DataDir {
         self.root.join("ready.json")
     }
 
-    /// Creates the directory and its `tls/` subdirectory (mode 0700 on Unix when created).
+    /// Creates the directory and its `tls/` subdirectory, and makes them private whatever existed before:
+    /// both directories mode 0700 and every file in them 0600 (on Unix). The two databases are created
+    /// empty with mode 0600 before SQLite opens them, so their `-wal` and `-shm` files (which SQLite creates
+    /// with the database file's mode) are private too. A directory or file whose mode cannot be set (not
+    /// ours) refuses the start with a message naming it.
     pub fn create(&self) -> Result<(), ServerError> {
         for dir in [self.root.clone(), self.tls_dir()] {
             let mut builder = std::fs::DirBuilder::new();
@@ -102,12 +106,57 @@ impl DataDir {
             }
             builder.create(&dir).map_err(|e| ServerError::io(format!("creating {}", dir.display()), e))?;
         }
+        #[cfg(unix)]
+        {
+            for dir in [self.root.clone(), self.tls_dir()] {
+                make_private(&dir, 0o700)?;
+                let entries = std::fs::read_dir(&dir)
+                    .map_err(|e| ServerError::io(format!("reading {}", dir.display()), e))?;
+                for entry in entries {
+                    let entry =
+                        entry.map_err(|e| ServerError::io(format!("reading {}", dir.display()), e))?;
+                    let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+                    if is_file {
+                        make_private(&entry.path(), 0o600)?;
+                    }
+                }
+            }
+            for db in [self.database(), self.hubs_database()] {
+                let mut options = std::fs::OpenOptions::new();
+                options.write(true).create(true).truncate(false);
+                use std::os::unix::fs::OpenOptionsExt;
+                options.mode(0o600);
+                options.open(&db).map_err(|e| ServerError::io(format!("creating {}", db.display()), e))?;
+            }
+        }
         Ok(())
     }
 }
 
-/// Writes `contents` to `path` atomically (temporary file, fsync, rename), with mode 0600 when `secret`.
-pub fn write_file(path: &Path, contents: &[u8], secret: bool) -> Result<(), ServerError> {
+/// Sets `path`'s mode, or explains why the server will not start.
+#[cfg(unix)]
+fn make_private(path: &Path, mode: u32) -> Result<(), ServerError> {
+    use std::os::unix::fs::PermissionsExt;
+    let current = std::fs::metadata(path)
+        .map_err(|e| ServerError::io(format!("reading the mode of {}", path.display()), e))?
+        .permissions()
+        .mode()
+        & 0o777;
+    if current == mode {
+        return Ok(());
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| {
+        ServerError::DataDir(format!(
+            "{} has mode {current:o} and cannot be made {mode:o} ({e}); the data directory holds the \
+             fleet's keys and must be private to the server's user",
+            path.display()
+        ))
+    })
+}
+
+/// Writes `contents` to `path` atomically (temporary file, fsync, rename), with mode 0600 (every file in
+/// the data directory is private to the server's user).
+pub fn write_file(path: &Path, contents: &[u8]) -> Result<(), ServerError> {
     let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = path.with_file_name(format!(".{file_name}.tmp"));
     let mut options = std::fs::OpenOptions::new();
@@ -115,7 +164,7 @@ pub fn write_file(path: &Path, contents: &[u8], secret: bool) -> Result<(), Serv
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
-        options.mode(if secret { 0o600 } else { 0o644 });
+        options.mode(0o600);
     }
     let write = || -> std::io::Result<()> {
         let mut f = options.open(&tmp)?;
@@ -195,7 +244,7 @@ impl OwnerKeys {
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let keys = OwnerKeys::generate(rng);
-                write_file(&path, keys.to_file().as_bytes(), true)?;
+                write_file(&path, keys.to_file().as_bytes())?;
                 Ok((keys, true))
             }
             Err(e) => Err(ServerError::io(format!("reading {}", path.display()), e)),
@@ -233,7 +282,7 @@ impl Ready {
     pub fn write(&self, dir: &DataDir) -> Result<(), ServerError> {
         let text = serde_json::to_string_pretty(self)
             .map_err(|e| ServerError::DataDir(format!("serializing ready.json: {e}")))?;
-        write_file(&dir.ready(), text.as_bytes(), false)
+        write_file(&dir.ready(), text.as_bytes())
     }
 }
 

@@ -125,7 +125,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         generated.push(format!("owner policy keys {}", data_dir.owner_key().display()));
     }
     let connection_string = owner.connection_string(&config.service_host_name);
-    write_file(&data_dir.connection_string(), format!("{connection_string}\n").as_bytes(), true)?;
+    write_file(&data_dir.connection_string(), format!("{connection_string}\n").as_bytes())?;
 
     let names = config.subject_alt_names.clone();
     let dir = data_dir.clone();

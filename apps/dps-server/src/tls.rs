@@ -194,8 +194,8 @@ pub fn ensure_tls_material(
         (Some(c), Some(k)) => (c, k, false),
         (None, None) => {
             let (c, k) = new_ca(rng)?;
-            write_file(&dir.ca_key(), k.as_bytes(), true)?;
-            write_file(&dir.ca_cert(), c.as_bytes(), false)?;
+            write_file(&dir.ca_key(), k.as_bytes())?;
+            write_file(&dir.ca_cert(), c.as_bytes())?;
             (c, k, true)
         }
         (Some(_), None) | (None, Some(_)) => {
@@ -222,8 +222,8 @@ pub fn ensure_tls_material(
         Some((c, k)) => (c, k, false),
         None => {
             let (c, k) = new_server_cert(&ca_pem, &ca_key_pem, names, rng)?;
-            write_file(&dir.server_key(), k.as_bytes(), true)?;
-            write_file(&dir.server_cert(), c.as_bytes(), false)?;
+            write_file(&dir.server_key(), k.as_bytes())?;
+            write_file(&dir.server_cert(), c.as_bytes())?;
             (c, k, true)
         }
     };

@@ -56,3 +56,40 @@ async fn registrations_survive_shutdown_and_restart() {
     assert_eq!(get.json().unwrap()["registrationState"]["deviceId"], "durable-1");
     server.shutdown().await.unwrap();
 }
+
+/// Issue 14, defect 6: a data directory that existed with mode 0755 (and a file in it 0644) is made
+/// private: directories 0700, every file 0600, the SQLite WAL and shared-memory files included.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_directory_is_private_whatever_existed() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(data.join("notes.txt"), b"left by someone").unwrap();
+    std::fs::set_permissions(data.join("notes.txt"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut cfg = config(dir.path());
+    cfg.data_dir = data.clone();
+    let server = start(cfg).await;
+    let settings =
+        EnrollmentSettings { primary_key: Some(device_key().to_base64()), ..EnrollmentSettings::default() };
+    service(&server).create(Kind::Enrollment, "private-1", &settings).await.unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data), 0o700);
+    assert_eq!(mode(&data.join("tls")), 0o700);
+    let mut files = Vec::new();
+    for d in [data.clone(), data.join("tls")] {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_file() {
+                files.push(e.path());
+            }
+        }
+    }
+    assert!(files.iter().any(|f| f.to_string_lossy().ends_with("dps.sqlite3-wal")), "{files:?}");
+    for f in &files {
+        assert_eq!(mode(f), 0o600, "{}", f.display());
+    }
+    server.shutdown().await.unwrap();
+}
