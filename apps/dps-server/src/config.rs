@@ -13,6 +13,7 @@
 //! retry_after_secs = 2
 //! respond_early = true                 # answer a register 202 before the hub work (Azure's behaviour)
 //! poll_hold_ms = 100                     # a poll of a registration still finishing here waits up to this
+//! max_symmetric_key_groups = 100         # spec 10.1; creating one more is refused with 403002
 //! header_read_timeout_secs = 10
 //! max_connections = 10000
 //! tls_handshake_timeout_secs = 10        # extension: TLS handshake deadline
@@ -75,6 +76,8 @@ pub struct FileConfig {
     pub respond_early: Option<bool>,
     /// How long a poll of a registration still finishing in this process waits for it, milliseconds.
     pub poll_hold_ms: Option<u64>,
+    /// The most symmetric-key enrollment groups (default 100, as Azure).
+    pub max_symmetric_key_groups: Option<usize>,
     /// Header read timeout.
     pub header_read_timeout_secs: Option<u64>,
     /// Maximum concurrent connections.
@@ -299,6 +302,9 @@ pub struct ServerConfig {
     /// long for it (default 100 ms; zero answers at once), so a device polling right after its `202` gets
     /// the result in one poll; a slower assignment is still reported `assigning`.
     pub poll_hold: Duration,
+    /// The most symmetric-key enrollment groups the instance holds (default 100, spec §10.1): a register
+    /// whose key fits none is tried against each, so this bounds what an unauthenticated request costs.
+    pub max_symmetric_key_groups: usize,
     /// A client must send a complete request head within this time (also the keep-alive idle limit).
     pub header_read_timeout: Duration,
     /// A client must send the request body within this time after the head.
@@ -461,6 +467,7 @@ impl ServerConfig {
             retry_after_secs,
             respond_early: file.respond_early.unwrap_or(true),
             poll_hold: Duration::from_millis(file.poll_hold_ms.unwrap_or(100).min(60_000)),
+            max_symmetric_key_groups: file.max_symmetric_key_groups.unwrap_or(100).max(1),
             header_read_timeout,
             body_read_timeout: header_read_timeout.max(Duration::from_secs(30)),
             tls_handshake_timeout,

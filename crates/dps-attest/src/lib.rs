@@ -184,7 +184,9 @@ fn unauthorized(registration_id: &RegistrationId) -> DpsError {
 ///
 /// `individual` is the individual enrollment with this registration ID, if any; `groups` are the instance's
 /// enrollment groups (non-symmetric-key groups are skipped), in the order to try them. The proof takes the
-/// individual enrollment and shares the group list.
+/// individual enrollment and shares the group list. `recorded_group` is the group the device's
+/// registration record names, if any: it is tried first, so a known device costs one group whatever the
+/// number of groups (a registration recorded through one group may not move to another anyway).
 pub fn attest_symmetric_key(
     now: Timestamp,
     id_scope: &IdScope,
@@ -192,6 +194,7 @@ pub fn attest_symmetric_key(
     token: &SasToken,
     individual: Option<Arc<IndividualEnrollment>>,
     groups: &Arc<Vec<EnrollmentGroup>>,
+    recorded_group: Option<&str>,
 ) -> Result<Attestation, DpsError> {
     if token.is_expired(now) {
         return Err(DpsError::with_message(
@@ -223,7 +226,11 @@ pub fn attest_symmetric_key(
         return Ok(decide(registration_id, enrollment, primary, Secondary::Key(secondary), key_index));
     }
 
-    for (index, g) in groups.iter().enumerate() {
+    let first = recorded_group
+        .and_then(|id| groups.iter().position(|g| g.enrollment_group_id.eq_ignore_ascii_case(id)));
+    let order = first.into_iter().chain((0..groups.len()).filter(move |i| Some(*i) != first));
+    for index in order {
+        let g = &groups[index];
         if g.attestation.kind != AttestationType::SymmetricKey {
             continue;
         }
@@ -342,10 +349,11 @@ pub fn attest(
     presented: &Presented,
     individual: Option<Arc<IndividualEnrollment>>,
     groups: &Arc<Vec<EnrollmentGroup>>,
+    recorded_group: Option<&str>,
 ) -> Result<Attestation, DpsError> {
     match presented {
         Presented::SasToken(token) => {
-            attest_symmetric_key(now, id_scope, registration_id, token, individual, groups)
+            attest_symmetric_key(now, id_scope, registration_id, token, individual, groups, recorded_group)
         }
         Presented::ClientCertificate(chain) => Err(DpsError::with_message(
             ErrorCode::InvalidCertificate,
@@ -429,6 +437,7 @@ mod tests {
             token,
             ind.cloned().map(Arc::new),
             &Arc::new(groups.to_vec()),
+            None,
         )
     }
 
@@ -515,6 +524,34 @@ mod tests {
         // The group key itself is not a device key.
         let t = token_for(&key(5), "dev-9", NOW + 60);
         assert_eq!(run(&t, "dev-9", None, &groups).unwrap_err().code, ErrorCode::Unauthorized);
+    }
+
+    #[test]
+    fn the_recorded_group_is_tried_first_and_a_wrong_hint_changes_nothing() {
+        let at = |t: &SasToken, groups: &[EnrollmentGroup], hint: Option<&str>| {
+            let proof = attest_symmetric_key(
+                Timestamp::from_unix_seconds(NOW),
+                &IdScope::parse(SCOPE).unwrap(),
+                &RegistrationId::parse("dev").unwrap(),
+                t,
+                None,
+                &Arc::new(groups.to_vec()),
+                hint,
+            )
+            .unwrap();
+            let Attestation::Verified(v) = proof else { panic!("not verified") };
+            v.enrollment().group_id().map(str::to_owned)
+        };
+        // The same key in two groups: group-ID order decides, unless the record names the other one.
+        let same = [group("a", &key(3), &key(4), false), group("b", &key(3), &key(4), false)];
+        let t = token_for(&key(3).derive_device_key("dev"), "dev", NOW + 60);
+        assert_eq!(at(&t, &same, None).as_deref(), Some("a"));
+        assert_eq!(at(&t, &same, Some("B")).as_deref(), Some("b"));
+        // A hint naming a group whose key does not fit falls through to the rest, in order.
+        let groups = [group("g1", &key(3), &key(4), false), group("g2", &key(5), &key(6), false)];
+        let t = token_for(&key(5).derive_device_key("dev"), "dev", NOW + 60);
+        assert_eq!(at(&t, &groups, Some("g1")).as_deref(), Some("g2"));
+        assert_eq!(at(&t, &groups, Some("gone")).as_deref(), Some("g2"));
     }
 
     #[test]

@@ -185,8 +185,11 @@ fn sqlite(c: &mut Criterion) {
             Ok(StoreResult::Group(Some(g))) => g,
             other => panic!("{other:?}"),
         };
-        BlockingStore::execute(&store, StoreOp::PutGroup { group, condition: WriteCondition::Upsert })
-            .unwrap();
+        BlockingStore::execute(
+            &store,
+            StoreOp::PutGroup { group, condition: WriteCondition::Upsert, max_symmetric_key_groups: None },
+        )
+        .unwrap();
         (engine, store, hubs, group_key)
     };
     g.bench_function("register_concurrent_512", |b| {

@@ -116,6 +116,10 @@ pub struct EngineConfig {
     pub default_page_size: usize,
     /// Largest accepted page size.
     pub max_page_size: usize,
+    /// The most symmetric-key enrollment groups the instance holds (spec §10.1: 100 in Azure). A device
+    /// whose key fits no group is checked against each of them, so this bounds the work an
+    /// unauthenticated register can cause.
+    pub max_symmetric_key_groups: usize,
 }
 
 impl EngineConfig {
@@ -132,6 +136,7 @@ impl EngineConfig {
             respond_before_assignment: false,
             default_page_size: 100,
             max_page_size: 1000,
+            max_symmetric_key_groups: 100,
         }
     }
 

@@ -201,6 +201,10 @@ impl DeviceFlow {
             presented,
             ctx.individual.take().map(Arc::new),
             &ctx.symmetric_key_groups,
+            ctx.registration.as_ref().and_then(|r| match &r.enrollment {
+                EnrollmentRef::Group(g) => Some(g.as_str()),
+                EnrollmentRef::Individual(_) => None,
+            }),
         )?;
         match self.request.call.clone() {
             DeviceCall::Register { .. } => self.register(attestation, ctx.registration.as_ref()),

@@ -87,28 +87,31 @@ struct BulkItem {
 #[derive(Debug)]
 enum Prepared {
     Enrollment(RegistrationId, Box<IndividualEnrollment>),
-    Group(EnrollmentGroupId, Box<EnrollmentGroup>),
+    /// A group, with the instance's symmetric-key group limit.
+    Group(EnrollmentGroupId, Box<EnrollmentGroup>, Option<usize>),
 }
 
 impl Prepared {
     fn attestation(&self) -> &AttestationMechanism {
         match self {
             Prepared::Enrollment(_, e) => &e.attestation,
-            Prepared::Group(_, g) => &g.attestation,
+            Prepared::Group(_, g, _) => &g.attestation,
         }
     }
 
     fn put(self, condition: WriteCondition) -> StoreOp {
         match self {
             Prepared::Enrollment(_, enrollment) => StoreOp::PutEnrollment { enrollment, condition },
-            Prepared::Group(_, group) => StoreOp::PutGroup { group, condition },
+            Prepared::Group(_, group, max_symmetric_key_groups) => {
+                StoreOp::PutGroup { group, condition, max_symmetric_key_groups }
+            }
         }
     }
 
     fn get(&self) -> StoreOp {
         match self {
             Prepared::Enrollment(id, _) => StoreOp::GetEnrollment { registration_id: id.clone() },
-            Prepared::Group(id, _) => StoreOp::GetGroup { group_id: id.clone() },
+            Prepared::Group(id, _, _) => StoreOp::GetGroup { group_id: id.clone() },
         }
     }
 
@@ -155,12 +158,12 @@ impl KeepKeys {
                 }
                 (Prepared::Enrollment(id, e), etag)
             }
-            (Prepared::Group(id, mut g), Ok(StoreResult::Group(stored))) => {
+            (Prepared::Group(id, mut g, limit), Ok(StoreResult::Group(stored))) => {
                 let etag = stored.as_ref().map(|s| read_etag(s.etag.as_ref()));
                 if let Some(stored) = stored {
                     kept = keep_stored_keys(&mut g.attestation, &stored.attestation, supplied);
                 }
-                (Prepared::Group(id, g), etag)
+                (Prepared::Group(id, g, limit), etag)
             }
             (_, Err(e)) => return Err(Some(e)),
             (_, Ok(_)) => return Err(None),
@@ -686,7 +689,8 @@ impl ServiceFlow {
                 let supplied = supplied_keys(&group.attestation);
                 let (id, g) = prepare_group(config, now, rng, *group, None)?;
                 let then = Then::Put(Kind::Group, id.to_string(), [false; 2]);
-                single_write(Prepared::Group(id, Box::new(g)), supplied, condition(&if_match), then)
+                let limit = Some(config.max_symmetric_key_groups);
+                single_write(Prepared::Group(id, Box::new(g), limit), supplied, condition(&if_match), then)
             }
             C::DeleteGroup { group_id: id, if_match } => Job::One(
                 Some(StoreOp::DeleteGroup { group_id: id.clone(), if_match }),
@@ -753,7 +757,8 @@ impl ServiceFlow {
                         }
                         let supplied = supplied_keys(&g.attestation);
                         let (id, g) = prepare_group(config, now, rng, g, None)?;
-                        Ok(Prepared::Group(id, Box::new(g)).write(supplied, condition))
+                        let limit = Some(config.max_symmetric_key_groups);
+                        Ok(Prepared::Group(id, Box::new(g), limit).write(supplied, condition))
                     },
                 )?
             }
@@ -785,6 +790,10 @@ impl ServiceFlow {
             StoreError::Conflict => {
                 DpsError::with_message(ErrorCode::Conflict, format!("'{id}' changed concurrently."))
             }
+            StoreError::LimitReached { what, limit } => DpsError::with_message(
+                ErrorCode::QuotaExceeded,
+                format!("'{id}' cannot be created: this instance holds at most {limit} {what} (spec 10.1)."),
+            ),
             StoreError::Backend { message } => DpsError::with_message(ErrorCode::StoreUnavailable, message),
         }
     }

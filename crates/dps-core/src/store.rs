@@ -247,12 +247,16 @@ pub enum StoreOp {
         /// Its ID.
         group_id: EnrollmentGroupId,
     },
-    /// Write an enrollment group (keeps the existing creation time).
+    /// Write an enrollment group (keeps the existing creation time). Creating a symmetric-key group when
+    /// `max_symmetric_key_groups` of them exist already is [`StoreError::LimitReached`] (checked atomically
+    /// with the write).
     PutGroup {
         /// The group.
         group: Box<EnrollmentGroup>,
         /// The precondition.
         condition: WriteCondition,
+        /// The most symmetric-key groups the instance may hold (None: no limit).
+        max_symmetric_key_groups: Option<usize>,
     },
     /// Delete an enrollment group (its registration records stay, as in Azure).
     DeleteGroup {
@@ -310,6 +314,14 @@ pub enum StoreError {
     /// A registration commit lost a race with another registration of the same device.
     #[error("conflicting concurrent write")]
     Conflict,
+    /// The write would exceed an instance limit.
+    #[error("limit reached: at most {limit} {what}")]
+    LimitReached {
+        /// What is limited (e.g. "symmetric-key enrollment groups").
+        what: String,
+        /// The limit.
+        limit: usize,
+    },
     /// The backend failed (I/O, corruption, shutdown).
     #[error("storage backend failed: {message}")]
     Backend {

@@ -144,3 +144,30 @@ fn a_write_reply_shows_the_keys_the_caller_sent_or_the_service_generated_and_no_
     assert_eq!(replaced["attestation"]["symmetricKey"], json!({"secondaryKey": secondary}), "{replaced}");
     assert!(!String::from_utf8_lossy(&r.body).contains(&primary));
 }
+
+/// Issue 14, defect 8: the instance's symmetric-key group limit (spec 10.1: 100), so that a register with a
+/// wrong key cannot be made to try an unbounded number of groups.
+#[test]
+fn creating_a_symmetric_key_group_beyond_the_limit_is_403002() {
+    let mut config = engine().config().clone();
+    config.max_symmetric_key_groups = 2;
+    let engine = Engine::new(config).unwrap();
+    let store = MemoryStore::new();
+    let hubs = MemoryHubDirectory::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let now = Timestamp::from_unix_seconds(NOW);
+    let put_named = |id: &str| {
+        let mut req = put(json!({"enrollmentGroupId": id, "attestation": {"type": "symmetricKey"}}));
+        req.path_and_query = format!("/enrollmentGroups/{id}?api-version=2021-10-01");
+        req
+    };
+    for id in ["g1", "g2"] {
+        assert_eq!(run_blocking(&mut engine.http(now, &mut rng, put_named(id)), &store, &hubs).status, 200);
+    }
+    let r = run_blocking(&mut engine.http(now, &mut rng, put_named("g3")), &store, &hubs);
+    let body: ErrorBody = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!((r.status, body.error_code), (403, 403002), "{}", body.message);
+    assert!(body.message.contains("at most 2 symmetric-key enrollment groups"), "{}", body.message);
+    // Replacing an existing one is not a new group.
+    assert_eq!(run_blocking(&mut engine.http(now, &mut rng, put_named("g2")), &store, &hubs).status, 200);
+}

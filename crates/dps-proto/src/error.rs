@@ -90,6 +90,9 @@ error_codes! {
     MalformedToken = 401004, false, "The authorization is missing or is not a valid SharedAccessSignature.";
     /// The shared access policy is valid but lacks the right this operation needs.
     InsufficientRights = 403001, false, "The shared access policy does not grant the right this operation needs.";
+    /// An instance limit is reached (e.g. 100 symmetric-key enrollment groups, spec §10.1); the code is IoT
+    /// Hub's `IotHubQuotaExceeded` (403002), as DPS documents none of its own.
+    QuotaExceeded = 403002, false, "A limit of this provisioning service instance is reached.";
     /// Unknown route.
     NotFound = 404000, false, "The requested resource does not exist.";
     /// Individual enrollment not found (Azure's 404201).

@@ -21,6 +21,23 @@ pub(crate) fn is_symmetric_key_group(g: &EnrollmentGroup) -> bool {
     g.attestation.kind == AttestationType::SymmetricKey
 }
 
+/// Refuses a write that would make the symmetric-key groups more than `limit`: a group becoming
+/// symmetric-key (new, or changing attestation) while `count` of them exist. Replacing one that already is
+/// never counts.
+pub(crate) fn check_group_limit(
+    group: &EnrollmentGroup,
+    was_symmetric: bool,
+    count: usize,
+    limit: Option<usize>,
+) -> Result<(), StoreError> {
+    match limit {
+        Some(limit) if is_symmetric_key_group(group) && !was_symmetric && count >= limit => {
+            Err(StoreError::LimitReached { what: "symmetric-key enrollment groups".into(), limit })
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Whether an enrollment or group whose stored `etag` string is `stored` satisfies `m`. The stored string
 /// is parsed with [`Etag::parse`]; an item without a (valid) ETag only satisfies `*`.
 pub(crate) fn item_matches(m: &IfMatch, stored: Option<&str>) -> bool {

@@ -2,8 +2,8 @@
 //! durability.
 
 use crate::common::{
-    backend, check_delete, check_write, enrollment_key, group_key, is_symmetric_key_group, page_limit,
-    query_matches,
+    backend, check_delete, check_group_limit, check_write, enrollment_key, group_key, is_symmetric_key_group,
+    page_limit, query_matches,
 };
 use dps_core::proto::model::{EnrollmentGroup, IndividualEnrollment};
 use dps_core::proto::query::Query;
@@ -201,11 +201,20 @@ impl MemoryStore {
         collect_page(range, page.limit, |e| query_matches(query, e)).map(StoreResult::Enrollments)
     }
 
-    fn put_group(&self, mut group: EnrollmentGroup, condition: &WriteCondition) -> OpResult {
+    fn put_group(
+        &self,
+        mut group: EnrollmentGroup,
+        condition: &WriteCondition,
+        limit: Option<usize>,
+    ) -> OpResult {
         let key = group_key(&group);
         let mut inner = self.write();
         let existing = inner.groups.get(&key);
         check_write(condition, existing.map(|g| g.etag.as_deref()))?;
+        let was_symmetric = existing.is_some_and(is_symmetric_key_group);
+        let count = inner.groups.values().filter(|g| is_symmetric_key_group(g)).count();
+        check_group_limit(&group, was_symmetric, count, limit)?;
+        let existing = inner.groups.get(&key);
         if let Some(created) = existing.and_then(|g| g.created_date_time_utc.clone()) {
             group.created_date_time_utc = Some(created);
         }
@@ -259,7 +268,9 @@ impl BlockingStore for MemoryStore {
             StoreOp::GetGroup { group_id } => {
                 Ok(StoreResult::Group(self.read().groups.get(group_id.key()).cloned().map(Box::new)))
             }
-            StoreOp::PutGroup { group, condition } => self.put_group(*group, &condition),
+            StoreOp::PutGroup { group, condition, max_symmetric_key_groups } => {
+                self.put_group(*group, &condition, max_symmetric_key_groups)
+            }
             StoreOp::DeleteGroup { group_id, if_match } => self.delete_group(&group_id, if_match.as_ref()),
             StoreOp::QueryGroups { query, page } => self.query_groups(&query, &page),
             other => Err(backend(format!("the memory store does not support this operation: {other:?}"))),

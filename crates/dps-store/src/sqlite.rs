@@ -1,8 +1,8 @@
 //! The SQLite backend: durable (WAL, `synchronous=FULL`), with group commit. See [`SqliteStore`].
 
 use crate::common::{
-    backend, check_delete, check_write, enrollment_key, group_key, is_symmetric_key_group, json_error,
-    page_limit,
+    backend, check_delete, check_group_limit, check_write, enrollment_key, group_key, is_symmetric_key_group,
+    json_error, page_limit,
 };
 use dps_core::proto::model::{EnrollmentGroup, IndividualEnrollment};
 use dps_core::proto::query::Query;
@@ -233,6 +233,7 @@ enum WriteOp {
     PutGroup {
         group: Box<EnrollmentGroup>,
         condition: WriteCondition,
+        limit: Option<usize>,
     },
     DeleteGroup {
         key: String,
@@ -544,7 +545,9 @@ impl SqliteStore {
                 Prepared::Read(ReadOp::QueryEnrollments(query, page))
             }
             StoreOp::GetGroup { group_id } => Prepared::Read(ReadOp::GetGroup(group_id)),
-            StoreOp::PutGroup { group, condition } => Prepared::Write(WriteOp::PutGroup { group, condition }),
+            StoreOp::PutGroup { group, condition, max_symmetric_key_groups } => {
+                Prepared::Write(WriteOp::PutGroup { group, condition, limit: max_symmetric_key_groups })
+            }
             StoreOp::DeleteGroup { group_id, if_match } => {
                 Prepared::Write(WriteOp::DeleteGroup { key: group_id.key().to_owned(), if_match })
             }
@@ -1226,10 +1229,25 @@ impl Writer {
                 changes.push(Change::EnrollmentRemoved(key.clone()));
                 Ok(Ok(StoreResult::Done))
             }
-            WriteOp::PutGroup { group, condition } => {
+            WriteOp::PutGroup { group, condition, limit } => {
                 let key = group_key(group);
                 let existing =
                     self.current_item("SELECT etag, json FROM enrollment_groups WHERE key = ?1", &key)?;
+                if limit.is_some() {
+                    // Under the write lock: the count and the write cannot be separated by another writer.
+                    let count: i64 = conn
+                        .prepare_cached("SELECT COUNT(*) FROM enrollment_groups WHERE symmetric_key = 1")?
+                        .query_row([], |r| r.get(0))?;
+                    let was_symmetric = conn
+                        .prepare_cached("SELECT symmetric_key FROM enrollment_groups WHERE key = ?1")?
+                        .query_row([&key], |r| r.get::<_, bool>(0))
+                        .optional()?
+                        .unwrap_or(false);
+                    let count = usize::try_from(count).unwrap_or(usize::MAX);
+                    if let Err(e) = check_group_limit(group, was_symmetric, count, *limit) {
+                        return Ok(Err(e));
+                    }
+                }
                 let stored = match prepare_put(condition, existing, (**group).clone(), |g, created| {
                     g.created_date_time_utc = Some(created)
                 }) {

@@ -196,7 +196,17 @@ pub fn put_group<S: BlockingStore>(
     g: EnrollmentGroup,
     condition: WriteCondition,
 ) -> Result<EnrollmentGroup, StoreError> {
-    match s.execute(StoreOp::PutGroup { group: Box::new(g), condition })? {
+    put_group_limited(s, g, condition, None)
+}
+
+/// `PutGroup` with a symmetric-key group limit, returning what the store stored.
+pub fn put_group_limited<S: BlockingStore>(
+    s: &S,
+    g: EnrollmentGroup,
+    condition: WriteCondition,
+    max_symmetric_key_groups: Option<usize>,
+) -> Result<EnrollmentGroup, StoreError> {
+    match s.execute(StoreOp::PutGroup { group: Box::new(g), condition, max_symmetric_key_groups })? {
         StoreResult::Group(Some(g)) => Ok(*g),
         other => panic!("unexpected result {other:?}"),
     }
@@ -453,6 +463,27 @@ pub fn group_delete<S: BlockingStore>(s: &S) {
     assert_eq!(get_group(s, "g1"), None);
     assert_eq!(get_group(s, "g2"), None);
     assert_eq!(delete_group(s, "g1", None), Err(StoreError::NotFound));
+}
+
+/// The symmetric-key group limit: a new symmetric-key group beyond it is `LimitReached`; replacing one,
+/// groups of another attestation, and a create after a delete are not limited.
+pub fn group_limit_counts_symmetric_key_groups_only<S: BlockingStore>(s: &S) {
+    let limited = |g, c| put_group_limited(s, g, c, Some(2));
+    limited(sym_group("g1", "e1"), WriteCondition::Upsert).unwrap();
+    limited(sym_group("g2", "e1"), WriteCondition::Upsert).unwrap();
+    let refused = limited(sym_group("g3", "e1"), WriteCondition::Upsert).unwrap_err();
+    assert_eq!(
+        refused,
+        StoreError::LimitReached { what: "symmetric-key enrollment groups".into(), limit: 2 }
+    );
+    assert_eq!(get_group(s, "g3"), None, "nothing is written");
+    limited(sym_group("g2", "e2"), WriteCondition::Upsert).unwrap();
+    limited(group_with("x1", "x509", "e1", "enabled", CREATED), WriteCondition::Upsert).unwrap();
+    // An X.509 group turned symmetric-key counts as a new one.
+    assert!(limited(sym_group("x1", "e2"), WriteCondition::Upsert).is_err());
+    delete_group(s, "g1", None).unwrap();
+    limited(sym_group("g3", "e1"), WriteCondition::Upsert).unwrap();
+    assert_eq!(load(s, "anyone").symmetric_key_groups.len(), 2);
 }
 
 /// Registration commits: create-only and ETag-guarded replace, `Conflict` otherwise.
@@ -819,6 +850,7 @@ macro_rules! store_conformance_tests {
             enrollment_delete,
             group_put_get_and_conditions,
             group_delete,
+            group_limit_counts_symmetric_key_groups_only,
             registration_commit_conditions,
             registration_get_and_delete,
             context_with_individual_enrollment,
