@@ -53,6 +53,8 @@ async fn crud_with_the_owner_connection_string() {
         EnrollmentSettings { provisioning_status: Some("disabled".into()), ..EnrollmentSettings::default() };
     let updated = svc.update(Kind::Enrollment, "crud-1", &disable, Some(&etag)).await.unwrap();
     assert_eq!(updated["provisioningStatus"], "disabled");
+    // (The admin CLI's update sends the keys it read through attestationmechanism, so they are the
+    // caller's and echoed.)
     assert_eq!(updated["attestation"]["symmetricKey"]["primaryKey"], primary.as_str());
     assert_eq!(updated["initialTwin"]["tags"]["floor"], 3);
     assert_eq!(api_error(svc.update(Kind::Enrollment, "crud-1", &disable, Some(&etag)).await), (412, 412001));
