@@ -169,8 +169,11 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let grace = config.shutdown_grace;
     let shared = Arc::new(Shared {
         // A client gets as long for its CONNECT as an HTTP client for its request head.
+        // A session must make a request within that time too (after waiting the Retry-After it was given).
         mqtt_limits: dps_mqtt::MqttLimits {
             connect_timeout: config.header_read_timeout,
+            request_idle_timeout: config.header_read_timeout
+                + Duration::from_secs(u64::from(config.retry_after_secs)),
             ..Default::default()
         },
         mqtt_handler: Arc::new(DeviceApi::new(Arc::clone(&state), Transport::Mqtt)),

@@ -290,3 +290,30 @@ async fn connections_beyond_the_limit_are_closed_at_once() {
     assert_eq!(first.send("GET", "/health", &[], Vec::new()).await.unwrap().status, 200);
     server.shutdown().await.unwrap();
 }
+
+/// Issue 14, defect 7: CONNECTs with credentials that fit no enrollment are refused at once (CONNACK 5) and
+/// closed, so they cannot hold the connection slots a good client needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bogus_mqtt_connects_are_refused_and_hold_no_slots() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.max_connections = 3;
+    let server = start(cfg).await;
+    let username = dps_core::proto::mqtt::build_username(SCOPE, "nobody", "2019-03-31", None);
+    let password = device_token(&device_key(), SCOPE, "nobody", 3600);
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        let mut tls = raw_tls_to(&server, server.ready.mqtt.unwrap()).await;
+        let mut buf = Vec::new();
+        write_all(&mut tls, &mqtt_connect("nobody", &username, &password)).await;
+        let ack = mqtt_read(&mut tls, &mut buf).await;
+        assert_eq!(ack.first, 0x20, "CONNACK");
+        assert_eq!(ack.body.get(1), Some(&5), "return code 5 (not authorized): {:?}", ack.body);
+        assert!(read_to_close(&mut tls).await.is_empty(), "closed after the CONNACK");
+        held.push(tls);
+    }
+    // Ten refused sessions later (three slots), a good HTTPS client is served.
+    assert_eq!(https(&server).request("GET", "/health", &[], Vec::new()).await.unwrap().status, 200);
+    still_provisions(&server, "after-bogus").await;
+    server.shutdown().await.unwrap();
+}

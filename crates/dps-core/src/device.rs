@@ -223,6 +223,7 @@ impl DeviceFlow {
                     })?;
                 Ok(self.respond(self.operation_reply(&record, &op)))
             }
+            DeviceCall::Authenticate => Ok(self.respond(Reply::empty(204, self.nonces.tracking_id()))),
             DeviceCall::StatusLookup => {
                 let record = ctx.registration.ok_or_else(|| {
                     DpsError::with_message(

@@ -19,6 +19,10 @@ pub enum DeviceCall {
     OperationStatus(OperationId),
     /// POST device registration status lookup.
     StatusLookup,
+    /// Check the device's credential against its enrollment and answer `204` (or the error a register would
+    /// get), without registering: what an MQTT session does at CONNECT, so an unauthenticated client is
+    /// refused before it holds a session.
+    Authenticate,
 }
 
 /// A device API request, already addressed (the transport parsed the path or MQTT username and topic).

@@ -70,6 +70,16 @@ pub struct MqttLimits {
     /// 0 counts as 1). Replies are always sent in request order. A client that sends more requests while
     /// at the limit is not read from until one completes (TCP back-pressure).
     pub max_inflight_requests: usize,
+    /// How long an authenticated session may go without a request (PUBLISH) while none is being answered
+    /// (default 60 s; zero: no limit). Keep-alive pings do not count: a session exists to register, and a
+    /// client that only pings would otherwise hold a connection slot for as long as it likes. Set it above
+    /// the `Retry-After` the service answers with, so a device waiting to poll is not cut off.
+    pub request_idle_timeout: Duration,
+    /// Check the CONNECT's credential (the SAS password, or the TLS client certificate) with the handler
+    /// ([`dps_core::DeviceCall::Authenticate`]) before answering it: a client that fits no enrollment gets
+    /// CONNACK 5 (not authorized; 3 when the service is unavailable) and is closed, instead of holding a
+    /// session (default true).
+    pub authenticate_at_connect: bool,
 }
 
 impl Default for MqttLimits {
@@ -79,6 +89,8 @@ impl Default for MqttLimits {
             connect_timeout: Duration::from_secs(10),
             max_keep_alive: Duration::from_secs(1200),
             max_inflight_requests: 1,
+            request_idle_timeout: Duration::from_secs(60),
+            authenticate_at_connect: true,
         }
     }
 }
@@ -101,6 +113,9 @@ pub enum MqttError {
     /// No packet arrived within 1.5 × the keep-alive.
     #[error("no packet within {0:?} (1.5 × keep-alive)")]
     KeepAliveTimeout(Duration),
+    /// No request arrived within [`MqttLimits::request_idle_timeout`] while none was being answered.
+    #[error("no request within {0:?}")]
+    RequestIdleTimeout(Duration),
     /// A write to the client did not complete in time (the client stopped reading).
     #[error("a write to the client did not complete within {0:?}")]
     WriteTimeout(Duration),

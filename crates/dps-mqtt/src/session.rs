@@ -207,6 +207,10 @@ struct Session<H> {
     write_limit: Duration,
     /// When the last packet arrived (or reading resumed after back-pressure).
     last_packet: Instant,
+    /// How long the session may go without a request while none is answered (None: no limit).
+    request_idle: Option<Duration>,
+    /// When the last request arrived or the last response was queued.
+    last_request: Instant,
     /// The last packet ID used for a response.
     pkid: u16,
     /// Requests being answered, oldest first, with their `$rid`.
@@ -215,6 +219,8 @@ struct Session<H> {
     parked: Option<(String, Job)>,
     /// The TLS client-certificate chain of the connection (DER, leaf first), if the client sent one.
     client_certificates: Option<Vec<Vec<u8>>>,
+    /// Authenticate the CONNECT with the handler.
+    authenticate: bool,
 }
 
 impl<H: DeviceHandler> Session<H> {
@@ -232,10 +238,13 @@ impl<H: DeviceHandler> Session<H> {
             idle_limit: None,
             write_limit: limits.connect_timeout,
             last_packet: Instant::now(),
+            request_idle: Some(limits.request_idle_timeout).filter(|d| !d.is_zero()),
+            last_request: Instant::now(),
             pkid: 0,
             queue: VecDeque::new(),
             parked: None,
             client_certificates: None,
+            authenticate: limits.authenticate_at_connect,
         }
     }
 
@@ -341,6 +350,29 @@ impl<H: DeviceHandler> Session<H> {
             }
         }
         let password = Some(login.password).filter(|p| !p.is_empty());
+        // Authenticate now: a client whose credential fits no enrollment is refused before it holds a
+        // session (every request is checked again, as the token may expire meanwhile).
+        let check = DeviceRequest {
+            id_scope: username.id_scope.clone(),
+            registration_id: username.registration_id.clone(),
+            call: DeviceCall::Authenticate,
+            api_version: username.api_version.clone(),
+            credential: Credential::from_transport(password.clone(), self.client_certificates.clone()),
+            body: Vec::new(),
+        };
+        let verdict = if self.authenticate { Some(self.handler.handle(check).await) } else { None };
+        if let Some(verdict) = verdict.filter(|v| v.status >= 300) {
+            let code = match verdict.status {
+                401 | 403 | 404 => ConnectReturnCode::NotAuthorized,
+                _ => ConnectReturnCode::ServiceUnavailable,
+            };
+            let reason = format!(
+                "authentication at CONNECT failed: {} {}",
+                verdict.status,
+                String::from_utf8_lossy(&verdict.body)
+            );
+            return Err(self.refuse(t, code, reason).await);
+        }
 
         let keep_alive = match connect.keep_alive {
             0 => self.max_keep_alive,
@@ -349,6 +381,7 @@ impl<H: DeviceHandler> Session<H> {
         self.idle_limit = (!keep_alive.is_zero()).then(|| keep_alive.saturating_add(keep_alive / 2));
         self.write_limit = self.idle_limit.unwrap_or(self.connect_timeout).max(self.connect_timeout);
         self.last_packet = Instant::now();
+        self.last_request = Instant::now();
         // DPS keeps no sessions: always sessionPresent = 0 (the C# SDK fails otherwise). Written before the
         // session next waits, together with the answers to any packets that came with the CONNECT.
         self.queue(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)), true)?;
@@ -376,6 +409,9 @@ impl<H: DeviceHandler> Session<H> {
             let silence = self.idle_limit.filter(|_| reading);
             let deadline = silence.and_then(|limit| self.last_packet.checked_add(limit));
             let has_reply = !self.queue.is_empty();
+            // Nothing asked and nothing being answered: the session must make a request soon.
+            let idle = self.request_idle.filter(|_| !has_reply && self.parked.is_none());
+            let idle_deadline = idle.and_then(|limit| self.last_request.checked_add(limit));
             tokio::select! {
                 reply = front(&mut self.queue), if has_reply => {
                     let reply = reply.unwrap_or_else(|panic| {
@@ -387,6 +423,8 @@ impl<H: DeviceHandler> Session<H> {
                     if let Some((rid, _)) = self.queue.pop_front() {
                         self.respond(&rid, reply)?;
                     }
+                    // The client may now wait (Retry-After) before its next request.
+                    self.last_request = Instant::now();
                     if let Some((rid, job)) = self.parked.take() {
                         self.enqueue(rid, job);
                         // Reading resumes: the client's silence is counted from now.
@@ -405,6 +443,9 @@ impl<H: DeviceHandler> Session<H> {
                 () = sleep_until(deadline.unwrap_or(self.last_packet)), if deadline.is_some() => {
                     return Err(MqttError::KeepAliveTimeout(silence.unwrap_or_default()));
                 }
+                () = sleep_until(idle_deadline.unwrap_or(self.last_request)), if idle_deadline.is_some() => {
+                    return Err(MqttError::RequestIdleTimeout(idle.unwrap_or_default()));
+                }
                 () = sleep_until(hold.unwrap_or(self.last_packet)), if hold.is_some() => {
                     self.flush(t).await?;
                 }
@@ -415,7 +456,10 @@ impl<H: DeviceHandler> Session<H> {
     /// Handles one packet after CONNECT; `false` ends the session cleanly.
     fn on_packet(&mut self, c: &Connected, packet: Packet) -> Result<bool, MqttError> {
         match packet {
-            Packet::Publish(p) => self.on_publish(c, p)?,
+            Packet::Publish(p) => {
+                self.last_request = Instant::now();
+                self.on_publish(c, p)?
+            }
             Packet::Subscribe(s) => self.on_subscribe(s)?,
             Packet::Unsubscribe(u) => self.queue(Packet::UnsubAck(UnsubAck::new(u.pkid)), true)?,
             Packet::PingReq => self.queue(Packet::PingResp, true)?,
@@ -783,7 +827,13 @@ mod tests {
             let counting = CountingIo { inner: server, flushes: Arc::clone(&flushes) };
             let session = tokio::spawn(async move {
                 let mut transport = RawTransport::new(counting);
-                run(&mut transport, handler, &MqttLimits::default(), None).await
+                run(
+                    &mut transport,
+                    handler,
+                    &MqttLimits { authenticate_at_connect: false, ..MqttLimits::default() },
+                    None,
+                )
+                .await
             });
             let mut client = TestClient { io, buf: BytesMut::new(), flushes, session };
             let mut connect = Connect::new("dev-1");

@@ -159,8 +159,8 @@ async fn operation_status_topic_of_the_codec_round_trips() {
 async fn wrong_key_gets_401_on_the_response_topic_and_the_session_goes_on() {
     let world = EngineHandler::new();
     world.enroll("dev-k", &key(5));
-    let (mut c, task) = spawn_server(world.clone(), MqttLimits::default());
-    // The SAS is not checked at CONNECT.
+    let (mut c, task) = spawn_server(world.clone(), session_limits());
+    // With authentication at CONNECT off (an embedder's choice), the SAS is checked per request.
     c.connect_ok("dev-k", &py_username("dev-k"), Some(&py_token("dev-k", &key(6)))).await;
     c.subscribe_responses().await;
     c.publish(&register_topic("9"), QoS::AtLeastOnce, 2, br#"{"registrationId":"dev-k"}"#).await;
@@ -181,7 +181,7 @@ async fn wrong_key_gets_401_on_the_response_topic_and_the_session_goes_on() {
 async fn no_password_is_accepted_at_connect_and_refused_per_request() {
     let world = EngineHandler::new();
     world.enroll("x509-dev", &key(7));
-    let (mut c, task) = spawn_server(world.clone(), MqttLimits::default());
+    let (mut c, task) = spawn_server(world.clone(), session_limits());
     c.connect_ok("x509-dev", &c_username("x509-dev"), None).await;
     c.publish(&register_topic("1"), QoS::AtLeastOnce, 1, b"").await;
     let (r, body) = c.expect_response().await;
@@ -195,7 +195,7 @@ async fn no_password_is_accepted_at_connect_and_refused_per_request() {
 async fn other_requests_errors_reach_the_device_with_their_codes() {
     let world = EngineHandler::new();
     world.enroll("dev-e", &key(8));
-    let (mut c, task) = spawn_server(world.clone(), MqttLimits::default());
+    let (mut c, task) = spawn_server(world.clone(), session_limits());
     c.connect_ok("dev-e", &py_username("dev-e"), Some(&py_token("dev-e", &key(8)))).await;
 
     // Unknown topic with a $rid: 404000 on the response topic.
@@ -258,14 +258,14 @@ async fn other_requests_errors_reach_the_device_with_their_codes() {
 
 #[tokio::test]
 async fn unknown_topic_without_rid_closes_the_connection() {
-    let (mut c, task) = spawn_server(EngineHandler::new(), MqttLimits::default());
+    let (mut c, task) = spawn_server(EngineHandler::new(), session_limits());
     c.connect_ok("dev", &py_username("dev"), None).await;
     c.publish("devices/dev/messages/events/", QoS::AtMostOnce, 0, b"telemetry").await;
     c.expect_closed().await;
     assert!(matches!(outcome(task).await, Err(MqttError::UnanswerableTopic { .. })));
 
     // A request topic whose $rid cannot be echoed safely: closed too.
-    let (mut c, task) = spawn_server(EngineHandler::new(), MqttLimits::default());
+    let (mut c, task) = spawn_server(EngineHandler::new(), session_limits());
     c.connect_ok("dev", &py_username("dev"), None).await;
     c.send(Packet::Publish(Publish::new(
         "$dps/registrations/PUT/iotdps-register/?$rid=a$b",
@@ -279,7 +279,7 @@ async fn unknown_topic_without_rid_closes_the_connection() {
 
 #[tokio::test]
 async fn subscribe_grants_only_the_response_filter_and_at_most_qos1() {
-    let (mut c, task) = spawn_server(EngineHandler::new(), MqttLimits::default());
+    let (mut c, task) = spawn_server(EngineHandler::new(), session_limits());
     c.connect_ok("dev", &py_username("dev"), None).await;
     c.send(Packet::Subscribe(Subscribe {
         pkid: 17,
@@ -327,7 +327,7 @@ async fn subscribe_grants_only_the_response_filter_and_at_most_qos1() {
 async fn responses_are_sent_even_without_a_subscription() {
     let world = EngineHandler::new();
     world.enroll("dev-ns", &key(9));
-    let (mut c, task) = spawn_server(world.clone(), MqttLimits::default());
+    let (mut c, task) = spawn_server(world.clone(), session_limits());
     c.connect_ok("dev-ns", &py_username("dev-ns"), Some(&py_token("dev-ns", &key(9)))).await;
     c.publish(&register_topic("1"), QoS::AtLeastOnce, 1, b"").await;
     assert_eq!(c.expect_response().await.0.status, 202);
@@ -340,7 +340,7 @@ async fn refused(
     username: Option<&str>,
     code: ConnectReturnCode,
 ) -> (Client<DuplexStream>, Result<(), MqttError>) {
-    let (mut c, task) = spawn_server(EngineHandler::new(), MqttLimits::default());
+    let (mut c, task) = spawn_server(EngineHandler::new(), session_limits());
     match username {
         Some(u) => c.connect(client_id, u, Some("SharedAccessSignature sr=x&sig=y&se=1"), 60).await,
         None => c.send(Packet::Connect(rumqttc::mqttbytes::v4::Connect::new(client_id))).await,
@@ -378,7 +378,7 @@ async fn connect_refusals_have_the_right_connack_codes() {
         }
     }
     // The client ID is compared like registration IDs: case-insensitively.
-    let (mut c, task) = spawn_server(EngineHandler::new(), MqttLimits::default());
+    let (mut c, task) = spawn_server(EngineHandler::new(), session_limits());
     c.connect_ok("DEV-1", &py_username("dev-1"), None).await;
     drop(c);
     outcome(task).await.unwrap();
@@ -387,7 +387,7 @@ async fn connect_refusals_have_the_right_connack_codes() {
 #[tokio::test]
 async fn other_protocol_versions_get_connack_1() {
     // MQTT 3.1 ("MQIsdp", level 3).
-    let (mut c, task) = spawn_server(EngineHandler::new(), MqttLimits::default());
+    let (mut c, task) = spawn_server(EngineHandler::new(), session_limits());
     let mut v31 = vec![0x10, 18, 0, 6];
     v31.extend_from_slice(b"MQIsdp");
     v31.extend_from_slice(&[3, 0x02, 0, 60, 0, 4]);
@@ -401,7 +401,7 @@ async fn other_protocol_versions_get_connack_1() {
     assert!(matches!(outcome(task).await, Err(MqttError::ConnectRefused { code: 1, .. })));
 
     // MQTT 5 (level 5, with a properties length byte).
-    let (mut c, task) = spawn_server(EngineHandler::new(), MqttLimits::default());
+    let (mut c, task) = spawn_server(EngineHandler::new(), session_limits());
     let mut v5 = vec![0x10, 14, 0, 4];
     v5.extend_from_slice(b"MQTT");
     v5.extend_from_slice(&[5, 0x02, 0, 60, 0, 0, 3]);
@@ -424,7 +424,7 @@ async fn packets_before_connect_close_the_connection() {
         Packet::Subscribe(Subscribe::new("$dps/registrations/res/#", QoS::AtLeastOnce)),
         Packet::Disconnect,
     ] {
-        let (mut c, task) = spawn_server(EngineHandler::new(), MqttLimits::default());
+        let (mut c, task) = spawn_server(EngineHandler::new(), session_limits());
         c.send(first.clone()).await;
         c.expect_closed().await;
         assert!(matches!(outcome(task).await, Err(MqttError::Protocol(_))), "{first:?}");
@@ -433,13 +433,13 @@ async fn packets_before_connect_close_the_connection() {
 
 #[tokio::test]
 async fn a_second_connect_or_qos2_closes_the_connection() {
-    let (mut c, task) = spawn_server(EngineHandler::new(), MqttLimits::default());
+    let (mut c, task) = spawn_server(EngineHandler::new(), session_limits());
     c.connect_ok("dev", &py_username("dev"), None).await;
     c.connect("dev", &py_username("dev"), None, 60).await;
     c.expect_closed().await;
     assert!(matches!(outcome(task).await, Err(MqttError::Protocol(_))));
 
-    let (mut c, task) = spawn_server(EngineHandler::new(), MqttLimits::default());
+    let (mut c, task) = spawn_server(EngineHandler::new(), session_limits());
     c.connect_ok("dev", &py_username("dev"), None).await;
     let mut p = Publish::new(register_topic("1"), QoS::ExactlyOnce, "");
     p.pkid = 5;
@@ -448,7 +448,7 @@ async fn a_second_connect_or_qos2_closes_the_connection() {
     assert!(matches!(outcome(task).await, Err(MqttError::Protocol(_))));
 
     // A packet only servers send.
-    let (mut c, task) = spawn_server(EngineHandler::new(), MqttLimits::default());
+    let (mut c, task) = spawn_server(EngineHandler::new(), session_limits());
     c.connect_ok("dev", &py_username("dev"), None).await;
     c.send(Packet::PingResp).await;
     c.expect_closed().await;
@@ -458,13 +458,13 @@ async fn a_second_connect_or_qos2_closes_the_connection() {
 #[tokio::test]
 async fn oversized_packets_close_the_connection() {
     // Before CONNECT: a header announcing 1 MB is enough.
-    let (mut c, task) = spawn_server(EngineHandler::new(), MqttLimits::default());
+    let (mut c, task) = spawn_server(EngineHandler::new(), session_limits());
     c.send_raw(&[0x10, 0x80, 0x80, 0x40]).await;
     c.expect_closed().await;
     assert!(matches!(outcome(task).await, Err(MqttError::PacketTooLarge { size: 1_048_576, max: 100_000 })));
 
     // After CONNECT: a real 150 kB PUBLISH (the write may fail once the server hangs up).
-    let (mut c, task) = spawn_server(EngineHandler::new(), MqttLimits::default());
+    let (mut c, task) = spawn_server(EngineHandler::new(), session_limits());
     c.connect_ok("dev", &py_username("dev"), None).await;
     let big = Client::<DuplexStream>::encode(Packet::Publish(Publish::new(
         register_topic("1"),
@@ -476,7 +476,7 @@ async fn oversized_packets_close_the_connection() {
     assert!(matches!(outcome(task).await, Err(MqttError::PacketTooLarge { max: 100_000, .. })));
 
     // A configured limit applies.
-    let limits = MqttLimits { max_packet_bytes: 1000, ..MqttLimits::default() };
+    let limits = MqttLimits { max_packet_bytes: 1000, ..session_limits() };
     let (mut c, task) = spawn_server(EngineHandler::new(), limits);
     c.connect_ok("dev", &py_username("dev"), None).await;
     c.publish(&register_topic("1"), QoS::AtMostOnce, 0, &[b' '; 900]).await;
@@ -504,7 +504,7 @@ async fn garbage_bytes_close_the_connection() {
         // A CONNECT with a non-UTF-8 client ID.
         &[0x10, 0x0e, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x3c, 0x00, 0x02, 0xc3, 0x28][..],
     ] {
-        let (mut c, task) = spawn_server(EngineHandler::new(), MqttLimits::default());
+        let (mut c, task) = spawn_server(EngineHandler::new(), session_limits());
         let _ = c.try_send_raw(garbage).await;
         c.expect_closed().await;
         let result = outcome(task).await;
@@ -512,7 +512,7 @@ async fn garbage_bytes_close_the_connection() {
     }
     // After CONNECT.
     for garbage in [&[0xff; 4][..], &[0x30, 0x01, 0x00][..], &[0x82, 0x02, 0x00, 0x01][..]] {
-        let (mut c, task) = spawn_server(EngineHandler::new(), MqttLimits::default());
+        let (mut c, task) = spawn_server(EngineHandler::new(), session_limits());
         c.connect_ok("dev", &py_username("dev"), None).await;
         c.send_raw(garbage).await;
         c.expect_closed().await;
@@ -528,14 +528,14 @@ async fn truncated_packets_then_eof_end_the_session() {
         c
     }));
     // Half a CONNECT, then EOF.
-    let (mut c, task) = spawn_server(EngineHandler::new(), MqttLimits::default());
+    let (mut c, task) = spawn_server(EngineHandler::new(), session_limits());
     c.send_raw(&connect[..connect.len() / 2]).await;
     c.io.finish().await;
     c.expect_closed().await;
     assert!(matches!(outcome(task).await, Err(MqttError::Truncated(n)) if n == connect.len() / 2));
 
     // Half a PUBLISH after CONNECT, then EOF.
-    let (mut c, task) = spawn_server(EngineHandler::new(), MqttLimits::default());
+    let (mut c, task) = spawn_server(EngineHandler::new(), session_limits());
     c.send_raw(&connect).await;
     assert!(matches!(c.expect().await, Packet::ConnAck(_)));
     let publish = Client::<DuplexStream>::encode(Packet::Publish(Publish::new(
@@ -549,7 +549,7 @@ async fn truncated_packets_then_eof_end_the_session() {
     assert!(matches!(outcome(task).await, Err(MqttError::Truncated(_))));
 
     // EOF with nothing sent at all: a clean end (health checks, port scanners).
-    let (mut c, task) = spawn_server(EngineHandler::new(), MqttLimits::default());
+    let (mut c, task) = spawn_server(EngineHandler::new(), session_limits());
     c.io.finish().await;
     c.expect_closed().await;
     outcome(task).await.unwrap();
@@ -557,7 +557,7 @@ async fn truncated_packets_then_eof_end_the_session() {
 
 #[tokio::test(start_paused = true)]
 async fn keep_alive_silence_closes_the_connection() {
-    let (mut c, task) = spawn_server(EngineHandler::new(), MqttLimits::default());
+    let (mut c, task) = spawn_server(EngineHandler::new(), session_limits());
     c.connect("dev", &py_username("dev"), None, 2).await;
     assert!(matches!(c.expect().await, Packet::ConnAck(_)));
     // Pinging within the keep-alive keeps the session up (virtual time).
@@ -573,7 +573,7 @@ async fn keep_alive_silence_closes_the_connection() {
 
 #[tokio::test(start_paused = true)]
 async fn keep_alive_is_capped_and_zero_gets_the_cap() {
-    let limits = MqttLimits { max_keep_alive: std::time::Duration::from_secs(10), ..MqttLimits::default() };
+    let limits = MqttLimits { max_keep_alive: std::time::Duration::from_secs(10), ..session_limits() };
     for keep_alive in [0u16, 3600] {
         let (mut c, task) = spawn_server(EngineHandler::new(), limits.clone());
         c.connect("dev", &py_username("dev"), None, keep_alive).await;
@@ -585,11 +585,11 @@ async fn keep_alive_is_capped_and_zero_gets_the_cap() {
 
 #[tokio::test(start_paused = true)]
 async fn connect_must_arrive_in_time() {
-    let (mut c, task) = spawn_server(EngineHandler::new(), MqttLimits::default());
+    let (mut c, task) = spawn_server(EngineHandler::new(), session_limits());
     c.expect_closed().await;
     assert!(matches!(outcome(task).await, Err(MqttError::ConnectTimeout(_))));
     // Trickling a CONNECT does not extend the deadline.
-    let (mut c, task) = spawn_server(EngineHandler::new(), MqttLimits::default());
+    let (mut c, task) = spawn_server(EngineHandler::new(), session_limits());
     c.send_raw(&[0x10, 0x20, 0x00]).await;
     c.expect_closed().await;
     assert!(matches!(outcome(task).await, Err(MqttError::ConnectTimeout(_))));
@@ -600,7 +600,7 @@ async fn a_slow_engine_call_does_not_block_pings() {
     let world = EngineHandler::new();
     world.enroll("slow-dev", &key(10));
     let gated = GatedHandler::new(world.clone(), b"");
-    let (mut c, task) = spawn_server(gated.clone(), MqttLimits::default());
+    let (mut c, task) = spawn_server(gated.clone(), session_limits());
     c.connect_ok("slow-dev", &py_username("slow-dev"), Some(&py_token("slow-dev", &key(10)))).await;
     c.subscribe_responses().await;
     c.publish(&register_topic("1"), QoS::AtLeastOnce, 2, b"").await;
@@ -622,7 +622,7 @@ async fn pipelined_requests_are_answered_in_order_with_back_pressure() {
     let world = EngineHandler::new();
     world.enroll("pipe-dev", &key(11));
     let gated = GatedHandler::new(world.clone(), b"");
-    let (mut c, task) = spawn_server(gated.clone(), MqttLimits::default());
+    let (mut c, task) = spawn_server(gated.clone(), session_limits());
     c.connect_ok("pipe-dev", &py_username("pipe-dev"), Some(&py_token("pipe-dev", &key(11)))).await;
     // Two requests and a ping in one write: with one request in flight, the second waits and so does the
     // ping behind it.
@@ -655,7 +655,7 @@ async fn concurrent_requests_still_answer_in_request_order() {
     world.enroll("conc-dev", &key(12));
     // Only bodies containing "slow" are held.
     let gated = GatedHandler::new(world.clone(), b"slow");
-    let limits = MqttLimits { max_inflight_requests: 2, ..MqttLimits::default() };
+    let limits = MqttLimits { max_inflight_requests: 2, ..session_limits() };
     let (mut c, task) = spawn_server(gated.clone(), limits);
     c.connect_ok("conc-dev", &py_username("conc-dev"), Some(&py_token("conc-dev", &key(12)))).await;
     c.publish(&register_topic("1"), QoS::AtLeastOnce, 1, br#"{"payload":"slow"}"#).await;
@@ -673,7 +673,7 @@ async fn concurrent_requests_still_answer_in_request_order() {
 
 #[tokio::test]
 async fn a_failing_handler_answers_500_and_the_session_survives() {
-    let (mut c, task) = spawn_server(Arc::new(PanickingHandler), MqttLimits::default());
+    let (mut c, task) = spawn_server(Arc::new(PanickingHandler), session_limits());
     c.connect_ok("dev", &py_username("dev"), None).await;
     c.publish(&register_topic("1"), QoS::AtLeastOnce, 1, b"").await;
     let (r, body) = c.expect_response().await;
@@ -689,7 +689,7 @@ async fn a_failing_handler_answers_500_and_the_session_survives() {
 async fn the_session_future_is_send() {
     fn assert_send<T: Send>(_: &T) {}
     let (_client, server) = tokio::io::duplex(64);
-    let limits = MqttLimits::default();
+    let limits = session_limits();
     let fut = serve_connection(server, EngineHandler::new(), &limits);
     assert_send(&fut);
     drop(fut);
@@ -701,7 +701,7 @@ async fn unbounded_limits_do_not_overflow() {
         connect_timeout: std::time::Duration::MAX,
         max_keep_alive: std::time::Duration::MAX,
         max_inflight_requests: 0,
-        ..MqttLimits::default()
+        ..session_limits()
     };
     for keep_alive in [0u16, 1, u16::MAX] {
         let (mut c, task) = spawn_server(EngineHandler::new(), limits.clone());
@@ -715,4 +715,57 @@ async fn unbounded_limits_do_not_overflow() {
         c.expect_closed().await;
         outcome(task).await.unwrap();
     }
+}
+
+/// Issue 14, defect 7: the CONNECT's credential is checked before the session is accepted.
+#[tokio::test]
+async fn a_connect_whose_credential_fits_no_enrollment_gets_connack_5_and_is_closed() {
+    let world = EngineHandler::new();
+    world.enroll("dev-a", &key(5));
+    for (id, password) in [
+        ("dev-a", Some(py_token("dev-a", &key(6)))),          // wrong key
+        ("nobody", Some(py_token("nobody", &key(5)))),        // no enrollment
+        ("dev-a", None),                                      // no password, no client certificate
+        ("dev-a", Some("SharedAccessSignature junk".into())), // not a SAS token
+    ] {
+        let (mut c, task) = spawn_server(world.clone(), MqttLimits::default());
+        c.connect(id, &py_username(id), password.as_deref(), 60).await;
+        match c.expect().await {
+            Packet::ConnAck(ack) => {
+                assert_eq!(ack.code, ConnectReturnCode::NotAuthorized, "{id} {password:?}")
+            }
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+        c.expect_closed().await;
+        match outcome(task).await {
+            Err(MqttError::ConnectRefused { code: 5, reason }) => assert!(reason.contains("401"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    // The right key is accepted and provisions as before.
+    let (mut c, task) = spawn_server(world.clone(), MqttLimits::default());
+    c.connect_ok("dev-a", &py_username("dev-a"), Some(&py_token("dev-a", &key(5)))).await;
+    c.subscribe_responses().await;
+    c.publish(&register_topic("1"), QoS::AtLeastOnce, 1, br#"{"registrationId":"dev-a"}"#).await;
+    let (r, _) = c.expect_response().await;
+    assert_eq!(r.status, 202);
+    drop(c);
+    outcome(task).await.unwrap();
+}
+
+/// Issue 14, defect 7: a session that makes no request is closed, pings or not.
+#[tokio::test]
+async fn a_session_that_only_pings_is_closed_after_the_request_idle_timeout() {
+    let limits =
+        MqttLimits { request_idle_timeout: std::time::Duration::from_millis(300), ..session_limits() };
+    let (mut c, task) = spawn_server(EngineHandler::new(), limits);
+    c.connect_ok("idle", &py_username("idle"), None).await;
+    // Pings are answered, but do not count as requests: about 300 ms after the CONNECT, the session ends.
+    for _ in 0..2 {
+        c.send(Packet::PingReq).await;
+        assert_eq!(c.expect().await, Packet::PingResp);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    c.expect_closed().await;
+    assert!(matches!(outcome(task).await, Err(MqttError::RequestIdleTimeout(_))));
 }

@@ -96,7 +96,7 @@ fn feed(mode: Mode, bytes: Vec<u8>, chunk: usize) -> Vec<u8> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
     rt.block_on(async move {
         let (client, server) = tokio::io::duplex(4096);
-        let limits = MqttLimits { max_packet_bytes: 2048, ..MqttLimits::default() };
+        let limits = MqttLimits { max_packet_bytes: 2048, ..session_limits() };
         let handler = world();
         let session = tokio::spawn(async move {
             match mode {

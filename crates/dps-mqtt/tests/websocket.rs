@@ -23,8 +23,7 @@ async fn python_sdk_provisions_over_websocket() {
     let world = EngineHandler::new();
     world.enroll("ws-py", &key(20));
     // The Python SDK's path, copied from IoT Hub.
-    let (mut c, task) =
-        spawn_ws_server(world.clone(), MqttLimits::default(), "/$iothub/websocket", true).await;
+    let (mut c, task) = spawn_ws_server(world.clone(), session_limits(), "/$iothub/websocket", true).await;
     c.connect_ok("ws-py", &py_username("ws-py"), Some(&py_token("ws-py", &key(20)))).await;
     c.subscribe_responses().await;
 
@@ -55,7 +54,7 @@ async fn packets_may_span_frames_and_frames_may_hold_several_packets() {
     let world = EngineHandler::new();
     world.enroll("ws-cs", &key(21));
     // The C# SDK's path "/".
-    let (mut c, task) = spawn_ws_server(world.clone(), MqttLimits::default(), "/", true).await;
+    let (mut c, task) = spawn_ws_server(world.clone(), session_limits(), "/", true).await;
 
     let mut connect = Connect::new("ws-cs");
     connect.login = Some(Login::new(cs_username("ws-cs"), sdk_token("ws-cs", &key(21))));
@@ -94,8 +93,7 @@ async fn packets_may_span_frames_and_frames_may_hold_several_packets() {
 
 #[tokio::test]
 async fn the_subprotocol_is_optional_and_pings_are_answered() {
-    let (mut c, task) =
-        spawn_ws_server(EngineHandler::new(), MqttLimits::default(), "/any/path", false).await;
+    let (mut c, task) = spawn_ws_server(EngineHandler::new(), session_limits(), "/any/path", false).await;
     c.connect_ok("dev", &py_username("dev"), None).await;
     c.io.send(Message::Ping(b"hi".to_vec().into())).await.unwrap();
     match c.io.next().await.unwrap().unwrap() {
@@ -115,7 +113,7 @@ async fn the_subprotocol_is_optional_and_pings_are_answered() {
 
 #[tokio::test]
 async fn a_text_frame_ends_the_session_with_a_protocol_close() {
-    let (mut c, task) = spawn_ws_server(EngineHandler::new(), MqttLimits::default(), "/", true).await;
+    let (mut c, task) = spawn_ws_server(EngineHandler::new(), session_limits(), "/", true).await;
     c.connect_ok("dev", &py_username("dev"), None).await;
     c.io.send(Message::text("hello")).await.unwrap();
     match c.io.next().await {
@@ -128,7 +126,7 @@ async fn a_text_frame_ends_the_session_with_a_protocol_close() {
 #[tokio::test]
 async fn mqtt_errors_over_websocket_close_with_the_matching_code() {
     // A protocol violation.
-    let (mut c, task) = spawn_ws_server(EngineHandler::new(), MqttLimits::default(), "/", true).await;
+    let (mut c, task) = spawn_ws_server(EngineHandler::new(), session_limits(), "/", true).await;
     c.send(Packet::PingReq).await;
     match c.io.next().await {
         Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::Protocol),
@@ -137,7 +135,7 @@ async fn mqtt_errors_over_websocket_close_with_the_matching_code() {
     assert!(matches!(outcome(task).await, Err(MqttError::Protocol(_))));
 
     // A message over the limit.
-    let limits = MqttLimits { max_packet_bytes: 1000, ..MqttLimits::default() };
+    let limits = MqttLimits { max_packet_bytes: 1000, ..session_limits() };
     let (mut c, task) = spawn_ws_server(EngineHandler::new(), limits, "/", true).await;
     c.connect_ok("dev", &py_username("dev"), None).await;
     let _ = c.try_send_raw(&vec![0u8; 10_000]).await;
@@ -148,7 +146,7 @@ async fn mqtt_errors_over_websocket_close_with_the_matching_code() {
     assert!(matches!(outcome(task).await, Err(MqttError::PacketTooLarge { .. })));
 
     // A packet over the limit inside a message that fits.
-    let limits = MqttLimits { max_packet_bytes: 1000, ..MqttLimits::default() };
+    let limits = MqttLimits { max_packet_bytes: 1000, ..session_limits() };
     let (mut c, task) = spawn_ws_server(EngineHandler::new(), limits, "/", true).await;
     c.connect_ok("dev", &py_username("dev"), None).await;
     c.send_raw(&encode(Packet::Publish(rumqttc::mqttbytes::v4::Publish::new(
@@ -166,7 +164,7 @@ async fn mqtt_errors_over_websocket_close_with_the_matching_code() {
 
 #[tokio::test(start_paused = true)]
 async fn keep_alive_applies_over_websocket() {
-    let (mut c, task) = spawn_ws_server(EngineHandler::new(), MqttLimits::default(), "/", true).await;
+    let (mut c, task) = spawn_ws_server(EngineHandler::new(), session_limits(), "/", true).await;
     c.connect("dev", &py_username("dev"), None, 4).await;
     assert!(matches!(c.expect().await, Packet::ConnAck(_)));
     match c.io.next().await {
@@ -178,7 +176,7 @@ async fn keep_alive_applies_over_websocket() {
 
 #[tokio::test]
 async fn dropping_the_tcp_stream_mid_session_is_an_ordinary_end() {
-    let (mut c, task) = spawn_ws_server(EngineHandler::new(), MqttLimits::default(), "/", true).await;
+    let (mut c, task) = spawn_ws_server(EngineHandler::new(), session_limits(), "/", true).await;
     c.connect_ok("dev", &py_username("dev"), None).await;
     drop(c);
     outcome(task).await.unwrap();

@@ -38,6 +38,13 @@ pub const HOST: &str = "mydps.example.net";
 pub const HUB: &str = "hub-1.example.net";
 pub const OWNER: &str = "provisioningserviceowner";
 
+/// The limits of tests about session mechanics (packets, timing, ordering): everything as the default,
+/// except that the CONNECT is not authenticated, so a test can connect any username. Tests of
+/// authentication, and of whole SDK flows, use [`MqttLimits::default`].
+pub fn session_limits() -> MqttLimits {
+    MqttLimits { authenticate_at_connect: false, ..MqttLimits::default() }
+}
+
 pub fn key(b: u8) -> SymmetricKey {
     SymmetricKey::from_bytes(vec![b; 32])
 }
