@@ -76,6 +76,8 @@ impl Api {
 pub enum Refusal {
     /// `max_connections` reached.
     Limit,
+    /// The client address holds `max_connections_per_address` already.
+    AddressLimit,
     /// The TLS handshake failed or timed out.
     TlsHandshake,
 }
@@ -144,6 +146,7 @@ pub struct Metrics {
     open: [AtomicI64; 4],
     accepted: [AtomicU64; 4],
     refused_limit: AtomicU64,
+    refused_address: AtomicU64,
     refused_tls: AtomicU64,
     store_stats: Mutex<Option<(u64, u64)>>,
     billable: Mutex<BTreeMap<(BillableOperation, bool), u64>>,
@@ -187,6 +190,7 @@ impl Metrics {
     pub fn refused(&self, reason: Refusal) {
         match reason {
             Refusal::Limit => &self.refused_limit,
+            Refusal::AddressLimit => &self.refused_address,
             Refusal::TlsHandshake => &self.refused_tls,
         }
         .fetch_add(1, Ordering::Relaxed);
@@ -253,8 +257,11 @@ impl Metrics {
         out.push_str("# TYPE dps_connections_refused_total counter\n");
         let _ = writeln!(
             out,
-            "dps_connections_refused_total{{reason=\"limit\"}} {}\ndps_connections_refused_total{{reason=\"tls_handshake\"}} {}",
+            "dps_connections_refused_total{{reason=\"limit\"}} {}\n\
+             dps_connections_refused_total{{reason=\"address_limit\"}} {}\n\
+             dps_connections_refused_total{{reason=\"tls_handshake\"}} {}",
             self.refused_limit.load(Ordering::Relaxed),
+            self.refused_address.load(Ordering::Relaxed),
             self.refused_tls.load(Ordering::Relaxed)
         );
         self.store_commit_latency.render(

@@ -27,7 +27,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rustls_pki_types::CertificateDer;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
@@ -55,6 +55,8 @@ pub(crate) struct Shared {
     pub config: ServerConfig,
     pub acceptor: TlsAcceptor,
     pub connections: Arc<Semaphore>,
+    /// Connections per client address (HTTPS, MQTT, WebSocket), so one address cannot take the whole cap.
+    pub addresses: Arc<AddressBudget>,
     pub admin_connections: Arc<Semaphore>,
     pub tracker: TaskTracker,
     pub phase: watch::Receiver<Phase>,
@@ -180,6 +182,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         websocket_handler: Arc::new(DeviceApi::new(Arc::clone(&state), Transport::WebSocket)),
         state: Arc::clone(&state),
         connections: Arc::new(Semaphore::new(config.max_connections)),
+        addresses: Arc::new(AddressBudget::new(config.max_connections_per_address)),
         admin_connections: Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS)),
         config,
         acceptor,
@@ -340,6 +343,19 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, transport: Tran
             drop(stream);
             continue;
         };
+        let address = match transport {
+            Transport::Admin => None,
+            _ => match shared.addresses.take(peer.ip()) {
+                Some(taken) => Some(taken),
+                None => {
+                    shared.state.metrics.refused(Refusal::AddressLimit);
+                    tracing::debug!(%peer, listener = transport.label(), "per-address limit reached; closing");
+                    drop(stream);
+                    continue;
+                }
+            },
+        };
+        let permit = Slot { _global: permit, address };
         let _ = stream.set_nodelay(true);
         let s = Arc::clone(&shared);
         match transport {
@@ -424,7 +440,7 @@ async fn drive<C, E>(
     }
 }
 
-async fn serve_https(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, permit: OwnedSemaphorePermit) {
+async fn serve_https(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, permit: Slot) {
     let _open = shared.state.metrics.open_connection(Transport::Https);
     let Some((tls, client_certs)) = handshake(stream, peer, &shared).await else {
         return;
@@ -435,19 +451,14 @@ async fn serve_https(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, p
     drive(conn, |c| c.graceful_shutdown(), &shared, peer).await;
 }
 
-async fn serve_admin(
-    stream: TcpStream,
-    peer: SocketAddr,
-    shared: Arc<Shared>,
-    _permit: OwnedSemaphorePermit,
-) {
+async fn serve_admin(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, _permit: Slot) {
     let _open = shared.state.metrics.open_connection(Transport::Admin);
     let conn =
         http1_builder(&shared).serve_connection(TokioIo::new(stream), admin_service(Arc::clone(&shared)));
     drive(conn, |c| c.graceful_shutdown(), &shared, peer).await;
 }
 
-async fn serve_mqtt(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, _permit: OwnedSemaphorePermit) {
+async fn serve_mqtt(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, _permit: Slot) {
     let _open = shared.state.metrics.open_connection(Transport::Mqtt);
     let Some((tls, client_certs)) = handshake(stream, peer, &shared).await else {
         return;
@@ -500,4 +511,59 @@ pub(crate) fn spawn_websocket(ctx: Arc<ConnCtx>, on_upgrade: hyper::upgrade::OnU
 }
 
 /// The connection-limit permit, shared by an HTTPS connection and the WebSocket session it upgrades to.
-pub(crate) type ConnPermit = Arc<OwnedSemaphorePermit>;
+pub(crate) type ConnPermit = Arc<Slot>;
+
+/// A connection's hold on the shared cap and on its client address's budget; both are released when the
+/// connection ends.
+#[derive(Debug)]
+pub struct Slot {
+    _global: OwnedSemaphorePermit,
+    address: Option<(Arc<AddressBudget>, IpAddr)>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some((budget, ip)) = self.address.take() {
+            budget.release(ip);
+        }
+    }
+}
+
+/// How many connections each client address holds, against a limit.
+#[derive(Debug)]
+pub struct AddressBudget {
+    limit: usize,
+    held: std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>,
+}
+
+impl AddressBudget {
+    /// A budget of `limit` connections per address.
+    pub fn new(limit: usize) -> Self {
+        AddressBudget { limit: limit.max(1), held: std::sync::Mutex::new(std::collections::HashMap::new()) }
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<IpAddr, usize>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes one connection of `ip`'s budget, or None when it is spent.
+    fn take(self: &Arc<Self>, ip: IpAddr) -> Option<(Arc<AddressBudget>, IpAddr)> {
+        let mut held = self.held();
+        let n = held.entry(ip).or_insert(0);
+        if *n >= self.limit {
+            return None;
+        }
+        *n += 1;
+        Some((Arc::clone(self), ip))
+    }
+
+    fn release(&self, ip: IpAddr) {
+        let mut held = self.held();
+        if let Some(n) = held.get_mut(&ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                held.remove(&ip);
+            }
+        }
+    }
+}

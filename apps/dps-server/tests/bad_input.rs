@@ -317,3 +317,53 @@ async fn bogus_mqtt_connects_are_refused_and_hold_no_slots() {
     still_provisions(&server, "after-bogus").await;
     server.shutdown().await.unwrap();
 }
+
+/// Issue 14, defect 7: one client address cannot take the whole connection cap; other addresses are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_take_every_connection_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.max_connections = 10;
+    cfg.max_connections_per_address = 3;
+    let server = start(cfg).await;
+    let addr = server.ready.https;
+    let from = |source: &'static str| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+        socket.connect(addr).await.unwrap()
+    };
+    // The abuser's address holds three connections (TLS done, nothing sent)…
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let tcp = from("127.0.0.1").await;
+        let tls = tokio_rustls::TlsConnector::from(client_tls(&server))
+            .connect(rustls::pki_types::ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        held.push(tls);
+    }
+    // …and a fourth is closed at once, before any TLS.
+    let mut fourth = from("127.0.0.1").await;
+    assert!(read_to_close(&mut fourth).await.is_empty());
+    // Another address is served meanwhile.
+    let tcp = from("127.0.0.2").await;
+    let mut tls = tokio_rustls::TlsConnector::from(client_tls(&server))
+        .connect(rustls::pki_types::ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    write_all(&mut tls, b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
+    assert_eq!(read_response(&mut tls).await.0, 200);
+    let metrics = server.state.metrics.render();
+    assert!(metrics.contains("dps_connections_refused_total{reason=\"address_limit\"} 1"), "{metrics}");
+    // A slot given back can be taken again.
+    drop(held.pop());
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let tcp = from("127.0.0.1").await;
+    let mut tls = tokio_rustls::TlsConnector::from(client_tls(&server))
+        .connect(rustls::pki_types::ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    write_all(&mut tls, b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
+    assert_eq!(read_response(&mut tls).await.0, 200);
+    server.shutdown().await.unwrap();
+}

@@ -32,6 +32,25 @@ fn engine() -> Engine {
     .unwrap()
 }
 
+/// One engine, store, hub directory, seeded RNG and fixed time: what every test here drives.
+struct Rig {
+    engine: Engine,
+    store: MemoryStore,
+    hubs: MemoryHubDirectory,
+    rng: ChaCha8Rng,
+    now: Timestamp,
+}
+
+fn rig(engine: Engine, seed: u64) -> Rig {
+    Rig {
+        engine,
+        store: MemoryStore::new(),
+        hubs: MemoryHubDirectory::new(),
+        rng: ChaCha8Rng::seed_from_u64(seed),
+        now: Timestamp::from_unix_seconds(NOW),
+    }
+}
+
 fn put(body: Value) -> HttpRequest {
     HttpRequest {
         method: "PUT".into(),
@@ -59,11 +78,7 @@ fn group(tag: &str, with_keys: bool) -> Value {
 
 #[test]
 fn a_replace_that_keeps_stored_keys_fails_with_409_when_another_writer_changed_the_item_in_between() {
-    let engine = engine();
-    let store = MemoryStore::new();
-    let hubs = MemoryHubDirectory::new();
-    let mut rng = ChaCha8Rng::seed_from_u64(1);
-    let now = Timestamp::from_unix_seconds(NOW);
+    let Rig { engine, store, hubs, mut rng, now } = rig(engine(), 1);
     let mut create = engine.http(now, &mut rng, put(group("first", true)));
     assert_eq!(run_blocking(&mut create, &store, &hubs).status, 200);
 
@@ -93,11 +108,7 @@ fn a_replace_that_keeps_stored_keys_fails_with_409_when_another_writer_changed_t
 
 #[test]
 fn a_replace_without_keys_and_without_a_race_still_keeps_the_stored_keys() {
-    let engine = engine();
-    let store = MemoryStore::new();
-    let hubs = MemoryHubDirectory::new();
-    let mut rng = ChaCha8Rng::seed_from_u64(2);
-    let now = Timestamp::from_unix_seconds(NOW);
+    let Rig { engine, store, hubs, mut rng, now } = rig(engine(), 2);
     assert_eq!(
         run_blocking(&mut engine.http(now, &mut rng, put(group("first", true))), &store, &hubs).status,
         200
@@ -125,11 +136,7 @@ fn a_replace_without_keys_and_without_a_race_still_keeps_the_stored_keys() {
 
 #[test]
 fn a_write_reply_shows_the_keys_the_caller_sent_or_the_service_generated_and_no_others() {
-    let engine = engine();
-    let store = MemoryStore::new();
-    let hubs = MemoryHubDirectory::new();
-    let mut rng = ChaCha8Rng::seed_from_u64(3);
-    let now = Timestamp::from_unix_seconds(NOW);
+    let Rig { engine, store, hubs, mut rng, now } = rig(engine(), 3);
     // Created without keys: the generated keys are in the reply (SDKs read them from it).
     let r = run_blocking(&mut engine.http(now, &mut rng, put(group("new", false))), &store, &hubs);
     let created: Value = serde_json::from_slice(&r.body).unwrap();
@@ -151,11 +158,7 @@ fn a_write_reply_shows_the_keys_the_caller_sent_or_the_service_generated_and_no_
 fn creating_a_symmetric_key_group_beyond_the_limit_is_403002() {
     let mut config = engine().config().clone();
     config.max_symmetric_key_groups = 2;
-    let engine = Engine::new(config).unwrap();
-    let store = MemoryStore::new();
-    let hubs = MemoryHubDirectory::new();
-    let mut rng = ChaCha8Rng::seed_from_u64(4);
-    let now = Timestamp::from_unix_seconds(NOW);
+    let Rig { engine, store, hubs, mut rng, now } = rig(Engine::new(config).unwrap(), 4);
     let put_named = |id: &str| {
         let mut req = put(json!({"enrollmentGroupId": id, "attestation": {"type": "symmetricKey"}}));
         req.path_and_query = format!("/enrollmentGroups/{id}?api-version=2021-10-01");
