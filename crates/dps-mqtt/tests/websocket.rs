@@ -181,3 +181,16 @@ async fn dropping_the_tcp_stream_mid_session_is_an_ordinary_end() {
     drop(c);
     outcome(task).await.unwrap();
 }
+
+/// Issue 14, defect 9: a client speaking another protocol in its first binary frame (here the AMQP 1.0
+/// protocol header) gets a WebSocket close with code 1002 (protocol error), not a hang.
+#[tokio::test]
+async fn another_protocol_in_the_first_frame_is_closed_with_1002() {
+    let (mut c, task) = spawn_ws_server(EngineHandler::new(), session_limits(), "/", true).await;
+    c.io.send(Message::binary(b"AMQP\x00\x01\x00\x00".to_vec())).await.unwrap();
+    match c.io.next().await {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::Protocol),
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+    assert!(matches!(outcome(task).await, Err(MqttError::Protocol(_))));
+}
