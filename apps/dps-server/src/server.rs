@@ -57,6 +57,11 @@ pub(crate) struct Shared {
     pub connections: Arc<Semaphore>,
     /// Connections per client address (HTTPS, MQTT, WebSocket), so one address cannot take the whole cap.
     pub addresses: Arc<AddressBudget>,
+    /// Each device listener's share of the cap (three quarters each), so a flood on one listener (MQTT
+    /// CONNECTs, or HTTPS) always leaves room on the other.
+    pub https_share: Arc<Semaphore>,
+    /// The MQTT-over-TLS listener's share of the cap.
+    pub mqtt_share: Arc<Semaphore>,
     pub admin_connections: Arc<Semaphore>,
     pub tracker: TaskTracker,
     pub phase: watch::Receiver<Phase>,
@@ -183,6 +188,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         state: Arc::clone(&state),
         connections: Arc::new(Semaphore::new(config.max_connections)),
         addresses: Arc::new(AddressBudget::new(config.max_connections_per_address)),
+        https_share: Arc::new(Semaphore::new(listener_share(config.max_connections))),
+        mqtt_share: Arc::new(Semaphore::new(listener_share(config.max_connections))),
         admin_connections: Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS)),
         config,
         acceptor,
@@ -343,6 +350,21 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, transport: Tran
             drop(stream);
             continue;
         };
+        let share = match transport {
+            Transport::Https => Some(&shared.https_share),
+            Transport::Mqtt => Some(&shared.mqtt_share),
+            Transport::Admin | Transport::WebSocket => None,
+        };
+        let share = match share.map(|s| Arc::clone(s).try_acquire_owned()) {
+            None => None,
+            Some(Ok(p)) => Some(p),
+            Some(Err(_)) => {
+                shared.state.metrics.refused(Refusal::Limit);
+                tracing::debug!(%peer, listener = transport.label(), "listener's share of the cap reached; closing");
+                drop(stream);
+                continue;
+            }
+        };
         let address = match transport {
             Transport::Admin => None,
             _ => match shared.addresses.take(peer.ip()) {
@@ -355,7 +377,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, transport: Tran
                 }
             },
         };
-        let permit = Slot { _global: permit, address };
+        let permit = Slot { _global: permit, _share: share, address };
         let _ = stream.set_nodelay(true);
         let s = Arc::clone(&shared);
         match transport {
@@ -518,6 +540,7 @@ pub(crate) type ConnPermit = Arc<Slot>;
 #[derive(Debug)]
 pub struct Slot {
     _global: OwnedSemaphorePermit,
+    _share: Option<OwnedSemaphorePermit>,
     address: Option<(Arc<AddressBudget>, IpAddr)>,
 }
 
@@ -527,6 +550,12 @@ impl Drop for Slot {
             budget.release(ip);
         }
     }
+}
+
+/// One device listener's share of `max_connections`: all but a quarter of it (rounded down), so a cap
+/// below four leaves each listener the whole cap.
+fn listener_share(max_connections: usize) -> usize {
+    (max_connections - max_connections / 4).max(1)
 }
 
 /// How many connections each client address holds, against a limit.

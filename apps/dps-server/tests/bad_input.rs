@@ -367,3 +367,26 @@ async fn one_address_cannot_take_every_connection_slot() {
     assert_eq!(read_response(&mut tls).await.0, 200);
     server.shutdown().await.unwrap();
 }
+
+/// Issue 14, defect 7: a flood on the MQTT listener leaves room on the HTTPS one (each device listener may
+/// take at most all but a quarter of the cap).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_mqtt_listener_leaves_room_for_https() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.max_connections = 8;
+    cfg.max_connections_per_address = 8;
+    let server = start(cfg).await;
+    // Six MQTT connections (the listener's share of eight) that never send a CONNECT…
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        held.push(raw_tls_to(&server, server.ready.mqtt.unwrap()).await);
+    }
+    // …a seventh MQTT connection is closed at once…
+    let mut seventh = TcpStream::connect(server.ready.mqtt.unwrap()).await.unwrap();
+    assert!(read_to_close(&mut seventh).await.is_empty());
+    // …and HTTPS is still served.
+    assert_eq!(https(&server).request("GET", "/health", &[], Vec::new()).await.unwrap().status, 200);
+    drop(held);
+    server.shutdown().await.unwrap();
+}
