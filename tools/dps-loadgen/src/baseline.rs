@@ -5,11 +5,12 @@
 //! authentication, no storage. A server is judged by its rate as a fraction of this one.
 //!
 //! By default the baseline runs in **its own process** ([`BaselineProcess`]: this binary's hidden
-//! `baseline-server` command), like the server it is compared with. In the load generator's own process it
-//! would share the crypto code and tables (aws-lc's P-256 and X25519 tables, the AES and SHA code) with the
-//! devices' TLS clients in the CPU caches, and its handshakes ran about 1.4 times faster than those of any
-//! separate server process on the same machine (measured with `perf`: every aws-lc primitive, same call
-//! counts). `--baseline-in-process` keeps the old arrangement.
+//! `baseline-server` command), like the server it is compared with, so both pay the same process-level
+//! costs. In the load generator's own process it could share the crypto code and tables (aws-lc's P-256 and
+//! X25519 tables, the AES and SHA code) with the devices' TLS clients in the CPU caches, which no separate
+//! server can. (Under `perf`, every aws-lc primitive took about 1.4 times as long per call in the server
+//! process as in the in-process baseline; the separate-process baseline then measured within the noise of
+//! the in-process one, so that gap has another cause.) `--baseline-in-process` keeps the old arrangement.
 
 use crate::cpu::{current_thread_id, ServerCpu};
 use crate::mqtt::PacketIo;

@@ -228,8 +228,8 @@ struct LoadArgs {
     /// server must for X.509 attestation.
     #[arg(long)]
     baseline_client_auth: bool,
-    /// Run the baseline server inside the load generator's process (it then shares the crypto code and
-    /// tables with the devices' TLS clients in the CPU caches and runs faster than any separate server).
+    /// Run the baseline server inside the load generator's process (it may then share the crypto code and
+    /// tables with the devices' TLS clients in the CPU caches, which a separate server cannot).
     #[arg(long)]
     baseline_in_process: bool,
     /// No progress bar (it is also off when stderr is not a terminal).
