@@ -327,44 +327,38 @@ async fn one_address_cannot_take_every_connection_slot() {
     cfg.max_connections_per_address = 3;
     let server = start(cfg).await;
     let addr = server.ready.https;
-    let from = |source: &'static str| async move {
+    let tcp_from = |source: &'static str| async move {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
         socket.connect(addr).await.unwrap()
     };
+    let tls_from = |source: &'static str| {
+        let connector = tokio_rustls::TlsConnector::from(client_tls(&server));
+        async move {
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            connector.connect(name, tcp_from(source).await).await.unwrap()
+        }
+    };
+    let health = |mut tls: tokio_rustls::client::TlsStream<TcpStream>| async move {
+        write_all(&mut tls, b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
+        read_response(&mut tls).await.0
+    };
     // The abuser's address holds three connections (TLS done, nothing sent)…
     let mut held = Vec::new();
     for _ in 0..3 {
-        let tcp = from("127.0.0.1").await;
-        let tls = tokio_rustls::TlsConnector::from(client_tls(&server))
-            .connect(rustls::pki_types::ServerName::try_from("localhost").unwrap(), tcp)
-            .await
-            .unwrap();
-        held.push(tls);
+        held.push(tls_from("127.0.0.1").await);
     }
     // …and a fourth is closed at once, before any TLS.
-    let mut fourth = from("127.0.0.1").await;
+    let mut fourth = tcp_from("127.0.0.1").await;
     assert!(read_to_close(&mut fourth).await.is_empty());
     // Another address is served meanwhile.
-    let tcp = from("127.0.0.2").await;
-    let mut tls = tokio_rustls::TlsConnector::from(client_tls(&server))
-        .connect(rustls::pki_types::ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap();
-    write_all(&mut tls, b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
-    assert_eq!(read_response(&mut tls).await.0, 200);
+    assert_eq!(health(tls_from("127.0.0.2").await).await, 200);
     let metrics = server.state.metrics.render();
     assert!(metrics.contains("dps_connections_refused_total{reason=\"address_limit\"} 1"), "{metrics}");
     // A slot given back can be taken again.
     drop(held.pop());
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    let tcp = from("127.0.0.1").await;
-    let mut tls = tokio_rustls::TlsConnector::from(client_tls(&server))
-        .connect(rustls::pki_types::ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap();
-    write_all(&mut tls, b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
-    assert_eq!(read_response(&mut tls).await.0, 200);
+    assert_eq!(health(tls_from("127.0.0.1").await).await, 200);
     server.shutdown().await.unwrap();
 }
 

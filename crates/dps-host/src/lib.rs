@@ -300,17 +300,30 @@ impl Host {
     }
 
     /// For a poll of a registration still finishing in the background, waits up to the poll hold for it.
-    /// Returns the key under which an early-answered register of this request is tracked.
+    /// Returns the key under which a register that may answer early is tracked (None for anything else,
+    /// so other requests build no key).
     async fn hold_poll(&self, request: &DeviceRequest) -> Option<FlowKey> {
-        let key = key_of(request);
-        if matches!(request.call, DeviceCall::OperationStatus(_)) && !self.inner.poll_hold.is_zero() {
-            let running = self.in_flight().get(&key).cloned();
-            if let Some(mut done) = running {
-                // Err (sender dropped) is the flow finishing; a timeout answers with the current state.
-                let _ = tokio::time::timeout(self.inner.poll_hold, done.changed()).await;
+        match request.call {
+            DeviceCall::Register { .. } if self.inner.engine.config().respond_before_assignment => {
+                Some(key_of(request))
             }
+            DeviceCall::OperationStatus(_) if !self.inner.poll_hold.is_zero() => {
+                let running = {
+                    let in_flight = self.in_flight();
+                    if in_flight.is_empty() {
+                        None
+                    } else {
+                        in_flight.get(&key_of(request)).cloned()
+                    }
+                };
+                if let Some(mut done) = running {
+                    // Err (sender dropped) is the flow finishing; a timeout answers with the current state.
+                    let _ = tokio::time::timeout(self.inner.poll_hold, done.changed()).await;
+                }
+                None
+            }
+            _ => None,
         }
-        Some(key)
     }
 
     fn in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<FlowKey, watch::Receiver<()>>> {
