@@ -2,6 +2,8 @@
 //! precise answer.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use dps_core::hub::MemoryHubDirectory;
 use dps_core::proto::sas::{build_token, device_resource, encode_resource, SymmetricKey};
 use dps_core::proto::{Credential, ErrorBody, IdScope, Timestamp};
@@ -42,18 +44,7 @@ impl World {
         let group = json!({"enrollmentGroupId": "g", "attestation": {"type": "symmetricKey", "symmetricKey": {
             "primaryKey": SymmetricKey::from_bytes(vec![5; 32]).to_base64(),
             "secondaryKey": SymmetricKey::from_bytes(vec![6; 32]).to_base64()}}});
-        let r = w.run(HttpRequest {
-            method: "PUT".into(),
-            path_and_query: "/enrollmentGroups/g?api-version=2021-10-01".into(),
-            authorization: Some(build_token(
-                &SymmetricKey::from_bytes(vec![1; 32]),
-                "dps.example.net",
-                NOW + 60,
-                Some("owner"),
-            )),
-            body: serde_json::to_vec(&group).unwrap(),
-            ..HttpRequest::default()
-        });
+        let r = w.run(common::owner_put("/enrollmentGroups/g", &group, NOW + 60));
         assert_eq!(r.status, 200);
         w
     }

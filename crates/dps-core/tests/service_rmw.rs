@@ -2,8 +2,10 @@
 //! they read, so a concurrent writer's update is never lost.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use dps_core::hub::MemoryHubDirectory;
-use dps_core::proto::sas::{build_token, SymmetricKey};
+use dps_core::proto::sas::SymmetricKey;
 use dps_core::proto::{ErrorBody, IdScope, Timestamp};
 use dps_core::store::BlockingStore;
 use dps_core::{
@@ -52,18 +54,7 @@ fn rig(engine: Engine, seed: u64) -> Rig {
 }
 
 fn put(body: Value) -> HttpRequest {
-    HttpRequest {
-        method: "PUT".into(),
-        path_and_query: "/enrollmentGroups/g?api-version=2021-10-01".into(),
-        authorization: Some(build_token(
-            &SymmetricKey::from_bytes(vec![1; 32]),
-            "dps.example.net",
-            NOW + 60,
-            Some("owner"),
-        )),
-        body: serde_json::to_vec(&body).unwrap(),
-        ..HttpRequest::default()
-    }
+    common::owner_put("/enrollmentGroups/g", &body, NOW + 60)
 }
 
 fn group(tag: &str, with_keys: bool) -> Value {
