@@ -25,6 +25,9 @@ use dps_proto::sas::{device_resource, SasToken, SymmetricKey};
 use dps_proto::{DpsError, EnrollmentGroupId, ErrorCode, IdScope, RegistrationId, Timestamp};
 use std::sync::Arc;
 
+#[cfg(feature = "x509")]
+pub mod x509;
+
 /// One enrollment group of a shared, immutable group list (the store's cached snapshot): owning it costs
 /// one reference count, not a copy of the group.
 #[derive(Debug, Clone)]

@@ -200,7 +200,7 @@ impl DeviceFlow {
             &self.request.registration_id,
             presented,
             ctx.individual.take().map(Arc::new),
-            &ctx.symmetric_key_groups,
+            &ctx.groups,
             ctx.registration.as_ref().and_then(|r| match &r.enrollment {
                 EnrollmentRef::Group(g) => Some(g.as_str()),
                 EnrollmentRef::Individual(_) => None,

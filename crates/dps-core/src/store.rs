@@ -32,6 +32,7 @@
 //!   enrollment or group it was decided from: a group deleted or disabled between a device's context load
 //!   and its commit does not fail the commit (in one process as across several); the next load sees it.
 
+use dps_proto::certificate::CaCertificate;
 use dps_proto::model::{EnrollmentGroup, IndividualEnrollment, RegistrationStatus, RegistrationSubstatus};
 use dps_proto::query::Query;
 use dps_proto::{EnrollmentGroupId, Etag, IfMatch, OperationId, RegistrationId, Timestamp};
@@ -136,9 +137,12 @@ impl RegistrationRecord {
 pub struct DeviceContext {
     /// The individual enrollment with this registration ID, if any.
     pub individual: Option<IndividualEnrollment>,
-    /// When there is no individual enrollment: every symmetric-key enrollment group (enabled and disabled),
-    /// ordered by group ID. Empty when an individual enrollment exists.
-    pub symmetric_key_groups: Arc<Vec<EnrollmentGroup>>,
+    /// When there is no individual enrollment: every enrollment group (enabled and disabled, symmetric-key
+    /// and X.509), ordered by group ID. Empty when an individual enrollment exists.
+    pub groups: Arc<Vec<EnrollmentGroup>>,
+    /// Every CA certificate uploaded to the instance (verified or not), ordered by name: what X.509
+    /// attestation validates chains against. Stores hold at most a few dozen.
+    pub certificates: Arc<Vec<CaCertificate>>,
     /// The device's registration record, if any.
     pub registration: Option<RegistrationRecord>,
     /// The operation IDs committed for that record, oldest first, at most [`OPERATION_HISTORY_LEN`]

@@ -11,6 +11,7 @@
 //! - [`time`]: timestamps passed in by callers.
 #![forbid(unsafe_code)]
 
+pub mod certificate;
 pub mod credential;
 pub mod error;
 pub mod id;

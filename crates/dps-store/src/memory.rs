@@ -40,14 +40,12 @@ struct Inner {
     /// `(group key, registration key)` of every registration that came through a group.
     registrations_by_group: BTreeSet<(String, String)>,
     /// Every symmetric-key group, ordered by group key.
-    symmetric_key_groups: Arc<Vec<EnrollmentGroup>>,
+    group_snapshot: Arc<Vec<EnrollmentGroup>>,
 }
 
 impl Inner {
-    fn rebuild_symmetric_key_groups(&mut self) {
-        let groups: Vec<EnrollmentGroup> =
-            self.groups.values().filter(|g| is_symmetric_key_group(g)).cloned().collect();
-        self.symmetric_key_groups = Arc::new(groups);
+    fn rebuild_group_snapshot(&mut self) {
+        self.group_snapshot = Arc::new(self.groups.values().cloned().collect());
     }
 }
 
@@ -101,14 +99,14 @@ impl MemoryStore {
         let inner = self.read();
         let key = registration_id.key();
         let individual = inner.enrollments.get(key).cloned();
-        let symmetric_key_groups = if individual.is_some() {
+        let groups = if individual.is_some() {
             Arc::clone(&self.no_groups)
         } else {
-            Arc::clone(&inner.symmetric_key_groups)
+            Arc::clone(&inner.group_snapshot)
         };
         let registration = inner.registrations.get(key).cloned();
         let operations = inner.operations.get(key).cloned().unwrap_or_default();
-        DeviceContext { individual, symmetric_key_groups, registration, operations }
+        DeviceContext { individual, groups, certificates: Arc::default(), registration, operations }
     }
 
     fn commit_registration(&self, record: RegistrationRecord, expected: Option<&Etag>) -> OpResult {
@@ -219,7 +217,7 @@ impl MemoryStore {
             group.created_date_time_utc = Some(created);
         }
         inner.groups.insert(key, group.clone());
-        inner.rebuild_symmetric_key_groups();
+        inner.rebuild_group_snapshot();
         Ok(StoreResult::Group(Some(Box::new(group))))
     }
 
@@ -228,7 +226,7 @@ impl MemoryStore {
         let mut inner = self.write();
         check_delete(if_match, inner.groups.get(key).map(|g| g.etag.as_deref()))?;
         inner.groups.remove(key);
-        inner.rebuild_symmetric_key_groups();
+        inner.rebuild_group_snapshot();
         Ok(StoreResult::Done)
     }
 

@@ -174,7 +174,7 @@ struct Shared {
 
 /// What the writer thread shares with the handles.
 struct WriterState {
-    symmetric_key_groups: RwLock<Arc<Vec<EnrollmentGroup>>>,
+    group_snapshot: RwLock<Arc<Vec<EnrollmentGroup>>>,
     /// Which registration IDs may have an individual enrollment.
     enrollment_ids: cache::KeySet,
     /// Which registration IDs may have a registration record: a device registering for the first time is
@@ -197,11 +197,11 @@ struct WriterState {
 impl WriterState {
     fn publish_groups(&self, groups: &BTreeMap<String, EnrollmentGroup>) {
         let groups = Arc::new(groups.values().cloned().collect::<Vec<_>>());
-        *self.symmetric_key_groups.write().unwrap_or_else(|e| e.into_inner()) = groups;
+        *self.group_snapshot.write().unwrap_or_else(|e| e.into_inner()) = groups;
     }
 
     fn groups(&self) -> Arc<Vec<EnrollmentGroup>> {
-        Arc::clone(&self.symmetric_key_groups.read().unwrap_or_else(|e| e.into_inner()))
+        Arc::clone(&self.group_snapshot.read().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
@@ -385,14 +385,14 @@ fn load_keys(conn: &Connection, sql: &str, what: &str, ids: &cache::KeySet) -> R
 }
 
 /// Every symmetric-key group, by key.
-fn load_symmetric_key_groups(conn: &Connection) -> Result<BTreeMap<String, EnrollmentGroup>, StoreError> {
+fn load_groups(conn: &Connection) -> Result<BTreeMap<String, EnrollmentGroup>, StoreError> {
     let mut stmt = conn
-        .prepare_cached("SELECT key, json FROM enrollment_groups WHERE symmetric_key = 1 ORDER BY key")
+        .prepare_cached("SELECT key, json FROM enrollment_groups ORDER BY key")
         .map_err(|e| sql_error("preparing the symmetric-key group query", &e))?;
-    let mut rows = stmt.query([]).map_err(|e| sql_error("loading symmetric-key groups", &e))?;
+    let mut rows = stmt.query([]).map_err(|e| sql_error("loading enrollment groups", &e))?;
     let mut out = BTreeMap::new();
-    while let Some(row) = rows.next().map_err(|e| sql_error("loading symmetric-key groups", &e))? {
-        let key: String = row.get(0).map_err(|e| sql_error("loading symmetric-key groups", &e))?;
+    while let Some(row) = rows.next().map_err(|e| sql_error("loading enrollment groups", &e))? {
+        let key: String = row.get(0).map_err(|e| sql_error("loading enrollment groups", &e))?;
         let json =
             row.get_ref(1).and_then(|v| Ok(v.as_str()?)).map_err(|e| sql_error("loading groups", &e))?;
         let group: EnrollmentGroup = from_json(&format!("reading enrollment group '{key}'"), json)?;
@@ -416,7 +416,7 @@ impl SqliteStore {
         migrate(&mut conn)?;
         // The version first: views loaded after it can only be newer than it, never older.
         let version = read_version(&conn)?;
-        let groups = load_symmetric_key_groups(&conn)?;
+        let groups = load_groups(&conn)?;
 
         let mut readers = Vec::new();
         for _ in 0..options.read_connections.max(1) {
@@ -434,7 +434,7 @@ impl SqliteStore {
         }
 
         let state = Arc::new(WriterState {
-            symmetric_key_groups: RwLock::new(Arc::new(Vec::new())),
+            group_snapshot: RwLock::new(Arc::new(Vec::new())),
             enrollment_ids: cache::KeySet::new(),
             registration_ids: cache::KeySet::new(),
             registrations: cache::RecordCache::new(options.registration_cache_bytes),
@@ -635,12 +635,12 @@ impl SqliteStore {
                 } else {
                     None
                 };
-                let symmetric_key_groups = if individual.is_some() {
+                let groups = if individual.is_some() {
                     Arc::clone(&self.shared.no_groups)
                 } else if current {
                     state.groups()
                 } else {
-                    Arc::new(load_symmetric_key_groups(&conn)?.into_values().collect())
+                    Arc::new(load_groups(&conn)?.into_values().collect())
                 };
                 let (registration, operations) = match cached {
                     Some(cached) => (Some(cached.record.clone()), cached.operations.clone()),
@@ -653,7 +653,8 @@ impl SqliteStore {
                 };
                 Ok(StoreResult::DeviceContext(DeviceContext {
                     individual,
-                    symmetric_key_groups,
+                    groups,
+                    certificates: Arc::default(),
                     registration,
                     operations,
                 }))
@@ -1048,7 +1049,7 @@ impl Writer {
             }
         }
         if self.groups_stale {
-            if let Ok(groups) = load_symmetric_key_groups(&self.conn) {
+            if let Ok(groups) = load_groups(&self.conn) {
                 self.groups = groups;
                 self.groups_stale = false;
                 self.state.publish_groups(&self.groups);
@@ -1123,7 +1124,7 @@ impl Writer {
         self.registration_ids_stale = true;
         load_registration_ids(&self.conn, &self.state.registration_ids)?;
         self.registration_ids_stale = false;
-        self.groups = load_symmetric_key_groups(&self.conn)?;
+        self.groups = load_groups(&self.conn)?;
         self.groups_stale = false;
         self.state.publish_groups(&self.groups);
         Ok(())
@@ -1265,11 +1266,7 @@ impl Writer {
                      json = excluded.json",
                 )?
                 .execute(params![key, stored.etag.as_deref().unwrap_or(""), symmetric, json])?;
-                changes.push(if symmetric {
-                    Change::GroupPut(key, Box::new(stored.clone()))
-                } else {
-                    Change::GroupRemove(key)
-                });
+                changes.push(Change::GroupPut(key, Box::new(stored.clone())));
                 Ok(Ok(StoreResult::Group(Some(Box::new(stored)))))
             }
             WriteOp::DeleteGroup { key, if_match } => {

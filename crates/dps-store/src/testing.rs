@@ -483,7 +483,8 @@ pub fn group_limit_counts_symmetric_key_groups_only<S: BlockingStore>(s: &S) {
     assert!(limited(sym_group("x1", "e2"), WriteCondition::Upsert).is_err());
     delete_group(s, "g1", None).unwrap();
     limited(sym_group("g3", "e1"), WriteCondition::Upsert).unwrap();
-    assert_eq!(load(s, "anyone").symmetric_key_groups.len(), 2);
+    // The device context holds every group, X.509 ones too.
+    assert_eq!(load(s, "anyone").groups.len(), 3);
 }
 
 /// Registration commits: create-only and ETag-guarded replace, `Conflict` otherwise.
@@ -536,10 +537,7 @@ pub fn context_with_individual_enrollment<S: BlockingStore>(s: &S) {
     let e = put_enrollment(s, enrollment("Dev-1", "e1"), WriteCondition::Upsert).unwrap();
     let ctx = load(s, "dev-1");
     assert_eq!(ctx.individual, Some(e));
-    assert!(
-        ctx.symmetric_key_groups.is_empty(),
-        "groups are not loaded when an individual enrollment exists"
-    );
+    assert!(ctx.groups.is_empty(), "groups are not loaded when an individual enrollment exists");
     assert_eq!(ctx.registration, None);
 
     commit(s, record("dev-1", None, "r1"), None).unwrap();
@@ -551,7 +549,7 @@ pub fn context_with_individual_enrollment<S: BlockingStore>(s: &S) {
 /// `LoadDeviceContext` without one: every symmetric-key group, ordered, following writes.
 pub fn context_without_individual_enrollment<S: BlockingStore>(s: &S) {
     let ctx = load(s, "dev-1");
-    assert!(ctx.individual.is_none() && ctx.registration.is_none() && ctx.symmetric_key_groups.is_empty());
+    assert!(ctx.individual.is_none() && ctx.registration.is_none() && ctx.groups.is_empty());
 
     // Inserted out of order, mixed case, one disabled, two non-symmetric.
     put_group(s, group_with("Zeta", "symmetricKey", "e1", "enabled", CREATED), WriteCondition::Upsert)
@@ -567,41 +565,38 @@ pub fn context_without_individual_enrollment<S: BlockingStore>(s: &S) {
 
     let ctx = load(s, "dev-1");
     assert_eq!(ctx.individual, None);
-    assert_eq!(group_ids(&ctx.symmetric_key_groups), ["alpha", "Mid", "Zeta"]);
-    assert_eq!(
-        ctx.symmetric_key_groups[0].provisioning_status,
-        Some(serde_json::from_value(json!("disabled")).unwrap())
-    );
+    assert_eq!(group_ids(&ctx.groups), ["alpha", "Mid", "Zeta"]);
+    assert_eq!(ctx.groups[0].provisioning_status, Some(serde_json::from_value(json!("disabled")).unwrap()));
     assert_eq!(ctx.registration, Some(record("dev-1", Some("mid"), "r1")));
 
     // The cached group list follows writes: update, kind change, delete, new group.
     put_group(s, group_with("zeta", "symmetricKey", "e2", "disabled", LATER), WriteCondition::Upsert)
         .unwrap();
     let ctx = load(s, "dev-1");
-    assert_eq!(group_ids(&ctx.symmetric_key_groups), ["alpha", "Mid", "zeta"]);
-    assert_eq!(ctx.symmetric_key_groups[2].etag.as_deref(), Some("e2"));
-    assert_eq!(ctx.symmetric_key_groups[2].created_date_time_utc.as_deref(), Some(CREATED));
+    assert_eq!(group_ids(&ctx.groups), ["alpha", "Mid", "zeta"]);
+    assert_eq!(ctx.groups[2].etag.as_deref(), Some("e2"));
+    assert_eq!(ctx.groups[2].created_date_time_utc.as_deref(), Some(CREATED));
 
     put_group(s, group_with("mid", "x509", "e2", "enabled", LATER), WriteCondition::Upsert).unwrap();
-    assert_eq!(group_ids(&load(s, "dev-1").symmetric_key_groups), ["alpha", "zeta"]);
+    assert_eq!(group_ids(&load(s, "dev-1").groups), ["alpha", "zeta"]);
     put_group(s, group_with("certs", "symmetricKey", "e2", "enabled", LATER), WriteCondition::Upsert)
         .unwrap();
-    assert_eq!(group_ids(&load(s, "dev-1").symmetric_key_groups), ["alpha", "certs", "zeta"]);
+    assert_eq!(group_ids(&load(s, "dev-1").groups), ["alpha", "certs", "zeta"]);
     delete_group(s, "ALPHA", None).unwrap();
-    assert_eq!(group_ids(&load(s, "dev-1").symmetric_key_groups), ["certs", "zeta"]);
+    assert_eq!(group_ids(&load(s, "dev-1").groups), ["certs", "zeta"]);
     // A failed conditional write leaves the list alone.
     let failed = put_group(s, sym_group("new", "e1"), WriteCondition::IfMatch(IfMatch::Any));
     assert_eq!(failed, Err(StoreError::NotFound));
     assert_eq!(delete_group(s, "zeta", Some(if_match("wrong"))), Err(StoreError::PreconditionFailed));
-    assert_eq!(group_ids(&load(s, "dev-1").symmetric_key_groups), ["certs", "zeta"]);
+    assert_eq!(group_ids(&load(s, "dev-1").groups), ["certs", "zeta"]);
     put_group(s, sym_group("beta", "e1"), WriteCondition::CreateOnly).unwrap();
-    assert_eq!(group_ids(&load(s, "dev-1").symmetric_key_groups), ["beta", "certs", "zeta"]);
+    assert_eq!(group_ids(&load(s, "dev-1").groups), ["beta", "certs", "zeta"]);
 
     // Once the device gets an individual enrollment, groups are no longer loaded; removing it brings them back.
     put_enrollment(s, enrollment("dev-1", "e1"), WriteCondition::Upsert).unwrap();
-    assert!(load(s, "dev-1").symmetric_key_groups.is_empty());
+    assert!(load(s, "dev-1").groups.is_empty());
     delete_enrollment(s, "dev-1", None).unwrap();
-    assert_eq!(load(s, "dev-1").symmetric_key_groups.len(), 3);
+    assert_eq!(load(s, "dev-1").groups.len(), 3);
 }
 
 /// Enrollment queries page through 25 items with every page size.
@@ -791,7 +786,7 @@ pub fn group_delete_leaves_registrations<S: BlockingStore>(s: &S) {
     }
     assert_eq!(query_registrations(s, "g1", page(None, 10)).items.len(), 3);
     let ctx = load(s, "dev-1");
-    assert!(ctx.symmetric_key_groups.is_empty());
+    assert!(ctx.groups.is_empty());
     assert_eq!(ctx.registration.unwrap().enrollment, EnrollmentRef::Group(gid("g1")));
 }
 

@@ -112,7 +112,7 @@ mod sqlite_only {
         assert_eq!(get_enrollment(&store, "dev-1"), Some(enrollment("dev-1", "e1")));
         assert_eq!(get_group(&store, "g2").unwrap().enrollment_group_id, "g2");
         let ctx = load(&store, "dev-2");
-        assert_eq!(group_ids(&ctx.symmetric_key_groups), ["g1"], "group cache loaded at open");
+        assert_eq!(group_ids(&ctx.groups), ["g1"], "group cache loaded at open");
         assert_eq!(ctx.registration, Some(record("dev-2", Some("g1"), "r1")));
         assert_eq!(query_registrations(&store, "g1", page(None, 10)).items.len(), 1);
         // Conditions still see the stored etags.
@@ -201,7 +201,7 @@ mod sqlite_only {
         conn.execute_batch("DROP TABLE store_version; PRAGMA user_version = 1;").unwrap();
         drop(conn);
         let (a, b) = two_handles(dir.path());
-        assert_eq!(group_ids(&load(&b, "dev-1").symmetric_key_groups), ["g1"]);
+        assert_eq!(group_ids(&load(&b, "dev-1").groups), ["g1"]);
         commit(&a, record("dev-1", Some("g1"), "r2"), Some("r1")).unwrap();
         assert_eq!(load(&b, "dev-1").registration.unwrap().etag, etag("r2"));
         a.close().unwrap();
@@ -397,7 +397,7 @@ mod sqlite_only {
     }
 
     fn group_status(ctx: &dps_core::store::DeviceContext, id: &str) -> Option<ProvisioningStatus> {
-        ctx.symmetric_key_groups
+        ctx.groups
             .iter()
             .find(|g| g.enrollment_group_id == id)
             .map(|g| g.provisioning_status.unwrap_or_default())
@@ -408,9 +408,9 @@ mod sqlite_only {
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = two_handles(dir.path());
         // B's views are loaded (and its caches warm) before A writes.
-        assert!(load(&b, "dev-1").symmetric_key_groups.is_empty());
+        assert!(load(&b, "dev-1").groups.is_empty());
         put_group(&a, sym_group("g1", "e1"), WriteCondition::Upsert).unwrap();
-        assert_eq!(group_ids(&load(&b, "dev-1").symmetric_key_groups), ["g1"], "created via A");
+        assert_eq!(group_ids(&load(&b, "dev-1").groups), ["g1"], "created via A");
         // Disabled via A: B sees it disabled, not as the enabled copy it had.
         put_group(&a, group_with("g1", "symmetricKey", "e2", "disabled", CREATED), WriteCondition::Upsert)
             .unwrap();
@@ -419,16 +419,16 @@ mod sqlite_only {
         put_group(&a, sym_group("g2", "e1"), WriteCondition::Upsert).unwrap();
         put_group(&b, sym_group("g3", "e1"), WriteCondition::Upsert).unwrap();
         let ctx = load(&b, "dev-1");
-        assert_eq!(group_ids(&ctx.symmetric_key_groups), ["g1", "g2", "g3"]);
+        assert_eq!(group_ids(&ctx.groups), ["g1", "g2", "g3"]);
         assert_eq!(group_status(&ctx, "g1"), Some(ProvisioningStatus::Disabled));
         // Deleted via A: B no longer offers it.
         delete_group(&a, "g1", None).unwrap();
-        assert_eq!(group_ids(&load(&b, "dev-1").symmetric_key_groups), ["g2", "g3"]);
+        assert_eq!(group_ids(&load(&b, "dev-1").groups), ["g2", "g3"]);
         // And A sees what B wrote.
-        assert_eq!(group_ids(&load(&a, "dev-1").symmetric_key_groups), ["g2", "g3"]);
+        assert_eq!(group_ids(&load(&a, "dev-1").groups), ["g2", "g3"]);
         // Once B's writer has caught up (any later write), its views are trusted again and still right.
         commit(&b, record("dev-9", Some("g2"), "r1"), None).unwrap();
-        assert_eq!(group_ids(&load(&b, "dev-1").symmetric_key_groups), ["g2", "g3"]);
+        assert_eq!(group_ids(&load(&b, "dev-1").groups), ["g2", "g3"]);
         a.close().unwrap();
         b.close().unwrap();
     }
@@ -467,12 +467,12 @@ mod sqlite_only {
         put_enrollment(&a, enrollment("ind-1", "e1"), WriteCondition::Upsert).unwrap();
         let ctx = load(&b, "ind-1");
         assert!(ctx.individual.is_some(), "created via A");
-        assert!(ctx.symmetric_key_groups.is_empty());
+        assert!(ctx.groups.is_empty());
         // Deleted via A: not found via B, by any read.
         delete_enrollment(&a, "ind-1", None).unwrap();
         let ctx = load(&b, "ind-1");
         assert!(ctx.individual.is_none(), "deleted via A");
-        assert_eq!(group_ids(&ctx.symmetric_key_groups), ["g1"]);
+        assert_eq!(group_ids(&ctx.groups), ["g1"]);
         assert_eq!(get_enrollment(&b, "ind-1"), None);
         assert_eq!(delete_enrollment(&b, "ind-1", None), Err(StoreError::NotFound));
         // After B's writer caught up, its views still agree.
@@ -502,7 +502,7 @@ mod sqlite_only {
             }
         });
         for store in [&a, &b] {
-            assert_eq!(load(store, "dev-x").symmetric_key_groups.len(), 60);
+            assert_eq!(load(store, "dev-x").groups.len(), 60);
             for t in 0..2 {
                 for i in 0..30 {
                     assert!(get_registration(store, &format!("dev-{t}-{i}")).is_some());
