@@ -70,6 +70,13 @@ error_codes! {
     InvalidQuery = 400006, false, "The query is not valid.";
     /// The request names an unknown api-version shape, or a feature the api-version does not support.
     InvalidApiVersion = 400007, false, "The api-version is missing or not valid.";
+    /// A certificate signing request (`csr`) that cannot be used: not base64 DER PKCS#10, a bad signature,
+    /// a subject CN other than the registration ID, an unsupported key, over size, or sent where no
+    /// issuance is possible.
+    InvalidCsr = 400008, false, "The certificate signing request is not valid.";
+    /// A CA certificate upload or proof of possession that cannot be accepted (not a CA certificate,
+    /// garbage, wrong verification code, not signed by the CA).
+    InvalidCaCertificate = 400009, false, "The CA certificate or its proof of possession is not valid.";
     /// Custom allocation webhook failed (Azure's 400207).
     CustomAllocationFailed = 400207, false, "Custom allocation failed.";
     /// Custom allocation webhook did not name a hub (Azure's 400208).
@@ -99,6 +106,8 @@ error_codes! {
     EnrollmentNotFound = 404201, false, "The enrollment does not exist.";
     /// Enrollment group not found (Azure's 404202).
     EnrollmentGroupNotFound = 404202, false, "The enrollment group does not exist.";
+    /// Uploaded CA certificate not found.
+    CertificateNotFound = 404205, false, "The CA certificate does not exist.";
     /// Device registration record not found.
     RegistrationNotFound = 404203, false, "The device registration does not exist.";
     /// Registration operation not found (unknown or superseded operation ID).
