@@ -19,7 +19,10 @@
 //! This crate does no I/O and reads no clock: `now` is an argument.
 #![forbid(unsafe_code)]
 
-use dps_proto::credential::{CertificateChain, Credential, TpmRegistration};
+use dps_proto::certificate::CaCertificate;
+#[cfg(not(feature = "x509"))]
+use dps_proto::credential::CertificateChain;
+use dps_proto::credential::{Credential, TpmRegistration};
 use dps_proto::model::{AttestationType, EnrollmentGroup, IndividualEnrollment, ProvisioningStatus};
 use dps_proto::sas::{device_resource, SasToken, SymmetricKey};
 use dps_proto::{DpsError, EnrollmentGroupId, ErrorCode, IdScope, RegistrationId, Timestamp};
@@ -87,9 +90,18 @@ impl MatchedEnrollment {
 pub struct VerifiedDevice {
     registration_id: RegistrationId,
     enrollment: MatchedEnrollment,
-    primary_key: SymmetricKey,
-    secondary_key: Secondary,
+    credential: DeviceCredential,
     key_index: usize,
+}
+
+/// What the device proved itself with.
+#[derive(Debug, Clone)]
+enum DeviceCredential {
+    /// Symmetric keys: the device's primary key and its secondary (or the group key to derive it from).
+    Keys { primary: SymmetricKey, secondary: Secondary },
+    /// An X.509 chain (boxed: the certificate details are large next to a key).
+    #[cfg(feature = "x509")]
+    X509(Box<x509::X509Evidence>),
 }
 
 /// The device's secondary key, or the group key it is derived from (derived only when asked for: a poll
@@ -112,23 +124,57 @@ impl VerifiedDevice {
     }
 
     /// The device's primary key (the enrollment's key, or the group-derived key): the credential its hub
-    /// identity gets.
-    pub fn primary_key(&self) -> &SymmetricKey {
-        &self.primary_key
-    }
-
-    /// The device's secondary key (for a group device, derived from the group's secondary key on each
-    /// call).
-    pub fn secondary_key(&self) -> SymmetricKey {
-        match &self.secondary_key {
-            Secondary::Key(k) => k.clone(),
-            Secondary::FromGroup(group) => group.derive_device_key(self.registration_id.as_str()),
+    /// identity gets. `None` for an X.509 device.
+    pub fn primary_key(&self) -> Option<&SymmetricKey> {
+        match &self.credential {
+            DeviceCredential::Keys { primary, .. } => Some(primary),
+            #[cfg(feature = "x509")]
+            DeviceCredential::X509(_) => None,
         }
     }
 
-    /// 0 when the primary key verified the token, 1 for the secondary.
+    /// The device's secondary key (for a group device, derived from the group's secondary key on each
+    /// call). `None` for an X.509 device.
+    pub fn secondary_key(&self) -> Option<SymmetricKey> {
+        match &self.credential {
+            DeviceCredential::Keys { secondary: Secondary::Key(k), .. } => Some(k.clone()),
+            DeviceCredential::Keys { secondary: Secondary::FromGroup(group), .. } => {
+                Some(group.derive_device_key(self.registration_id.as_str()))
+            }
+            #[cfg(feature = "x509")]
+            DeviceCredential::X509(_) => None,
+        }
+    }
+
+    /// Symmetric keys: 0 when the primary key verified the token, 1 for the secondary. X.509: which
+    /// enrolled client certificate the device presented (0 primary, 1 secondary), 0 when matched through a
+    /// CA.
     pub fn key_index(&self) -> usize {
         self.key_index
+    }
+
+    /// The device-facing `registrationState.x509` of an X.509 device: the device certificate's info, the
+    /// group it matched through and the info of the signing certificate the enrollment named. `None` for
+    /// other devices.
+    pub fn x509_result(&self) -> Option<dps_proto::model::X509RegistrationResult> {
+        match &self.credential {
+            #[cfg(feature = "x509")]
+            DeviceCredential::X509(x) => Some(dps_proto::model::X509RegistrationResult {
+                certificate_info: Some(x.leaf_info.clone()),
+                enrollment_group_id: self.enrollment.group_id().map(str::to_owned),
+                signing_certificate_info: x.signing_info.clone(),
+            }),
+            DeviceCredential::Keys { .. } => None,
+        }
+    }
+
+    /// The DER of the device certificate an X.509 device presented; `None` for other devices.
+    pub fn client_leaf_der(&self) -> Option<&[u8]> {
+        match &self.credential {
+            #[cfg(feature = "x509")]
+            DeviceCredential::X509(x) => Some(&x.leaf_der),
+            DeviceCredential::Keys { .. } => None,
+        }
     }
 }
 
@@ -266,8 +312,7 @@ fn decide(
         Attestation::Verified(VerifiedDevice {
             registration_id: registration_id.clone(),
             enrollment,
-            primary_key,
-            secondary_key,
+            credential: DeviceCredential::Keys { primary: primary_key, secondary: secondary_key },
             key_index,
         })
     }
@@ -284,13 +329,17 @@ pub enum HubCredential {
         /// Secondary key.
         secondary: SymmetricKey,
     },
-    /// X.509 thumbprints (SHA-1 or SHA-256 hex of the device certificate).
+    /// X.509 thumbprints (uppercase SHA-256 hex of the enrolled device certificates): a device matched by
+    /// an individual enrollment's client certificate.
     X509Thumbprints {
         /// Primary thumbprint.
         primary: String,
         /// Secondary thumbprint.
         secondary: Option<String>,
     },
+    /// The hub trusts the device's CA: a device matched through an enrollment group or an individual
+    /// enrollment's `caReferences`.
+    CertificateAuthority,
     /// A TPM endorsement key (base64 TPM2B_PUBLIC).
     Tpm {
         /// The endorsement key.
@@ -301,7 +350,14 @@ pub enum HubCredential {
 impl VerifiedDevice {
     /// The credential to install on the device's hub identity.
     pub fn hub_credential(&self) -> HubCredential {
-        HubCredential::Keys { primary: self.primary_key.clone(), secondary: self.secondary_key() }
+        match &self.credential {
+            DeviceCredential::Keys { primary, .. } => HubCredential::Keys {
+                primary: primary.clone(),
+                secondary: self.secondary_key().unwrap_or_else(|| primary.clone()),
+            },
+            #[cfg(feature = "x509")]
+            DeviceCredential::X509(x) => x.hub.clone(),
+        }
     }
 }
 
@@ -311,14 +367,20 @@ impl VerifiedDevice {
 pub enum Presented {
     /// A parsed, unexpired SAS token.
     SasToken(SasToken),
-    /// A TLS client-certificate chain.
+    /// A TLS client-certificate chain, parsed (leaf first).
+    #[cfg(feature = "x509")]
+    ClientCertificate(x509::ClientChain),
+    /// A TLS client-certificate chain (not parsed: the crate is built without X.509 support).
+    #[cfg(not(feature = "x509"))]
     ClientCertificate(CertificateChain),
     /// TPM registration keys.
     Tpm(TpmRegistration),
 }
 
 /// First half of attestation, before any storage is read: parses a SAS token (`401004`) and checks its
-/// expiry (`401001`); a request with no credential at all is `401004`.
+/// expiry (`401001`); parses a client-certificate chain ([`x509::ClientChain::parse`]: `401002` for an
+/// empty chain, more than [`x509::MAX_CHAIN_LEN`] certificates, one that is not DER X.509, a leaf without
+/// a CN or with one over 64 characters); a request with no credential at all is `401004`.
 pub fn prepare(now: Timestamp, credential: &Credential) -> Result<Presented, DpsError> {
     match credential {
         Credential::SasToken(raw) => {
@@ -331,6 +393,11 @@ pub fn prepare(now: Timestamp, credential: &Credential) -> Result<Presented, Dps
             }
             Ok(Presented::SasToken(token))
         }
+        #[cfg(feature = "x509")]
+        Credential::ClientCertificate(chain) => {
+            Ok(Presented::ClientCertificate(x509::ClientChain::parse(&chain.der)?))
+        }
+        #[cfg(not(feature = "x509"))]
         Credential::ClientCertificate(chain) => Ok(Presented::ClientCertificate(chain.clone())),
         Credential::Tpm(tpm) => Ok(Presented::Tpm(tpm.clone())),
         _ => Err(DpsError::with_message(
@@ -342,9 +409,11 @@ pub fn prepare(now: Timestamp, credential: &Credential) -> Result<Presented, Dps
 
 /// The one attestation dispatcher: verifies a [`Presented`] credential against the device's individual
 /// enrollment (if any) and the instance's groups, and returns the proof naming the enrollment and the hub
-/// credential. Symmetric keys are verified as [`attest_symmetric_key`] describes; X.509 and TPM answer
-/// their precise "not supported yet" errors (`401002` for a presented client certificate, `401000` for
-/// TPM) until those mechanisms land.
+/// credential. Symmetric keys are verified as [`attest_symmetric_key`] describes (`certificates` is not
+/// used); client certificates as [`x509::attest_x509`] describes, against `certificates`, all the
+/// instance's uploaded CA certificates (verified or not). TPM answers its precise "not supported" error
+/// (`401000`).
+#[allow(clippy::too_many_arguments)]
 pub fn attest(
     now: Timestamp,
     id_scope: &IdScope,
@@ -353,17 +422,24 @@ pub fn attest(
     individual: Option<Arc<IndividualEnrollment>>,
     groups: &Arc<Vec<EnrollmentGroup>>,
     recorded_group: Option<&str>,
+    certificates: &[CaCertificate],
 ) -> Result<Attestation, DpsError> {
     match presented {
         Presented::SasToken(token) => {
             attest_symmetric_key(now, id_scope, registration_id, token, individual, groups, recorded_group)
         }
+        #[cfg(feature = "x509")]
+        Presented::ClientCertificate(chain) => {
+            x509::attest_x509(now, registration_id, chain, individual, groups, recorded_group, certificates)
+        }
+        #[cfg(not(feature = "x509"))]
         Presented::ClientCertificate(chain) => Err(DpsError::with_message(
             ErrorCode::InvalidCertificate,
             format!(
-                "Registration '{registration_id}' presented a client certificate ({} in the chain), but \
-                 X.509 attestation is not supported yet by this service; use symmetric-key attestation.",
-                chain.der.len()
+                "Registration '{registration_id}' presented a client certificate ({} in the chain, {} \
+                 uploaded CA certificates), but this service is built without X.509 attestation.",
+                chain.der.len(),
+                certificates.len()
             ),
         )),
         Presented::Tpm(_) => Err(DpsError::with_message(
@@ -484,7 +560,7 @@ mod tests {
             panic!("not verified")
         };
         assert_eq!(v.key_index(), 1);
-        assert_eq!(v.primary_key().as_bytes(), key(1).as_bytes());
+        assert_eq!(v.primary_key().unwrap().as_bytes(), key(1).as_bytes());
     }
 
     #[test]
@@ -523,7 +599,7 @@ mod tests {
         };
         assert_eq!(v.enrollment().group_id(), Some("g2"));
         assert_eq!(v.key_index(), 1);
-        assert_eq!(v.primary_key().as_bytes(), key(5).derive_device_key("dev-9").as_bytes());
+        assert_eq!(v.primary_key().unwrap().as_bytes(), key(5).derive_device_key("dev-9").as_bytes());
         // The group key itself is not a device key.
         let t = token_for(&key(5), "dev-9", NOW + 60);
         assert_eq!(run(&t, "dev-9", None, &groups).unwrap_err().code, ErrorCode::Unauthorized);

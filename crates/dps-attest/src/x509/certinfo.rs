@@ -82,8 +82,13 @@ fn hex_upper(bytes: &[u8]) -> String {
 
 /// The subject's Common Name (the last CN attribute, as X.509 tools show it), if any.
 pub fn common_name(cert: &Certificate) -> Option<String> {
+    name_common_name(&cert.tbs_certificate.subject)
+}
+
+/// The Common Name of a distinguished name (the last CN attribute), if any.
+pub(crate) fn name_common_name(name: &x509_cert::name::Name) -> Option<String> {
     let mut cn = None;
-    for rdn in cert.tbs_certificate.subject.0.iter() {
+    for rdn in name.0.iter() {
         for atv in rdn.0.iter() {
             if atv.oid == const_oid::db::rfc4519::CN {
                 cn = directory_string(&atv.value);
