@@ -2,9 +2,9 @@
 # Installs what the conformance suites (conformance/) need, and nothing else. Idempotent: a second run with
 # unchanged pins does no network access.
 #   - Python: a venv at conformance/python/.venv with the pins of conformance/python/requirements.txt
-#     (azure-iot-device 2.x, pytest), from PyPI.
+#     (azure-iot-device 2.x, pytest, cryptography for conformance/pki.py), from PyPI.
 #   - Node: `npm ci` in conformance/node from the committed package.json + package-lock.json (Azure IoT
-#     provisioning device/transport/security/service SDKs), from the npm registry.
+#     provisioning device/transport/security (symmetric key, X.509)/service SDKs), from the npm registry.
 # apt-get is used only when python3-venv or node/npm are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
