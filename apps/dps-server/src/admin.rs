@@ -425,9 +425,28 @@ pub fn hub_devices(dir: &DataDir, hub: &str) -> Result<Value, ServerError> {
     Ok(Value::Array(
         devices
             .iter()
-            .map(|d| json!({ "deviceId": d.identity.device_id, "capabilities": { "iotEdge": d.twin.iot_edge } }))
+            .map(|d| {
+                json!({
+                    "deviceId": d.identity.device_id,
+                    "authentication": authentication_json(&d.identity.authentication),
+                    "capabilities": { "iotEdge": d.twin.iot_edge },
+                })
+            })
             .collect(),
     ))
+}
+
+/// A hub device's authentication as IoT Hub shows it, keys left out (they are secrets; thumbprints are
+/// not).
+fn authentication_json(auth: &dps_core::hub::HubAuthentication) -> Value {
+    use dps_core::hub::HubAuthentication;
+    match auth {
+        HubAuthentication::SelfSigned { primary_thumbprint, secondary_thumbprint } => json!({
+            "type": auth.type_name(),
+            "x509Thumbprint": {"primaryThumbprint": primary_thumbprint, "secondaryThumbprint": secondary_thumbprint},
+        }),
+        other => json!({ "type": other.type_name() }),
+    }
 }
 
 /// `admin twin`: one hub device's twin from the data directory's hub database.

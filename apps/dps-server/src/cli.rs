@@ -551,11 +551,30 @@ pub struct ProvisionArgs {
     #[arg(long)]
     pub registration_id: String,
     /// The enrollment group's key (the device key is derived from it).
-    #[arg(long, conflicts_with = "device_key", required_unless_present = "device_key")]
+    #[arg(long, conflicts_with_all = ["device_key", "cert"], required_unless_present_any = ["device_key", "cert"])]
     pub group_key: Option<String>,
     /// The device's own key (individual enrollment, or already derived).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "cert")]
     pub device_key: Option<String>,
+    /// X.509: the device certificate chain (PEM: leaf first, then the intermediates) to authenticate with.
+    #[arg(long, value_name = "FILE", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// X.509: the private key (PEM or DER, PKCS#8) of `--cert`.
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// Have the service issue a device certificate: generate an ECDSA P-384 key, send a CSR for it
+    /// (CN = the registration ID) and write the issued chain (PEM, leaf first) here.
+    #[arg(long, value_name = "FILE", requires = "key_out")]
+    pub cert_out: Option<PathBuf>,
+    /// With `--cert-out`: where to write the new private key (PEM, mode 0600).
+    #[arg(long, value_name = "FILE", requires = "cert_out")]
+    pub key_out: Option<PathBuf>,
+    /// With `--cert-out`: send this CSR (PEM or DER; its key is yours) instead of generating a key.
+    #[arg(long, value_name = "FILE", requires = "cert_out", conflicts_with = "key_out")]
+    pub csr: Option<PathBuf>,
+    /// With `--cert-out`: also write the CSR that was sent (PEM).
+    #[arg(long, value_name = "FILE", requires = "cert_out")]
+    pub csr_out: Option<PathBuf>,
     /// The ID scope.
     #[arg(long, env = "DPS_ID_SCOPE")]
     pub id_scope: String,
@@ -571,9 +590,9 @@ pub struct ProvisionArgs {
     /// Custom payload, a JSON value.
     #[arg(long, value_name = "JSON")]
     pub payload: Option<String>,
-    /// api-version to send.
-    #[arg(long, default_value = "2021-10-01")]
-    pub api_version: String,
+    /// api-version to send [default: 2021-10-01, or 2025-07-01-preview with `--cert-out`].
+    #[arg(long)]
+    pub api_version: Option<String>,
     /// Device transport (`--port` is the HTTPS or the MQTT port accordingly).
     #[arg(long, value_enum, default_value_t = DeviceTransport::Https)]
     pub transport: DeviceTransport,
@@ -777,15 +796,45 @@ pub async fn provision_device(a: &ProvisionArgs) -> Result<Value, ServerError> {
     let id_scope = IdScope::parse(&a.id_scope).map_err(|e| bad("--id-scope", e))?;
     let registration_id =
         RegistrationId::parse(&a.registration_id).map_err(|e| bad("--registration-id", e))?;
-    let device_key = match (&a.group_key, &a.device_key) {
-        (Some(g), _) => SymmetricKey::parse(g.trim())
-            .map_err(|e| bad("--group-key", e))?
-            .derive_device_key(registration_id.as_str()),
-        (None, Some(d)) => SymmetricKey::parse(d.trim()).map_err(|e| bad("--device-key", e))?,
-        (None, None) => return Err(ServerError::Client("give --group-key or --device-key".into())),
+    let device_key = match (&a.group_key, &a.device_key, &a.cert) {
+        (Some(g), _, _) => Some(
+            SymmetricKey::parse(g.trim())
+                .map_err(|e| bad("--group-key", e))?
+                .derive_device_key(registration_id.as_str()),
+        ),
+        (None, Some(d), _) => Some(SymmetricKey::parse(d.trim()).map_err(|e| bad("--device-key", e))?),
+        (None, None, Some(_)) => None,
+        (None, None, None) => {
+            return Err(ServerError::Client("give --group-key, --device-key or --cert/--key".into()))
+        }
     };
-    let mut config = ClientConfig::new(id_scope, registration_id, device_key);
-    config.api_version = ApiVersion::parse(&a.api_version).map_err(|e| bad("--api-version", e))?;
+    let identity = match (&a.cert, &a.key) {
+        (Some(cert), Some(key)) => {
+            let chain = std::fs::read(cert)
+                .map_err(|e| ServerError::Client(format!("reading --cert {}: {e}", cert.display())))?;
+            let key = std::fs::read(key)
+                .map_err(|e| ServerError::Client(format!("reading --key {}: {e}", key.display())))?;
+            Some(
+                dps_client::ClientIdentity::from_pem_or_der(&chain, &key)
+                    .map_err(|e| ServerError::Client(format!("--cert/--key: {e}")))?,
+            )
+        }
+        _ => None,
+    };
+    let issuance = match &a.cert_out {
+        Some(_) => Some(device_csr(a, &registration_id)?),
+        None => None,
+    };
+    let mut config = match device_key {
+        Some(key) => ClientConfig::new(id_scope, registration_id, key),
+        None => ClientConfig::x509(id_scope, registration_id),
+    };
+    config.api_version = match (&a.api_version, &issuance) {
+        (Some(v), _) => ApiVersion::parse(v).map_err(|e| bad("--api-version", e))?,
+        (None, Some(_)) => ApiVersion::V2025_07_01Preview,
+        (None, None) => ApiVersion::V2021_10_01,
+    };
+    config.csr = issuance.as_ref().map(|i| i.csr_base64.clone());
     config.payload = a
         .payload
         .as_deref()
@@ -793,7 +842,10 @@ pub async fn provision_device(a: &ProvisionArgs) -> Result<Value, ServerError> {
             serde_json::from_str(p).map_err(|e| ServerError::Client(format!("--payload is not JSON: {e}")))
         })
         .transpose()?;
-    let tls = crate::tls::client_config(read_text(&a.ca, "the CA certificate")?.as_bytes())?;
+    let roots = dps_client::tls::certificates(read_text(&a.ca, "the CA certificate")?.as_bytes())
+        .map_err(|e| ServerError::Client(format!("--ca: {e}")))?;
+    let tls = dps_client::tls::client_config(&roots, identity.as_ref(), &[])
+        .map_err(|e| ServerError::Client(format!("TLS: {e}")))?;
     let address = match a.host.parse::<IpAddr>() {
         Ok(ip) => SocketAddr::new(ip, a.port).to_string(),
         Err(_) => format!("{}:{}", a.host, a.port),
@@ -809,7 +861,113 @@ pub async fn provision_device(a: &ProvisionArgs) -> Result<Value, ServerError> {
         eprintln!("device <- {}{retry} {}", x.status, x.body);
     })
     .await?;
+    if let (Some(issuance), Some(cert_out)) = (issuance, &a.cert_out) {
+        write_issued(&result, issuance, cert_out, a)?;
+    }
     serde_json::to_value(&result).map_err(|e| ServerError::Client(format!("serializing the result: {e}")))
+}
+
+/// The CSR `provision-device --cert-out` sends, and the new key when it generated one.
+struct Issuance {
+    csr_base64: String,
+    csr_pem: String,
+    key_pem: Option<String>,
+}
+
+fn device_csr(a: &ProvisionArgs, registration_id: &RegistrationId) -> Result<Issuance, ServerError> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let fail = |what: &str, e: &dyn std::fmt::Display| ServerError::Client(format!("{what}: {e}"));
+    if let Some(path) = &a.csr {
+        let bytes =
+            std::fs::read(path).map_err(|e| fail(&format!("reading --csr {}", path.display()), &e))?;
+        let der = match std::str::from_utf8(&bytes) {
+            Ok(text) if text.trim_start().starts_with("-----BEGIN") => {
+                let (label, der) = der_pem(text).map_err(|e| fail("--csr", &e))?;
+                if label != "CERTIFICATE REQUEST" && label != "NEW CERTIFICATE REQUEST" {
+                    return Err(ServerError::Client(format!("--csr holds a '{label}' PEM block, not a CSR")));
+                }
+                der
+            }
+            _ => bytes,
+        };
+        let csr_pem = pem_block("CERTIFICATE REQUEST", &der);
+        return Ok(Issuance { csr_base64: b64.encode(&der), csr_pem, key_pem: None });
+    }
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384)
+        .map_err(|e| fail("generating the device key", &e))?;
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.distinguished_name.push(rcgen::DnType::CommonName, registration_id.as_str());
+    let csr = params.serialize_request(&key).map_err(|e| fail("making the CSR", &e))?;
+    let der = csr.der().to_vec();
+    Ok(Issuance {
+        csr_base64: b64.encode(&der),
+        csr_pem: pem_block("CERTIFICATE REQUEST", &der),
+        key_pem: Some(key.serialize_pem()),
+    })
+}
+
+fn der_pem(text: &str) -> Result<(String, Vec<u8>), String> {
+    use base64::Engine as _;
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines.next().unwrap_or_default();
+    let label = first
+        .strip_prefix("-----BEGIN ")
+        .and_then(|l| l.strip_suffix("-----"))
+        .ok_or_else(|| "not a PEM block".to_owned())?
+        .to_owned();
+    let body: String = lines.take_while(|l| !l.starts_with("-----END")).collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(body.as_bytes())
+        .map_err(|e| format!("the PEM body is not base64: {e}"))?;
+    Ok((label, der))
+}
+
+fn pem_block(label: &str, der: &[u8]) -> String {
+    use base64::Engine as _;
+    let body = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for chunk in body.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(chunk));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+fn write_issued(
+    result: &dps_core::proto::model::DeviceRegistrationResult,
+    issuance: Issuance,
+    cert_out: &Path,
+    a: &ProvisionArgs,
+) -> Result<(), ServerError> {
+    use base64::Engine as _;
+    let chain = result.issued_certificate_chain.as_deref().unwrap_or_default();
+    if chain.is_empty() {
+        return Err(ServerError::Client(
+            "the service assigned the device but returned no issued certificate chain".into(),
+        ));
+    }
+    let mut pem = String::new();
+    for cert in chain {
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(cert.as_bytes())
+            .map_err(|e| ServerError::Client(format!("the issued certificate is not base64: {e}")))?;
+        pem.push_str(&pem_block("CERTIFICATE", &der));
+    }
+    let write = |path: &Path, contents: &str| {
+        crate::datadir::write_file(path, contents.as_bytes())
+            .map_err(|e| ServerError::Client(format!("writing {}: {e}", path.display())))
+    };
+    write(cert_out, &pem)?;
+    if let (Some(key_pem), Some(key_out)) = (&issuance.key_pem, &a.key_out) {
+        write(key_out, key_pem)?;
+    }
+    if let Some(csr_out) = &a.csr_out {
+        write(csr_out, &issuance.csr_pem)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -29,6 +29,10 @@
 //! host_name = "hub-1.example.net"
 //! allocation_weight = 1
 //! apply_allocation_policy = true
+//! [certificate_issuance]                # devices may send a CSR (api-version 2025-07-01-preview)
+//! enabled = false                        # on: a CA is created in DATA_DIR/issuer and registered verified
+//! key = "p384"                           # p384 | p256: the issuing CA's key (new CA only)
+//! validity_days = 30                     # issued device certificates
 //! [[access_policies]]
 //! key_name = "enrollmentread"
 //! primary_key = "<base64>"
@@ -100,6 +104,30 @@ pub struct FileConfig {
     /// Extra shared access policies.
     #[serde(default)]
     pub access_policies: Vec<FileAccessPolicy>,
+    /// Certificate issuance from device CSRs.
+    #[serde(default)]
+    pub certificate_issuance: FileIssuance,
+}
+
+/// `[certificate_issuance]` as written.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileIssuance {
+    /// Issue device certificates for CSRs (default false).
+    pub enabled: Option<bool>,
+    /// The issuing CA's key: `p384` (default) or `p256`.
+    pub key: Option<String>,
+    /// Validity of issued certificates in days (default 30).
+    pub validity_days: Option<u32>,
+}
+
+/// Certificate issuance settings (spec §7.6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IssuanceConfig {
+    /// The issuing CA's key kind (used when the CA is created).
+    pub key: dps_host::CaKeyKind,
+    /// How long issued device certificates are valid.
+    pub validity: Duration,
 }
 
 /// `[listen]` as written.
@@ -331,6 +359,8 @@ pub struct ServerConfig {
     pub linked_hubs: Vec<LinkedHub>,
     /// Shared access policies besides the generated owner policy.
     pub access_policies: Vec<AccessPolicy>,
+    /// Certificate issuance from device CSRs (None: off, a `csr` is refused with 400008).
+    pub certificate_issuance: Option<IssuanceConfig>,
 }
 
 /// The hub linked when the configuration names none.
@@ -465,6 +495,24 @@ impl ServerConfig {
             });
         }
 
+        let certificate_issuance = match file.certificate_issuance.enabled {
+            Some(true) => Some(IssuanceConfig {
+                key: match file.certificate_issuance.key.as_deref().map(str::trim) {
+                    None | Some("p384") | Some("P384") | Some("P-384") => dps_host::CaKeyKind::P384,
+                    Some("p256") | Some("P256") | Some("P-256") => dps_host::CaKeyKind::P256,
+                    Some(other) => {
+                        return Err(err(format!(
+                            "certificate_issuance.key: '{other}' is not a supported key (p384 or p256)"
+                        )))
+                    }
+                },
+                validity: match file.certificate_issuance.validity_days.unwrap_or(30) {
+                    0 => return Err(err("certificate_issuance.validity_days must be at least 1")),
+                    days => Duration::from_secs(u64::from(days.min(3650)) * 86_400),
+                },
+            }),
+            _ => None,
+        };
         Ok(ServerConfig {
             id_scope,
             service_host_name,
@@ -488,6 +536,7 @@ impl ServerConfig {
             subject_alt_names,
             linked_hubs,
             access_policies,
+            certificate_issuance,
         })
     }
 

@@ -50,6 +50,11 @@ impl DataDir {
         self.root.join("hubs.sqlite3")
     }
 
+    /// The issuing CA of certificate issuance (`ca.pem`, and `ca.key` readable by the owner only).
+    pub fn issuer_dir(&self) -> PathBuf {
+        self.root.join("issuer")
+    }
+
     /// The TLS directory.
     pub fn tls_dir(&self) -> PathBuf {
         self.root.join("tls")

@@ -12,7 +12,7 @@ use dps_core::proto::Timestamp;
 use dps_core::store::{AsyncStore, StoreError, StoreOp, StoreResult};
 use dps_core::OWNER_POLICY;
 use dps_core::{AccessPolicy, DeviceRequest, Engine, EngineConfig, HttpRequest, Reply, Rights};
-use dps_host::{Clock, Host, SystemClock};
+use dps_host::{Clock, Host, LocalCa, SystemClock};
 use dps_store::{SqliteHubDirectory, SqliteOptions, SqliteStore};
 use std::future::Future;
 use std::path::Path;
@@ -93,7 +93,14 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Billable-operation metering (counters and the usage table).
     pub billing: Arc<Billing>,
+    /// The local CA issuing device certificates (with `[certificate_issuance] enabled = true`).
+    pub issuer: Option<Arc<LocalCa>>,
 }
+
+/// The name under which the issuing CA is registered as a verified CA certificate of the instance (and
+/// the subject CN of a CA it creates): reference it from an enrollment group's `caReferences` so issued
+/// certificates attest their devices.
+pub const ISSUER_CA_NAME: &str = "dps-issuer";
 
 /// The engine configuration for a server configuration and its owner keys.
 pub fn engine_config(config: &ServerConfig, owner: &OwnerKeys) -> EngineConfig {
@@ -129,13 +136,24 @@ impl AppState {
         let store =
             Arc::new(MeteredStore::new(store, Arc::clone(&metrics)).with_billing(Arc::clone(&billing)));
         let hubs = Arc::new(hubs);
-        let host = Host::builder(engine_config(config, owner))
+        let mut builder = Host::builder(engine_config(config, owner))
             .store(store.clone())
             .hubs(hubs.clone())
-            .poll_hold(config.poll_hold)
-            .build()
-            .map_err(|e| ServerError::Config(crate::config::ConfigError(e.message)))?;
-        Ok(AppState { engine: host.engine().clone(), host, store, hubs, metrics, billing })
+            .poll_hold(config.poll_hold);
+        let issuer = match config.certificate_issuance {
+            Some(settings) => {
+                let dir = DataDir::new(config.data_dir.clone()).issuer_dir();
+                let ca =
+                    LocalCa::open_or_create(&dir, ISSUER_CA_NAME, settings.key, settings.validity, now())
+                        .map_err(|e| ServerError::DataDir(format!("{}: {e}", dir.display())))?;
+                let ca = Arc::new(ca);
+                builder = builder.issuer(ca.clone());
+                Some(ca)
+            }
+            None => None,
+        };
+        let host = builder.build().map_err(|e| ServerError::Config(crate::config::ConfigError(e.message)))?;
+        Ok(AppState { engine: host.engine().clone(), host, store, hubs, metrics, billing, issuer })
     }
 
     /// Draws 16 random bytes (e.g. for a tracking ID).

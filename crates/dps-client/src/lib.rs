@@ -99,6 +99,10 @@ pub struct ProvisionOptions {
     pub api_version: Option<ApiVersion>,
     /// Give up after this many requests (default 60).
     pub max_requests: Option<u32>,
+    /// A certificate signing request (base64 DER PKCS#10, CN = the registration ID) to have the service
+    /// issue a device certificate ([`Provisioned::issued_certificate_chain`]). Without an explicit
+    /// `api_version`, 2025-07-01-preview is sent (the first that carries a CSR).
+    pub csr: Option<String>,
 }
 
 /// A successful registration.
@@ -112,6 +116,20 @@ pub struct Provisioned {
     pub substatus: Option<RegistrationSubstatus>,
     /// The full registration state the service returned.
     pub registration: DeviceRegistrationResult,
+}
+
+impl Provisioned {
+    /// The certificate chain issued for the device's CSR, DER, leaf first (empty without a CSR).
+    pub fn issued_certificate_chain(&self) -> Vec<Vec<u8>> {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        self.registration
+            .issued_certificate_chain
+            .iter()
+            .flatten()
+            .filter_map(|c| b64.decode(c.as_bytes()).ok())
+            .collect()
+    }
 }
 
 /// Why a provisioning failed.
@@ -254,6 +272,10 @@ pub async fn provision(options: ProvisionOptions) -> Result<Provisioned, Provisi
         }
     };
     config.payload = options.payload.clone();
+    if options.csr.is_some() {
+        config.csr = options.csr.clone();
+        config.api_version = ApiVersion::V2025_07_01Preview;
+    }
     if let Some(v) = &options.api_version {
         config.api_version = v.clone();
     }

@@ -57,6 +57,10 @@ pub struct ClientConfig {
     pub default_retry_after_secs: u32,
     /// Give up after this many requests in total (register + polls + retries).
     pub max_requests: u32,
+    /// A certificate signing request to send with the register (base64 DER PKCS#10, subject CN = the
+    /// registration ID): the service issues a device certificate and returns it in
+    /// `registrationState.issuedCertificateChain`. Needs api-version 2025-07-01-preview or later.
+    pub csr: Option<String>,
 }
 
 impl ClientConfig {
@@ -79,6 +83,7 @@ impl ClientConfig {
             payload: None,
             default_retry_after_secs: 2,
             max_requests: 60,
+            csr: None,
         }
     }
 }
@@ -286,7 +291,7 @@ impl RegistrationClient {
                     registration_id: Some(self.config.registration_id.as_str().to_owned()),
                     tpm: None,
                     payload: self.config.payload.clone(),
-                    csr: None,
+                    csr: self.config.csr.clone(),
                 };
                 serde_json::to_vec(&reg).unwrap_or_default()
             }

@@ -120,6 +120,9 @@ pub struct EngineConfig {
     /// whose key fits no group is checked against each of them, so this bounds the work an
     /// unauthenticated register can cause.
     pub max_symmetric_key_groups: usize,
+    /// Whether a register may carry a `csr` (spec §7.6): set by a host that has a certificate issuer
+    /// (`dps_host::HostBuilder::issuer`). Off: a `csr` is refused with 400008.
+    pub certificate_issuance: bool,
 }
 
 impl EngineConfig {
@@ -137,6 +140,7 @@ impl EngineConfig {
             default_page_size: 100,
             max_page_size: 1000,
             max_symmetric_key_groups: 100,
+            certificate_issuance: false,
         }
     }
 

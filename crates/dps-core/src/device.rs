@@ -30,12 +30,13 @@
 //! service API releases the device.
 
 use crate::config::EngineConfig;
+use crate::effect::{Effect, EffectError, EffectResult, IssueRequest};
 use crate::flow::{Flow, Input, Step};
-use crate::hub::{DeviceIdentity, DeviceTwin, HubError, HubOp, HubResult};
+use crate::hub::{DeviceIdentity, DeviceTwin, HubAuthentication, HubError, HubOp, HubResult};
 use crate::reply::Reply;
 use crate::request::{unexpected_store_result, DeviceCall, DeviceRequest, Nonces};
 use crate::store::{DeviceContext, EnrollmentRef, RegistrationRecord, StoreError, StoreOp, StoreResult};
-use dps_attest::{Attestation, MatchedEnrollment, Presented, VerifiedDevice};
+use dps_attest::{Attestation, HubCredential, MatchedEnrollment, Presented, VerifiedDevice};
 use dps_policy::{
     allocate, billable_device_operation, candidate_hubs, Assignment, DeviceOperation, MeterEvent, TwinSource,
 };
@@ -57,6 +58,9 @@ pub const OPERATION_RETENTION_MS: i64 = 24 * 60 * 60 * 1000;
 
 /// How recent an `assigning` record must be for a new register to reuse its operation ID (2 minutes).
 pub const IN_FLIGHT_REUSE_MS: i64 = 2 * 60 * 1000;
+
+/// The first api-version that carries a `csr` (spec §7.6).
+const CSR_API_VERSION: ApiVersion = ApiVersion::V2025_07_01Preview;
 
 /// The api-version assumed when a request sends none.
 const DEFAULT_API_VERSION: ApiVersion = ApiVersion::V2021_10_01;
@@ -92,6 +96,8 @@ struct Job {
     responded: bool,
     /// The last hub operation completed.
     done: Option<HubStage>,
+    /// A certificate to issue (the device sent a CSR) before the hub operations.
+    issue: Option<IssueRequest>,
 }
 
 #[derive(Debug)]
@@ -101,6 +107,7 @@ enum State {
     AwaitEarlyCommit(Box<Job>),
     AwaitEarlyResponded(Box<Job>),
     AwaitHub(Box<Job>, HubStage),
+    AwaitIssued(Box<Job>),
     AwaitCommit { responded: bool, operation_id: OperationId },
     Finishing,
     Finished,
@@ -115,6 +122,8 @@ pub struct DeviceFlow {
     request: DeviceRequest,
     presented: Option<Presented>,
     body: DeviceRegistration,
+    /// The device's CSR, checked: (SubjectPublicKeyInfo DER, CSR DER).
+    csr: Option<(Vec<u8>, Vec<u8>)>,
     state: State,
 }
 
@@ -132,6 +141,7 @@ impl DeviceFlow {
             request,
             presented: None,
             body: DeviceRegistration::default(),
+            csr: None,
             state: State::Start,
         }
     }
@@ -156,6 +166,37 @@ impl DeviceFlow {
         Step::Respond(reply)
     }
 
+    /// Checks a register's `csr` (spec §7.6): only on a register, only with api-version
+    /// 2025-07-01-preview or later, only when this service issues certificates, and only a valid PKCS#10
+    /// request for the registration ID.
+    fn check_csr(&self, csr: &str) -> Result<(Vec<u8>, Vec<u8>), DpsError> {
+        let refuse = |m: String| DpsError::with_message(ErrorCode::InvalidCsr, m);
+        if matches!(self.request.call, DeviceCall::StatusLookup) {
+            return Err(refuse("A status lookup may not carry a csr; send it with the register.".into()));
+        }
+        let version = self.api_version();
+        if version.date() < CSR_API_VERSION.date() {
+            return Err(refuse(format!(
+                "The request carries a csr, but api-version {} does not support certificate issuance; use \
+                 api-version={} or later.",
+                version.as_str(),
+                CSR_API_VERSION.as_str()
+            )));
+        }
+        if !self.config.certificate_issuance {
+            return Err(refuse(
+                "The device sent a csr, but certificate issuance is not configured in this service.".into(),
+            ));
+        }
+        let request = dps_attest::x509::csr::parse_csr(csr, &self.request.registration_id)?;
+        let compact: String = csr.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+        use base64::Engine as _;
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(compact.as_bytes())
+            .map_err(|e| refuse(format!("The csr is not base64: {e}")))?;
+        Ok((request.subject_public_key_info_der().to_vec(), der))
+    }
+
     /// Checks everything that needs no storage: scope, body, token syntax and expiry.
     fn start(&mut self) -> Result<Step, DpsError> {
         if self.request.id_scope != self.config.id_scope {
@@ -169,11 +210,8 @@ impl DeviceFlow {
         }
         if matches!(self.request.call, DeviceCall::Register { .. } | DeviceCall::StatusLookup) {
             self.body = parse_device_body(&self.request.body, &self.request.registration_id)?;
-            if self.body.csr.is_some() {
-                return Err(DpsError::with_message(
-                    ErrorCode::BadRequest,
-                    "Device sent a CSR but certificate issuance is not configured in this service.",
-                ));
+            if let Some(csr) = self.body.csr.take() {
+                self.csr = Some(self.check_csr(&csr)?);
             }
         }
         if self.request.credential == Credential::None {
@@ -205,6 +243,7 @@ impl DeviceFlow {
                 EnrollmentRef::Group(g) => Some(g.as_str()),
                 EnrollmentRef::Individual(_) => None,
             }),
+            &ctx.certificates,
         )?;
         match self.request.call.clone() {
             DeviceCall::Register { .. } => self.register(attestation, ctx.registration.as_ref()),
@@ -234,7 +273,8 @@ impl DeviceFlow {
                         ),
                     )
                 })?;
-                let reply = Reply::json(200, &result_of(&record), self.nonces.tracking_id());
+                // The issued chain is not repeated by a status lookup (spec §7.6).
+                let reply = Reply::json(200, &result_of(&record, false), self.nonces.tracking_id());
                 Ok(self.respond(reply))
             }
         }
@@ -271,6 +311,8 @@ impl DeviceFlow {
             created: previous.map(|p| p.created).unwrap_or(self.now),
             last_updated: self.now,
             etag: Etag::generate(self.nonces.etag),
+            x509: None,
+            issued_certificate_chain: None,
         }
     }
 
@@ -280,6 +322,10 @@ impl DeviceFlow {
         previous: Option<&RegistrationRecord>,
     ) -> Result<Step, DpsError> {
         let expected = previous.map(|p| p.etag.clone());
+        let x509 = match &attestation {
+            Attestation::Verified(v) => v.x509_result(),
+            Attestation::Disabled(_) => None,
+        };
         let (enrollment, plan) = match &attestation {
             Attestation::Disabled(d) => {
                 (enrollment_ref(&self.request.registration_id, d.enrollment())?, None)
@@ -291,6 +337,7 @@ impl DeviceFlow {
         };
         check_owner(&self.request.registration_id, previous, &enrollment)?;
         let mut record = self.new_record(previous, enrollment);
+        record.x509 = x509;
         let plan = match plan {
             None => {
                 record.status = RegistrationStatus::Disabled;
@@ -302,8 +349,24 @@ impl DeviceFlow {
             }
             Some(Ok(plan)) => Some(plan),
         };
-        let mut job =
-            Box::new(Job { record, expected, plan, migrated_twin: None, responded: false, done: None });
+        let issue = match (&plan, self.csr.take()) {
+            (Some(plan), Some((subject_public_key_info, csr_der))) => Some(IssueRequest {
+                registration_id: self.request.registration_id.clone(),
+                device_id: plan.target.device_id.clone(),
+                subject_public_key_info,
+                csr_der,
+            }),
+            _ => None,
+        };
+        let mut job = Box::new(Job {
+            record,
+            expected,
+            plan,
+            migrated_twin: None,
+            responded: false,
+            done: None,
+            issue,
+        });
         if job.plan.is_some() && self.config.respond_before_assignment {
             // Commit an `assigning` record first so polls can see the operation, then answer.
             let mut assigning = job.record.clone();
@@ -316,8 +379,15 @@ impl DeviceFlow {
         Ok(self.next_hub_step(job))
     }
 
-    /// The next hub operation of the plan (after `job.done`), or the final commit.
-    fn next_hub_step(&mut self, job: Box<Job>) -> Step {
+    /// The next hub operation of the plan (after `job.done`), or the final commit. A certificate to issue
+    /// comes first: the hub identity then trusts the issuing CA.
+    fn next_hub_step(&mut self, mut job: Box<Job>) -> Step {
+        if job.plan.is_some() {
+            if let Some(request) = job.issue.take() {
+                self.state = State::AwaitIssued(job);
+                return Step::Effect(Effect::IssueCertificate(request));
+            }
+        }
         let Some(plan) = job.plan.as_ref() else { return self.commit(job) };
         let next = match job.done {
             None => match plan.twin {
@@ -405,6 +475,40 @@ impl DeviceFlow {
         self.next_hub_step(job)
     }
 
+    fn on_issued(&mut self, mut job: Box<Job>, result: Result<EffectResult, EffectError>) -> Step {
+        match result {
+            Ok(EffectResult::IssuedCertificate(chain)) if !chain.is_empty() => {
+                use base64::Engine as _;
+                let b64 = base64::engine::general_purpose::STANDARD;
+                job.record.issued_certificate_chain = Some(chain.iter().map(|c| b64.encode(c)).collect());
+                if let Some(plan) = job.plan.as_mut() {
+                    plan.identity.authentication = HubAuthentication::CertificateAuthority;
+                }
+                self.next_hub_step(job)
+            }
+            Ok(_) => {
+                job.plan = None;
+                set_failed(
+                    &mut job.record,
+                    &DpsError::with_message(
+                        ErrorCode::InternalError,
+                        "The certificate issuer returned no certificate.",
+                    ),
+                );
+                self.commit(job)
+            }
+            Err(e) => {
+                job.plan = None;
+                let code = if e.unsupported { ErrorCode::InvalidCsr } else { ErrorCode::InternalError };
+                set_failed(
+                    &mut job.record,
+                    &DpsError::with_message(code, format!("Certificate issuance failed: {}", e.message)),
+                );
+                self.commit(job)
+            }
+        }
+    }
+
     fn register_reply(&self, operation_id: &OperationId) -> Reply {
         let body = RegistrationOperationStatus {
             operation_id: operation_id.to_string(),
@@ -421,7 +525,7 @@ impl DeviceFlow {
             let body = RegistrationOperationStatus {
                 operation_id: operation_id.to_string(),
                 status: record.status,
-                registration_state: Some(result_of(record)),
+                registration_state: Some(result_of(record, true)),
             };
             Reply::json(200, &body, self.nonces.tracking_id())
         } else {
@@ -506,6 +610,7 @@ impl Flow for DeviceFlow {
             }
             (State::AwaitEarlyResponded(job), Input::Responded) => self.next_hub_step(job),
             (State::AwaitHub(job, stage), Input::Hub(result)) => self.on_hub(job, stage, result),
+            (State::AwaitIssued(job), Input::Effect(result)) => self.on_issued(job, result),
             (State::AwaitCommit { responded: false, operation_id }, Input::Store(Ok(_))) => {
                 let reply = self.register_reply(&operation_id);
                 self.respond(reply)
@@ -670,12 +775,23 @@ fn plan_assignment(
             let candidates = candidate_hubs(&config.linked_hubs, s.hubs, s.hub)?;
             Ok(allocate(policy, registration_id.key(), &candidates)?.host_name.clone())
         })?;
+    let authentication = match device.hub_credential() {
+        HubCredential::Keys { primary, secondary } => {
+            HubAuthentication::Sas { primary_key: primary.to_base64(), secondary_key: secondary.to_base64() }
+        }
+        HubCredential::X509Thumbprints { primary, secondary } => {
+            HubAuthentication::SelfSigned { primary_thumbprint: primary, secondary_thumbprint: secondary }
+        }
+        HubCredential::CertificateAuthority => HubAuthentication::CertificateAuthority,
+        other => {
+            return Err(DpsError::with_message(
+                ErrorCode::InternalError,
+                format!("no hub authentication for the device's credential {other:?}"),
+            ))
+        }
+    };
     Ok(AssignmentPlan {
-        identity: DeviceIdentity {
-            device_id: plan.target.device_id.clone(),
-            primary_key: device.primary_key().to_base64(),
-            secondary_key: device.secondary_key().to_base64(),
-        },
+        identity: DeviceIdentity { device_id: plan.target.device_id.clone(), authentication },
         target: plan.target,
         twin: plan.twin,
         initial_twin: twin_of(s.twin, s.iot_edge),
@@ -684,15 +800,23 @@ fn plan_assignment(
     })
 }
 
-/// The device-facing registration result of a record (spec §1.6).
-pub fn result_of(record: &RegistrationRecord) -> DeviceRegistrationResult {
+/// The device-facing registration result of a record (spec §1.6); `with_issued_chain`: include the
+/// certificate chain issued for the device's CSR (register and operation-status replies do, a status
+/// lookup does not).
+pub fn result_of(record: &RegistrationRecord, with_issued_chain: bool) -> DeviceRegistrationResult {
     let mut r = DeviceRegistrationResult::minimal(record.registration_id.as_str(), record.status);
     match record.status {
         RegistrationStatus::Assigned => {
-            r.symmetric_key = record
-                .enrollment
-                .group_id()
-                .map(|g| SymmetricKeyRegistrationResult { enrollment_group_id: Some(g.as_str().to_owned()) });
+            if record.x509.is_some() {
+                r.x509 = record.x509.clone();
+            } else {
+                r.symmetric_key = record.enrollment.group_id().map(|g| SymmetricKeyRegistrationResult {
+                    enrollment_group_id: Some(g.as_str().to_owned()),
+                });
+            }
+            if with_issued_chain {
+                r.issued_certificate_chain = record.issued_certificate_chain.clone();
+            }
             r.created_date_time_utc = Some(record.created.to_iso());
             r.assigned_hub = record.assigned_hub.clone();
             r.device_id = record.device_id.clone();

@@ -2,6 +2,7 @@
 //! [`Step`]; drivers ([`run_blocking`], [`run_async`]) perform the steps against a store and a hub
 //! directory. Tests drive flows by hand, in virtual time.
 
+use crate::effect::{Effect, EffectError, EffectResult, Effects, NoEffects};
 use crate::hub::{AsyncHubDirectory, BlockingHubDirectory, HubError, HubOp, HubResult};
 use crate::reply::Reply;
 use crate::store::{AsyncStore, BlockingStore, StoreError, StoreOp, StoreResult};
@@ -21,6 +22,8 @@ pub enum Input {
     Hub(Result<HubResult, HubError>),
     /// The last [`Step::Respond`] was delivered (or queued) to the client.
     Responded,
+    /// The result of the last [`Step::Effect`].
+    Effect(Result<EffectResult, EffectError>),
 }
 
 /// What a flow wants next.
@@ -31,6 +34,8 @@ pub enum Step {
     Store(StoreOp),
     /// Perform a hub operation and feed back [`Input::Hub`].
     Hub(HubOp),
+    /// Perform an effect (e.g. issue a certificate) and feed back [`Input::Effect`].
+    Effect(Effect),
     /// Send this reply to the client, then feed back [`Input::Responded`]. The flow may still have work
     /// to do afterwards (see `respond_before_assignment`).
     Respond(Reply),
@@ -81,6 +86,7 @@ pub fn run_blocking<F: Flow + ?Sized>(
         input = match flow.resume(input) {
             Step::Store(op) => Input::Store(store.execute(op)),
             Step::Hub(op) => Input::Hub(hubs.execute(op)),
+            Step::Effect(effect) => Input::Effect(NoEffects.perform(effect, Timestamp::default())),
             Step::Respond(r) => {
                 reply.get_or_insert(r);
                 Input::Responded
@@ -104,6 +110,7 @@ pub async fn run_async<F: Flow + ?Sized>(
         input = match flow.resume(input) {
             Step::Store(op) => Input::Store(store.execute(op).await),
             Step::Hub(op) => Input::Hub(hubs.execute(op).await),
+            Step::Effect(effect) => Input::Effect(NoEffects.perform(effect, Timestamp::default())),
             Step::Respond(r) => {
                 reply.get_or_insert(r);
                 Input::Responded
@@ -133,11 +140,12 @@ pub enum Progress {
 /// the flow (hub operations, final commit) goes on; see [`Progress`]. A flow that answers last returns
 /// [`Progress::Done`] after the same steps as [`run_async`].
 ///
-/// `clock` is read before every resume ([`Flow::resume_at`]).
+/// `clock` is read before every resume ([`Flow::resume_at`]); `effects` performs [`Step::Effect`]s.
 pub async fn run_async_until_reply<F: Flow + ?Sized>(
     flow: &mut F,
     store: &impl AsyncStore,
     hubs: &impl AsyncHubDirectory,
+    effects: &(impl Effects + ?Sized),
     clock: &(impl Fn() -> Timestamp + ?Sized),
 ) -> Progress {
     let mut input = Input::Start;
@@ -145,6 +153,7 @@ pub async fn run_async_until_reply<F: Flow + ?Sized>(
         input = match flow.resume_at(clock(), input) {
             Step::Store(op) => Input::Store(store.execute(op).await),
             Step::Hub(op) => Input::Hub(hubs.execute(op).await),
+            Step::Effect(effect) => Input::Effect(effects.perform(effect, clock())),
             Step::Respond(reply) => {
                 return match flow.resume_at(clock(), Input::Responded) {
                     Step::Finished => Progress::Done(reply),
@@ -163,6 +172,7 @@ pub async fn finish_async<F: Flow + ?Sized>(
     next: Step,
     store: &impl AsyncStore,
     hubs: &impl AsyncHubDirectory,
+    effects: &(impl Effects + ?Sized),
     clock: &(impl Fn() -> Timestamp + ?Sized),
 ) {
     let mut step = next;
@@ -170,6 +180,7 @@ pub async fn finish_async<F: Flow + ?Sized>(
         let input = match step {
             Step::Store(op) => Input::Store(store.execute(op).await),
             Step::Hub(op) => Input::Hub(hubs.execute(op).await),
+            Step::Effect(effect) => Input::Effect(effects.perform(effect, clock())),
             Step::Respond(_) => Input::Responded,
             Step::Finished => return,
         };
@@ -184,6 +195,7 @@ pub fn run_blocking_with<F: Flow + ?Sized>(
     flow: &mut F,
     store: &impl BlockingStore,
     hubs: &impl BlockingHubDirectory,
+    effects: &(impl Effects + ?Sized),
     clock: &(impl Fn() -> Timestamp + ?Sized),
     on_reply: impl FnOnce(Reply),
 ) {
@@ -193,6 +205,7 @@ pub fn run_blocking_with<F: Flow + ?Sized>(
         input = match flow.resume_at(clock(), input) {
             Step::Store(op) => Input::Store(store.execute(op)),
             Step::Hub(op) => Input::Hub(hubs.execute(op)),
+            Step::Effect(effect) => Input::Effect(effects.perform(effect, clock())),
             Step::Respond(r) => {
                 if let Some(deliver) = on_reply.take() {
                     deliver(r);

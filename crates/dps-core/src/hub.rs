@@ -27,10 +27,72 @@ pub struct DeviceTwin {
 pub struct DeviceIdentity {
     /// Device ID.
     pub device_id: String,
-    /// Base64 primary symmetric key.
-    pub primary_key: String,
-    /// Base64 secondary symmetric key.
-    pub secondary_key: String,
+    /// How the device authenticates to the hub: with the credential it provisioned with.
+    pub authentication: HubAuthentication,
+}
+
+impl DeviceIdentity {
+    /// An identity authenticating with symmetric keys (base64).
+    pub fn with_keys(device_id: impl Into<String>, primary_key: String, secondary_key: String) -> Self {
+        DeviceIdentity {
+            device_id: device_id.into(),
+            authentication: HubAuthentication::Sas { primary_key, secondary_key },
+        }
+    }
+
+    /// The primary symmetric key, for a `sas` identity.
+    pub fn primary_key(&self) -> Option<&str> {
+        match &self.authentication {
+            HubAuthentication::Sas { primary_key, .. } => Some(primary_key),
+            _ => None,
+        }
+    }
+
+    /// The secondary symmetric key, for a `sas` identity.
+    pub fn secondary_key(&self) -> Option<&str> {
+        match &self.authentication {
+            HubAuthentication::Sas { secondary_key, .. } => Some(secondary_key),
+            _ => None,
+        }
+    }
+}
+
+/// A hub device's authentication, in IoT Hub's terms (`authentication.type` of a device identity):
+/// symmetric keys (`sas`), the thumbprints of its own certificate (`selfSigned`), or any certificate
+/// signed by a CA the hub trusts (`certificateAuthority`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum HubAuthentication {
+    /// Symmetric keys, base64.
+    #[serde(rename_all = "camelCase")]
+    Sas {
+        /// Primary key.
+        primary_key: String,
+        /// Secondary key.
+        secondary_key: String,
+    },
+    /// X.509 thumbprints (uppercase hex) of the device's certificates: an individual X.509 enrollment.
+    #[serde(rename_all = "camelCase")]
+    SelfSigned {
+        /// Primary thumbprint.
+        primary_thumbprint: String,
+        /// Secondary thumbprint.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        secondary_thumbprint: Option<String>,
+    },
+    /// Any certificate chaining to a CA the hub trusts: an X.509 group device (or an issued certificate).
+    CertificateAuthority,
+}
+
+impl HubAuthentication {
+    /// IoT Hub's name of the type: `sas`, `selfSigned`, `certificateAuthority`.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            HubAuthentication::Sas { .. } => "sas",
+            HubAuthentication::SelfSigned { .. } => "selfSigned",
+            HubAuthentication::CertificateAuthority => "certificateAuthority",
+        }
+    }
 }
 
 /// A hub operation requested by the engine.

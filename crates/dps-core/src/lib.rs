@@ -21,6 +21,7 @@
 pub mod command;
 pub mod config;
 pub mod device;
+pub mod effect;
 pub mod engine;
 pub mod flow;
 pub mod hub;
@@ -33,9 +34,13 @@ pub mod store;
 pub use command::{Paging, Principal, ServiceCommand};
 pub use config::{AccessPolicy, EngineConfig, Rights, OWNER_POLICY};
 pub use device::register_meter;
+pub use dps_attest as attest;
 pub use dps_policy::{BillableOperation, LinkedHub, Meter, MeterEvent};
 pub use dps_proto as proto;
 pub use dps_proto::{DpsError, ErrorCode, Timestamp};
+pub use effect::{
+    CertificateIssuer, Effect, EffectError, EffectHandlers, EffectResult, Effects, IssueRequest, NoEffects,
+};
 pub use engine::{DeviceCall, DeviceRequest, Engine, EngineFlow, HttpRequest, ServiceRequest};
 pub use flow::{
     finish_async, run_async, run_async_until_reply, run_blocking, run_blocking_with, Flow, Input, Progress,

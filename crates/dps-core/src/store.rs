@@ -33,7 +33,9 @@
 //!   and its commit does not fail the commit (in one process as across several); the next load sees it.
 
 use dps_proto::certificate::CaCertificate;
-use dps_proto::model::{EnrollmentGroup, IndividualEnrollment, RegistrationStatus, RegistrationSubstatus};
+use dps_proto::model::{
+    EnrollmentGroup, IndividualEnrollment, RegistrationStatus, RegistrationSubstatus, X509RegistrationResult,
+};
 use dps_proto::query::Query;
 use dps_proto::{EnrollmentGroupId, Etag, IfMatch, OperationId, RegistrationId, Timestamp};
 use serde::{Deserialize, Serialize};
@@ -123,6 +125,13 @@ pub struct RegistrationRecord {
     pub last_updated: Timestamp,
     /// Record ETag (changes on every write).
     pub etag: Etag,
+    /// The X.509 details of an X.509 device (`registrationState.x509`: its certificate and, through a
+    /// group, the group and its signing certificate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub x509: Option<X509RegistrationResult>,
+    /// The certificate chain issued for the device's CSR (base64 DER, leaf first, up to the root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_certificate_chain: Option<Vec<String>>,
 }
 
 impl RegistrationRecord {

@@ -83,12 +83,12 @@ fn device_token() -> String {
 }
 
 #[test]
-fn a_device_presenting_a_client_certificate_gets_401002_saying_x509_is_not_supported_yet() {
+fn a_client_certificate_that_is_not_der_gets_401002_saying_which_certificate_is_broken() {
     let mut w = World::new();
     let (status, code, message) =
         w.register(None, Some(vec![vec![0x30, 0x03, 0x02, 0x01, 0x01]]), json!({"registrationId": "dev-1"}));
     assert_eq!((status, code), (401, 401002), "{message}");
-    assert!(message.contains("client certificate") && message.contains("X.509"), "{message}");
+    assert!(message.contains("position 0") && message.contains("not valid DER X.509"), "{message}");
     assert!(w.hubs.devices().is_empty());
 }
 

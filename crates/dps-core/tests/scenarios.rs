@@ -235,8 +235,8 @@ fn individual_device_is_assigned_and_registered_in_its_hub() {
     assert!(r.symmetric_key.is_none(), "no symmetricKey object for individual enrollments");
     assert!(r.created_date_time_utc.is_some() && r.etag.is_some());
     let device = w.hubs.device(&hub, "dev-1-hub").expect("registered in its hub");
-    assert_eq!(device.identity.primary_key, key(1).to_base64());
-    assert_eq!(device.identity.secondary_key, key(2).to_base64());
+    assert_eq!(device.identity.primary_key().unwrap(), key(1).to_base64());
+    assert_eq!(device.identity.secondary_key().unwrap(), key(2).to_base64());
     assert_eq!(device.twin.tags, json!({"site": "lab"}));
     assert_eq!(device.twin.desired, json!({"interval": 30}));
     assert!(device.twin.iot_edge);
@@ -260,8 +260,8 @@ fn group_device_uses_derived_key() {
     assert_eq!(r.symmetric_key.unwrap().enrollment_group_id.as_deref(), Some("building-7"));
     let hub = r.assigned_hub.unwrap();
     let device = w.hubs.device(&hub, "sensor-42").unwrap();
-    assert_eq!(device.identity.primary_key, device_key.to_base64());
-    assert_eq!(device.identity.secondary_key, key(6).derive_device_key("sensor-42").to_base64());
+    assert_eq!(device.identity.primary_key().unwrap(), device_key.to_base64());
+    assert_eq!(device.identity.secondary_key().unwrap(), key(6).derive_device_key("sensor-42").to_base64());
     // The group key itself is not a device credential.
     let err = w.provision("sensor-43", &key(5)).unwrap_err();
     assert_eq!(err.code, 401000);

@@ -29,9 +29,12 @@
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
 mod assigning;
+mod issuer;
 pub use assigning::AssigningRecords;
 use assigning::{FlowStore, Overlay};
+pub use issuer::{CaKeyKind, LocalCa, CA_VALIDITY, DEFAULT_ISSUED_VALIDITY};
 
+use dps_core::effect::{CertificateIssuer, EffectHandlers};
 use dps_core::object::{DynHubDirectory, DynStore};
 use dps_core::proto::id::format_uuid;
 use dps_core::store::BlockingStore;
@@ -106,6 +109,7 @@ pub struct HostBuilder {
     rng: Option<Box<dyn RngCore + Send>>,
     poll_hold: Duration,
     assigning: AssigningRecords,
+    effects: EffectHandlers,
 }
 
 /// The default of [`HostBuilder::poll_hold`].
@@ -155,8 +159,16 @@ impl HostBuilder {
         self
     }
 
+    /// The certificate issuer for devices that send a CSR (spec §7.6; default: none, and a `csr` is
+    /// refused with 400008). [`LocalCa`] is the built-in one.
+    pub fn issuer(mut self, issuer: Arc<dyn CertificateIssuer>) -> Self {
+        self.effects.issuer = Some(issuer);
+        self
+    }
+
     /// Validates the configuration and builds the host.
-    pub fn build(self) -> Result<Host, DpsError> {
+    pub fn build(mut self) -> Result<Host, DpsError> {
+        self.config.certificate_issuance = self.effects.issuer.is_some();
         let engine = Engine::new(self.config)?;
         let store = self.store.ok_or_else(|| {
             DpsError::with_message(dps_core::ErrorCode::InternalError, "Host::builder: no store was given")
@@ -173,6 +185,7 @@ impl HostBuilder {
                 background: TaskTracker::new(),
                 in_flight: Mutex::new(HashMap::new()),
                 poll_hold: self.poll_hold,
+                effects: Arc::new(self.effects),
                 overlay: match self.assigning {
                     AssigningRecords::Host => Some(Arc::new(Overlay::default())),
                     AssigningRecords::Store => None,
@@ -193,6 +206,8 @@ struct Inner {
     /// sender dropped when the flow is done.
     in_flight: Mutex<HashMap<FlowKey, watch::Receiver<()>>>,
     poll_hold: Duration,
+    /// Handlers of the flows' effects (the certificate issuer).
+    effects: Arc<EffectHandlers>,
     /// In-memory `assigning` records (with [`AssigningRecords::Host`]).
     overlay: Option<Arc<Overlay>>,
 }
@@ -229,6 +244,7 @@ impl Host {
             rng: None,
             poll_hold: DEFAULT_POLL_HOLD,
             assigning: AssigningRecords::default(),
+            effects: EffectHandlers::default(),
         }
     }
 
@@ -334,13 +350,14 @@ impl Host {
         let inner = &self.inner;
         let clock = || inner.clock.now();
         let store = FlowStore::new(Arc::clone(&inner.store), inner.overlay.clone());
-        match run_async_until_reply(&mut flow, &store, &inner.hubs, &clock).await {
+        match run_async_until_reply(&mut flow, &store, &inner.hubs, &*inner.effects, &clock).await {
             Progress::Done(reply) => {
                 store.release();
                 reply
             }
             Progress::Replied { reply, next } => {
                 let hubs = Arc::clone(&inner.hubs);
+                let effects = Arc::clone(&inner.effects);
                 let clock = Arc::clone(&inner.clock);
                 let tracked = key.map(|key| {
                     let (done, running) = watch::channel(());
@@ -349,7 +366,7 @@ impl Host {
                 });
                 let host = self.clone();
                 inner.background.spawn(async move {
-                    finish_async(&mut flow, next, &store, &hubs, &|| clock.now()).await;
+                    finish_async(&mut flow, next, &store, &hubs, &*effects, &|| clock.now()).await;
                     store.release();
                     if let Some((key, done, running)) = tracked {
                         let mut map = host.in_flight();
@@ -405,6 +422,7 @@ pub struct BlockingHost<S, H> {
     hubs: H,
     clock: Arc<dyn Clock>,
     rng: Mutex<Box<dyn RngCore + Send>>,
+    effects: EffectHandlers,
 }
 
 impl<S, H> fmt::Debug for BlockingHost<S, H> {
@@ -424,7 +442,17 @@ impl<S: BlockingStore, H: dps_core::hub::BlockingHubDirectory> BlockingHost<S, H
             hubs,
             clock: Arc::new(SystemClock),
             rng: Mutex::new(Box::new(StdRng::from_entropy())),
+            effects: EffectHandlers::default(),
         })
+    }
+
+    /// Adds a certificate issuer (see [`HostBuilder::issuer`]).
+    pub fn with_issuer(mut self, issuer: Arc<dyn CertificateIssuer>) -> Result<Self, DpsError> {
+        let mut config = self.engine.config().clone();
+        config.certificate_issuance = true;
+        self.engine = Engine::new(config)?;
+        self.effects.issuer = Some(issuer);
+        Ok(self)
     }
 
     /// Replaces the clock.
@@ -462,7 +490,9 @@ impl<S: BlockingStore, H: dps_core::hub::BlockingHubDirectory> BlockingHost<S, H
             self.engine.device(now, &mut **rng, request)
         };
         let mut out = None;
-        run_blocking_with(&mut flow, &self.store, &self.hubs, &|| self.clock.now(), |r| out = Some(r));
+        run_blocking_with(&mut flow, &self.store, &self.hubs, &self.effects, &|| self.clock.now(), |r| {
+            out = Some(r)
+        });
         out.unwrap_or_else(|| Reply::error_plain(&internal("the flow finished without a reply")))
     }
 
@@ -474,7 +504,9 @@ impl<S: BlockingStore, H: dps_core::hub::BlockingHubDirectory> BlockingHost<S, H
             self.engine.command(now, &mut **rng, principal, command)
         };
         let mut out = None;
-        run_blocking_with(&mut flow, &self.store, &self.hubs, &|| self.clock.now(), |r| out = Some(r));
+        run_blocking_with(&mut flow, &self.store, &self.hubs, &self.effects, &|| self.clock.now(), |r| {
+            out = Some(r)
+        });
         out.unwrap_or_else(|| Reply::error_plain(&internal("the flow finished without a reply")))
     }
 
@@ -493,7 +525,7 @@ impl<S: BlockingStore, H: dps_core::hub::BlockingHubDirectory> BlockingHost<S, H
             let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
             self.engine.http(now, &mut **rng, request)
         };
-        run_blocking_with(&mut flow, &self.store, &self.hubs, &|| self.clock.now(), on_reply);
+        run_blocking_with(&mut flow, &self.store, &self.hubs, &self.effects, &|| self.clock.now(), on_reply);
     }
 }
 

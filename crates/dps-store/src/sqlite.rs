@@ -1540,6 +1540,8 @@ mod tests {
             created: Timestamp::from_unix_seconds(1_700_000_000),
             last_updated: Timestamp::from_unix_seconds(1_700_000_100),
             etag: Etag::parse(etag).unwrap(),
+            x509: None,
+            issued_certificate_chain: None,
         }
     }
 

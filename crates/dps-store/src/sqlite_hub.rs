@@ -11,8 +11,8 @@
 //! (the admin CLI) open the file read-only with [`HubDatabase::open_read_only`].
 
 use dps_core::hub::{
-    AsyncHubDirectory, BlockingHubDirectory, DeviceIdentity, DeviceTwin, HubDevice, HubError, HubOp,
-    HubResult,
+    AsyncHubDirectory, BlockingHubDirectory, DeviceIdentity, DeviceTwin, HubAuthentication, HubDevice,
+    HubError, HubOp, HubResult,
 };
 use futures::channel::oneshot;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
@@ -26,7 +26,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// The schema version stored in the hub database's `user_version`.
-pub const HUB_SCHEMA_VERSION: i64 = 1;
+pub const HUB_SCHEMA_VERSION: i64 = 2;
 
 /// At most this many queued requests share one transaction.
 const MAX_BATCH: usize = 256;
@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS hub_devices (
     tags TEXT NOT NULL,
     desired TEXT NOT NULL,
     iot_edge INTEGER NOT NULL,
+    auth_type TEXT NOT NULL DEFAULT 'sas',
     PRIMARY KEY (hub, device_id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS usage (
@@ -161,6 +162,23 @@ impl SqliteHubDirectory {
             ));
         }
         conn.execute_batch(SCHEMA).map_err(|e| db_error("schema", e))?;
+        if version < 2 {
+            // Version 2: how the device authenticates (`sas`, `selfSigned`: the key columns hold the
+            // thumbprints, `certificateAuthority`: they are empty). Devices written before were all `sas`.
+            let has: i64 = conn
+                .query_row(
+                    "SELECT COUNT(*) FROM pragma_table_info('hub_devices') WHERE name = 'auth_type'",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(|e| db_error("schema", e))?;
+            if has == 0 {
+                conn.execute_batch(
+                    "ALTER TABLE hub_devices ADD COLUMN auth_type TEXT NOT NULL DEFAULT 'sas'",
+                )
+                .map_err(|e| db_error("schema", e))?;
+            }
+        }
         conn.execute_batch(&format!("PRAGMA user_version={HUB_SCHEMA_VERSION}"))
             .map_err(|e| db_error("schema", e))?;
         let (sender, receiver) = mpsc::channel();
@@ -444,27 +462,39 @@ fn apply(conn: &Connection, op: HubOp) -> Result<HubResult, HubError> {
             let tags = serde_json::to_string(&twin.tags).map_err(|e| hub_error(&hub, e))?;
             let desired = serde_json::to_string(&twin.desired).map_err(|e| hub_error(&hub, e))?;
             let sql = if replace_twin {
-                "INSERT INTO hub_devices (hub, device_id, primary_key, secondary_key, tags, desired, iot_edge)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                "INSERT INTO hub_devices (hub, device_id, primary_key, secondary_key, tags, desired, iot_edge,
+                   auth_type)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
                  ON CONFLICT (hub, device_id) DO UPDATE SET primary_key = excluded.primary_key,
                    secondary_key = excluded.secondary_key, tags = excluded.tags, desired = excluded.desired,
-                   iot_edge = excluded.iot_edge"
+                   iot_edge = excluded.iot_edge, auth_type = excluded.auth_type"
             } else {
-                "INSERT INTO hub_devices (hub, device_id, primary_key, secondary_key, tags, desired, iot_edge)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                "INSERT INTO hub_devices (hub, device_id, primary_key, secondary_key, tags, desired, iot_edge,
+                   auth_type)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
                  ON CONFLICT (hub, device_id) DO UPDATE SET primary_key = excluded.primary_key,
-                   secondary_key = excluded.secondary_key"
+                   secondary_key = excluded.secondary_key, auth_type = excluded.auth_type"
+            };
+            let (first, second) = match &identity.authentication {
+                HubAuthentication::Sas { primary_key, secondary_key } => {
+                    (primary_key.as_str(), secondary_key.as_str())
+                }
+                HubAuthentication::SelfSigned { primary_thumbprint, secondary_thumbprint } => {
+                    (primary_thumbprint.as_str(), secondary_thumbprint.as_deref().unwrap_or(""))
+                }
+                HubAuthentication::CertificateAuthority => ("", ""),
             };
             conn.prepare_cached(sql)
                 .and_then(|mut stmt| {
                     stmt.execute(params![
                         hub_key,
                         identity.device_id,
-                        identity.primary_key,
-                        identity.secondary_key,
+                        first,
+                        second,
                         tags,
                         desired,
-                        twin.iot_edge
+                        twin.iot_edge,
+                        identity.authentication.type_name()
                     ])
                 })
                 .map_err(|e| hub_error(&hub, e))?;
@@ -485,25 +515,39 @@ fn apply(conn: &Connection, op: HubOp) -> Result<HubResult, HubError> {
     }
 }
 
-type Row = (String, String, String, String, String, bool);
+type Row = (String, String, String, String, String, bool, String);
 
 fn to_device(hub: &str, row: Row) -> Result<HubDevice, HubError> {
-    let (device_id, primary_key, secondary_key, tags, desired, iot_edge) = row;
+    let (device_id, first, second, tags, desired, iot_edge, auth_type) = row;
     let json = |s: &str| serde_json::from_str::<Value>(s).map_err(|e| hub_error(hub, e));
+    let authentication = match auth_type.as_str() {
+        "sas" => HubAuthentication::Sas { primary_key: first, secondary_key: second },
+        "selfSigned" => HubAuthentication::SelfSigned {
+            primary_thumbprint: first,
+            secondary_thumbprint: Some(second).filter(|s| !s.is_empty()),
+        },
+        "certificateAuthority" => HubAuthentication::CertificateAuthority,
+        other => {
+            return Err(hub_error(
+                hub,
+                format!("device '{device_id}' has unknown authentication type '{other}'"),
+            ))
+        }
+    };
     Ok(HubDevice {
-        identity: DeviceIdentity { device_id, primary_key, secondary_key },
+        identity: DeviceIdentity { device_id, authentication },
         twin: DeviceTwin { tags: json(&tags)?, desired: json(&desired)?, iot_edge },
     })
 }
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
-    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
 }
 
 fn read_device(conn: &Connection, hub: &str, device_id: &str) -> Result<Option<HubDevice>, HubError> {
     let found = conn
         .prepare_cached(
-            "SELECT device_id, primary_key, secondary_key, tags, desired, iot_edge FROM hub_devices
+            "SELECT device_id, primary_key, secondary_key, tags, desired, iot_edge, auth_type FROM hub_devices
              WHERE hub = ?1 AND device_id = ?2",
         )
         .and_then(|mut stmt| stmt.query_row(params![hub, device_id], row).optional())
@@ -514,7 +558,7 @@ fn read_device(conn: &Connection, hub: &str, device_id: &str) -> Result<Option<H
 fn read_devices(conn: &Connection, hub: &str) -> Result<Vec<HubDevice>, HubError> {
     let mut stmt = conn
         .prepare(
-            "SELECT device_id, primary_key, secondary_key, tags, desired, iot_edge FROM hub_devices
+            "SELECT device_id, primary_key, secondary_key, tags, desired, iot_edge, auth_type FROM hub_devices
              WHERE hub = ?1 ORDER BY device_id",
         )
         .map_err(|e| hub_error(hub, e))?;
@@ -574,11 +618,7 @@ mod tests {
     fn upsert(hub: &str, id: &str, twin: DeviceTwin, replace_twin: bool) -> HubOp {
         HubOp::UpsertDevice {
             hub: hub.to_owned(),
-            identity: DeviceIdentity {
-                device_id: id.to_owned(),
-                primary_key: "cA==".to_owned(),
-                secondary_key: "cw==".to_owned(),
-            },
+            identity: DeviceIdentity::with_keys(id, "cA==".to_owned(), "cw==".to_owned()),
             twin,
             replace_twin,
         }
@@ -586,6 +626,56 @@ mod tests {
 
     fn twin() -> DeviceTwin {
         DeviceTwin { tags: json!({"site": "a"}), desired: json!({"rate": 5}), iot_edge: true }
+    }
+
+    #[test]
+    fn x509_identities_keep_their_authentication_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hubs.sqlite3");
+        let hubs = SqliteHubDirectory::open(&path).unwrap();
+        let put = |id: &str, authentication: HubAuthentication| HubOp::UpsertDevice {
+            hub: "hub".into(),
+            identity: DeviceIdentity { device_id: id.into(), authentication },
+            twin: DeviceTwin::default(),
+            replace_twin: false,
+        };
+        let self_signed = HubAuthentication::SelfSigned {
+            primary_thumbprint: "AB".repeat(32),
+            secondary_thumbprint: Some("CD".repeat(32)),
+        };
+        let only_primary =
+            HubAuthentication::SelfSigned { primary_thumbprint: "EF".repeat(32), secondary_thumbprint: None };
+        BlockingHubDirectory::execute(&hubs, put("x1", self_signed.clone())).unwrap();
+        BlockingHubDirectory::execute(&hubs, put("x2", only_primary.clone())).unwrap();
+        BlockingHubDirectory::execute(&hubs, put("ca", HubAuthentication::CertificateAuthority)).unwrap();
+        hubs.close().unwrap();
+        drop(hubs);
+        let hubs = SqliteHubDirectory::open(&path).unwrap();
+        assert_eq!(hubs.device("hub", "x1").unwrap().identity.authentication, self_signed);
+        assert_eq!(hubs.device("hub", "x2").unwrap().identity.authentication, only_primary);
+        let ca = hubs.device("hub", "ca").unwrap().identity;
+        assert_eq!(ca.authentication, HubAuthentication::CertificateAuthority);
+        assert_eq!(ca.primary_key(), None);
+    }
+
+    #[test]
+    fn a_version_1_database_is_upgraded_and_its_devices_stay_sas() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hubs.sqlite3");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE hub_devices (hub TEXT NOT NULL, device_id TEXT NOT NULL, primary_key TEXT NOT NULL,
+                   secondary_key TEXT NOT NULL, tags TEXT NOT NULL, desired TEXT NOT NULL, iot_edge INTEGER NOT NULL,
+                   PRIMARY KEY (hub, device_id)) WITHOUT ROWID;
+                 INSERT INTO hub_devices VALUES ('hub', 'old', 'cA==', 'cw==', '{}', '{}', 0);
+                 PRAGMA user_version=1;",
+            )
+            .unwrap();
+        }
+        let hubs = SqliteHubDirectory::open(&path).unwrap();
+        let old = hubs.device("hub", "old").unwrap().identity;
+        assert_eq!(old, DeviceIdentity::with_keys("old", "cA==".into(), "cw==".into()));
     }
 
     #[test]
@@ -602,7 +692,8 @@ mod tests {
         let hubs = SqliteHubDirectory::open(&path).unwrap();
         let d1 = hubs.device("hub-1.example", "d1").unwrap();
         assert_eq!(d1.twin, twin());
-        assert_eq!(d1.identity.primary_key, "cA==");
+        assert_eq!(d1.identity.primary_key(), Some("cA=="));
+        assert_eq!(d1.identity.secondary_key(), Some("cw=="));
         assert_eq!(hubs.devices("HUB-1.example").unwrap().len(), 2);
         assert_eq!(
             BlockingHubDirectory::execute(

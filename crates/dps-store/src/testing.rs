@@ -129,6 +129,8 @@ pub fn record(id: &str, group: Option<&str>, etag_value: &str) -> RegistrationRe
         created: Timestamp::from_unix_seconds(1_700_000_000),
         last_updated: Timestamp::from_unix_seconds(1_700_000_100),
         etag: etag(etag_value),
+        x509: None,
+        issued_certificate_chain: None,
     }
 }
 
