@@ -137,6 +137,23 @@ fn individual_self_signed_base64_der_enrollment_and_case_insensitive_cn() {
 }
 
 #[test]
+fn a_self_signed_device_certificate_marked_ca_is_accepted_but_its_eku_is_checked() {
+    let mut p = ca_params("dev-ca-flag");
+    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let c = issue(p, Alg::P256, None);
+    let e = individual_certs("dev-ca-flag", &c.pem, None, false);
+    Case::new("dev-ca-flag", vec![c.der.clone()]).individual(e).verified();
+
+    let mut p = leaf_params("dev-srv");
+    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let c = issue(p, Alg::P256, None);
+    let e = individual_certs("dev-srv", &c.pem, None, false);
+    Case::new("dev-srv", vec![c.der.clone()])
+        .individual(e)
+        .fails("extended key usage does not allow client authentication");
+}
+
+#[test]
 fn individual_ca_signed_needs_a_verified_ca_in_every_algorithm() {
     for alg in [Alg::Rsa2048, Alg::P256, Alg::P384] {
         let pki = Pki::new(alg, "ind");
