@@ -16,6 +16,34 @@
 //! 3. Nothing verifies: `401000 Unauthorized`.
 //!
 //! Expiry (with five minutes of skew) and the token's audience are checked before any key is tried.
+//!
+//! X.509 resolution order (spec §7.1-7.3, feature `x509`, [`x509::attest_x509`]). [`prepare`] parses the
+//! presented chain ([`x509::ClientChain`]: 1 to 10 DER certificates, leaf first, the leaf with a CN of at
+//! most 64 characters). Then, every failure being `401002 InvalidCertificate` with a message naming the
+//! rule that failed:
+//! 0. The leaf's CN must equal the registration ID (ignoring case); every presented certificate must use
+//!    an accepted key and signature algorithm (ECDSA P-256/P-384 with SHA-256/384, RSA 2048-8192 with
+//!    PKCS#1 v1.5 or PSS); the leaf must be within its validity period (five minutes of skew).
+//! 1. An individual enrollment with the registration ID decides alone. Disabled (whatever its type) →
+//!    [`Attestation::Disabled`]. Not X.509 → refused. With `clientCertificates`: the leaf must be the
+//!    primary or secondary certificate; a self-signed leaf needs nothing more (its EKU, when present, must
+//!    allow client authentication); a CA-signed one must validate to a verified uploaded CA certificate.
+//!    With `caReferences`: the path must pass through the referenced uploaded certificate and reach a
+//!    verified one (the reference itself, if verified).
+//! 2. Otherwise the X.509 enrollment groups, most specific first: for each certificate above the leaf in
+//!    the presented chain, then for the issuer of the last presented certificate when the device left it
+//!    out (found by subject and signature among the groups' certificates and the uploads), the groups whose
+//!    signing certificate (inline `signingCertificates`, or `caReferences` naming an upload) *is* that
+//!    certificate; among several, the device's recorded group first, then group-ID order. The first group
+//!    found decides: disabled → `Disabled` (no fallback to a less specific enabled group); enabled → the
+//!    path (rustls-webpki: signatures, validity with skew, basicConstraints CA on issuers, EKU clientAuth)
+//!    must pass through the group's certificate and reach a verified uploaded certificate; failing that is
+//!    an error, not a fall-through.
+//! 3. Nothing matches: refused, naming the leaf and its issuer.
+//!
+//! A group or `caReferences` device's hub credential is [`HubCredential::CertificateAuthority`]; one
+//! matched by its enrolled certificate gets [`HubCredential::X509Thumbprints`].
+//!
 //! This crate does no I/O and reads no clock: `now` is an argument.
 #![forbid(unsafe_code)]
 
@@ -649,6 +677,37 @@ mod tests {
         e.attestation.kind = AttestationType::X509;
         let err = run(&token_for(&key(1), "dev1", NOW + 60), "dev1", Some(&e), &[]).unwrap_err();
         assert_eq!(err.code, ErrorCode::Unauthorized);
+    }
+
+    #[test]
+    fn the_dispatcher_verifies_sas_tokens_whatever_the_uploaded_certificates() {
+        let now = Timestamp::from_unix_seconds(NOW);
+        let raw = build_token(&key(1), &encode_resource(&device_resource(SCOPE, "dev1")), NOW + 60, None);
+        let presented = prepare(now, &Credential::SasToken(raw)).unwrap();
+        let e = individual("dev1", &key(1), &key(2), false);
+        let cert = CaCertificate {
+            name: "root".into(),
+            der: vec![1, 2, 3],
+            is_verified: true,
+            verification_code: None,
+            created: now,
+            updated: now,
+            etag: dps_proto::Etag::parse("\"1\"").unwrap(),
+        };
+        let r = attest(
+            now,
+            &IdScope::parse(SCOPE).unwrap(),
+            &RegistrationId::parse("dev1").unwrap(),
+            &presented,
+            Some(Arc::new(e)),
+            &Arc::new(Vec::new()),
+            None,
+            &[cert],
+        )
+        .unwrap();
+        let Attestation::Verified(v) = r else { panic!("not verified") };
+        assert!(v.x509_result().is_none() && v.client_leaf_der().is_none());
+        assert_eq!(v.secondary_key().unwrap().as_bytes(), key(2).as_bytes());
     }
 
     #[test]

@@ -96,6 +96,26 @@ fn check_sanity(now: Timestamp, chain: &ClientChain) -> Result<(), DpsError> {
     Ok(())
 }
 
+/// An extended key usage, when present, must allow client authentication (or any purpose).
+fn check_client_auth_eku(leaf: &Certificate) -> Result<(), DpsError> {
+    use const_oid::db::rfc5280::{ANY_EXTENDED_KEY_USAGE, ID_KP_CLIENT_AUTH};
+    use x509_cert::ext::pkix::ExtendedKeyUsage;
+    match leaf.tbs_certificate.get::<ExtendedKeyUsage>() {
+        Ok(None) => Ok(()),
+        Ok(Some((_, eku)))
+            if eku.0.iter().any(|o| *o == ID_KP_CLIENT_AUTH || *o == ANY_EXTENDED_KEY_USAGE) =>
+        {
+            Ok(())
+        }
+        Ok(Some(_)) => {
+            Err(invalid("the device certificate's extended key usage does not allow client authentication"))
+        }
+        Err(e) => {
+            Err(invalid(format!("the device certificate's extended key usage extension is malformed: {e}")))
+        }
+    }
+}
+
 fn is_disabled(status: Option<ProvisioningStatus>) -> bool {
     status == Some(ProvisioningStatus::Disabled)
 }
@@ -243,13 +263,23 @@ impl Ctx<'_> {
             )));
         };
         let leaf = self.chain.leaf();
-        let self_signed = is_self_issued(leaf) && is_signed_by(leaf, leaf);
-        let mut anchors = self.verified.clone();
-        if self_signed {
-            anchors.push(leaf_der);
+        let self_issued = is_self_issued(leaf);
+        if self_issued && is_signed_by(leaf, leaf) {
+            // Self-signed and enrolled: the signature proves nothing more; validity (checked above) and
+            // the EKU are what is left. By hand rather than through webpki, so a self-signed device
+            // certificate marked CA (OpenSSL's `req -x509` default) is accepted, as Azure does.
+            check_client_auth_eku(leaf)?;
+        } else {
+            let mut anchors = self.verified.clone();
+            if self_issued {
+                // A self-issued certificate whose signature the hand check could not verify (RSA-PSS, or
+                // a bad signature): webpki decides, with the enrolled certificate as its own anchor.
+                anchors.push(leaf_der);
+            }
+            let req =
+                PathRequest { chain: self.chain, extra_intermediates: Vec::new(), anchors, required: None };
+            validate(self.now, &req).map_err(invalid)?;
         }
-        let req = PathRequest { chain: self.chain, extra_intermediates: Vec::new(), anchors, required: None };
-        validate(self.now, &req).map_err(invalid)?;
         let mut thumbprints = enrolled.iter().flatten().map(|d| sha256_thumbprint(d));
         let hub = HubCredential::X509Thumbprints {
             primary: thumbprints.next().unwrap_or_default(),
