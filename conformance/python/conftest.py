@@ -1,9 +1,16 @@
 """pytest fixtures: one `dps-server` per test module, on the loopback address the module names (`DPS_IP`).
 
-The Python suite owns 127.0.0.10-19 (the Node suite 127.0.0.20-29); each module sets a distinct `DPS_IP`.
+The Python suite owns 127.0.0.10-19 (the Node suite 127.0.0.20-29); each module sets a distinct `DPS_IP`. A module
+that sets `DPS_ADMIN_PORT` also gets the server's plain-HTTP admin listener (`/metrics`) on `DPS_IP:DPS_ADMIN_PORT`.
+`conformance/` is put on `sys.path` so that tests can `import pki` (the X.509 certificate generator).
 """
 
+import sys
+from pathlib import Path
+
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 pytest.register_assert_rewrite("dps_harness")
 
@@ -15,7 +22,7 @@ def dps(request):
     ip = getattr(request.module, "DPS_IP", None)
     if ip is None:
         raise RuntimeError(f"{request.module.__name__} must set DPS_IP (one of 127.0.0.10-19)")
-    server = dps_harness.DpsServer(ip)
+    server = dps_harness.DpsServer(ip, admin_port=getattr(request.module, "DPS_ADMIN_PORT", None))
     try:
         server.start()
     except Exception:

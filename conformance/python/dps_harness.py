@@ -2,7 +2,8 @@
 
 Nothing here touches the Azure SDK; the tests use `azure-iot-device` exactly as a device would. The service
 API helper is deliberately tiny (urllib + a hand-signed SAS token, spec section 5.1) so that the Python suite
-depends on nothing but the device SDK and pytest.
+depends on nothing but the device SDK and pytest (and `cryptography`, through `conformance/pki.py`, for the X.509
+certificates).
 """
 
 import base64
@@ -10,6 +11,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -22,7 +24,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from azure.iot.device import ProvisioningDeviceClient
+from azure.iot.device import X509, ProvisioningDeviceClient
 from azure.iot.device.common.evented_callback import EventedCallback
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -140,6 +142,56 @@ class ServiceApi:
         )
         return status, body
 
+    # --- CA certificates (spec 5.7, 7.3): the instance's registry of uploaded / verified CAs ---------------
+
+    @staticmethod
+    def _certificate_path(name, action=None):
+        path = "/certificates/" + urllib.parse.quote(name, safe="")
+        return path + "/" + action if action else path
+
+    def put_certificate(self, name, certificate, is_verified=False, etag=None, expect=(200, 201)):
+        """`PUT /certificates/{name}` with `{"properties": {"certificate", "isVerified"}}`; returns the body."""
+        headers = {"If-Match": etag} if etag else None
+        body = {"properties": {"certificate": certificate, "isVerified": is_verified}}
+        return self.call("PUT", self._certificate_path(name), body, headers, expect=expect)[2]
+
+    def get_certificate(self, name, expect=(200,)):
+        return self.call("GET", self._certificate_path(name), expect=expect)[2]
+
+    def list_certificates(self):
+        """`GET /certificates` → the `value` list."""
+        return self.call("GET", "/certificates")[2]["value"]
+
+    def delete_certificate(self, name, etag, expect=(200, 204)):
+        """`DELETE /certificates/{name}` with `If-Match`; returns the status."""
+        return self.call("DELETE", self._certificate_path(name), headers={"If-Match": etag}, expect=expect)[0]
+
+    def generate_verification_code(self, name, etag, expect=(200,)):
+        """`POST /certificates/{name}/generateVerificationCode` with `If-Match`; the body carries
+        `properties.verificationCode` and a new etag."""
+        path = self._certificate_path(name, "generateVerificationCode")
+        return self.call("POST", path, headers={"If-Match": etag}, expect=expect)[2]
+
+    def verify_certificate(self, name, etag, proof_pem, expect=(200,)):
+        """`POST /certificates/{name}/verify` with `If-Match` and `{"certificate": <proof PEM>}`."""
+        path = self._certificate_path(name, "verify")
+        return self.call("POST", path, {"certificate": proof_pem}, {"If-Match": etag}, expect=expect)[2]
+
+    def upload_verified_ca(self, name, ca):
+        """Uploads the `pki.Identity` `ca` unverified, then verifies it by proof of possession (spec 7.3): a
+        verification code, a certificate with CN = the code signed by the CA's key, `verify`. Returns the
+        verified certificate's body."""
+        import pki  # conformance/pki.py (on sys.path through conftest.py)
+
+        uploaded = self.put_certificate(name, ca.cert_pem)
+        assert uploaded["properties"]["isVerified"] is False, uploaded
+        coded = self.generate_verification_code(name, uploaded["etag"])
+        code = coded["properties"]["verificationCode"]
+        assert code, coded
+        verified = self.verify_certificate(name, coded["etag"], pki.proof(ca, code).cert_pem)
+        assert verified["properties"]["isVerified"] is True, verified
+        return verified
+
     def query_group_registrations(self, group_id):
         """Every registration state of a group, following `x-ms-continuation` pages."""
         items, continuation = [], None
@@ -177,12 +229,43 @@ def symmetric_key_group(group_id, primary, secondary, **extra):
     return group
 
 
+def x509_certificates(primary=None, secondary=None):
+    """X509Certificates: `{"primary": {"certificate": …}, "secondary": {…}}` (PEM or base64 DER text)."""
+    certificates = {}
+    if primary is not None:
+        certificates["primary"] = {"certificate": primary}
+    if secondary is not None:
+        certificates["secondary"] = {"certificate": secondary}
+    return certificates
+
+
+def x509_enrollment(registration_id, primary=None, secondary=None, ca_references=None, **extra):
+    """An IndividualEnrollment with X.509 attestation: the device's own certificate(s) in `clientCertificates`
+    (self-signed or CA-signed), or `caReferences` naming uploaded CA certificates."""
+    x509 = {"caReferences": ca_references} if ca_references else {
+        "clientCertificates": x509_certificates(primary, secondary)}
+    enrollment = {"registrationId": registration_id, "attestation": {"type": "x509", "x509": x509}}
+    enrollment.update(extra)
+    return enrollment
+
+
+def x509_group(group_id, primary=None, secondary=None, ca_references=None, **extra):
+    """An EnrollmentGroup with X.509 attestation: inline `signingCertificates`, or `caReferences` naming uploaded
+    CA certificates."""
+    x509 = {"caReferences": ca_references} if ca_references else {
+        "signingCertificates": x509_certificates(primary, secondary)}
+    group = {"enrollmentGroupId": group_id, "attestation": {"type": "x509", "x509": x509}}
+    group.update(extra)
+    return group
+
+
 class DpsServer:
     """One `dps-server run` on its own loopback address and fresh data directory."""
 
-    def __init__(self, ip, retry_after_secs=1):
+    def __init__(self, ip, retry_after_secs=1, admin_port=None):
         self.ip = ip
         self.retry_after_secs = retry_after_secs
+        self.admin_port = admin_port  # plain HTTP /health + /metrics on ip:admin_port when set
         self.data_dir = Path(tempfile.mkdtemp(prefix=f"dps-conformance-py-{ip}-"))
         self.log_path = self.data_dir.parent / (self.data_dir.name + ".log")
         self.process = None
@@ -203,7 +286,8 @@ class DpsServer:
             "[listen]\n"
             f'https = "{self.ip}:443"\n'
             f'mqtt = "{self.ip}:8883"\n'
-            "[tls]\n"
+            + (f'admin = "{self.ip}:{self.admin_port}"\n' if self.admin_port else "")
+            + "[tls]\n"
             f'subject_alt_names = ["{self.ip}", "localhost"]\n' + hubs
         )
 
@@ -245,6 +329,21 @@ class DpsServer:
         self.service = ServiceApi(self.connection_string, self.ca_path)
         return self
 
+    def metrics(self):
+        """The admin listener's `/metrics` text (needs `admin_port`)."""
+        if not self.admin_port:
+            raise RuntimeError("this server has no admin listener (DpsServer(admin_port=...))")
+        with urllib.request.urlopen(f"http://{self.ip}:{self.admin_port}/metrics", timeout=30) as response:
+            return response.read().decode()
+
+    def registrations_with_error(self, error_code):
+        """How many device registrations (any transport) the server answered with `error_code` so far
+        (`dps_registrations_total{…,error_code="…"}`)."""
+        pattern = re.compile(r'^dps_registrations_total\{([^}]*)\}\s+(\d+)', re.M)
+        return sum(
+            int(count) for labels, count in pattern.findall(self.metrics()) if f'error_code="{error_code}"' in labels
+        )
+
     def log_tail(self, lines=60):
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -285,6 +384,29 @@ def register(server, registration_id, symmetric_key, websockets=False, payload=N
         registration_id=registration_id,
         id_scope=ID_SCOPE,
         symmetric_key=symmetric_key,
+        websockets=websockets,
+        server_verification_cert=server.ca_pem,
+    )
+    if payload is not None:
+        client.provisioning_payload = payload
+    try:
+        result = client.register()
+    except Exception:
+        _shutdown(client)
+        raise
+    if result is None or result.status != "assigned":
+        _shutdown(client)
+    return result
+
+
+def register_x509(server, registration_id, cert_file, key_file, websockets=False, payload=None):
+    """Provision one X.509 device with the unmodified Azure SDK: `cert_file` is the PEM the device presents in
+    TLS (its certificate, then the intermediates), `key_file` its private key. Returns the `RegistrationResult`."""
+    client = ProvisioningDeviceClient.create_from_x509_certificate(
+        provisioning_host=server.ip,
+        registration_id=registration_id,
+        id_scope=ID_SCOPE,
+        x509=X509(cert_file=str(cert_file), key_file=str(key_file)),
         websockets=websockets,
         server_verification_cert=server.ca_pem,
     )
