@@ -37,8 +37,9 @@ Module use (the Python suite):
     dev.cert_pem, dev.key_pem, dev.chain_pem, dev.sha1_thumbprint, dev.sha256_thumbprint
 
 Command line (the Node suite), each command writing the three files and printing one JSON object
-`{"name", "cn", "key", "cert", "chain", "sha1Thumbprint", "sha256Thumbprint", "serialNumber"}` (paths
-absolute, thumbprints uppercase hex, serial number uppercase hex without leading zeros) on stdout:
+`{"name", "cn", "issuer", "key", "cert", "chain", "sha1Thumbprint", "sha256Thumbprint", "serialNumber",
+"notBeforeUtc", "notAfterUtc"}` (paths absolute, `issuer` the issuer's CN, thumbprints uppercase hex, serial number
+uppercase hex without leading zeros, dates `2017-11-14T12:34:18Z`) on stdout:
 
     python pki.py root         --out DIR --name root [--cn CN] [--key ec|rsa]
     python pki.py intermediate --ca DIR/root --out DIR --name int1 [--cn CN] [--key ec|rsa]
@@ -106,6 +107,10 @@ class Identity:
         return [self.cert, *self.intermediates]
 
     @property
+    def issuer_cn(self):
+        return self.cert.issuer.get_attributes_for_oid(NameOID.COMMON_NAME)[-1].value
+
+    @property
     def is_root(self):
         return _is_self_issued(self.cert)
 
@@ -163,13 +168,17 @@ class Identity:
         return paths
 
     def describe(self, out_dir):
+        iso = "%Y-%m-%dT%H:%M:%SZ"
         return {
             "name": self.name,
             "cn": self.cn,
+            "issuer": self.issuer_cn,
             **self.paths(out_dir),
             "sha1Thumbprint": self.sha1_thumbprint,
             "sha256Thumbprint": self.sha256_thumbprint,
             "serialNumber": self.serial_hex,
+            "notBeforeUtc": self.cert.not_valid_before_utc.strftime(iso),
+            "notAfterUtc": self.cert.not_valid_after_utc.strftime(iso),
         }
 
     @classmethod

@@ -14,7 +14,7 @@
 // writes only to stderr.
 'use strict';
 
-const { spawn } = require('node:child_process');
+const { execFileSync, spawn } = require('node:child_process');
 const crypto = require('node:crypto');
 const fs = require('node:fs');
 const os = require('node:os');
@@ -208,6 +208,69 @@ function uniqueId(prefix) {
   return `${prefix}-${crypto.randomBytes(4).toString('hex')}`;
 }
 
+// X.509 certificates from conformance/pki.py, run with the Python suite's venv interpreter (where `cryptography`
+// is installed; `DPS_CONFORMANCE_PYTHON` overrides). Every method writes `<name>.key.pem`, `<name>.pem` and
+// `<name>.chain.pem` (certificate + intermediates, what a device sends) into the directory and returns pki.py's
+// description ({ name, cn, issuer, key, cert, chain, sha1Thumbprint, sha256Thumbprint, serialNumber, notBeforeUtc,
+// notAfterUtc }: file paths and facts) plus the PEM texts { keyPem, certPem, chainPem } and { prefix } (what
+// `--ca` takes). Options: { key: 'ec' | 'rsa', name, expired }.
+const PKI_PYTHON = process.env.DPS_CONFORMANCE_PYTHON ||
+  path.join(REPO_ROOT, 'conformance', 'python', '.venv', 'bin', 'python');
+const PKI_SCRIPT = path.join(REPO_ROOT, 'conformance', 'pki.py');
+
+class Pki {
+  constructor(dir) {
+    this.dir = dir || fs.mkdtempSync(path.join(os.tmpdir(), 'dps-conformance-node-pki-'));
+  }
+
+  run(args, options = {}) {
+    const full = [PKI_SCRIPT, ...args, '--out', this.dir];
+    if (options.key) full.push('--key', options.key);
+    if (options.name) full.push('--name', options.name);
+    if (options.expired) full.push('--expired');
+    let out;
+    try {
+      out = execFileSync(PKI_PYTHON, full, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+    } catch (e) {
+      throw new Error(`${PKI_PYTHON} ${full.join(' ')} failed: ${e.stderr || e.message}`);
+    }
+    const made = JSON.parse(out);
+    made.prefix = path.join(path.dirname(made.cert), made.name);
+    made.keyPem = fs.readFileSync(made.key, 'utf8');
+    made.certPem = fs.readFileSync(made.cert, 'utf8');
+    made.chainPem = fs.readFileSync(made.chain, 'utf8');
+    return made;
+  }
+
+  root(name, options) {
+    return this.run(['root', '--name', name], options);
+  }
+
+  intermediate(ca, name, options) {
+    return this.run(['intermediate', '--ca', ca.prefix, '--name', name], options);
+  }
+
+  device(ca, cn, options) {
+    return this.run(['device', '--ca', ca.prefix, '--cn', cn], options);
+  }
+
+  selfSigned(cn, options) {
+    return this.run(['self-signed', '--cn', cn], options);
+  }
+
+  proof(ca, code, options) {
+    return this.run(['proof', '--ca', ca.prefix, '--code', code], { name: 'proof', ...options });
+  }
+
+  cleanup() {
+    if (process.env.DPS_CONFORMANCE_KEEP) {
+      log(`keeping ${this.dir}`);
+      return;
+    }
+    fs.rmSync(this.dir, { recursive: true, force: true });
+  }
+}
+
 module.exports = {
   ID_SCOPE,
   HUB_A,
@@ -218,4 +281,5 @@ module.exports = {
   randomKey,
   deriveDeviceKey,
   uniqueId,
+  Pki,
 };

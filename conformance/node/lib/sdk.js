@@ -8,6 +8,7 @@ const { ProvisioningDeviceClient } = require('azure-iot-provisioning-device');
 const { Http } = require('azure-iot-provisioning-device-http');
 const { Mqtt, MqttWs } = require('azure-iot-provisioning-device-mqtt');
 const { SymmetricKeySecurityClient } = require('azure-iot-security-symmetric-key');
+const { X509Security } = require('azure-iot-security-x509');
 const { ProvisioningServiceClient } = require('azure-iot-provisioning-service');
 
 const { ID_SCOPE, LINKED_HUBS } = require('./harness');
@@ -33,21 +34,84 @@ function register(host, registrationId, symmetricKey, transportName, payload) {
   return client.register();
 }
 
+// Provisions one X.509 device with the SDK: `credentials` = { cert, key } (PEM texts; `cert` is what the device
+// presents in TLS, its certificate followed by its intermediates). Resolves to the DeviceRegistrationResult.
+function registerX509(host, registrationId, credentials, transportName, payload) {
+  const transport = TRANSPORTS[transportName]();
+  const security = new X509Security(registrationId, { cert: credentials.cert, key: credentials.key });
+  const client = ProvisioningDeviceClient.create(host, ID_SCOPE, transport, security);
+  if (payload !== undefined) client.setProvisioningPayload(payload);
+  return client.register();
+}
+
 function serviceClient(connectionString) {
   return ProvisioningServiceClient.fromConnectionString(connectionString);
 }
 
-// POST /enrollmentGroups (BulkEnrollmentGroupOperation, spec 5.4) through the service SDK's RestApiClient,
-// authenticated exactly as ProvisioningServiceClient.fromConnectionString does.
-function runBulkEnrollmentGroupOperation(connectionString, operation) {
+// One service API call (`path` without the api-version) through the service SDK's own RestApiClient, authenticated
+// exactly as ProvisioningServiceClient.fromConnectionString does. Resolves to { responseBody, httpResponse };
+// rejects with the RestApiClient's error (`response`, `responseBody`) for a status >= 300.
+function serviceCall(connectionString, method, path, body, headers = {}) {
   const cn = ConnectionString.parse(connectionString);
   const sas = SharedAccessSignature.create(cn.HostName, cn.SharedAccessKeyName, cn.SharedAccessKey, Date.now());
   const rest = new RestApiClient({ host: cn.HostName, sharedAccessSignature: sas }, 'dps-rs-conformance');
-  const headers = { Accept: 'application/json', 'Content-Type': 'application/json; charset=utf-8' };
+  const allHeaders = { Accept: 'application/json', 'Content-Type': 'application/json; charset=utf-8', ...headers };
   return new Promise((resolve, reject) => {
-    rest.executeApiCall('POST', '/enrollmentGroups?api-version=2021-10-01', headers, operation, (err, body, response) =>
-      err ? reject(err) : resolve({ responseBody: body, httpResponse: response }));
+    rest.executeApiCall(method, `${path}?api-version=2021-10-01`, allHeaders, body, (err, responseBody, response) =>
+      err ? reject(err) : resolve({ responseBody, httpResponse: response }));
   });
+}
+
+// POST /enrollmentGroups (BulkEnrollmentGroupOperation, spec 5.4): the Node service SDK has no method for it.
+function runBulkEnrollmentGroupOperation(connectionString, operation) {
+  return serviceCall(connectionString, 'POST', '/enrollmentGroups', operation);
+}
+
+// The CA certificate API (spec 5.7, 7.3), which the Node service SDK does not cover (in Azure it is ARM's).
+function certificatePath(name, action) {
+  return `/certificates/${encodeURIComponent(name)}${action ? `/${action}` : ''}`;
+}
+
+const certificates = {
+  put: (connectionString, name, certificate, isVerified = false) =>
+    serviceCall(connectionString, 'PUT', certificatePath(name), { properties: { certificate, isVerified } }),
+  get: (connectionString, name) => serviceCall(connectionString, 'GET', certificatePath(name)),
+  list: (connectionString) => serviceCall(connectionString, 'GET', '/certificates'),
+  generateVerificationCode: (connectionString, name, etag) =>
+    serviceCall(connectionString, 'POST', certificatePath(name, 'generateVerificationCode'), undefined,
+      { 'If-Match': etag }),
+  verify: (connectionString, name, etag, certificate) =>
+    serviceCall(connectionString, 'POST', certificatePath(name, 'verify'), { certificate }, { 'If-Match': etag }),
+  delete: (connectionString, name, etag) =>
+    serviceCall(connectionString, 'DELETE', certificatePath(name), undefined, { 'If-Match': etag }),
+};
+
+// Uploads the CA `ca` (a harness.Pki result) unverified, then verifies it by proof of possession (spec 7.3):
+// generateVerificationCode, a certificate with CN = the code signed by the CA's key, verify. Resolves to the
+// verified certificate's body.
+async function uploadVerifiedCa(connectionString, pki, name, ca) {
+  const { responseBody: uploaded } = await certificates.put(connectionString, name, ca.certPem);
+  assert.equal(uploaded.properties.isVerified, false, JSON.stringify(uploaded));
+  const { responseBody: coded } = await certificates.generateVerificationCode(connectionString, name, uploaded.etag);
+  const code = coded.properties.verificationCode;
+  assert.ok(code, JSON.stringify(coded));
+  const proof = pki.proof(ca, code);
+  const { responseBody: verified } = await certificates.verify(connectionString, name, coded.etag, proof.certPem);
+  assert.equal(verified.properties.isVerified, true, JSON.stringify(verified));
+  return verified;
+}
+
+// An X509CertificateInfo (spec 5.6; all eight fields) describes the certificate `made` (a harness.Pki result).
+function assertCertificateInfo(info, made) {
+  assert.ok(info, 'no X509CertificateInfo');
+  assert.equal(info.subjectName, `CN=${made.cn}`, JSON.stringify(info));
+  assert.equal(info.issuerName, `CN=${made.issuer}`, JSON.stringify(info));
+  assert.equal(info.sha1Thumbprint.toUpperCase(), made.sha1Thumbprint, JSON.stringify(info));
+  assert.equal(info.sha256Thumbprint.toUpperCase(), made.sha256Thumbprint, JSON.stringify(info));
+  assert.equal(BigInt(`0x${info.serialNumber}`), BigInt(`0x${made.serialNumber}`), JSON.stringify(info));
+  assert.equal(Date.parse(info.notBeforeUtc), Date.parse(made.notBeforeUtc), JSON.stringify(info));
+  assert.equal(Date.parse(info.notAfterUtc), Date.parse(made.notAfterUtc), JSON.stringify(info));
+  assert.equal(info.version, 3, JSON.stringify(info));
 }
 
 // ProvisioningServiceClient.runBulkEnrollmentOperation with a callback: its promise form never settles (the SDK
@@ -128,7 +192,12 @@ async function drainQuery(query) {
 module.exports = {
   TRANSPORTS,
   register,
+  registerX509,
   serviceClient,
+  serviceCall,
+  certificates,
+  uploadVerifiedCa,
+  assertCertificateInfo,
   runBulkEnrollmentOperation,
   runBulkEnrollmentGroupOperation,
   rejectsWithStatus,
