@@ -82,6 +82,96 @@ fn sas(c: &mut Criterion) {
     g.finish();
 }
 
+/// A root → intermediate → leaf PKI (ECDSA P-256, as most fleets use), the root uploaded and verified.
+struct Pki {
+    root_der: Vec<u8>,
+    chain: Vec<Vec<u8>>,
+    self_signed: Vec<u8>,
+}
+
+fn pki() -> Pki {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    };
+    let ca_params = |cn: &str| {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p
+    };
+    let root_key = KeyPair::generate().unwrap();
+    let root_params = ca_params("bench-root");
+    let root = root_params.self_signed(&root_key).unwrap();
+    let root_issuer = Issuer::new(root_params, &root_key);
+    let int_key = KeyPair::generate().unwrap();
+    let int_params = ca_params("bench-int");
+    let int = int_params.signed_by(&int_key, &root_issuer).unwrap();
+    let int_issuer = Issuer::new(int_params, &int_key);
+    let leaf_key = KeyPair::generate().unwrap();
+    let mut leaf_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    leaf_params.distinguished_name.push(DnType::CommonName, "sensor-1");
+    leaf_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let leaf = leaf_params.signed_by(&leaf_key, &int_issuer).unwrap();
+    let self_signed = leaf_params.self_signed(&leaf_key).unwrap();
+    Pki {
+        root_der: root.der().to_vec(),
+        chain: vec![leaf.der().to_vec(), int.der().to_vec()],
+        self_signed: self_signed.der().to_vec(),
+    }
+}
+
+fn x509(c: &mut Criterion) {
+    use base64::Engine as _;
+    use dps_core::attest::{attest, prepare, Attestation};
+    use dps_core::proto::certificate::CaCertificate;
+    use dps_core::proto::model::{EnrollmentGroup, IndividualEnrollment};
+    use dps_core::proto::{Credential, Etag};
+    use std::sync::Arc;
+    let pki = pki();
+    let b64 = |der: &[u8]| base64::engine::general_purpose::STANDARD.encode(der);
+    let now = Timestamp::from_unix_seconds(NOW);
+    let scope = IdScope::parse(SCOPE).unwrap();
+    let id = RegistrationId::parse("sensor-1").unwrap();
+    let group: EnrollmentGroup = serde_json::from_value(json!({"enrollmentGroupId": "fleet",
+        "attestation": {"type": "x509", "x509": {"caReferences": {"primary": "root"}}}}))
+    .unwrap();
+    let groups = Arc::new(vec![group]);
+    let certificates = vec![CaCertificate {
+        name: "root".into(),
+        der: pki.root_der.clone(),
+        is_verified: true,
+        verification_code: None,
+        created: now,
+        updated: now,
+        etag: Etag::generate([1; 16]),
+    }];
+    let chain = Credential::from_transport(None, Some(pki.chain.clone()));
+    let individual: IndividualEnrollment = serde_json::from_value(json!({"registrationId": "sensor-1",
+        "attestation": {"type": "x509", "x509": {"clientCertificates": {"primary": {"certificate": b64(&pki.self_signed)}}}}}))
+    .unwrap();
+    let individual = Arc::new(individual);
+    let self_signed = Credential::from_transport(None, Some(vec![pki.self_signed.clone()]));
+    let mut g = c.benchmark_group("x509");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("group_chain_verify", |b| {
+        b.iter(|| {
+            let presented = prepare(now, black_box(&chain)).unwrap();
+            let proof = attest(now, &scope, &id, &presented, None, &groups, None, &certificates).unwrap();
+            assert!(matches!(proof, Attestation::Verified(_)));
+        })
+    });
+    g.bench_function("self_signed_individual_verify", |b| {
+        b.iter(|| {
+            let presented = prepare(now, black_box(&self_signed)).unwrap();
+            let proof =
+                attest(now, &scope, &id, &presented, Some(Arc::clone(&individual)), &groups, None, &[])
+                    .unwrap();
+            assert!(matches!(proof, Attestation::Verified(_)));
+        })
+    });
+    g.finish();
+}
+
 fn engine_with_group() -> (Engine, MemoryStore, MemoryHubDirectory, SymmetricKey) {
     let hubs = vec![
         LinkedHub::new("hub-a.example.net", None, None).unwrap(),
@@ -235,6 +325,6 @@ fn sqlite(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(30).warm_up_time(std::time::Duration::from_millis(500)).measurement_time(std::time::Duration::from_secs(3));
-    targets = floor, sas, engine, sqlite
+    targets = floor, sas, x509, engine, sqlite
 }
 criterion_main!(benches);
