@@ -2,6 +2,8 @@
 //! `rustls-webpki` on aws-lc-rs.
 
 mod certinfo;
+mod pop;
+pub use pop::{check_ca_certificate, verify_proof_of_possession};
 
 pub use certinfo::{
     certificate_info, common_name, info_of, is_self_issued, parse_certificate_text, parse_der,
