@@ -120,6 +120,8 @@ pub struct EngineConfig {
     /// whose key fits no group is checked against each of them, so this bounds the work an
     /// unauthenticated register can cause.
     pub max_symmetric_key_groups: usize,
+    /// The most CA certificates the instance holds (spec §10.1: 25 in Azure).
+    pub max_ca_certificates: usize,
 }
 
 impl EngineConfig {
@@ -137,6 +139,7 @@ impl EngineConfig {
             default_page_size: 100,
             max_page_size: 1000,
             max_symmetric_key_groups: 100,
+            max_ca_certificates: 25,
         }
     }
 
