@@ -383,6 +383,70 @@ impl ServiceClient {
         .await
     }
 
+    /// Uploads (or replaces) a CA certificate given as PEM or base64 DER; `verified` sets it verified on
+    /// upload. Answers the ARM `CertificateResponse`.
+    pub async fn upload_certificate(
+        &self,
+        name: &str,
+        certificate: &str,
+        verified: bool,
+        etag: Option<&str>,
+    ) -> Result<Value, CallError> {
+        let body = json!({"properties": {"certificate": certificate, "isVerified": verified}});
+        let headers: Vec<(&str, String)> = etag.map(|e| ("if-match", e.to_owned())).into_iter().collect();
+        self.call("PUT", &certificate_path(name), Some(&body), &headers).await
+    }
+
+    /// Reads a CA certificate.
+    pub async fn certificate(&self, name: &str) -> Result<Value, CallError> {
+        self.call("GET", &certificate_path(name), None, &[]).await
+    }
+
+    /// Lists the CA certificates (`{"value": [...]}`).
+    pub async fn certificates(&self) -> Result<Value, CallError> {
+        self.call("GET", "/certificates", None, &[]).await
+    }
+
+    /// The certificate's current ETag (for the operations that need `If-Match`), or the given one.
+    async fn certificate_etag(&self, name: &str, etag: Option<&str>) -> Result<String, CallError> {
+        if let Some(e) = etag {
+            return Ok(e.to_owned());
+        }
+        let current = self.certificate(name).await?;
+        Ok(current.get("etag").and_then(Value::as_str).unwrap_or("*").to_owned())
+    }
+
+    /// Deletes a CA certificate, with `If-Match` of `etag` or of the ETag read first.
+    pub async fn delete_certificate(&self, name: &str, etag: Option<&str>) -> Result<(), CallError> {
+        let etag = self.certificate_etag(name, etag).await?;
+        self.send("DELETE", &certificate_path(name), None, &[("if-match", etag)]).await.map(|_| ())
+    }
+
+    /// Issues a new verification code (`properties.verificationCode` of the answer), with `If-Match` of
+    /// `etag` or of the ETag read first.
+    pub async fn generate_verification_code(
+        &self,
+        name: &str,
+        etag: Option<&str>,
+    ) -> Result<Value, CallError> {
+        let etag = self.certificate_etag(name, etag).await?;
+        let path = format!("{}/generateVerificationCode", certificate_path(name));
+        self.call("POST", &path, None, &[("if-match", etag)]).await
+    }
+
+    /// Proves possession of the CA's key with a verification certificate (PEM or base64 DER; subject CN =
+    /// the verification code, signed by the CA), with `If-Match` of `etag` or of the ETag read first.
+    pub async fn verify_certificate(
+        &self,
+        name: &str,
+        proof: &str,
+        etag: Option<&str>,
+    ) -> Result<Value, CallError> {
+        let etag = self.certificate_etag(name, etag).await?;
+        let path = format!("{}/verify", certificate_path(name));
+        self.call("POST", &path, Some(&json!({"certificate": proof})), &[("if-match", etag)]).await
+    }
+
     /// Deletes a device registration state.
     pub async fn delete_registration(
         &self,
@@ -394,6 +458,11 @@ impl ServiceClient {
             .await
             .map(|_| ())
     }
+}
+
+/// The service path of a CA certificate.
+fn certificate_path(name: &str) -> String {
+    format!("/certificates/{}", segment(name))
 }
 
 /// Opens the data directory's hub database read-only.

@@ -60,6 +60,13 @@ pub enum Command {
         #[command(subcommand)]
         action: RegistrationAction,
     },
+    /// Manage the instance's CA certificates and prove possession of their keys (like
+    /// `az iot dps certificate`).
+    Certificate {
+        /// The operation.
+        #[command(subcommand)]
+        action: CertificateAction,
+    },
     /// Provision a symmetric-key device over HTTPS or MQTT with the dps-client crate.
     ProvisionDevice(ProvisionArgs),
     /// Inspect a local server's hub directory and usage report. These commands do not use the HTTPS API:
@@ -544,6 +551,90 @@ pub enum RegistrationAction {
     Delete(RegistrationOne),
 }
 
+/// `certificate upload`.
+#[derive(Debug, Clone, Args)]
+pub struct CertificateUpload {
+    /// Connection.
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// The certificate's name (ASCII letters, digits, `-`, `.`, `_`).
+    #[arg(long)]
+    pub name: String,
+    /// The CA certificate, PEM or base64 DER.
+    #[arg(long)]
+    pub file: PathBuf,
+    /// Set it verified on upload, without proof of possession.
+    #[arg(long)]
+    pub verified: bool,
+    /// Replace only if the ETag matches.
+    #[arg(long)]
+    pub etag: Option<String>,
+}
+
+/// `certificate show|generate-code`.
+#[derive(Debug, Clone, Args)]
+pub struct CertificateOne {
+    /// Connection.
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// The certificate's name.
+    #[arg(long)]
+    pub name: String,
+}
+
+/// `certificate delete`.
+#[derive(Debug, Clone, Args)]
+pub struct CertificateDelete {
+    /// Connection.
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// The certificate's name.
+    #[arg(long)]
+    pub name: String,
+    /// Delete only if the ETag matches (default: the current ETag, read first).
+    #[arg(long)]
+    pub etag: Option<String>,
+}
+
+/// `certificate verify`.
+#[derive(Debug, Clone, Args)]
+pub struct CertificateVerify {
+    /// Connection.
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// The certificate's name.
+    #[arg(long)]
+    pub name: String,
+    /// The verification certificate (subject CN = the verification code, signed by the CA), PEM or base64 DER.
+    #[arg(long)]
+    pub file: PathBuf,
+}
+
+/// CA-certificate operations.
+#[derive(Debug, Subcommand)]
+pub enum CertificateAction {
+    /// Upload (or replace) a CA certificate.
+    Upload(CertificateUpload),
+    /// List the CA certificates.
+    List(ConnectOnly),
+    /// Show one CA certificate.
+    Show(CertificateOne),
+    /// Delete a CA certificate.
+    Delete(CertificateDelete),
+    /// Issue a verification code (prints the answer, with `properties.verificationCode`).
+    GenerateCode(CertificateOne),
+    /// Prove possession of the CA's private key with a verification certificate.
+    Verify(CertificateVerify),
+}
+
+/// Commands that take only the connection.
+#[derive(Debug, Clone, Args)]
+pub struct ConnectOnly {
+    /// Connection.
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+}
+
 /// `provision-device`.
 #[derive(Debug, Clone, Args)]
 pub struct ProvisionArgs {
@@ -675,6 +766,41 @@ fn finish(result: Result<Option<Value>, CallError>) -> ExitCode {
     }
 }
 
+async fn run_certificate(action: CertificateAction) -> ExitCode {
+    let connect = match &action {
+        CertificateAction::Upload(a) => &a.connect,
+        CertificateAction::List(a) => &a.connect,
+        CertificateAction::Show(a) | CertificateAction::GenerateCode(a) => &a.connect,
+        CertificateAction::Delete(a) => &a.connect,
+        CertificateAction::Verify(a) => &a.connect,
+    };
+    let client = match service_client(connect) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let result = match action {
+        CertificateAction::Upload(a) => match read_text(&a.file, "the certificate file") {
+            Ok(text) => {
+                client.upload_certificate(&a.name, &text, a.verified, a.etag.as_deref()).await.map(Some)
+            }
+            Err(e) => return fail(e),
+        },
+        CertificateAction::List(_) => client.certificates().await.map(Some),
+        CertificateAction::Show(a) => client.certificate(&a.name).await.map(Some),
+        CertificateAction::Delete(a) => {
+            client.delete_certificate(&a.name, a.etag.as_deref()).await.map(|()| None)
+        }
+        CertificateAction::GenerateCode(a) => {
+            client.generate_verification_code(&a.name, None).await.map(Some)
+        }
+        CertificateAction::Verify(a) => match read_text(&a.file, "the verification certificate file") {
+            Ok(text) => client.verify_certificate(&a.name, &text, None).await.map(Some),
+            Err(e) => return fail(e),
+        },
+    };
+    finish(result)
+}
+
 async fn write_command(
     connect: &ConnectArgs,
     kind: Kind,
@@ -766,6 +892,7 @@ pub async fn run_admin(command: Command) -> ExitCode {
                 Err(e) => fail(e),
             },
         },
+        Command::Certificate { action } => run_certificate(action).await,
         Command::Admin { action } => {
             let result = match action {
                 AdminAction::HubDevices(a) => crate::admin::hub_devices(&a.local.dir(), &a.hub),

@@ -14,6 +14,7 @@
 //! respond_early = true                 # answer a register 202 before the hub work (Azure's behaviour)
 //! poll_hold_ms = 100                     # a poll of a registration still finishing here waits up to this
 //! max_symmetric_key_groups = 100         # spec 10.1; creating one more is refused with 403002
+//! max_ca_certificates = 25               # spec 10.1; uploading one more is refused with 403002
 //! max_connections_per_address = 2500     # default: a quarter of max_connections (at least 16)
 //! header_read_timeout_secs = 10
 //! max_connections = 10000
@@ -83,6 +84,8 @@ pub struct FileConfig {
     pub poll_hold_ms: Option<u64>,
     /// The most symmetric-key enrollment groups (default 100, as Azure).
     pub max_symmetric_key_groups: Option<usize>,
+    /// The most CA certificates (default 25, as Azure).
+    pub max_ca_certificates: Option<usize>,
     /// The most connections one client address may hold (default: a quarter of `max_connections`).
     pub max_connections_per_address: Option<usize>,
     /// Header read timeout.
@@ -336,6 +339,8 @@ pub struct ServerConfig {
     /// The most symmetric-key enrollment groups the instance holds (default 100, spec §10.1): a register
     /// whose key fits none is tried against each, so this bounds what an unauthenticated request costs.
     pub max_symmetric_key_groups: usize,
+    /// The most CA certificates the instance holds (default 25, spec §10.1).
+    pub max_ca_certificates: usize,
     /// The most HTTPS, MQTT and WebSocket connections one client address may hold at once (default a
     /// quarter of `max_connections`, at least 16), so that one abuser cannot take the whole cap; beyond it
     /// a new connection from that address is closed at once.
@@ -523,6 +528,7 @@ impl ServerConfig {
             respond_early: file.respond_early.unwrap_or(true),
             poll_hold: Duration::from_millis(file.poll_hold_ms.unwrap_or(100).min(60_000)),
             max_symmetric_key_groups: file.max_symmetric_key_groups.unwrap_or(100).max(1),
+            max_ca_certificates: file.max_ca_certificates.unwrap_or(25).max(1),
             max_connections_per_address: file
                 .max_connections_per_address
                 .unwrap_or((max_connections / 4).max(16))

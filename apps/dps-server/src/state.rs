@@ -113,6 +113,7 @@ pub fn engine_config(config: &ServerConfig, owner: &OwnerKeys) -> EngineConfig {
     engine.retry_after_secs = config.retry_after_secs;
     engine.respond_before_assignment = config.respond_early;
     engine.max_symmetric_key_groups = config.max_symmetric_key_groups;
+    engine.max_ca_certificates = config.max_ca_certificates;
     engine.access_policies.push(AccessPolicy {
         key_name: OWNER_POLICY.to_owned(),
         primary_key: owner.primary.clone(),

@@ -150,6 +150,49 @@ pub enum ServiceCommand {
     BulkEnrollments(BulkEnrollmentOperation),
     /// A bulk operation on enrollment groups (1-10 items).
     BulkGroups(BulkEnrollmentGroupOperation),
+    /// Upload or replace a CA certificate (spec §5.7). A replace keeps the creation time, sets
+    /// `isVerified` to `is_verified` and drops any verification code.
+    PutCertificate {
+        /// Its name (ASCII alphanumerics, `-`, `.`, `_`).
+        name: String,
+        /// The certificate, PEM or base64 DER; must be a v3 CA certificate.
+        certificate_text: String,
+        /// Set it verified on upload (no proof of possession).
+        is_verified: bool,
+        /// Replace only if the stored ETag matches.
+        if_match: Option<IfMatch>,
+    },
+    /// Read a CA certificate.
+    GetCertificate {
+        /// Its name.
+        name: String,
+    },
+    /// Every CA certificate, ordered by name.
+    ListCertificates,
+    /// Delete a CA certificate.
+    DeleteCertificate {
+        /// Its name.
+        name: String,
+        /// Delete only if the stored ETag matches.
+        if_match: Option<IfMatch>,
+    },
+    /// Issue a new verification code for a CA certificate (the reply carries it; the ETag changes).
+    GenerateVerificationCode {
+        /// Its name.
+        name: String,
+        /// The ETag the caller read (`*` for any).
+        if_match: IfMatch,
+    },
+    /// Prove possession of a CA certificate's private key: a certificate whose subject CN is the last
+    /// verification code, signed by the CA. Success marks the CA verified.
+    VerifyCertificate {
+        /// Its name.
+        name: String,
+        /// The ETag the caller read (`*` for any).
+        if_match: IfMatch,
+        /// The verification certificate, PEM or base64 DER.
+        certificate_text: String,
+    },
 }
 
 impl ServiceCommand {
@@ -171,14 +214,21 @@ impl ServiceCommand {
             | C::BulkGroups(_) => Rights::ENROLLMENT_WRITE,
             C::GetRegistration { .. } | C::QueryRegistrations { .. } => Rights::REGISTRATION_STATUS_READ,
             C::DeleteRegistration { .. } => Rights::REGISTRATION_STATUS_WRITE,
+            C::PutCertificate { .. }
+            | C::GetCertificate { .. }
+            | C::ListCertificates
+            | C::DeleteCertificate { .. }
+            | C::GenerateVerificationCode { .. }
+            | C::VerifyCertificate { .. } => Rights::SERVICE_CONFIG,
         }
     }
 
-    /// The billable operation it is metered as (spec §10.3).
-    pub fn billable(&self) -> BillableOperation {
+    /// The billable operation it is metered as (spec §10.3); `None` for the certificate operations, which
+    /// are not billable (spec §5.7).
+    pub fn billable(&self) -> Option<BillableOperation> {
         use BillableOperation as B;
         use ServiceCommand as C;
-        match self {
+        Some(match self {
             C::GetEnrollment { .. } => B::EnrollmentGet,
             C::PutEnrollment { .. } => B::EnrollmentCreateOrUpdate,
             C::DeleteEnrollment { .. } => B::EnrollmentDelete,
@@ -194,6 +244,12 @@ impl ServiceCommand {
             C::GetRegistration { .. } => B::RegistrationStateGet,
             C::DeleteRegistration { .. } => B::RegistrationStateDelete,
             C::QueryRegistrations { .. } => B::RegistrationStateQuery,
-        }
+            C::PutCertificate { .. }
+            | C::GetCertificate { .. }
+            | C::ListCertificates
+            | C::DeleteCertificate { .. }
+            | C::GenerateVerificationCode { .. }
+            | C::VerifyCertificate { .. } => return None,
+        })
     }
 }

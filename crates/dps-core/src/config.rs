@@ -123,6 +123,8 @@ pub struct EngineConfig {
     /// Whether a register may carry a `csr` (spec §7.6): set by a host that has a certificate issuer
     /// (`dps_host::HostBuilder::issuer`). Off: a `csr` is refused with 400008.
     pub certificate_issuance: bool,
+    /// The most CA certificates the instance holds (spec §10.1: 25 in Azure).
+    pub max_ca_certificates: usize,
 }
 
 impl EngineConfig {
@@ -141,6 +143,7 @@ impl EngineConfig {
             max_page_size: 1000,
             max_symmetric_key_groups: 100,
             certificate_issuance: false,
+            max_ca_certificates: 25,
         }
     }
 

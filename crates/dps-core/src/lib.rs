@@ -18,6 +18,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod ca;
 pub mod command;
 pub mod config;
 pub mod device;

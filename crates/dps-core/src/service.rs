@@ -4,6 +4,7 @@
 //! All pure work (authorization, parsing, validation, key generation) happens when the flow is created;
 //! the flow then performs its storage operations one by one and formats the reply.
 
+use crate::ca::{self, CaReference};
 use crate::command::{Paging, Principal, ServiceCommand};
 use crate::config::{EngineConfig, Rights};
 use crate::flow::{Flow, Input, Step};
@@ -14,6 +15,7 @@ use crate::store::{
     StoreResult, WriteCondition,
 };
 use dps_policy::{candidate_hubs, BillableOperation, MeterEvent};
+use dps_proto::certificate::{CaCertificate, CertificateList, CertificateUpload, VerificationCertificate};
 use dps_proto::model::{
     AllocationPolicy, AttestationMechanism, AttestationType, BulkEnrollmentGroupOperation,
     BulkEnrollmentOperation, BulkEnrollmentOperationError, BulkEnrollmentOperationResult, BulkOperationMode,
@@ -41,6 +43,7 @@ const MAX_BULK_ITEMS: usize = 10;
 enum Kind {
     Enrollment,
     Group,
+    Certificate,
 }
 
 impl Kind {
@@ -48,6 +51,7 @@ impl Kind {
         match self {
             Kind::Enrollment => ErrorCode::EnrollmentNotFound,
             Kind::Group => ErrorCode::EnrollmentGroupNotFound,
+            Kind::Certificate => ErrorCode::CertificateNotFound,
         }
     }
 
@@ -55,6 +59,7 @@ impl Kind {
         match self {
             Kind::Enrollment => "enrollment",
             Kind::Group => "enrollment group",
+            Kind::Certificate => "CA certificate",
         }
     }
 }
@@ -73,6 +78,9 @@ enum Then {
     GetRegistration(String),
     DeleteRegistration(String),
     QueryRegistrations(usize),
+    /// Reply with the certificate the store answered; the flag shows its verification code.
+    Certificate(String, bool),
+    ListCertificates,
 }
 
 #[derive(Debug)]
@@ -197,7 +205,40 @@ enum Job {
     },
     /// The guarded write of a read-modify-write is in flight (see [`KeepKeys::into_put`]).
     Guarded(Then),
+    /// A CA-certificate write that reads the stored certificate first.
+    CertificateRead {
+        get: Option<StoreOp>,
+        plan: CertificatePlan,
+    },
+    /// An enrollment or group write naming CA certificates: the uploaded certificates are listed first,
+    /// and `next` runs only if every reference exists.
+    CheckCaReferences {
+        list: Option<StoreOp>,
+        references: Vec<CaReference>,
+        next: Box<Job>,
+    },
     Done,
+}
+
+/// What to write once the stored CA certificate is read (everything random was drawn when planning).
+#[derive(Debug)]
+enum CertificatePlan {
+    /// Create or replace.
+    Put { name: String, der: Vec<u8>, is_verified: bool, if_match: Option<IfMatch>, etag: Etag, limit: usize },
+    /// A new verification code.
+    GenerateCode { name: String, if_match: IfMatch, code: String, etag: Etag },
+    /// A proof of possession.
+    Verify { name: String, if_match: IfMatch, proof: Vec<u8>, etag: Etag },
+}
+
+impl CertificatePlan {
+    fn name(&self) -> &str {
+        match self {
+            CertificatePlan::Put { name, .. }
+            | CertificatePlan::GenerateCode { name, .. }
+            | CertificatePlan::Verify { name, .. } => name,
+        }
+    }
 }
 
 /// A service API request in progress.
@@ -247,6 +288,12 @@ fn rights_of(route: &Route) -> Rights {
         | Route::BulkEnrollmentGroups => Rights::ENROLLMENT_WRITE,
         Route::GetRegistration { .. } | Route::QueryRegistrations { .. } => Rights::REGISTRATION_STATUS_READ,
         Route::DeleteRegistration { .. } => Rights::REGISTRATION_STATUS_WRITE,
+        Route::PutCertificate { .. }
+        | Route::GetCertificate { .. }
+        | Route::ListCertificates
+        | Route::DeleteCertificate { .. }
+        | Route::GenerateVerificationCode { .. }
+        | Route::VerifyCertificate { .. } => Rights::SERVICE_CONFIG,
         _ => Rights::ALL,
     }
 }
@@ -377,7 +424,36 @@ fn command_of(request: ServiceRequest) -> Result<ServiceCommand, DpsError> {
             body,
             "bulk enrollment group operation",
         )?),
+        Route::PutCertificate { name } => {
+            let (text, is_verified) =
+                parse_json::<CertificateUpload>(body, "certificate upload")?.into_parts();
+            let certificate_text = text.ok_or_else(|| {
+                ca::invalid_ca("The body has no certificate (properties.certificate, PEM or base64 DER).")
+            })?;
+            C::PutCertificate { name, certificate_text, is_verified, if_match }
+        }
+        Route::GetCertificate { name } => C::GetCertificate { name },
+        Route::ListCertificates => C::ListCertificates,
+        Route::DeleteCertificate { name } => C::DeleteCertificate { name, if_match },
+        Route::GenerateVerificationCode { name } => C::GenerateVerificationCode {
+            name,
+            if_match: required_if_match(if_match, "generateVerificationCode")?,
+        },
+        Route::VerifyCertificate { name } => {
+            let if_match = required_if_match(if_match, "verify")?;
+            let proof = parse_json::<VerificationCertificate>(body, "verification certificate body")?;
+            C::VerifyCertificate { name, if_match, certificate_text: proof.certificate }
+        }
         _ => return Err(DpsError::with_message(ErrorCode::NotFound, "not a service API route")),
+    })
+}
+
+fn required_if_match(if_match: Option<IfMatch>, operation: &str) -> Result<IfMatch, DpsError> {
+    if_match.ok_or_else(|| {
+        DpsError::with_message(
+            ErrorCode::PreconditionFailed,
+            format!("{operation} needs an If-Match header with the certificate's ETag (or *)."),
+        )
     })
 }
 
@@ -412,7 +488,8 @@ fn prepare_common(
     iot_hub_host_name: Option<&str>,
     custom: bool,
     rng: &mut dyn RngCore,
-) -> Result<(), DpsError> {
+) -> Result<Vec<CaReference>, DpsError> {
+    let mut references = Vec::new();
     match attestation.kind {
         AttestationType::SymmetricKey => {
             let keys = attestation.symmetric_key.get_or_insert_with(SymmetricKeyAttestation::default);
@@ -431,12 +508,13 @@ fn prepare_common(
             attestation.tpm = None;
             attestation.x509 = None;
         }
+        AttestationType::X509 => references = ca::prepare_x509(attestation, kind == Kind::Group)?,
         AttestationType::Tpm if kind == Kind::Group => {
             return Err(invalid("tpm is not a supported attestation type for group enrollments."))
         }
         other => {
             return Err(invalid(format!(
-                "The attestation type '{}' is not supported by this service yet; use symmetricKey.",
+                "The attestation type '{}' is not supported by this service yet; use symmetricKey or x509.",
                 serde_json::to_value(other)
                     .ok()
                     .and_then(|v| v.as_str().map(str::to_owned))
@@ -458,7 +536,7 @@ fn prepare_common(
             return Err(invalid("Static allocation needs exactly one IoT hub in iotHubs."));
         }
     }
-    Ok(())
+    Ok(references)
 }
 
 fn prepare_enrollment(
@@ -467,7 +545,7 @@ fn prepare_enrollment(
     rng: &mut dyn RngCore,
     mut e: IndividualEnrollment,
     path_id: Option<&RegistrationId>,
-) -> Result<(RegistrationId, IndividualEnrollment), DpsError> {
+) -> Result<(RegistrationId, IndividualEnrollment, Vec<CaReference>), DpsError> {
     let id = RegistrationId::parse(&e.registration_id)?;
     if let Some(p) = path_id {
         if p != &id {
@@ -480,7 +558,7 @@ fn prepare_enrollment(
     if let Some(d) = e.device_id.as_deref().filter(|d| !d.is_empty()) {
         DeviceId::parse(d)?;
     }
-    prepare_common(
+    let references = prepare_common(
         config,
         Kind::Enrollment,
         &mut e.attestation,
@@ -496,7 +574,7 @@ fn prepare_enrollment(
     e.etag = Some(new_etag(rng).to_string());
     e.created_date_time_utc = Some(now.to_iso());
     e.last_updated_date_time_utc = Some(now.to_iso());
-    Ok((id, e))
+    Ok((id, e, references))
 }
 
 fn prepare_group(
@@ -505,7 +583,7 @@ fn prepare_group(
     rng: &mut dyn RngCore,
     mut g: EnrollmentGroup,
     path_id: Option<&EnrollmentGroupId>,
-) -> Result<(EnrollmentGroupId, EnrollmentGroup), DpsError> {
+) -> Result<(EnrollmentGroupId, EnrollmentGroup, Vec<CaReference>), DpsError> {
     let id = EnrollmentGroupId::parse(&g.enrollment_group_id)?;
     if let Some(p) = path_id {
         if p != &id {
@@ -515,7 +593,7 @@ fn prepare_group(
             ));
         }
     }
-    prepare_common(
+    let references = prepare_common(
         config,
         Kind::Group,
         &mut g.attestation,
@@ -530,7 +608,7 @@ fn prepare_group(
     g.etag = Some(new_etag(rng).to_string());
     g.created_date_time_utc = Some(now.to_iso());
     g.last_updated_date_time_utc = Some(now.to_iso());
-    Ok((id, g))
+    Ok((id, g, references))
 }
 
 fn new_etag(rng: &mut dyn RngCore) -> Etag {
@@ -590,7 +668,7 @@ impl ServiceFlow {
         command: ServiceCommand,
     ) -> ServiceFlow {
         let tracking_id = Nonces::draw(rng).tracking_id();
-        let billable = Some(command.billable());
+        let billable = command.billable();
         let job = match Self::plan_command(&config, now, rng, principal, command) {
             Ok(job) => job,
             Err(e) => Job::Reply(Reply::error(&e, tracking_id.clone(), now)),
@@ -661,9 +739,11 @@ impl ServiceFlow {
             ),
             C::PutEnrollment { enrollment, if_match } => {
                 let supplied = supplied_keys(&enrollment.attestation);
-                let (id, e) = prepare_enrollment(config, now, rng, *enrollment, None)?;
+                let (id, e, references) = prepare_enrollment(config, now, rng, *enrollment, None)?;
                 let then = Then::Put(Kind::Enrollment, id.to_string(), [false; 2]);
-                single_write(Prepared::Enrollment(id, Box::new(e)), supplied, condition(&if_match), then)
+                let job =
+                    single_write(Prepared::Enrollment(id, Box::new(e)), supplied, condition(&if_match), then);
+                check_references_first(references, job)
             }
             C::DeleteEnrollment { registration_id: id, if_match } => Job::One(
                 Some(StoreOp::DeleteEnrollment { registration_id: id.clone(), if_match }),
@@ -687,10 +767,16 @@ impl ServiceFlow {
             ),
             C::PutGroup { group, if_match } => {
                 let supplied = supplied_keys(&group.attestation);
-                let (id, g) = prepare_group(config, now, rng, *group, None)?;
+                let (id, g, references) = prepare_group(config, now, rng, *group, None)?;
                 let then = Then::Put(Kind::Group, id.to_string(), [false; 2]);
                 let limit = Some(config.max_symmetric_key_groups);
-                single_write(Prepared::Group(id, Box::new(g), limit), supplied, condition(&if_match), then)
+                let job = single_write(
+                    Prepared::Group(id, Box::new(g), limit),
+                    supplied,
+                    condition(&if_match),
+                    then,
+                );
+                check_references_first(references, job)
             }
             C::DeleteGroup { group_id: id, if_match } => Job::One(
                 Some(StoreOp::DeleteGroup { group_id: id.clone(), if_match }),
@@ -725,7 +811,8 @@ impl ServiceFlow {
             }
             C::BulkEnrollments(bulk) => {
                 let mode = bulk.mode;
-                bulk_job(
+                let mut references = Vec::new();
+                let job = bulk_job(
                     Kind::Enrollment,
                     bulk.enrollments,
                     |e| e.registration_id.clone(),
@@ -737,14 +824,17 @@ impl ServiceFlow {
                             return Ok((StoreOp::DeleteEnrollment { registration_id, if_match }, None));
                         }
                         let supplied = supplied_keys(&e.attestation);
-                        let (id, e) = prepare_enrollment(config, now, rng, e, None)?;
+                        let (id, e, refs) = prepare_enrollment(config, now, rng, e, None)?;
+                        references.extend(refs);
                         Ok(Prepared::Enrollment(id, Box::new(e)).write(supplied, condition))
                     },
-                )?
+                )?;
+                check_references_first(references, job)
             }
             C::BulkGroups(bulk) => {
                 let mode = bulk.mode;
-                bulk_job(
+                let mut references = Vec::new();
+                let job = bulk_job(
                     Kind::Group,
                     bulk.enrollment_groups,
                     |g| g.enrollment_group_id.clone(),
@@ -756,11 +846,50 @@ impl ServiceFlow {
                             return Ok((StoreOp::DeleteGroup { group_id, if_match }, None));
                         }
                         let supplied = supplied_keys(&g.attestation);
-                        let (id, g) = prepare_group(config, now, rng, g, None)?;
+                        let (id, g, refs) = prepare_group(config, now, rng, g, None)?;
+                        references.extend(refs);
                         let limit = Some(config.max_symmetric_key_groups);
                         Ok(Prepared::Group(id, Box::new(g), limit).write(supplied, condition))
                     },
-                )?
+                )?;
+                check_references_first(references, job)
+            }
+            C::PutCertificate { name, certificate_text, is_verified, if_match } => {
+                ca::check_name(&name)?;
+                let der = ca::parse_ca(&certificate_text)?;
+                let plan = CertificatePlan::Put {
+                    name,
+                    der,
+                    is_verified,
+                    if_match,
+                    etag: new_etag(rng),
+                    limit: config.max_ca_certificates,
+                };
+                Job::CertificateRead { get: Some(get_certificate(plan.name())), plan }
+            }
+            C::GetCertificate { name } => {
+                ca::check_name(&name)?;
+                Job::One(Some(get_certificate(&name)), Then::Certificate(name, false))
+            }
+            C::ListCertificates => Job::One(Some(StoreOp::ListCertificates), Then::ListCertificates),
+            C::DeleteCertificate { name, if_match } => {
+                ca::check_name(&name)?;
+                Job::One(
+                    Some(StoreOp::DeleteCertificate { name: name.clone(), if_match }),
+                    Then::Delete(Kind::Certificate, name),
+                )
+            }
+            C::GenerateVerificationCode { name, if_match } => {
+                ca::check_name(&name)?;
+                let code = ca::verification_code(rng);
+                let plan = CertificatePlan::GenerateCode { name, if_match, code, etag: new_etag(rng) };
+                Job::CertificateRead { get: Some(get_certificate(plan.name())), plan }
+            }
+            C::VerifyCertificate { name, if_match, certificate_text } => {
+                ca::check_name(&name)?;
+                let proof = ca::parse_proof(&certificate_text)?;
+                let plan = CertificatePlan::Verify { name, if_match, proof, etag: new_etag(rng) };
+                Job::CertificateRead { get: Some(get_certificate(plan.name())), plan }
             }
         })
     }
@@ -804,7 +933,8 @@ impl ServiceFlow {
                 (Some(*k), id.as_str())
             }
             Then::GetRegistration(id) | Then::DeleteRegistration(id) => (None, id.as_str()),
-            Then::Query(..) | Then::QueryRegistrations(_) => (None, ""),
+            Then::Certificate(id, _) => (Some(Kind::Certificate), id.as_str()),
+            Then::Query(..) | Then::QueryRegistrations(_) | Then::ListCertificates => (None, ""),
         };
         let result = result.map_err(|e| self.store_failure(e, kind, id))?;
         let not_found = |k: Kind| {
@@ -860,12 +990,109 @@ impl ServiceFlow {
                 let state = registration_state_of(&r);
                 with_etag(self.reply_json(200, &state), &state.etag)
             }
+            (Then::Certificate(_, with_code), StoreResult::Certificate(c)) => {
+                let c = c.ok_or_else(|| not_found(Kind::Certificate))?;
+                let body = ca::response(&c, *with_code)?;
+                self.reply_json(200, &body).with_header("etag", format!("\"{}\"", c.etag))
+            }
+            (Then::ListCertificates, StoreResult::Certificates(list)) => {
+                let value = list.iter().map(|c| ca::response(c, false)).collect::<Result<Vec<_>, _>>()?;
+                self.reply_json(200, &CertificateList { value })
+            }
             (Then::QueryRegistrations(size), StoreResult::Registrations(page)) => {
                 let items: Vec<_> = page.items.iter().map(registration_state_of).collect();
                 query_reply(self.reply_json(200, &items), "deviceRegistration", *size, page.next)
             }
             _ => return Err(unexpected_store_result()),
         })
+    }
+
+    /// The write of a CA-certificate operation, given the stored certificate: always guarded by the ETag
+    /// read (or create-only), so a concurrent change makes it fail (`409`) instead of being overwritten.
+    fn certificate_write(
+        &self,
+        plan: CertificatePlan,
+        stored: Result<StoreResult, StoreError>,
+    ) -> Result<(StoreOp, Then), DpsError> {
+        let name = plan.name().to_owned();
+        let stored = match stored {
+            Ok(StoreResult::Certificate(c)) => c.map(|c| *c),
+            Ok(_) => return Err(unexpected_store_result()),
+            Err(e) => return Err(self.store_failure(e, Some(Kind::Certificate), &name)),
+        };
+        let guard = |c: &CaCertificate| WriteCondition::IfMatch(IfMatch::Etag(c.etag.clone()));
+        let not_found = || {
+            DpsError::with_message(
+                ErrorCode::CertificateNotFound,
+                format!("The CA certificate '{name}' does not exist."),
+            )
+        };
+        let check_etag = |c: &CaCertificate, m: &IfMatch| {
+            if m.matches(&c.etag) {
+                Ok(())
+            } else {
+                Err(self.store_failure(StoreError::PreconditionFailed, Some(Kind::Certificate), &name))
+            }
+        };
+        let (certificate, condition, limit, with_code) = match plan {
+            CertificatePlan::Put { name, der, is_verified, if_match, etag, limit } => {
+                if let (Some(m), Some(c)) = (&if_match, &stored) {
+                    check_etag(c, m)?;
+                }
+                if let (Some(_), None) = (&if_match, &stored) {
+                    return Err(not_found());
+                }
+                let condition = match &stored {
+                    Some(c) => guard(c),
+                    None => WriteCondition::CreateOnly,
+                };
+                let created = stored.as_ref().map_or(self.now, |c| c.created);
+                // A replace keeps the name as first uploaded (names compare case-insensitively).
+                let name = stored.as_ref().map_or(name, |c| c.name.clone());
+                let certificate = CaCertificate {
+                    name,
+                    der,
+                    is_verified,
+                    verification_code: None,
+                    created,
+                    updated: self.now,
+                    etag,
+                };
+                (certificate, condition, Some(limit), false)
+            }
+            CertificatePlan::GenerateCode { if_match, code, etag, .. } => {
+                let mut c = stored.ok_or_else(not_found)?;
+                check_etag(&c, &if_match)?;
+                let condition = guard(&c);
+                c.verification_code = Some(code);
+                c.etag = etag;
+                c.updated = self.now;
+                (c, condition, None, true)
+            }
+            CertificatePlan::Verify { if_match, proof, etag, .. } => {
+                let mut c = stored.ok_or_else(not_found)?;
+                check_etag(&c, &if_match)?;
+                let code = c.verification_code.as_deref().ok_or_else(|| {
+                    ca::invalid_ca(format!(
+                        "No verification code was generated for '{name}'; generate one first (generateVerificationCode)."
+                    ))
+                })?;
+                dps_attest::x509::verify_proof_of_possession(&c.der, &proof, code, self.now)
+                    .map_err(|e| ca::invalid_ca(format!("The proof of possession is not valid: {e}")))?;
+                let condition = guard(&c);
+                c.is_verified = true;
+                c.verification_code = None;
+                c.etag = etag;
+                c.updated = self.now;
+                (c, condition, None, false)
+            }
+        };
+        let op = StoreOp::PutCertificate {
+            certificate: Box::new(certificate),
+            condition,
+            max_certificates: limit,
+        };
+        Ok((op, Then::Certificate(name, with_code)))
     }
 
     fn metered(&self, mut reply: Reply) -> Reply {
@@ -896,6 +1123,19 @@ fn guard_error(e: StoreError) -> StoreError {
 
 fn guard_result(result: Result<StoreResult, StoreError>) -> Result<StoreResult, StoreError> {
     result.map_err(guard_error)
+}
+
+fn get_certificate(name: &str) -> StoreOp {
+    StoreOp::GetCertificate { name: name.to_owned() }
+}
+
+/// Runs `job` only after checking its `caReferences` against the uploaded certificates (when it has any).
+fn check_references_first(references: Vec<CaReference>, job: Job) -> Job {
+    if references.is_empty() {
+        job
+    } else {
+        Job::CheckCaReferences { list: Some(StoreOp::ListCertificates), references, next: Box::new(job) }
+    }
 }
 
 fn check_bulk_size(n: usize) -> Result<(), DpsError> {
@@ -1003,7 +1243,7 @@ fn bulk_job<T>(
 fn bulk_error(kind: Kind, id: String, err: &DpsError) -> BulkEnrollmentOperationError {
     let (registration_id, enrollment_group_id) = match kind {
         Kind::Enrollment => (Some(id), None),
-        Kind::Group => (None, Some(id)),
+        Kind::Group | Kind::Certificate => (None, Some(id)),
     };
     BulkEnrollmentOperationError {
         registration_id,
@@ -1105,8 +1345,49 @@ impl Flow for ServiceFlow {
                 };
                 Step::Respond(self.metered(reply))
             }
+            (Job::CertificateRead { get: Some(op), plan }, Input::Start) => {
+                self.job = Job::CertificateRead { get: None, plan };
+                Step::Store(op)
+            }
+            (Job::CertificateRead { get: None, plan }, Input::Store(stored)) => {
+                match self.certificate_write(plan, stored) {
+                    Ok((op, then)) => {
+                        self.job = Job::Guarded(then);
+                        Step::Store(op)
+                    }
+                    Err(e) => {
+                        let reply = Reply::error(&e, self.tracking_id.clone(), self.now);
+                        Step::Respond(self.metered(reply))
+                    }
+                }
+            }
+            (Job::CheckCaReferences { list: Some(op), references, next }, Input::Start) => {
+                self.job = Job::CheckCaReferences { list: None, references, next };
+                Step::Store(op)
+            }
+            (Job::CheckCaReferences { list: None, references, next }, Input::Store(listed)) => {
+                let checked = match listed {
+                    Ok(StoreResult::Certificates(uploaded)) => ca::check_references(&references, &uploaded),
+                    Ok(_) => Err(unexpected_store_result()),
+                    Err(e) => Err(self.store_failure(e, None, "")),
+                };
+                match checked {
+                    Ok(()) => {
+                        self.job = *next;
+                        self.resume(Input::Start)
+                    }
+                    Err(e) => {
+                        let reply = Reply::error(&e, self.tracking_id.clone(), self.now);
+                        Step::Respond(self.metered(reply))
+                    }
+                }
+            }
             (Job::Done, _) => Step::Finished,
-            (Job::One(..), _) | (Job::KeepKeys { .. }, _) | (Job::Guarded(_), _) => {
+            (Job::One(..), _)
+            | (Job::KeepKeys { .. }, _)
+            | (Job::Guarded(_), _)
+            | (Job::CertificateRead { .. }, _)
+            | (Job::CheckCaReferences { .. }, _) => {
                 let reply = Reply::error(&unexpected_store_result(), self.tracking_id.clone(), self.now);
                 Step::Respond(self.metered(reply))
             }

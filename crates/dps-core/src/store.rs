@@ -195,7 +195,8 @@ pub struct Page<T> {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum StoreOp {
-    /// Load the individual enrollment, (if none) the symmetric-key groups, and the registration record.
+    /// Load the individual enrollment, (if none) the enrollment groups, every CA certificate, and the
+    /// registration record.
     LoadDeviceContext {
         /// The device.
         registration_id: RegistrationId,
@@ -285,6 +286,31 @@ pub enum StoreOp {
         /// Paging.
         page: PageRequest,
     },
+    /// Read a CA certificate (names compare case-insensitively, [`CaCertificate::key`]).
+    GetCertificate {
+        /// Its name.
+        name: String,
+    },
+    /// Write a CA certificate (stored as given; the engine carries `created` over on replace). Creating one
+    /// when `max_certificates` exist already is [`StoreError::LimitReached`] (checked atomically with the
+    /// write); replacing one never counts. Answers [`StoreResult::Certificate`] with what was stored.
+    PutCertificate {
+        /// The certificate (with new etag and timestamps set by the engine).
+        certificate: Box<CaCertificate>,
+        /// The precondition.
+        condition: WriteCondition,
+        /// The most CA certificates the instance may hold (None: no limit).
+        max_certificates: Option<usize>,
+    },
+    /// Delete a CA certificate ([`StoreError::NotFound`] when absent).
+    DeleteCertificate {
+        /// Its name.
+        name: String,
+        /// Optional precondition.
+        if_match: Option<IfMatch>,
+    },
+    /// Every CA certificate, ordered by key.
+    ListCertificates,
 }
 
 /// The result of a [`StoreOp`].
@@ -309,6 +335,10 @@ pub enum StoreResult {
     Group(Option<Box<EnrollmentGroup>>),
     /// For [`StoreOp::QueryGroups`].
     Groups(Page<EnrollmentGroup>),
+    /// For [`StoreOp::GetCertificate`] and [`StoreOp::PutCertificate`].
+    Certificate(Option<Box<CaCertificate>>),
+    /// For [`StoreOp::ListCertificates`], ordered by key.
+    Certificates(Vec<CaCertificate>),
 }
 
 /// Why a store operation did not happen.

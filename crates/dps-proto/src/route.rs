@@ -99,6 +99,33 @@ pub enum Route {
         /// The enrollment group whose registrations are listed.
         group_id: EnrollmentGroupId,
     },
+    /// Service API: `PUT /certificates/{name}` (upload or replace a CA certificate).
+    PutCertificate {
+        /// The certificate name as sent.
+        name: String,
+    },
+    /// Service API: `GET /certificates/{name}`.
+    GetCertificate {
+        /// The certificate name as sent.
+        name: String,
+    },
+    /// Service API: `DELETE /certificates/{name}`.
+    DeleteCertificate {
+        /// The certificate name as sent.
+        name: String,
+    },
+    /// Service API: `GET /certificates`.
+    ListCertificates,
+    /// Service API: `POST /certificates/{name}/generateVerificationCode`.
+    GenerateVerificationCode {
+        /// The certificate name as sent.
+        name: String,
+    },
+    /// Service API: `POST /certificates/{name}/verify`.
+    VerifyCertificate {
+        /// The certificate name as sent.
+        name: String,
+    },
 }
 
 impl Route {
@@ -139,6 +166,12 @@ enum Shape<'a> {
     Registration(&'a str),
     /// `/registrations/{groupId}/query`
     RegistrationQuery(&'a str),
+    /// `/certificates`
+    Certificates,
+    /// `/certificates/{name}`
+    Certificate(&'a str),
+    /// `/certificates/{name}/{action}` (`generateVerificationCode`, `verify`)
+    CertificateAction(&'a str, &'a str),
 }
 
 #[derive(Clone, Copy)]
@@ -173,6 +206,9 @@ fn shape<'a>(segs: &[&'a str]) -> Option<Shape<'a>> {
         }
     }
     match *segs {
+        [first] if is(first, "certificates") => Some(Shape::Certificates),
+        [first, name] if is(first, "certificates") => Some(Shape::Certificate(name)),
+        [first, name, action] if is(first, "certificates") => Some(Shape::CertificateAction(name, action)),
         [first, id] if is(first, "registrations") => Some(Shape::Registration(id)),
         [first, id, q] if is(first, "registrations") && is(q, "query") => Some(Shape::RegistrationQuery(id)),
         [scope, regs, id] if is(regs, "registrations") => Some(Shape::DeviceRegistration(scope, id)),
@@ -272,6 +308,30 @@ pub fn parse_route(method: &str, path_and_query: &str) -> Result<RouteMatch, Dps
             "POST" => Route::QueryRegistrations { group_id: EnrollmentGroupId::parse(group)? },
             _ => return Err(method_not_allowed(method, path, "POST")),
         },
+        Shape::Certificates => match m {
+            "GET" => Route::ListCertificates,
+            _ => return Err(method_not_allowed(method, path, "GET")),
+        },
+        Shape::Certificate(name) => {
+            let name = name.to_owned();
+            match m {
+                "GET" => Route::GetCertificate { name },
+                "PUT" => Route::PutCertificate { name },
+                "DELETE" => Route::DeleteCertificate { name },
+                _ => return Err(method_not_allowed(method, path, "GET, PUT, DELETE")),
+            }
+        }
+        Shape::CertificateAction(name, action) => {
+            let name = name.to_owned();
+            match m {
+                "POST" if is(action, "generateVerificationCode") => Route::GenerateVerificationCode { name },
+                "POST" if is(action, "verify") => Route::VerifyCertificate { name },
+                _ if is(action, "generateVerificationCode") || is(action, "verify") => {
+                    return Err(method_not_allowed(method, path, "POST"))
+                }
+                _ => return Err(not_found(path)),
+            }
+        }
     };
 
     let mut api_version = None;
@@ -309,6 +369,29 @@ fn item_route(kind: Kind, m: &str, id: &str, method: &str, path: &str) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn certificate_routes() {
+        let q = "?api-version=2021-10-01";
+        assert_eq!(route("GET", &format!("/certificates{q}")), Route::ListCertificates);
+        assert_eq!(route("GET", "/Certificates/Root-1"), Route::GetCertificate { name: "Root-1".into() });
+        assert_eq!(
+            route("put", &format!("/certificates/root{q}")),
+            Route::PutCertificate { name: "root".into() }
+        );
+        assert_eq!(route("DELETE", "/certificates/root/"), Route::DeleteCertificate { name: "root".into() });
+        assert_eq!(
+            route("POST", &format!("/certificates/root/generateverificationcode{q}")),
+            Route::GenerateVerificationCode { name: "root".into() }
+        );
+        assert_eq!(
+            route("POST", "/certificates/root/verify"),
+            Route::VerifyCertificate { name: "root".into() }
+        );
+        assert_eq!(err("GET", "/certificates/root/verify"), ErrorCode::MethodNotAllowed);
+        assert_eq!(err("POST", "/certificates"), ErrorCode::MethodNotAllowed);
+        assert_eq!(err("POST", "/certificates/root/other"), ErrorCode::NotFound);
+    }
 
     const SCOPE: &str = "0ne00111111";
     const OP: &str = "5.316aac5bdc130deb.b1e02da8-c3a0-4ff2-a121-7ea7a6b7f550";

@@ -42,6 +42,26 @@ impl Timestamp {
         self.to_string()
     }
 
+    /// RFC 1123 in GMT, as ARM prints certificate dates (`Thu, 12 Oct 2017 19:23:50 GMT`).
+    pub fn to_rfc1123(self) -> String {
+        const DAYS: [&str; 7] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
+        const MONTHS: [&str; 12] =
+            ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+        match time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(self.0)) {
+            Ok(t) => format!(
+                "{}, {:02} {} {:04} {:02}:{:02}:{:02} GMT",
+                DAYS[usize::from(t.weekday().number_days_from_monday())],
+                t.day(),
+                MONTHS[usize::from(u8::from(t.month()) - 1)],
+                t.year(),
+                t.hour(),
+                t.minute(),
+                t.second()
+            ),
+            Err(_) => "Fri, 31 Dec 9999 23:59:59 GMT".to_owned(),
+        }
+    }
+
     /// Parses an RFC 3339 timestamp (any number of fractional digits, any offset).
     pub fn parse_iso(s: &str) -> Option<Self> {
         let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
@@ -79,5 +99,12 @@ mod tests {
         assert_eq!(Timestamp::parse_iso("2022-08-31T22:02:50.5163352Z"), Some(t));
         assert_eq!(Timestamp::from_unix_seconds(0).to_iso(), "1970-01-01T00:00:00.0000000Z");
         assert_eq!(Timestamp::parse_iso("not a time"), None);
+    }
+
+    #[test]
+    fn formats_rfc1123_like_arm() {
+        let t = Timestamp::parse_iso("2017-10-12T19:23:50.25Z").unwrap();
+        assert_eq!(t.to_rfc1123(), "Thu, 12 Oct 2017 19:23:50 GMT");
+        assert_eq!(Timestamp::from_unix_seconds(0).to_rfc1123(), "Thu, 01 Jan 1970 00:00:00 GMT");
     }
 }

@@ -38,6 +38,21 @@ pub(crate) fn check_group_limit(
     }
 }
 
+/// Refuses creating a CA certificate when `count` of them exist and the instance holds at most `limit`
+/// (replacing one, `exists`, never counts).
+pub(crate) fn check_certificate_limit(
+    exists: bool,
+    count: usize,
+    limit: Option<usize>,
+) -> Result<(), StoreError> {
+    match limit {
+        Some(limit) if !exists && count >= limit => {
+            Err(StoreError::LimitReached { what: "CA certificates".into(), limit })
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Whether an enrollment or group whose stored `etag` string is `stored` satisfies `m`. The stored string
 /// is parsed with [`Etag::parse`]; an item without a (valid) ETag only satisfies `*`.
 pub(crate) fn item_matches(m: &IfMatch, stored: Option<&str>) -> bool {

@@ -2,9 +2,10 @@
 //! durability.
 
 use crate::common::{
-    backend, check_delete, check_group_limit, check_write, enrollment_key, group_key, is_symmetric_key_group,
-    page_limit, query_matches,
+    backend, check_certificate_limit, check_delete, check_group_limit, check_write, enrollment_key,
+    group_key, is_symmetric_key_group, page_limit, query_matches,
 };
+use dps_core::proto::certificate::CaCertificate;
 use dps_core::proto::model::{EnrollmentGroup, IndividualEnrollment};
 use dps_core::proto::query::Query;
 use dps_core::proto::{EnrollmentGroupId, Etag, IfMatch, RegistrationId};
@@ -41,11 +42,19 @@ struct Inner {
     registrations_by_group: BTreeSet<(String, String)>,
     /// Every symmetric-key group, ordered by group key.
     group_snapshot: Arc<Vec<EnrollmentGroup>>,
+    /// CA certificates by key.
+    certificates: BTreeMap<String, CaCertificate>,
+    /// Every CA certificate, ordered by key (rebuilt on certificate writes).
+    certificate_snapshot: Arc<Vec<CaCertificate>>,
 }
 
 impl Inner {
     fn rebuild_group_snapshot(&mut self) {
         self.group_snapshot = Arc::new(self.groups.values().cloned().collect());
+    }
+
+    fn rebuild_certificate_snapshot(&mut self) {
+        self.certificate_snapshot = Arc::new(self.certificates.values().cloned().collect());
     }
 }
 
@@ -106,7 +115,8 @@ impl MemoryStore {
         };
         let registration = inner.registrations.get(key).cloned();
         let operations = inner.operations.get(key).cloned().unwrap_or_default();
-        DeviceContext { individual, groups, certificates: Arc::default(), registration, operations }
+        let certificates = Arc::clone(&inner.certificate_snapshot);
+        DeviceContext { individual, groups, certificates, registration, operations }
     }
 
     fn commit_registration(&self, record: RegistrationRecord, expected: Option<&Etag>) -> OpResult {
@@ -235,6 +245,31 @@ impl MemoryStore {
         let range = inner.groups.range::<str, _>(after_bound(page));
         collect_page(range, page.limit, |g| query_matches(query, g)).map(StoreResult::Groups)
     }
+
+    fn put_certificate(
+        &self,
+        certificate: CaCertificate,
+        condition: &WriteCondition,
+        limit: Option<usize>,
+    ) -> OpResult {
+        let key = certificate.key();
+        let mut inner = self.write();
+        let existing = inner.certificates.get(&key);
+        check_write(condition, existing.map(|c| Some(c.etag.as_str())))?;
+        check_certificate_limit(existing.is_some(), inner.certificates.len(), limit)?;
+        inner.certificates.insert(key, certificate.clone());
+        inner.rebuild_certificate_snapshot();
+        Ok(StoreResult::Certificate(Some(Box::new(certificate))))
+    }
+
+    fn delete_certificate(&self, name: &str, if_match: Option<&IfMatch>) -> OpResult {
+        let key = name.to_ascii_lowercase();
+        let mut inner = self.write();
+        check_delete(if_match, inner.certificates.get(&key).map(|c| Some(c.etag.as_str())))?;
+        inner.certificates.remove(&key);
+        inner.rebuild_certificate_snapshot();
+        Ok(StoreResult::Done)
+    }
 }
 
 type OpResult = Result<StoreResult, StoreError>;
@@ -271,6 +306,18 @@ impl BlockingStore for MemoryStore {
             }
             StoreOp::DeleteGroup { group_id, if_match } => self.delete_group(&group_id, if_match.as_ref()),
             StoreOp::QueryGroups { query, page } => self.query_groups(&query, &page),
+            StoreOp::GetCertificate { name } => Ok(StoreResult::Certificate(
+                self.read().certificates.get(&name.to_ascii_lowercase()).cloned().map(Box::new),
+            )),
+            StoreOp::PutCertificate { certificate, condition, max_certificates } => {
+                self.put_certificate(*certificate, &condition, max_certificates)
+            }
+            StoreOp::DeleteCertificate { name, if_match } => {
+                self.delete_certificate(&name, if_match.as_ref())
+            }
+            StoreOp::ListCertificates => {
+                Ok(StoreResult::Certificates(self.read().certificate_snapshot.as_ref().clone()))
+            }
             other => Err(backend(format!("the memory store does not support this operation: {other:?}"))),
         }
     }

@@ -1,12 +1,13 @@
 //! The SQLite backend: durable (WAL, `synchronous=FULL`), with group commit. See [`SqliteStore`].
 
 use crate::common::{
-    backend, check_delete, check_group_limit, check_write, enrollment_key, group_key, is_symmetric_key_group,
-    json_error, page_limit,
+    backend, check_certificate_limit, check_delete, check_group_limit, check_write, enrollment_key,
+    group_key, is_symmetric_key_group, json_error, page_limit,
 };
+use dps_core::proto::certificate::CaCertificate;
 use dps_core::proto::model::{EnrollmentGroup, IndividualEnrollment};
 use dps_core::proto::query::Query;
-use dps_core::proto::{EnrollmentGroupId, Etag, IfMatch, RegistrationId};
+use dps_core::proto::{EnrollmentGroupId, Etag, IfMatch, RegistrationId, Timestamp};
 use dps_core::store::{
     push_operation, AsyncStore, BlockingStore, DeviceContext, IssuedOperation, Page, PageRequest,
     RegistrationRecord, StoreError, StoreOp, StoreResult, WriteCondition,
@@ -59,6 +60,18 @@ const MIGRATIONS: &[&str] = &[
         version INTEGER NOT NULL
     );
     INSERT INTO store_version (id, version) VALUES (0, 0);",
+    // Version 3: the CA certificates of the instance (spec §5.7), keyed by lowercase name; times are Unix
+    // nanoseconds.
+    "CREATE TABLE ca_certificates (
+        key TEXT PRIMARY KEY NOT NULL,
+        name TEXT NOT NULL,
+        etag TEXT NOT NULL,
+        der BLOB NOT NULL,
+        is_verified INTEGER NOT NULL,
+        verification_code TEXT,
+        created INTEGER NOT NULL,
+        updated INTEGER NOT NULL
+    );",
 ];
 
 /// The schema version this build writes (`PRAGMA user_version`).
@@ -175,6 +188,8 @@ struct Shared {
 /// What the writer thread shares with the handles.
 struct WriterState {
     group_snapshot: RwLock<Arc<Vec<EnrollmentGroup>>>,
+    /// Every CA certificate, ordered by key (replaced like the group snapshot).
+    certificate_snapshot: RwLock<Arc<Vec<CaCertificate>>>,
     /// Which registration IDs may have an individual enrollment.
     enrollment_ids: cache::KeySet,
     /// Which registration IDs may have a registration record: a device registering for the first time is
@@ -202,6 +217,15 @@ impl WriterState {
 
     fn groups(&self) -> Arc<Vec<EnrollmentGroup>> {
         Arc::clone(&self.group_snapshot.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn publish_certificates(&self, certificates: &BTreeMap<String, CaCertificate>) {
+        let certificates = Arc::new(certificates.values().cloned().collect::<Vec<_>>());
+        *self.certificate_snapshot.write().unwrap_or_else(|e| e.into_inner()) = certificates;
+    }
+
+    fn certificates(&self) -> Arc<Vec<CaCertificate>> {
+        Arc::clone(&self.certificate_snapshot.read().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
@@ -239,6 +263,15 @@ enum WriteOp {
         key: String,
         if_match: Option<IfMatch>,
     },
+    PutCertificate {
+        certificate: Box<CaCertificate>,
+        condition: WriteCondition,
+        limit: Option<usize>,
+    },
+    DeleteCertificate {
+        key: String,
+        if_match: Option<IfMatch>,
+    },
     /// Writes nothing: asks the writer to bring the in-memory views up to date with a database that another
     /// connection wrote to (queued by a reader that found the views stale).
     Resync,
@@ -252,6 +285,8 @@ enum ReadOp {
     QueryEnrollments(Query, PageRequest),
     GetGroup(EnrollmentGroupId),
     QueryGroups(Query, PageRequest),
+    GetCertificate(String),
+    ListCertificates,
 }
 
 enum Prepared {
@@ -384,6 +419,51 @@ fn load_keys(conn: &Connection, sql: &str, what: &str, ids: &cache::KeySet) -> R
     Ok(())
 }
 
+/// Every CA certificate, by key.
+fn load_certificates(conn: &Connection) -> Result<BTreeMap<String, CaCertificate>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT key, name, etag, der, is_verified, verification_code, created, updated
+             FROM ca_certificates ORDER BY key",
+        )
+        .map_err(|e| sql_error("preparing the CA certificate query", &e))?;
+    let mut rows = stmt.query([]).map_err(|e| sql_error("loading CA certificates", &e))?;
+    let mut out = BTreeMap::new();
+    while let Some(row) = rows.next().map_err(|e| sql_error("loading CA certificates", &e))? {
+        let (key, certificate) =
+            certificate_row(row).map_err(|e| sql_error("loading CA certificates", &e))?;
+        out.insert(key, certificate?);
+    }
+    Ok(out)
+}
+
+/// One row of `ca_certificates` (the outer error is SQLite's, the inner a bad stored ETag).
+#[allow(clippy::type_complexity)]
+fn certificate_row(
+    row: &rusqlite::Row<'_>,
+) -> Result<(String, Result<CaCertificate, StoreError>), rusqlite::Error> {
+    let key: String = row.get(0)?;
+    let name: String = row.get(1)?;
+    let etag: String = row.get(2)?;
+    let der: Vec<u8> = row.get(3)?;
+    let is_verified: bool = row.get(4)?;
+    let verification_code: Option<String> = row.get(5)?;
+    let created: i64 = row.get(6)?;
+    let updated: i64 = row.get(7)?;
+    let certificate = Etag::parse(&etag)
+        .map_err(|e| backend(format!("CA certificate '{key}' has a bad stored ETag: {e}")))
+        .map(|etag| CaCertificate {
+            name,
+            der,
+            is_verified,
+            verification_code,
+            created: Timestamp::from_unix_nanos(created),
+            updated: Timestamp::from_unix_nanos(updated),
+            etag,
+        });
+    Ok((key, certificate))
+}
+
 /// Every symmetric-key group, by key.
 fn load_groups(conn: &Connection) -> Result<BTreeMap<String, EnrollmentGroup>, StoreError> {
     let mut stmt = conn
@@ -417,6 +497,7 @@ impl SqliteStore {
         // The version first: views loaded after it can only be newer than it, never older.
         let version = read_version(&conn)?;
         let groups = load_groups(&conn)?;
+        let certificates = load_certificates(&conn)?;
 
         let mut readers = Vec::new();
         for _ in 0..options.read_connections.max(1) {
@@ -435,6 +516,7 @@ impl SqliteStore {
 
         let state = Arc::new(WriterState {
             group_snapshot: RwLock::new(Arc::new(Vec::new())),
+            certificate_snapshot: RwLock::new(Arc::new(Vec::new())),
             enrollment_ids: cache::KeySet::new(),
             registration_ids: cache::KeySet::new(),
             registrations: cache::RecordCache::new(options.registration_cache_bytes),
@@ -445,6 +527,7 @@ impl SqliteStore {
             rows: AtomicU64::new(0),
         });
         state.publish_groups(&groups);
+        state.publish_certificates(&certificates);
         load_enrollment_ids(&conn, &state.enrollment_ids)?;
         load_registration_ids(&conn, &state.registration_ids)?;
         state.version.store(version, Ordering::Release);
@@ -457,8 +540,10 @@ impl SqliteStore {
             batch_window: options.batch_window,
             state: Arc::clone(&state),
             groups,
+            certificates,
             version,
             groups_stale: false,
+            certificates_stale: false,
             enrollment_ids_stale: false,
             registration_ids_stale: false,
         };
@@ -552,6 +637,16 @@ impl SqliteStore {
                 Prepared::Write(WriteOp::DeleteGroup { key: group_id.key().to_owned(), if_match })
             }
             StoreOp::QueryGroups { query, page } => Prepared::Read(ReadOp::QueryGroups(query, page)),
+            StoreOp::GetCertificate { name } => {
+                Prepared::Read(ReadOp::GetCertificate(name.to_ascii_lowercase()))
+            }
+            StoreOp::PutCertificate { certificate, condition, max_certificates } => {
+                Prepared::Write(WriteOp::PutCertificate { certificate, condition, limit: max_certificates })
+            }
+            StoreOp::DeleteCertificate { name, if_match } => {
+                Prepared::Write(WriteOp::DeleteCertificate { key: name.to_ascii_lowercase(), if_match })
+            }
+            StoreOp::ListCertificates => Prepared::Read(ReadOp::ListCertificates),
             other => {
                 return Err(backend(format!("the SQLite store does not support this operation: {other:?}")))
             }
@@ -642,6 +737,11 @@ impl SqliteStore {
                 } else {
                     Arc::new(load_groups(&conn)?.into_values().collect())
                 };
+                let certificates = if current {
+                    state.certificates()
+                } else {
+                    Arc::new(load_certificates(&conn)?.into_values().collect())
+                };
                 let (registration, operations) = match cached {
                     Some(cached) => (Some(cached.record.clone()), cached.operations.clone()),
                     // Current views and no such key: no record (a first registration reads nothing).
@@ -654,7 +754,7 @@ impl SqliteStore {
                 Ok(StoreResult::DeviceContext(DeviceContext {
                     individual,
                     groups,
-                    certificates: Arc::default(),
+                    certificates,
                     registration,
                     operations,
                 }))
@@ -710,6 +810,25 @@ impl SqliteStore {
                 "enrollment groups",
             )
             .map(StoreResult::Groups),
+            ReadOp::GetCertificate(key) => {
+                let conn = self.reader()?;
+                let mut stmt = conn
+                    .prepare_cached(
+                        "SELECT key, name, etag, der, is_verified, verification_code, created, updated
+                         FROM ca_certificates WHERE key = ?1",
+                    )
+                    .map_err(|e| sql_error("preparing the CA certificate read", &e))?;
+                let found = stmt
+                    .query_row([&key], certificate_row)
+                    .optional()
+                    .map_err(|e| sql_error("reading a CA certificate", &e))?;
+                let certificate = found.map(|(_, c)| c).transpose()?;
+                Ok(StoreResult::Certificate(certificate.map(Box::new)))
+            }
+            ReadOp::ListCertificates => {
+                let conn = self.reader()?;
+                Ok(StoreResult::Certificates(load_certificates(&conn)?.into_values().collect()))
+            }
         }
     }
 }
@@ -900,11 +1019,15 @@ struct Writer {
     state: Arc<WriterState>,
     /// The symmetric-key groups as committed, by key (what the shared cache is built from).
     groups: BTreeMap<String, EnrollmentGroup>,
+    /// The CA certificates as committed, by key (what the certificate snapshot is built from).
+    certificates: BTreeMap<String, CaCertificate>,
     /// The store version this writer last committed or read under its write lock (what the views reflect).
     version: i64,
     /// Set when a batch that touched groups failed: the database may or may not hold its changes, so
     /// `groups` is reloaded from the database.
     groups_stale: bool,
+    /// The same for the CA certificates.
+    certificates_stale: bool,
     /// The same for the set of enrollment IDs.
     enrollment_ids_stale: bool,
     /// The same for the set of registration IDs.
@@ -916,6 +1039,8 @@ struct Writer {
 enum Change {
     GroupPut(String, Box<EnrollmentGroup>),
     GroupRemove(String),
+    CertificatePut(String, Box<CaCertificate>),
+    CertificateRemove(String),
     EnrollmentAdded(String),
     EnrollmentRemoved(String),
     RegistrationAdded(String),
@@ -967,6 +1092,7 @@ impl Writer {
                 }
                 // Every in-memory view is brought up to date before anyone is answered.
                 let mut groups_changed = false;
+                let mut certificates_changed = false;
                 for change in changes {
                     match change {
                         Change::GroupPut(key, group) => {
@@ -977,6 +1103,14 @@ impl Writer {
                             self.groups.remove(&key);
                             groups_changed = true;
                         }
+                        Change::CertificatePut(key, certificate) => {
+                            self.certificates.insert(key, *certificate);
+                            certificates_changed = true;
+                        }
+                        Change::CertificateRemove(key) => {
+                            self.certificates.remove(&key);
+                            certificates_changed = true;
+                        }
                         Change::EnrollmentAdded(key) => self.state.enrollment_ids.added(&key),
                         Change::EnrollmentRemoved(key) => self.state.enrollment_ids.removed(&key),
                         Change::RegistrationAdded(key) => self.state.registration_ids.added(&key),
@@ -986,6 +1120,9 @@ impl Writer {
                 }
                 if groups_changed {
                     self.state.publish_groups(&self.groups);
+                }
+                if certificates_changed {
+                    self.state.publish_certificates(&self.certificates);
                 }
                 for (request, result) in batch.iter_mut().zip(results.iter()) {
                     match (&mut request.op, result) {
@@ -1023,6 +1160,9 @@ impl Writer {
                 for change in &changes {
                     match change {
                         Change::GroupPut(..) | Change::GroupRemove(_) => self.groups_stale = true,
+                        Change::CertificatePut(..) | Change::CertificateRemove(_) => {
+                            self.certificates_stale = true
+                        }
                         Change::EnrollmentAdded(_) | Change::EnrollmentRemoved(_) => {
                             self.enrollment_ids_stale = true;
                             self.state.enrollment_ids.unknown();
@@ -1053,6 +1193,13 @@ impl Writer {
                 self.groups = groups;
                 self.groups_stale = false;
                 self.state.publish_groups(&self.groups);
+            }
+        }
+        if self.certificates_stale {
+            if let Ok(certificates) = load_certificates(&self.conn) {
+                self.certificates = certificates;
+                self.certificates_stale = false;
+                self.state.publish_certificates(&self.certificates);
             }
         }
         if self.enrollment_ids_stale && load_enrollment_ids(&self.conn, &self.state.enrollment_ids).is_ok() {
@@ -1127,6 +1274,9 @@ impl Writer {
         self.groups = load_groups(&self.conn)?;
         self.groups_stale = false;
         self.state.publish_groups(&self.groups);
+        self.certificates = load_certificates(&self.conn)?;
+        self.certificates_stale = false;
+        self.state.publish_certificates(&self.certificates);
         Ok(())
     }
 
@@ -1279,6 +1429,59 @@ impl Writer {
                 }
                 conn.prepare_cached("DELETE FROM enrollment_groups WHERE key = ?1")?.execute([key])?;
                 changes.push(Change::GroupRemove(key.clone()));
+                Ok(Ok(StoreResult::Done))
+            }
+            WriteOp::PutCertificate { certificate, condition, limit } => {
+                let key = certificate.key();
+                // Under the write lock: the precondition, the count and the write are one step.
+                let current: Option<String> = conn
+                    .prepare_cached("SELECT etag FROM ca_certificates WHERE key = ?1")?
+                    .query_row([&key], |r| r.get(0))
+                    .optional()?;
+                if let Err(e) = check_write(condition, current.as_deref().map(Some)) {
+                    return Ok(Err(e));
+                }
+                if limit.is_some() {
+                    let count: i64 = conn
+                        .prepare_cached("SELECT COUNT(*) FROM ca_certificates")?
+                        .query_row([], |r| r.get(0))?;
+                    let count = usize::try_from(count).unwrap_or(usize::MAX);
+                    if let Err(e) = check_certificate_limit(current.is_some(), count, *limit) {
+                        return Ok(Err(e));
+                    }
+                }
+                conn.prepare_cached(
+                    "INSERT INTO ca_certificates
+                        (key, name, etag, der, is_verified, verification_code, created, updated)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                     ON CONFLICT (key) DO UPDATE SET name = excluded.name, etag = excluded.etag,
+                        der = excluded.der, is_verified = excluded.is_verified,
+                        verification_code = excluded.verification_code, created = excluded.created,
+                        updated = excluded.updated",
+                )?
+                .execute(params![
+                    key,
+                    certificate.name,
+                    certificate.etag.as_str(),
+                    certificate.der,
+                    certificate.is_verified,
+                    certificate.verification_code,
+                    certificate.created.unix_nanos(),
+                    certificate.updated.unix_nanos(),
+                ])?;
+                changes.push(Change::CertificatePut(key, certificate.clone()));
+                Ok(Ok(StoreResult::Certificate(Some(certificate.clone()))))
+            }
+            WriteOp::DeleteCertificate { key, if_match } => {
+                let current: Option<String> = conn
+                    .prepare_cached("SELECT etag FROM ca_certificates WHERE key = ?1")?
+                    .query_row([key], |r| r.get(0))
+                    .optional()?;
+                if let Err(e) = check_delete(if_match.as_ref(), current.as_deref().map(Some)) {
+                    return Ok(Err(e));
+                }
+                conn.prepare_cached("DELETE FROM ca_certificates WHERE key = ?1")?.execute([key])?;
+                changes.push(Change::CertificateRemove(key.clone()));
                 Ok(Ok(StoreResult::Done))
             }
         }

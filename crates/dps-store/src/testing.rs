@@ -21,8 +21,9 @@
 // Test code: panicking on a failed expectation is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use dps_core::proto::certificate::CaCertificate;
 use dps_core::proto::model::{
-    EnrollmentGroup, IndividualEnrollment, RegistrationStatus, RegistrationSubstatus,
+    AttestationType, EnrollmentGroup, IndividualEnrollment, RegistrationStatus, RegistrationSubstatus,
 };
 use dps_core::proto::query::{parse_query, Query, QuerySource};
 use dps_core::proto::{EnrollmentGroupId, Etag, IfMatch, OperationId, RegistrationId, Timestamp};
@@ -553,7 +554,7 @@ pub fn context_without_individual_enrollment<S: BlockingStore>(s: &S) {
     let ctx = load(s, "dev-1");
     assert!(ctx.individual.is_none() && ctx.registration.is_none() && ctx.groups.is_empty());
 
-    // Inserted out of order, mixed case, one disabled, two non-symmetric.
+    // Inserted out of order, mixed case, one disabled, two X.509: the context carries every group.
     put_group(s, group_with("Zeta", "symmetricKey", "e1", "enabled", CREATED), WriteCondition::Upsert)
         .unwrap();
     put_group(s, group_with("alpha", "symmetricKey", "e1", "disabled", CREATED), WriteCondition::Upsert)
@@ -567,7 +568,7 @@ pub fn context_without_individual_enrollment<S: BlockingStore>(s: &S) {
 
     let ctx = load(s, "dev-1");
     assert_eq!(ctx.individual, None);
-    assert_eq!(group_ids(&ctx.groups), ["alpha", "Mid", "Zeta"]);
+    assert_eq!(group_ids(&ctx.groups), ["alpha", "certs", "Mid", "more-certs", "Zeta"]);
     assert_eq!(ctx.groups[0].provisioning_status, Some(serde_json::from_value(json!("disabled")).unwrap()));
     assert_eq!(ctx.registration, Some(record("dev-1", Some("mid"), "r1")));
 
@@ -575,30 +576,30 @@ pub fn context_without_individual_enrollment<S: BlockingStore>(s: &S) {
     put_group(s, group_with("zeta", "symmetricKey", "e2", "disabled", LATER), WriteCondition::Upsert)
         .unwrap();
     let ctx = load(s, "dev-1");
-    assert_eq!(group_ids(&ctx.groups), ["alpha", "Mid", "zeta"]);
-    assert_eq!(ctx.groups[2].etag.as_deref(), Some("e2"));
-    assert_eq!(ctx.groups[2].created_date_time_utc.as_deref(), Some(CREATED));
+    assert_eq!(group_ids(&ctx.groups), ["alpha", "certs", "Mid", "more-certs", "zeta"]);
+    assert_eq!(ctx.groups[4].etag.as_deref(), Some("e2"));
+    assert_eq!(ctx.groups[4].created_date_time_utc.as_deref(), Some(CREATED));
 
     put_group(s, group_with("mid", "x509", "e2", "enabled", LATER), WriteCondition::Upsert).unwrap();
-    assert_eq!(group_ids(&load(s, "dev-1").groups), ["alpha", "zeta"]);
+    assert_eq!(group_ids(&load(s, "dev-1").groups), ["alpha", "certs", "mid", "more-certs", "zeta"]);
     put_group(s, group_with("certs", "symmetricKey", "e2", "enabled", LATER), WriteCondition::Upsert)
         .unwrap();
-    assert_eq!(group_ids(&load(s, "dev-1").groups), ["alpha", "certs", "zeta"]);
+    assert_eq!(load(s, "dev-1").groups[1].attestation.kind, AttestationType::SymmetricKey);
     delete_group(s, "ALPHA", None).unwrap();
-    assert_eq!(group_ids(&load(s, "dev-1").groups), ["certs", "zeta"]);
+    assert_eq!(group_ids(&load(s, "dev-1").groups), ["certs", "mid", "more-certs", "zeta"]);
     // A failed conditional write leaves the list alone.
     let failed = put_group(s, sym_group("new", "e1"), WriteCondition::IfMatch(IfMatch::Any));
     assert_eq!(failed, Err(StoreError::NotFound));
     assert_eq!(delete_group(s, "zeta", Some(if_match("wrong"))), Err(StoreError::PreconditionFailed));
-    assert_eq!(group_ids(&load(s, "dev-1").groups), ["certs", "zeta"]);
+    assert_eq!(group_ids(&load(s, "dev-1").groups), ["certs", "mid", "more-certs", "zeta"]);
     put_group(s, sym_group("beta", "e1"), WriteCondition::CreateOnly).unwrap();
-    assert_eq!(group_ids(&load(s, "dev-1").groups), ["beta", "certs", "zeta"]);
+    assert_eq!(group_ids(&load(s, "dev-1").groups), ["beta", "certs", "mid", "more-certs", "zeta"]);
 
     // Once the device gets an individual enrollment, groups are no longer loaded; removing it brings them back.
     put_enrollment(s, enrollment("dev-1", "e1"), WriteCondition::Upsert).unwrap();
     assert!(load(s, "dev-1").groups.is_empty());
     delete_enrollment(s, "dev-1", None).unwrap();
-    assert_eq!(load(s, "dev-1").groups.len(), 3);
+    assert_eq!(load(s, "dev-1").groups.len(), 5);
 }
 
 /// Enrollment queries page through 25 items with every page size.
@@ -819,6 +820,157 @@ pub fn operations_are_independent<S: BlockingStore>(s: &S) {
 // Adapters
 // ------------------------------------------------------------------------------------------------
 
+// ------------------------------------------------------------------------------------------------
+// CA certificates
+// ------------------------------------------------------------------------------------------------
+
+/// A CA certificate fixture (the store does not parse `der`; these bytes name the certificate).
+pub fn ca(name: &str, etag_value: &str) -> CaCertificate {
+    CaCertificate {
+        name: name.to_owned(),
+        der: format!("der of {name}").into_bytes(),
+        is_verified: false,
+        verification_code: None,
+        created: Timestamp::parse_iso(CREATED).unwrap(),
+        updated: Timestamp::parse_iso(CREATED).unwrap(),
+        etag: etag(etag_value),
+    }
+}
+
+/// `PutCertificate`.
+pub fn put_certificate<S: BlockingStore>(
+    s: &S,
+    certificate: CaCertificate,
+    condition: WriteCondition,
+    max_certificates: Option<usize>,
+) -> Result<CaCertificate, StoreError> {
+    match s.execute(StoreOp::PutCertificate {
+        certificate: Box::new(certificate),
+        condition,
+        max_certificates,
+    })? {
+        StoreResult::Certificate(Some(c)) => Ok(*c),
+        other => panic!("PutCertificate answered {other:?}"),
+    }
+}
+
+/// `GetCertificate`.
+pub fn get_certificate<S: BlockingStore>(s: &S, name: &str) -> Option<CaCertificate> {
+    match s.execute(StoreOp::GetCertificate { name: name.to_owned() }).unwrap() {
+        StoreResult::Certificate(c) => c.map(|c| *c),
+        other => panic!("GetCertificate answered {other:?}"),
+    }
+}
+
+/// `DeleteCertificate`.
+pub fn delete_certificate<S: BlockingStore>(
+    s: &S,
+    name: &str,
+    if_match: Option<IfMatch>,
+) -> Result<(), StoreError> {
+    match s.execute(StoreOp::DeleteCertificate { name: name.to_owned(), if_match })? {
+        StoreResult::Done => Ok(()),
+        other => panic!("DeleteCertificate answered {other:?}"),
+    }
+}
+
+/// `ListCertificates`.
+pub fn list_certificates<S: BlockingStore>(s: &S) -> Vec<CaCertificate> {
+    match s.execute(StoreOp::ListCertificates).unwrap() {
+        StoreResult::Certificates(c) => c,
+        other => panic!("ListCertificates answered {other:?}"),
+    }
+}
+
+/// The names of some certificates, in order.
+pub fn certificate_names(certificates: &[CaCertificate]) -> Vec<&str> {
+    certificates.iter().map(|c| c.name.as_str()).collect()
+}
+
+/// Create-only refuses an existing certificate (names compare case-insensitively); get finds it by any case.
+pub fn certificate_create_only_and_get<S: BlockingStore>(s: &S) {
+    assert_eq!(get_certificate(s, "root"), None);
+    let stored = put_certificate(s, ca("Root", "c1"), WriteCondition::CreateOnly, None).unwrap();
+    assert_eq!(stored, ca("Root", "c1"));
+    assert_eq!(
+        put_certificate(s, ca("ROOT", "c2"), WriteCondition::CreateOnly, None),
+        Err(StoreError::AlreadyExists)
+    );
+    assert_eq!(get_certificate(s, "rOOt"), Some(ca("Root", "c1")));
+}
+
+/// If-Match replaces only a matching certificate; `*` matches any existing one; absent is not found.
+pub fn certificate_if_match<S: BlockingStore>(s: &S) {
+    assert_eq!(
+        put_certificate(s, ca("root", "c2"), WriteCondition::IfMatch(if_match("c1")), None),
+        Err(StoreError::NotFound)
+    );
+    put_certificate(s, ca("root", "c1"), WriteCondition::Upsert, None).unwrap();
+    assert_eq!(
+        put_certificate(s, ca("root", "c2"), WriteCondition::IfMatch(if_match("zz")), None),
+        Err(StoreError::PreconditionFailed)
+    );
+    let mut verified = ca("root", "c2");
+    verified.is_verified = true;
+    verified.verification_code = Some("code".into());
+    put_certificate(s, verified.clone(), WriteCondition::IfMatch(if_match("c1")), None).unwrap();
+    assert_eq!(get_certificate(s, "root"), Some(verified));
+    put_certificate(s, ca("root", "c3"), WriteCondition::IfMatch(IfMatch::Any), None).unwrap();
+    assert_eq!(get_certificate(s, "root").unwrap().etag, etag("c3"));
+}
+
+/// Delete: not found when absent, If-Match honoured, unconditional without one.
+pub fn certificate_delete<S: BlockingStore>(s: &S) {
+    assert_eq!(delete_certificate(s, "root", None), Err(StoreError::NotFound));
+    put_certificate(s, ca("root", "c1"), WriteCondition::Upsert, None).unwrap();
+    put_certificate(s, ca("inter", "c1"), WriteCondition::Upsert, None).unwrap();
+    assert_eq!(delete_certificate(s, "ROOT", Some(if_match("zz"))), Err(StoreError::PreconditionFailed));
+    delete_certificate(s, "ROOT", Some(if_match("c1"))).unwrap();
+    assert_eq!(get_certificate(s, "root"), None);
+    delete_certificate(s, "inter", None).unwrap();
+    assert_eq!(list_certificates(s), Vec::<CaCertificate>::new());
+}
+
+/// Creating beyond the limit is refused; replacing at the limit is not.
+pub fn certificate_limit<S: BlockingStore>(s: &S) {
+    put_certificate(s, ca("a", "c1"), WriteCondition::Upsert, Some(2)).unwrap();
+    put_certificate(s, ca("b", "c1"), WriteCondition::Upsert, Some(2)).unwrap();
+    assert_eq!(
+        put_certificate(s, ca("c", "c1"), WriteCondition::Upsert, Some(2)),
+        Err(StoreError::LimitReached { what: "CA certificates".into(), limit: 2 })
+    );
+    put_certificate(s, ca("B", "c2"), WriteCondition::Upsert, Some(2)).unwrap();
+    assert_eq!(get_certificate(s, "c"), None);
+    delete_certificate(s, "a", None).unwrap();
+    put_certificate(s, ca("c", "c1"), WriteCondition::Upsert, Some(2)).unwrap();
+}
+
+/// Listed in key (lowercase name) order.
+pub fn certificates_listed_in_key_order<S: BlockingStore>(s: &S) {
+    for name in ["zeta", "Alpha", "mid", "beta"] {
+        put_certificate(s, ca(name, "c1"), WriteCondition::Upsert, None).unwrap();
+    }
+    assert_eq!(certificate_names(&list_certificates(s)), ["Alpha", "beta", "mid", "zeta"]);
+}
+
+/// The device context carries every certificate, in key order, after every write and delete (with and
+/// without an individual enrollment).
+pub fn context_carries_certificates<S: BlockingStore>(s: &S) {
+    assert!(load(s, "dev-1").certificates.is_empty());
+    put_certificate(s, ca("root2", "c1"), WriteCondition::Upsert, None).unwrap();
+    put_certificate(s, ca("Root1", "c1"), WriteCondition::Upsert, None).unwrap();
+    assert_eq!(certificate_names(&load(s, "dev-1").certificates), ["Root1", "root2"]);
+    let mut verified = ca("root2", "c2");
+    verified.is_verified = true;
+    put_certificate(s, verified.clone(), WriteCondition::IfMatch(if_match("c1")), None).unwrap();
+    assert_eq!(load(s, "dev-1").certificates[1], verified);
+    put_enrollment(s, enrollment("dev-2", "e1"), WriteCondition::Upsert).unwrap();
+    assert_eq!(certificate_names(&load(s, "dev-2").certificates), ["Root1", "root2"]);
+    delete_certificate(s, "root1", None).unwrap();
+    assert_eq!(certificate_names(&load(s, "dev-1").certificates), ["root2"]);
+    assert_eq!(certificate_names(&load(s, "dev-2").certificates), ["root2"]);
+}
+
 /// Runs an [`AsyncStore`] through the blocking interface, so the async paths run the same suite.
 pub struct ViaAsync<S>(pub S);
 
@@ -860,6 +1012,12 @@ macro_rules! store_conformance_tests {
             group_delete_leaves_registrations,
             enrollment_delete_leaves_registration,
             operations_are_independent,
+            certificate_create_only_and_get,
+            certificate_if_match,
+            certificate_delete,
+            certificate_limit,
+            certificates_listed_in_key_order,
+            context_carries_certificates,
         ]);
     };
     (@suite $name:ident, $store:expr, [$($test:ident),* $(,)?]) => {

@@ -112,13 +112,51 @@ mod sqlite_only {
         assert_eq!(get_enrollment(&store, "dev-1"), Some(enrollment("dev-1", "e1")));
         assert_eq!(get_group(&store, "g2").unwrap().enrollment_group_id, "g2");
         let ctx = load(&store, "dev-2");
-        assert_eq!(group_ids(&ctx.groups), ["g1"], "group cache loaded at open");
+        assert_eq!(group_ids(&ctx.groups), ["g1", "g2"], "group cache loaded at open");
         assert_eq!(ctx.registration, Some(record("dev-2", Some("g1"), "r1")));
         assert_eq!(query_registrations(&store, "g1", page(None, 10)).items.len(), 1);
         // Conditions still see the stored etags.
         assert_eq!(commit(&store, record("dev-2", None, "r2"), None), Err(StoreError::Conflict));
         commit(&store, record("dev-2", None, "r2"), Some("r1")).unwrap();
         store.close().unwrap();
+    }
+
+    #[test]
+    fn sqlite_certificates_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_sqlite(dir.path());
+        let mut root = ca("Root", "c1");
+        root.is_verified = true;
+        root.verification_code = Some("ABC".into());
+        put_certificate(&store, root.clone(), WriteCondition::CreateOnly, Some(25)).unwrap();
+        put_certificate(&store, ca("inter", "c1"), WriteCondition::CreateOnly, Some(25)).unwrap();
+        store.close().unwrap();
+
+        let store = open_sqlite(dir.path());
+        assert_eq!(get_certificate(&store, "root"), Some(root.clone()));
+        assert_eq!(certificate_names(&load(&store, "dev-1").certificates), ["inter", "Root"]);
+        assert_eq!(
+            put_certificate(&store, ca("root", "c2"), WriteCondition::IfMatch(if_match("zz")), None),
+            Err(StoreError::PreconditionFailed)
+        );
+        delete_certificate(&store, "inter", Some(if_match("c1"))).unwrap();
+        store.close().unwrap();
+        let store = open_sqlite(dir.path());
+        assert_eq!(list_certificates(&store), vec![root]);
+        store.close().unwrap();
+    }
+
+    #[test]
+    fn sqlite_second_handle_sees_certificates_written_elsewhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = two_handles(dir.path());
+        assert!(load(&b, "dev-1").certificates.is_empty());
+        put_certificate(&a, ca("root", "c1"), WriteCondition::Upsert, None).unwrap();
+        assert_eq!(certificate_names(&load(&b, "dev-1").certificates), ["root"]);
+        delete_certificate(&a, "root", None).unwrap();
+        assert!(load(&b, "dev-1").certificates.is_empty());
+        a.close().unwrap();
+        b.close().unwrap();
     }
 
     #[test]
@@ -198,7 +236,8 @@ mod sqlite_only {
         commit(&store, record("dev-1", Some("g1"), "r1"), None).unwrap();
         store.close().unwrap();
         let conn = rusqlite::Connection::open(&path).unwrap();
-        conn.execute_batch("DROP TABLE store_version; PRAGMA user_version = 1;").unwrap();
+        conn.execute_batch("DROP TABLE store_version; DROP TABLE ca_certificates; PRAGMA user_version = 1;")
+            .unwrap();
         drop(conn);
         let (a, b) = two_handles(dir.path());
         assert_eq!(group_ids(&load(&b, "dev-1").groups), ["g1"]);

@@ -7,6 +7,8 @@ mod certinfo;
 mod chain;
 pub mod csr;
 mod path;
+mod pop;
+pub use pop::{check_ca_certificate, verify_proof_of_possession};
 
 pub use attest::attest_x509;
 pub(crate) use attest::X509Evidence;
