@@ -155,6 +155,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             .map_err(|e| ServerError::DataDir(format!("store open task failed: {e}")))??
     };
     let state = Arc::new(state);
+    register_issuer(&state).await?;
 
     let https = bind(config.listen.https, "HTTPS").await?;
     let mqtt = match config.listen.mqtt {
@@ -389,6 +390,41 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, transport: Tran
         };
     }
     tracing::debug!(listener = transport.label(), "listener closed");
+}
+
+/// With certificate issuance on, makes the issuing CA a verified CA certificate of the instance (named
+/// [`crate::state::ISSUER_CA_NAME`]), so an enrollment group that references it attests devices by the
+/// certificates it issued. An existing entry with the same certificate is left alone.
+async fn register_issuer(state: &AppState) -> Result<(), ServerError> {
+    use dps_core::{Principal, Rights, ServiceCommand};
+    let Some(issuer) = &state.issuer else { return Ok(()) };
+    let principal = Principal::granted("dps-server (certificate issuance)", Rights::ALL);
+    let name = crate::state::ISSUER_CA_NAME.to_owned();
+    let current = state.host.command(&principal, ServiceCommand::GetCertificate { name: name.clone() }).await;
+    if current.status == 200 {
+        let body: serde_json::Value = serde_json::from_slice(&current.body).unwrap_or_default();
+        let thumbprint = dps_core::attest::x509::sha1_thumbprint(issuer.certificate_der());
+        let same =
+            body["properties"]["thumbprint"].as_str().is_some_and(|t| t.eq_ignore_ascii_case(&thumbprint));
+        if same && body["properties"]["isVerified"] == serde_json::Value::Bool(true) {
+            return Ok(());
+        }
+    }
+    let put = ServiceCommand::PutCertificate {
+        name: name.clone(),
+        certificate_text: issuer.certificate_pem().to_owned(),
+        is_verified: true,
+        if_match: Some(dps_core::proto::IfMatch::Any).filter(|_| current.status == 200),
+    };
+    let reply = state.host.command(&principal, put).await;
+    if reply.status >= 300 {
+        return Err(ServerError::DataDir(format!(
+            "registering the issuing CA as CA certificate '{name}': {}",
+            String::from_utf8_lossy(&reply.body)
+        )));
+    }
+    tracing::info!(certificate = %name, "issuing CA registered as a verified CA certificate");
+    Ok(())
 }
 
 /// Runs the TLS handshake within the configured deadline; returns the stream and the client's certificate
