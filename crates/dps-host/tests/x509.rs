@@ -126,10 +126,14 @@ fn sym_group() -> Value {
 }
 
 fn csr_for(cn: &str) -> String {
+    csr_with(cn, &rcgen::PKCS_ECDSA_P384_SHA384)
+}
+
+fn csr_with(cn: &str, alg: &'static rcgen::SignatureAlgorithm) -> String {
     use base64::Engine as _;
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     params.distinguished_name.push(rcgen::DnType::CommonName, cn);
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+    let key = rcgen::KeyPair::generate_for(alg).unwrap();
     let csr = params.serialize_request(&key).unwrap();
     base64::engine::general_purpose::STANDARD.encode(csr.der())
 }
@@ -258,6 +262,25 @@ fn a_csr_is_answered_with_an_issued_chain_and_the_hub_identity_trusts_the_issuin
 fn webpki_anchor(der: &[u8]) -> rustls_pki_types::TrustAnchor<'static> {
     let der = rustls_pki_types::CertificateDer::from(der.to_vec());
     webpki::anchor_from_trusted_cert(&der).unwrap().to_owned()
+}
+
+#[test]
+fn p256_and_rsa_csrs_are_certified_too() {
+    let (host, _) = host(Some(local_ca()));
+    assert_eq!(host.http(service_put("/enrollmentGroups/g1", sym_group())).status, 200);
+    for (id, alg) in [("csr-p256", &rcgen::PKCS_ECDSA_P256_SHA256), ("csr-rsa", &rcgen::PKCS_RSA_SHA256)] {
+        let request = device(
+            "PUT",
+            "/register",
+            id,
+            None,
+            PREVIEW,
+            json!({"registrationId": id, "csr": csr_with(id, alg)}),
+        );
+        let done = register_and_poll(&host, request, id, None);
+        assert_eq!(done["status"], "assigned", "{id}: {done}");
+        assert_eq!(done["registrationState"]["issuedCertificateChain"].as_array().unwrap().len(), 2);
+    }
 }
 
 #[test]
