@@ -554,6 +554,14 @@ mod props {
         }
 
         #[test]
+        fn ca_upload_and_proof_checks_never_panic(a in proptest::collection::vec(any::<u8>(), 0..512),
+                                                  b in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = crate::x509::check_ca_certificate(&a);
+            let _ = crate::x509::verify_proof_of_possession(&a, &b, "CODE", Timestamp::from_unix_seconds(NOW));
+            let _ = crate::x509::certificate_info(&a);
+        }
+
+        #[test]
         fn csr_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let id = rid("dev");
             for text in [String::from_utf8_lossy(&bytes).into_owned(),
