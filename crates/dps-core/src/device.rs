@@ -232,6 +232,20 @@ impl DeviceFlow {
         let Some(presented) = self.presented.as_ref() else {
             return Err(DpsError::with_message(ErrorCode::InternalError, "credential missing after start"));
         };
+        if let (DeviceCall::OperationStatus(op), Presented::ClientCertificate(chain), Some(record)) =
+            (&self.request.call, presented, ctx.registration.as_ref())
+        {
+            // A device polling with the certificate its registration was made with: the TLS handshake
+            // proved the key, the record names the certificate; no second chain validation.
+            let recorded = record.x509.as_ref().and_then(|x| x.certificate_info.as_ref());
+            if let Some(info) = recorded {
+                let id = &self.request.registration_id;
+                if dps_attest::x509::same_device_certificate(self.now, id, chain, &info.sha256_thumbprint)? {
+                    let op = op.clone();
+                    return self.answer_poll(ctx, &op);
+                }
+            }
+        }
         let attestation = dps_attest::attest(
             self.now,
             &self.config.id_scope,
@@ -247,21 +261,7 @@ impl DeviceFlow {
         )?;
         match self.request.call.clone() {
             DeviceCall::Register { .. } => self.register(attestation, ctx.registration.as_ref()),
-            DeviceCall::OperationStatus(op) => {
-                let now = self.now;
-                let operations = &ctx.operations;
-                let record =
-                    ctx.registration.filter(|r| answers(r, operations, &op, now)).ok_or_else(|| {
-                        DpsError::with_message(
-                            ErrorCode::OperationNotFound,
-                            format!(
-                                "Operation '{op}' of registration '{}' does not exist.",
-                                self.request.registration_id
-                            ),
-                        )
-                    })?;
-                Ok(self.respond(self.operation_reply(&record, &op)))
-            }
+            DeviceCall::OperationStatus(op) => self.answer_poll(ctx, &op),
             DeviceCall::Authenticate => Ok(self.respond(Reply::empty(204, self.nonces.tracking_id()))),
             DeviceCall::StatusLookup => {
                 let record = ctx.registration.ok_or_else(|| {
@@ -278,6 +278,22 @@ impl DeviceFlow {
                 Ok(self.respond(reply))
             }
         }
+    }
+
+    /// Answers a poll of `op` from the loaded context (after the device authenticated).
+    fn answer_poll(&mut self, ctx: DeviceContext, op: &OperationId) -> Result<Step, DpsError> {
+        let now = self.now;
+        let operations = &ctx.operations;
+        let record = ctx.registration.filter(|r| answers(r, operations, op, now)).ok_or_else(|| {
+            DpsError::with_message(
+                ErrorCode::OperationNotFound,
+                format!(
+                    "Operation '{op}' of registration '{}' does not exist.",
+                    self.request.registration_id
+                ),
+            )
+        })?;
+        Ok(self.respond(self.operation_reply(&record, op)))
     }
 
     fn new_record(

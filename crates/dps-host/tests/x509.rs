@@ -189,8 +189,29 @@ fn a_self_signed_device_provisions_with_its_certificate_and_gets_the_x509_result
         }
     );
 
-    // Another device's certificate, and a certificate whose CN is not the registration ID, are refused.
+    // A poll with the registration's own certificate is answered (without a second chain validation);
+    // a poll with another certificate of the same name is attested in full and refused.
     let (other, _) = self_signed("x509-dev-1");
+    let op = done["operationId"].as_str().unwrap();
+    let own = host.http(device(
+        "GET",
+        &format!("/operations/{op}"),
+        "x509-dev-1",
+        Some(&der),
+        "2021-10-01",
+        json!(null),
+    ));
+    assert_eq!(own.status, 200);
+    let foreign = host.http(device(
+        "GET",
+        &format!("/operations/{op}"),
+        "x509-dev-1",
+        Some(&other),
+        "2021-10-01",
+        json!(null),
+    ));
+    assert_eq!(body(&foreign)["errorCode"], 401002, "{}", body(&foreign));
+    // Another device's certificate, and a certificate whose CN is not the registration ID, are refused.
     let r = host.http(device("PUT", "/register", "x509-dev-1", Some(&other), "2021-10-01", json!({})));
     assert_eq!(
         (r.status, body(&r)["errorCode"].as_u64()),

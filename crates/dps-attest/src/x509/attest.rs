@@ -65,6 +65,30 @@ pub fn attest_x509(
     }
 }
 
+/// Whether `chain` is the very certificate a device's registration record was made with (its leaf's
+/// SHA-256 thumbprint is `recorded_sha256`), still within its validity and with the registration ID as its
+/// CN. A transport proved possession of the leaf's key in the TLS handshake, so a device polling its own
+/// registration with that certificate needs no second path validation: `Ok(false)` (another certificate)
+/// means attest it in full. An expired leaf or another CN is an error (401002), as in [`attest_x509`].
+pub fn same_device_certificate(
+    now: Timestamp,
+    registration_id: &RegistrationId,
+    chain: &ClientChain,
+    recorded_sha256: &str,
+) -> Result<bool, DpsError> {
+    if !crate::x509::thumbprint_matches(recorded_sha256, chain.leaf_der()) {
+        return Ok(false);
+    }
+    if chain.common_name().to_lowercase() != registration_id.key() {
+        return Err(invalid(format!(
+            "the certificate's CN '{}' does not match registration ID '{registration_id}'",
+            chain.common_name()
+        )));
+    }
+    check_sanity(now, chain)?;
+    Ok(true)
+}
+
 /// The checks that need no enrollment: accepted algorithms for every presented certificate, and the
 /// leaf's validity (with the skew allowance).
 fn check_sanity(now: Timestamp, chain: &ClientChain) -> Result<(), DpsError> {
@@ -318,12 +342,26 @@ impl Ctx<'_> {
                 .flat_map(|g| g.all.iter())
                 .map(Vec::as_slice)
                 .chain(self.certificates.iter().map(|c| c.der.as_slice()));
+            // Certificates named like the issuer; the signature decides only between several (a CA
+            // rollover keeps the name): the path validation below checks it anyway, through the group's
+            // certificate, so one candidate costs no extra signature check.
+            let mut named: Vec<(&[u8], Certificate)> = Vec::new();
             for der in known {
-                let Ok(cert) = parse_der(der) else { continue };
-                if cert.tbs_certificate.subject == last.tbs_certificate.issuer && is_signed_by(last, &cert) {
-                    levels.push(der.to_vec());
-                    break;
+                if named.iter().any(|(d, _)| *d == der) {
+                    continue;
                 }
+                let Ok(cert) = parse_der(der) else { continue };
+                if cert.tbs_certificate.subject == last.tbs_certificate.issuer {
+                    named.push((der, cert));
+                }
+            }
+            let issuer = match named.len() {
+                0 => None,
+                1 => named.first().map(|(d, _)| *d),
+                _ => named.iter().find(|(_, c)| is_signed_by(last, c)).map(|(d, _)| *d),
+            };
+            if let Some(der) = issuer {
+                levels.push(der.to_vec());
             }
         }
 

@@ -10,8 +10,8 @@ mod path;
 mod pop;
 pub use pop::{check_ca_certificate, verify_proof_of_possession};
 
-pub use attest::attest_x509;
 pub(crate) use attest::X509Evidence;
+pub use attest::{attest_x509, same_device_certificate};
 pub use certinfo::{
     certificate_info, common_name, info_of, is_self_issued, parse_certificate_text, parse_der,
     sha1_thumbprint, sha256_thumbprint, thumbprint_matches, to_der, validity, MAX_CERTIFICATE_BYTES,
