@@ -221,3 +221,79 @@ async fn an_issued_certificate_attests_the_device_on_its_next_registration() {
     assert_eq!(second.registration.x509.unwrap().enrollment_group_id.as_deref(), Some("issued"));
     server.shutdown().await.unwrap();
 }
+
+/// `provision-device --cert-out/--key-out/--csr-out` gets a certificate issued; `--cert/--key` then
+/// provisions with it (over MQTT), as the README shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provision_device_gets_a_certificate_issued_and_then_provisions_with_it() {
+    use clap::Parser;
+    use dps_server::cli::{Cli, Command};
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.certificate_issuance = Some(IssuanceConfig {
+        key: dps_host::CaKeyKind::P384,
+        validity: std::time::Duration::from_secs(86_400),
+    });
+    let server = start(cfg).await;
+    let svc = service(&server);
+    let group_key = SymmetricKey::from_bytes(vec![78; 32]);
+    let onboarding = json!({"enrollmentGroupId": "onboarding", "attestation": {"type": "symmetricKey",
+        "symmetricKey": {"primaryKey": group_key.to_base64(), "secondaryKey": group_key.to_base64()}}});
+    svc.call("PUT", "/enrollmentGroups/onboarding", Some(&onboarding), &[]).await.unwrap();
+    let issued_group = json!({"enrollmentGroupId": "issued", "attestation": {"type": "x509",
+        "x509": {"caReferences": {"primary": dps_server::state::ISSUER_CA_NAME}}}});
+    svc.call("PUT", "/enrollmentGroups/issued", Some(&issued_group), &[]).await.unwrap();
+
+    let out = tempfile::tempdir().unwrap();
+    let path = |name: &str| out.path().join(name).display().to_string();
+    let ca = server.data_dir.ca_cert().display().to_string();
+    let https_port = server.ready.https.port().to_string();
+    let mqtt_port = server.ready.mqtt.unwrap().port().to_string();
+    let run = |args: Vec<String>| async move {
+        let cli = Cli::try_parse_from(args).unwrap();
+        let Some(Command::ProvisionDevice(a)) = cli.command else { panic!("not provision-device") };
+        dps_server::cli::provision_device(&a).await
+    };
+    let common = |port: &str| {
+        [
+            "--registration-id",
+            "cli-dev",
+            "--id-scope",
+            SCOPE,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            port,
+            "--ca",
+            &ca,
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+    let mut first = vec!["dps-server".to_owned(), "provision-device".to_owned()];
+    first.extend(common(&https_port));
+    first.extend(["--group-key".into(), group_key.to_base64()]);
+    first.extend(["--cert-out".into(), path("chain.pem"), "--key-out".into(), path("key.pem")]);
+    first.extend(["--csr-out".into(), path("req.pem")]);
+    let result = run(first).await.unwrap();
+    assert_eq!(result["status"], "assigned", "{result}");
+    let chain = std::fs::read_to_string(path("chain.pem")).unwrap();
+    assert_eq!(chain.matches("BEGIN CERTIFICATE").count(), 2);
+    assert!(std::fs::read_to_string(path("req.pem")).unwrap().contains("BEGIN CERTIFICATE REQUEST"));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(path("key.pem")).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the new private key is private");
+    }
+
+    svc.delete_registration("cli-dev", None).await.unwrap();
+    let mut second = vec!["dps-server".to_owned(), "provision-device".to_owned()];
+    second.extend(common(&mqtt_port));
+    second.extend(["--transport".into(), "mqtt".into(), "--cert".into(), path("chain.pem")]);
+    second.extend(["--key".into(), path("key.pem")]);
+    let result = run(second).await.unwrap();
+    assert_eq!(result["status"], "assigned", "{result}");
+    assert_eq!(result["x509"]["enrollmentGroupId"], "issued", "{result}");
+    server.shutdown().await.unwrap();
+}
