@@ -56,6 +56,11 @@ def service_error_of(error):
     cause = error
     while cause is not None and not isinstance(cause, ServiceError):
         cause = cause.__cause__ or cause.__context__
+    if cause is None and "CredentialError" in error_chain(error):
+        raise AssertionError(
+            "the server refused the MQTT CONNECT (CONNACK 5, not authorised) instead of accepting it and answering the "
+            "register request on $dps/registrations/res/401/ with errorCode 401002 (spec 2.6, 7.5):\n" + error_chain(error)
+        )
     assert cause is not None, f"the registration did not fail with a service error:\n{error_chain(error)}"
     return cause
 

@@ -35,7 +35,8 @@ function base64Der(pem) {
   return pem.split('\n').filter((line) => line && !line.startsWith('-----')).join('');
 }
 
-// The unverified-CA / leaf-only refusal over MQTT: the SDK's UnauthorizedError carries the response body.
+// A certificate refusal over MQTT: the server accepts the CONNECT and answers the register request on
+// `$dps/registrations/res/401/` (spec 2.6, 7.5); the SDK's UnauthorizedError carries the response body.
 async function rejectsOverMqtt(promise, errorCode) {
   let error;
   try {
@@ -44,6 +45,9 @@ async function rejectsOverMqtt(promise, errorCode) {
     error = e;
   }
   assert.ok(error, 'expected the registration to fail, it succeeded');
+  assert.ok(!/Connection refused/i.test(error.message),
+    'the server refused the MQTT CONNECT (CONNACK 5) instead of accepting it and answering the register request ' +
+    `on $dps/registrations/res/401/ with errorCode ${errorCode} (spec 2.6, 7.5): ${error.message}`);
   assert.equal(error.name, 'UnauthorizedError', error.stack || String(error));
   assert.equal(error.result && error.result.errorCode, errorCode, JSON.stringify(error.result));
   return error;
