@@ -123,7 +123,10 @@ async fn twin_survives_restart_and_migrates() {
     assert_eq!(twin["properties"]["desired"], json!({"telemetryInterval": 30}));
     assert_eq!(twin["capabilities"]["iotEdge"], true);
     let listed = admin(dir.path(), &["hub-devices", "--hub", "hub-2.localhost"]);
-    assert_eq!(listed, json!([{"deviceId": "mig-1", "capabilities": {"iotEdge": true}}]));
+    assert_eq!(
+        listed,
+        json!([{"deviceId": "mig-1", "authentication": {"type": "sas"}, "capabilities": {"iotEdge": true}}])
+    );
     assert_eq!(admin(dir.path(), &["hub-devices", "--hub", "hub-1.localhost"]), json!([]));
     server.shutdown().await.unwrap();
 }

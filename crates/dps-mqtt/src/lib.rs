@@ -76,9 +76,11 @@ pub struct MqttLimits {
     /// the `Retry-After` the service answers with, so a device waiting to poll is not cut off.
     pub request_idle_timeout: Duration,
     /// Check the CONNECT's credential (the SAS password, or the TLS client certificate) with the handler
-    /// ([`dps_core::DeviceCall::Authenticate`]) before answering it: a client that fits no enrollment gets
-    /// CONNACK 5 (not authorized; 3 when the service is unavailable) and is closed, instead of holding a
-    /// session (default true).
+    /// ([`dps_core::DeviceCall::Authenticate`]) before answering it: a SAS client that fits no enrollment
+    /// gets CONNACK 5 (not authorized; 3 when the service is unavailable) and is closed, instead of holding
+    /// a session (default true). A client certificate that fits none is accepted, its first request is
+    /// answered with the refusal (`res/401`, 401002 and the rule that failed: DPS answers certificate
+    /// problems at the request), and the session ends ([`MqttError::CertificateRefused`]).
     pub authenticate_at_connect: bool,
 }
 
@@ -116,6 +118,10 @@ pub enum MqttError {
     /// No request arrived within [`MqttLimits::request_idle_timeout`] while none was being answered.
     #[error("no request within {0:?}")]
     RequestIdleTimeout(Duration),
+    /// The client's certificate fits no enrollment: its first request was answered with the refusal
+    /// (`res/401`, 401002 and the reason), then the connection was closed.
+    #[error("the client certificate was refused (answered on the first request)")]
+    CertificateRefused,
     /// A write to the client did not complete in time (the client stopped reading).
     #[error("a write to the client did not complete within {0:?}")]
     WriteTimeout(Duration),

@@ -185,6 +185,10 @@ struct Connected {
     username: MqttUsername,
     /// The MQTT password (a SAS token), `None` when absent or empty.
     password: Option<String>,
+    /// A client certificate that fits no enrollment: the CONNECT was accepted so that the first request
+    /// gets this answer (`res/401` with 401002 and the rule that failed, as DPS answers certificate
+    /// problems), after which the session ends.
+    refusal: Option<Reply>,
 }
 
 struct Session<H> {
@@ -221,6 +225,8 @@ struct Session<H> {
     client_certificates: Option<Vec<Vec<u8>>>,
     /// Authenticate the CONNECT with the handler.
     authenticate: bool,
+    /// The refusal of [`Connected::refusal`] was queued: end the session once it is written.
+    closing: bool,
 }
 
 impl<H: DeviceHandler> Session<H> {
@@ -245,6 +251,7 @@ impl<H: DeviceHandler> Session<H> {
             parked: None,
             client_certificates: None,
             authenticate: limits.authenticate_at_connect,
+            closing: false,
         }
     }
 
@@ -361,17 +368,25 @@ impl<H: DeviceHandler> Session<H> {
             body: Vec::new(),
         };
         let verdict = if self.authenticate { Some(self.handler.handle(check).await) } else { None };
+        let mut refusal = None;
+        let certificate_only = password.is_none() && self.client_certificates.is_some();
         if let Some(verdict) = verdict.filter(|v| v.status >= 300) {
-            let code = match verdict.status {
-                401 | 403 | 404 => ConnectReturnCode::NotAuthorized,
-                _ => ConnectReturnCode::ServiceUnavailable,
-            };
-            let reason = format!(
-                "authentication at CONNECT failed: {} {}",
-                verdict.status,
-                String::from_utf8_lossy(&verdict.body)
-            );
-            return Err(self.refuse(t, code, reason).await);
+            if certificate_only && verdict.status == 401 {
+                // DPS answers a certificate problem at the request, with the reason (spec §2.6, §7.5);
+                // the session then serves nothing else.
+                refusal = Some(verdict);
+            } else {
+                let code = match verdict.status {
+                    401 | 403 | 404 => ConnectReturnCode::NotAuthorized,
+                    _ => ConnectReturnCode::ServiceUnavailable,
+                };
+                let reason = format!(
+                    "authentication at CONNECT failed: {} {}",
+                    verdict.status,
+                    String::from_utf8_lossy(&verdict.body)
+                );
+                return Err(self.refuse(t, code, reason).await);
+            }
         }
 
         let keep_alive = match connect.keep_alive {
@@ -385,7 +400,7 @@ impl<H: DeviceHandler> Session<H> {
         // DPS keeps no sessions: always sessionPresent = 0 (the C# SDK fails otherwise). Written before the
         // session next waits, together with the answers to any packets that came with the CONNECT.
         self.queue(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)), true)?;
-        Ok(Connected { username, password })
+        Ok(Connected { username, password, refusal })
     }
 
     async fn main_loop<T: Transport>(&mut self, t: &mut T, c: &Connected) -> Result<(), MqttError> {
@@ -422,6 +437,11 @@ impl<H: DeviceHandler> Session<H> {
                     });
                     if let Some((rid, _)) = self.queue.pop_front() {
                         self.respond(&rid, reply)?;
+                    }
+                    if self.closing && self.queue.is_empty() {
+                        // The certificate refusal is answered: write it and end the session.
+                        self.flush(t).await?;
+                        return Err(MqttError::CertificateRefused);
                     }
                     // The client may now wait (Retry-After) before its next request.
                     self.last_request = Instant::now();
@@ -530,7 +550,11 @@ impl<H: DeviceHandler> Session<H> {
     }
 
     /// The engine request for a recognised topic, addressed by the CONNECT's username and password.
-    fn request_job(&self, c: &Connected, request: MqttRequest, payload: Bytes) -> Job {
+    fn request_job(&mut self, c: &Connected, request: MqttRequest, payload: Bytes) -> Job {
+        if let Some(refusal) = &c.refusal {
+            self.closing = true;
+            return Job::Ready(refusal.clone());
+        }
         let (call, body) = match request {
             MqttRequest::Register { .. } => {
                 if let Some(e) = tpm_refusal(&payload) {
