@@ -80,7 +80,8 @@ pub struct MqttLimits {
     /// gets CONNACK 5 (not authorized; 3 when the service is unavailable) and is closed, instead of holding
     /// a session (default true). A client certificate that fits none is accepted, its first request is
     /// answered with the refusal (`res/401`, 401002 and the rule that failed: DPS answers certificate
-    /// problems at the request), and the session ends ([`MqttError::CertificateRefused`]).
+    /// problems at the request), and the session ends two seconds later unless the client leaves first
+    /// ([`MqttError::CertificateRefused`]).
     pub authenticate_at_connect: bool,
 }
 
@@ -118,8 +119,8 @@ pub enum MqttError {
     /// No request arrived within [`MqttLimits::request_idle_timeout`] while none was being answered.
     #[error("no request within {0:?}")]
     RequestIdleTimeout(Duration),
-    /// The client's certificate fits no enrollment: its first request was answered with the refusal
-    /// (`res/401`, 401002 and the reason), then the connection was closed.
+    /// The client's certificate fits no enrollment: its request was answered with the refusal (`res/401`,
+    /// 401002 and the reason), and the connection was closed two seconds later (or when the client left).
     #[error("the client certificate was refused (answered on the first request)")]
     CertificateRefused,
     /// A write to the client did not complete in time (the client stopped reading).

@@ -35,6 +35,10 @@ const READ_CHUNK: usize = 8 * 1024;
 /// its PUBACK sent alone when this expires.
 const PUBACK_HOLD: Duration = Duration::from_millis(10);
 
+/// How long a session whose client certificate was refused stays open after the refusal is answered, for
+/// the client to unsubscribe and disconnect on its own.
+const CERTIFICATE_REFUSAL_GRACE: Duration = Duration::from_secs(2);
+
 /// How a session ended, so the transport can close accordingly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum CloseKind {
@@ -185,10 +189,10 @@ struct Connected {
     username: MqttUsername,
     /// The MQTT password (a SAS token), `None` when absent or empty.
     password: Option<String>,
-    /// A client certificate that fits no enrollment: the CONNECT was accepted so that the first request
-    /// gets this answer (`res/401` with 401002 and the rule that failed, as DPS answers certificate
-    /// problems), after which the session ends.
-    refusal: Option<Reply>,
+    /// The client certificate fit no enrollment at CONNECT: the CONNECT was accepted so that a request
+    /// gets the precise answer (`res/401` with 401002 and the rule that failed, as DPS answers certificate
+    /// problems); the session ends after the first refused request.
+    certificate_refused: bool,
 }
 
 struct Session<H> {
@@ -225,8 +229,11 @@ struct Session<H> {
     client_certificates: Option<Vec<Vec<u8>>>,
     /// Authenticate the CONNECT with the handler.
     authenticate: bool,
-    /// The refusal of [`Connected::refusal`] was queued: end the session once it is written.
+    /// A request of a [`Connected::certificate_refused`] session is being answered: end the session if
+    /// the answer is a refusal.
     closing: bool,
+    /// When a session whose certificate was refused ends (set once the refusal is answered).
+    refused_until: Option<Instant>,
 }
 
 impl<H: DeviceHandler> Session<H> {
@@ -252,6 +259,7 @@ impl<H: DeviceHandler> Session<H> {
             client_certificates: None,
             authenticate: limits.authenticate_at_connect,
             closing: false,
+            refused_until: None,
         }
     }
 
@@ -368,13 +376,13 @@ impl<H: DeviceHandler> Session<H> {
             body: Vec::new(),
         };
         let verdict = if self.authenticate { Some(self.handler.handle(check).await) } else { None };
-        let mut refusal = None;
+        let mut certificate_refused = false;
         let certificate_only = password.is_none() && self.client_certificates.is_some();
         if let Some(verdict) = verdict.filter(|v| v.status >= 300) {
             if certificate_only && verdict.status == 401 {
                 // DPS answers a certificate problem at the request, with the reason (spec §2.6, §7.5);
                 // the session then serves nothing else.
-                refusal = Some(verdict);
+                certificate_refused = true;
             } else {
                 let code = match verdict.status {
                     401 | 403 | 404 => ConnectReturnCode::NotAuthorized,
@@ -400,7 +408,7 @@ impl<H: DeviceHandler> Session<H> {
         // DPS keeps no sessions: always sessionPresent = 0 (the C# SDK fails otherwise). Written before the
         // session next waits, together with the answers to any packets that came with the CONNECT.
         self.queue(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)), true)?;
-        Ok(Connected { username, password, refusal })
+        Ok(Connected { username, password, certificate_refused })
     }
 
     async fn main_loop<T: Transport>(&mut self, t: &mut T, c: &Connected) -> Result<(), MqttError> {
@@ -427,7 +435,12 @@ impl<H: DeviceHandler> Session<H> {
             // Nothing asked and nothing being answered: the session must make a request soon.
             let idle = self.request_idle.filter(|_| !has_reply && self.parked.is_none());
             let idle_deadline = idle.and_then(|limit| self.last_request.checked_add(limit));
+            let refused_until = self.refused_until;
             tokio::select! {
+                () = sleep_until(refused_until.unwrap_or(self.last_packet)), if refused_until.is_some() => {
+                    self.flush(t).await?;
+                    return Err(MqttError::CertificateRefused);
+                }
                 reply = front(&mut self.queue), if has_reply => {
                     let reply = reply.unwrap_or_else(|panic| {
                         self.handler.error_reply(&DpsError::with_message(
@@ -435,13 +448,15 @@ impl<H: DeviceHandler> Session<H> {
                             format!("the request handler failed: {panic}"),
                         ))
                     });
+                    let refused = reply.status >= 400;
                     if let Some((rid, _)) = self.queue.pop_front() {
                         self.respond(&rid, reply)?;
                     }
-                    if self.closing && self.queue.is_empty() {
-                        // The certificate refusal is answered: write it and end the session.
-                        self.flush(t).await?;
-                        return Err(MqttError::CertificateRefused);
+                    if self.closing && refused && self.refused_until.is_none() {
+                        // The certificate refusal is answered: the client gets a moment to unsubscribe and
+                        // disconnect (the Node SDK's register never completes if the server closes before
+                        // its UNSUBACK), then the session ends.
+                        self.refused_until = Instant::now().checked_add(CERTIFICATE_REFUSAL_GRACE);
                     }
                     // The client may now wait (Retry-After) before its next request.
                     self.last_request = Instant::now();
@@ -551,10 +566,8 @@ impl<H: DeviceHandler> Session<H> {
 
     /// The engine request for a recognised topic, addressed by the CONNECT's username and password.
     fn request_job(&mut self, c: &Connected, request: MqttRequest, payload: Bytes) -> Job {
-        if let Some(refusal) = &c.refusal {
-            self.closing = true;
-            return Job::Ready(refusal.clone());
-        }
+        // The request is attested again (and metered) like any other; a refusal then ends the session.
+        self.closing = c.certificate_refused;
         let (call, body) = match request {
             MqttRequest::Register { .. } => {
                 if let Some(e) = tpm_refusal(&payload) {
