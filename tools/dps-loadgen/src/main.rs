@@ -29,8 +29,8 @@ use std::time::Duration;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Load generator for DPS servers: simulated symmetric-key devices, each on a fresh TLS connection, register
-/// and poll until assigned (HTTPS or MQTT), compared with a bare rustls + hyper baseline in this process.
+/// Load generator for DPS servers: simulated symmetric-key or X.509 devices, each on a fresh TLS connection,
+/// register and poll until assigned (HTTPS or MQTT), compared with a bare rustls + hyper baseline.
 ///
 /// Exit status: 0 when every device was assigned without any error (and the durability check passed),
 /// 1 when a run had errors, 2 when the load could not be set up.
