@@ -11,11 +11,15 @@
 //! server can. (Under `perf`, every aws-lc primitive took about 1.4 times as long per call in the server
 //! process as in the in-process baseline; the separate-process baseline then measured within the noise of
 //! the in-process one, so that gap has another cause.) `--baseline-in-process` keeps the old arrangement.
+//!
+//! The baseline of X.509 devices ([`BaselineClientAuth::Required`]) **requires** a client certificate in
+//! every handshake and verifies it against the devices' root (rustls `WebPkiClientVerifier`), which is the
+//! TLS work a DPS server's X.509 attestation needs at the least; a handshake without one fails.
 
 use crate::cpu::{current_thread_id, ServerCpu};
 use crate::mqtt::PacketIo;
 use crate::stats::Incident;
-use crate::tls::TestPki;
+use crate::tls::{BaselineClientAuth, TestPki};
 use crate::Error;
 use bytes::Bytes;
 use dps_client::{ClientAction, ClientConfig, ClientEvent, RegistrationClient};
@@ -204,19 +208,20 @@ impl BaselineServer {
     /// Starts both servers on `ip` (ports chosen by the system), with a fresh CA and server certificate (IP
     /// SAN for `ip`, DNS SAN `localhost`), on a runtime of `worker_threads` threads.
     pub fn start(ip: IpAddr, replies: FixedReplies, worker_threads: usize) -> Result<BaselineServer, Error> {
-        BaselineServer::start_with(ip, replies, worker_threads, false)
+        BaselineServer::start_with(ip, replies, worker_threads, &BaselineClientAuth::Off)
     }
 
-    /// [`BaselineServer::start`], optionally requesting an (optional) client certificate in every handshake
-    /// as a DPS server must for X.509 attestation.
+    /// [`BaselineServer::start`] with client authentication: an optional client certificate requested in
+    /// every handshake (as a DPS server must for X.509 attestation), or one required and verified against
+    /// given roots (the baseline of X.509 devices).
     pub fn start_with(
         ip: IpAddr,
         replies: FixedReplies,
         worker_threads: usize,
-        request_client_cert: bool,
+        client_auth: &BaselineClientAuth,
     ) -> Result<BaselineServer, Error> {
         let pki = TestPki::generate(&[ip.to_string(), "localhost".to_owned()])?;
-        let acceptor = TlsAcceptor::from(pki.server_config_with(request_client_cert)?);
+        let acceptor = TlsAcceptor::from(pki.server_config_for(client_auth)?);
         let threads = Arc::new(Mutex::new(Vec::new()));
         let registered = threads.clone();
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -425,11 +430,11 @@ pub fn serve_standalone(
     id_scope: &str,
     registration_id: &str,
     worker_threads: usize,
-    request_client_cert: bool,
+    client_auth: &BaselineClientAuth,
     ready_file: &std::path::Path,
 ) -> Result<(), Error> {
     let replies = FixedReplies::from_engine(id_scope, registration_id, crate::bench::BASELINE_HUB)?;
-    let server = BaselineServer::start_with(bind, replies, worker_threads, request_client_cert)?;
+    let server = BaselineServer::start_with(bind, replies, worker_threads, client_auth)?;
     let ready =
         BaselineReady { https: server.https_addr, mqtt: server.mqtt_addr, ca_pem: server.ca_pem.clone() };
     let json = serde_json::to_vec(&ready).map_err(|e| Error::Config(format!("ready file: {e}")))?;
@@ -460,7 +465,7 @@ impl BaselineProcess {
         id_scope: &str,
         registration_id: &str,
         worker_threads: usize,
-        request_client_cert: bool,
+        client_auth: &BaselineClientAuth,
     ) -> Result<BaselineProcess, Error> {
         let dir = tempfile::tempdir().map_err(|e| Error::io("creating a temporary directory", e))?;
         let ready_file = dir.path().join("baseline-ready.json");
@@ -479,8 +484,17 @@ impl BaselineProcess {
             .arg(&ready_file)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::null());
-        if request_client_cert {
-            command.arg("--client-auth");
+        match client_auth {
+            BaselineClientAuth::Off => {}
+            BaselineClientAuth::Optional => {
+                command.arg("--client-auth");
+            }
+            BaselineClientAuth::Required { roots_pem } => {
+                let roots = dir.path().join("client-ca.pem");
+                std::fs::write(&roots, roots_pem)
+                    .map_err(|e| Error::io(format!("writing {}", roots.display()), e))?;
+                command.arg("--client-ca").arg(&roots);
+            }
         }
         let mut child = command.spawn().map_err(|e| Error::io("starting the baseline server process", e))?;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);

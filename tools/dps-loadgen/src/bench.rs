@@ -9,7 +9,8 @@ use crate::runner::{run_load, LoadOptions, RunOutput};
 use crate::server::{ServerSettings, SpawnedServer, StopSignal};
 use crate::service::{verify_assignments, ConnectionString, ServiceClient, Verification};
 use crate::stats::{ms, us, RunReport};
-use crate::tls::{client_config, server_name, TlsOptions};
+use crate::tls::{client_config, server_name, BaselineClientAuth, TlsOptions};
+use crate::x509::{DeviceCa, DEVICE_CA_NAME};
 use crate::Error;
 use dps_core::proto::sas::SymmetricKey;
 use std::fmt::Write as _;
@@ -45,11 +46,11 @@ impl Endpoint {
 
     /// The devices' target for a protocol.
     pub fn target(&self, protocol: Protocol) -> Result<Target, Error> {
-        let addr = match protocol {
-            Protocol::Https => self.https,
+        let addr = match protocol.transport() {
             Protocol::Mqtt => self.mqtt,
+            _ => self.https,
         };
-        let host_header = match protocol {
+        let host_header = match protocol.transport() {
             Protocol::Https if self.https.port() != 443 => {
                 format!("{}:{}", self.server_name, self.https.port())
             }
@@ -66,7 +67,7 @@ pub struct LoadSettings {
     pub devices: usize,
     /// Devices in flight at once.
     pub concurrency: usize,
-    /// Registration ID prefix (each protocol's runs add `-https` / `-mqtt`).
+    /// Registration ID prefix (each protocol's runs add `-https` / `-mqtt` / `-x509` / `-x509-mqtt`).
     pub prefix: String,
     /// Device behaviour.
     pub drive: DriveOptions,
@@ -117,17 +118,17 @@ pub async fn run_baseline(
 ) -> Result<RunOutput, Error> {
     let scope = set.id_scope().as_str().to_owned();
     let registration_id = set.registration_id(0);
+    let client_auth = baseline_client_auth(protocol, &set, load)?;
     let label = format!(
         "baseline {} (bare rustls + {}, fixed replies{}{})",
         protocol.as_str(),
         bare(protocol),
-        if load.baseline_client_auth { ", optional client cert requested" } else { "" },
+        client_auth.describe(),
         if load.baseline_process.is_none() { ", in the load generator's process" } else { "" }
     );
     let Some(exe) = load.baseline_process.clone() else {
         let replies = FixedReplies::from_engine(&scope, &registration_id, BASELINE_HUB)?;
-        let server =
-            BaselineServer::start_with(bind, replies, load.baseline_threads, load.baseline_client_auth)?;
+        let server = BaselineServer::start_with(bind, replies, load.baseline_threads, &client_auth)?;
         let endpoint = Endpoint::new(
             server.https_addr(),
             server.mqtt_addr(),
@@ -140,9 +141,9 @@ pub async fn run_baseline(
         drop(server);
         return Ok(output);
     };
-    let (threads, client_auth) = (load.baseline_threads, load.baseline_client_auth);
+    let threads = load.baseline_threads;
     let server = tokio::task::spawn_blocking(move || {
-        BaselineProcess::start(&exe, bind, &scope, &registration_id, threads, client_auth)
+        BaselineProcess::start(&exe, bind, &scope, &registration_id, threads, &client_auth)
     })
     .await
     .map_err(|e| Error::Config(format!("starting the baseline server process: {e}")))??;
@@ -155,10 +156,26 @@ pub async fn run_baseline(
     Ok(output)
 }
 
+/// How the baseline of `protocol` treats client certificates: X.509 devices' baseline requires and verifies
+/// them against the set's root; otherwise as `--baseline-client-auth` says.
+fn baseline_client_auth(
+    protocol: Protocol,
+    set: &DeviceSet,
+    load: &LoadSettings,
+) -> Result<BaselineClientAuth, Error> {
+    if protocol.is_x509() {
+        let devices = set.x509_devices().ok_or_else(|| {
+            Error::Config(format!("the {} devices have no certificates", protocol.as_str()))
+        })?;
+        return Ok(BaselineClientAuth::Required { roots_pem: devices.root_pem.clone() });
+    }
+    Ok(if load.baseline_client_auth { BaselineClientAuth::Optional } else { BaselineClientAuth::Off })
+}
+
 fn bare(protocol: Protocol) -> &'static str {
-    match protocol {
-        Protocol::Https => "hyper",
+    match protocol.transport() {
         Protocol::Mqtt => "MQTT codec",
+        _ => "hyper",
     }
 }
 
@@ -287,7 +304,9 @@ impl BenchResult {
             }
             let mut rate = fmt_ratio(c.rate_ratio());
             let mut cpu = fmt_ratio(c.cpu_bound_ratio(self.cores));
-            if let (Protocol::Mqtt, Some(h)) = (c.protocol, https_baseline) {
+            if let (Protocol::Mqtt | Protocol::X509 | Protocol::X509Mqtt, Some(h)) =
+                (c.protocol, https_baseline)
+            {
                 let vs = |x: Option<f64>, y: Option<f64>| fmt_ratio(x.zip(y).map(|(x, y)| x / y));
                 rate = format!("{rate} ({} of HTTPS baseline)", vs(Some(c.server.rate()), Some(h.rate())));
                 cpu = format!(
@@ -421,6 +440,9 @@ pub struct BenchPlan {
     pub verify: bool,
     /// The enrollment group of the devices.
     pub group_id: String,
+    /// The X.509 enrollment group of the X.509 devices (created, with the root as its verified CA
+    /// certificate, when an X.509 protocol runs).
+    pub x509_group_id: String,
     /// How many times to repeat every baseline + server pair (alternating, to spread out noise from other
     /// processes; each round registers new devices).
     pub rounds: usize,
@@ -463,7 +485,10 @@ pub async fn run_bench(plan: &BenchPlan, source: ServerSource) -> Result<BenchRe
         Some(c) => Some(ServiceClient::new(endpoint.target(Protocol::Https)?, c)),
         None => None,
     };
+    let symmetric = plan.protocols.iter().any(|p| !p.is_x509());
+    let x509 = plan.protocols.iter().any(|p| p.is_x509());
     let group_key = match (&source, &service) {
+        _ if !symmetric => SymmetricKey::from_bytes(Vec::new()),
         (ServerSource::External(ExternalServer { group_key: Some(k), .. }), _) => k.clone(),
         (ServerSource::External(ext), Some(service)) => service.group_key(&plan.group_id, ext.setup).await?,
         (ServerSource::Spawn(_), Some(service)) => service.group_key(&plan.group_id, true).await?,
@@ -474,9 +499,25 @@ pub async fn run_bench(plan: &BenchPlan, source: ServerSource) -> Result<BenchRe
             ))
         }
     };
+    // X.509: one root for the whole bench, uploaded as a verified CA certificate with the group on it.
+    let device_ca = if x509 {
+        let ca = DeviceCa::generate("dps-loadgen device root CA")?;
+        let service = service.as_ref().ok_or_else(|| {
+            Error::Config(
+                "the X.509 mode uploads its root CA and creates its group through the service API: pass \
+                 --connection-string or --data-dir"
+                    .into(),
+            )
+        })?;
+        service.setup_x509_group(&plan.x509_group_id, DEVICE_CA_NAME, ca.pem()).await?;
+        Some(ca)
+    } else {
+        None
+    };
 
     let bind = endpoint.https.ip();
     let mut all_assignments: Vec<Assignment> = Vec::new();
+    let mut leaves = (0usize, Duration::ZERO);
     let rounds = plan.rounds.max(1);
     for round in 0..rounds {
         for &protocol in &plan.protocols {
@@ -484,7 +525,23 @@ pub async fn run_bench(plan: &BenchPlan, source: ServerSource) -> Result<BenchRe
             if rounds > 1 {
                 prefix = format!("{prefix}-r{}", round + 1);
             }
-            let set = Arc::new(DeviceSet::new(&id_scope, group_key.clone(), &prefix)?);
+            let set = match (&device_ca, protocol.is_x509()) {
+                (Some(ca), true) => {
+                    // Every leaf is generated here, before the timed runs of this round.
+                    let set = DeviceSet::x509(&id_scope, &prefix, ca, plan.load.devices)?;
+                    if let Some(x) = set.x509_devices() {
+                        leaves = (leaves.0 + x.identities.len(), leaves.1 + x.generation);
+                        eprintln!(
+                            "generated {} X.509 device certificates for {prefix} in {:.2} s",
+                            x.identities.len(),
+                            x.generation.as_secs_f64()
+                        );
+                    }
+                    set
+                }
+                _ => DeviceSet::new(&id_scope, group_key.clone(), &prefix)?,
+            };
+            let set = Arc::new(set);
             let baseline = if plan.baseline {
                 let out = run_baseline(protocol, set.clone(), &plan.load, bind).await?;
                 eprintln!("{}", out.report);
@@ -498,6 +555,20 @@ pub async fn run_bench(plan: &BenchPlan, source: ServerSource) -> Result<BenchRe
             result.comparisons.push(Comparison { protocol, round, baseline, server: out.report });
         }
     }
+    if leaves.0 > 0 {
+        result.notes.push(format!(
+            "X.509 devices: a root CA generated at start (ECDSA P-256), uploaded as the verified CA certificate \
+             '{DEVICE_CA_NAME}' with the enrollment group '{}' on it; each device its own leaf (ECDSA P-256, \
+             CN = registration ID, EKU clientAuth, signed by the root, sent without the root) presented on a \
+             fresh mutual-TLS connection, no SAS token. The {} leaves were generated before the timed runs, in \
+             {:.2} s ({:.0} us each). The X.509 baseline requires the client certificate and verifies it \
+             against the root (rustls WebPkiClientVerifier); its fixed replies are the symmetric-key ones.",
+            plan.x509_group_id,
+            leaves.0,
+            leaves.1.as_secs_f64(),
+            leaves.1.as_secs_f64() * 1e6 / leaves.0 as f64,
+        ));
+    }
 
     if plan.verify {
         match (&source, spawned.take(), &service) {
@@ -509,7 +580,7 @@ pub async fn run_bench(plan: &BenchPlan, source: ServerSource) -> Result<BenchRe
                 );
                 let restarted =
                     SpawnedServer::start(&spawn.settings, "dps-server-2.log", spawn.timeout).await?;
-                let states = service.registration_states(&plan.group_id).await;
+                let states = all_states(service, plan, symmetric, x509).await;
                 let stopped = restarted.stop(StopSignal::Term, spawn.timeout).await;
                 let verification = verify_assignments(&all_assignments, &states?);
                 stopped?;
@@ -521,7 +592,7 @@ pub async fn run_bench(plan: &BenchPlan, source: ServerSource) -> Result<BenchRe
             }
             (_, server, Some(service)) => {
                 spawned = server;
-                let states = service.registration_states(&plan.group_id).await?;
+                let states = all_states(service, plan, symmetric, x509).await?;
                 result.verification_method =
                     "every assignment a device was told about, read back through the service API (server not restarted)"
                         .to_owned();
@@ -551,6 +622,23 @@ pub async fn run_bench(plan: &BenchPlan, source: ServerSource) -> Result<BenchRe
         plan.load.concurrency,
     ));
     Ok(result)
+}
+
+/// The registration states of the symmetric-key group and of the X.509 group, as far as used.
+async fn all_states(
+    service: &ServiceClient,
+    plan: &BenchPlan,
+    symmetric: bool,
+    x509: bool,
+) -> Result<Vec<dps_core::proto::model::DeviceRegistrationState>, Error> {
+    let mut states = Vec::new();
+    if symmetric {
+        states.extend(service.registration_states(&plan.group_id).await?);
+    }
+    if x509 {
+        states.extend(service.registration_states(&plan.x509_group_id).await?);
+    }
+    Ok(states)
 }
 
 /// Where `dps-server` is looked for when `--server-bin` is not given: next to this executable (both are in

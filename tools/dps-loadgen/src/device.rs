@@ -3,6 +3,7 @@
 //! [`dps_client::RegistrationClient`].
 
 use crate::stats::{Failure, Incident};
+use crate::x509::{DeviceCa, DeviceIdentity};
 use crate::Error;
 use dps_client::{
     ClientAction, ClientConfig, ClientError, ClientEvent, ClientRequest, RegistrationClient, RequestKind,
@@ -23,15 +24,35 @@ pub enum Protocol {
     Https,
     /// MQTT 3.1.1 over TLS (CONNECT, SUBSCRIBE, PUBLISH register and status requests at QoS 1).
     Mqtt,
+    /// X.509 devices over HTTPS: each presents its own leaf certificate (CN = registration ID, signed by the
+    /// load generator's root) on a fresh mutual-TLS connection and sends no SAS token.
+    X509,
+    /// X.509 devices over MQTT (client certificate, username only, no password).
+    X509Mqtt,
 }
 
 impl Protocol {
-    /// `https` or `mqtt`.
+    /// `https`, `mqtt`, `x509` or `x509-mqtt`.
     pub fn as_str(self) -> &'static str {
         match self {
             Protocol::Https => "https",
             Protocol::Mqtt => "mqtt",
+            Protocol::X509 => "x509",
+            Protocol::X509Mqtt => "x509-mqtt",
         }
+    }
+
+    /// The wire transport: [`Protocol::Https`] or [`Protocol::Mqtt`].
+    pub fn transport(self) -> Protocol {
+        match self {
+            Protocol::Https | Protocol::X509 => Protocol::Https,
+            Protocol::Mqtt | Protocol::X509Mqtt => Protocol::Mqtt,
+        }
+    }
+
+    /// Whether the devices attest with X.509 client certificates (else with group-derived SAS tokens).
+    pub fn is_x509(self) -> bool {
+        matches!(self, Protocol::X509 | Protocol::X509Mqtt)
     }
 }
 
@@ -54,14 +75,43 @@ pub struct Target {
     pub host_header: String,
 }
 
-/// A population of devices of one symmetric-key enrollment group: device `i` has the registration ID
-/// `{prefix}-{i:06}` and the key `HMAC-SHA256(groupKey, registrationId)`.
+impl Target {
+    /// The client TLS configuration of one connection: [`Target::tls`], presenting `identity` as the client
+    /// certificate if given (a shallow copy of the configuration per X.509 device; its trust roots and
+    /// provider are shared).
+    pub fn tls_for(&self, identity: Option<&DeviceIdentity>) -> Arc<TlsClientConfig> {
+        match identity {
+            None => self.tls.clone(),
+            Some(identity) => {
+                let mut config = (*self.tls).clone();
+                config.client_auth_cert_resolver = identity.resolver();
+                Arc::new(config)
+            }
+        }
+    }
+}
+
+/// A population of devices of one enrollment group: device `i` has the registration ID `{prefix}-{i:06}`
+/// and, in a symmetric-key group, the key `HMAC-SHA256(groupKey, registrationId)`; in an X.509 group
+/// ([`DeviceSet::x509`]), its own leaf certificate and no key.
 #[derive(Debug, Clone)]
 pub struct DeviceSet {
     id_scope: IdScope,
     group_key: SymmetricKey,
     prefix: String,
     api_version: ApiVersion,
+    x509: Option<Arc<X509Devices>>,
+}
+
+/// The certificates of an X.509 device set.
+#[derive(Debug)]
+pub struct X509Devices {
+    /// The root every leaf chains to, PEM.
+    pub root_pem: String,
+    /// Device `i`'s identity at index `i`.
+    pub identities: Vec<DeviceIdentity>,
+    /// How long generating the leaves took.
+    pub generation: Duration,
 }
 
 impl DeviceSet {
@@ -70,7 +120,32 @@ impl DeviceSet {
         let id_scope = IdScope::parse(id_scope).map_err(|e| Error::Config(format!("--id-scope: {e}")))?;
         RegistrationId::parse(&format!("{prefix}-000000"))
             .map_err(|e| Error::Config(format!("--prefix '{prefix}' makes invalid registration IDs: {e}")))?;
-        Ok(DeviceSet { id_scope, group_key, prefix: prefix.to_owned(), api_version: ApiVersion::V2021_10_01 })
+        Ok(DeviceSet {
+            id_scope,
+            group_key,
+            prefix: prefix.to_owned(),
+            api_version: ApiVersion::V2021_10_01,
+            x509: None,
+        })
+    }
+
+    /// An X.509 device set of `count` devices: generates every device's leaf (CN = its registration ID)
+    /// signed by `root`, now, so that the timed runs only present them.
+    pub fn x509(id_scope: &str, prefix: &str, root: &DeviceCa, count: usize) -> Result<DeviceSet, Error> {
+        let mut set = DeviceSet::new(id_scope, SymmetricKey::from_bytes(Vec::new()), prefix)?;
+        let (identities, generation) = root.leaves((0..count).map(|i| set.registration_id(i)))?;
+        set.x509 = Some(Arc::new(X509Devices { root_pem: root.pem().to_owned(), identities, generation }));
+        Ok(set)
+    }
+
+    /// The certificates, for an X.509 device set.
+    pub fn x509_devices(&self) -> Option<&X509Devices> {
+        self.x509.as_deref()
+    }
+
+    /// Device `i`'s TLS client identity (X.509 sets only; `None` past the generated devices).
+    pub fn identity(&self, i: usize) -> Option<&DeviceIdentity> {
+        self.x509.as_ref().and_then(|x| x.identities.get(i))
     }
 
     /// The ID scope.
@@ -93,8 +168,12 @@ impl DeviceSet {
         let id = self.registration_id(i);
         let registration_id = RegistrationId::parse(&id)
             .map_err(|e| Incident::new(Failure::Protocol, format!("registration ID '{id}': {e}")))?;
-        let key = self.group_key.derive_device_key(registration_id.as_str());
-        let mut config = ClientConfig::new(self.id_scope.clone(), registration_id, key);
+        let mut config = if self.x509.is_some() {
+            ClientConfig::x509(self.id_scope.clone(), registration_id)
+        } else {
+            let key = self.group_key.derive_device_key(registration_id.as_str());
+            ClientConfig::new(self.id_scope.clone(), registration_id, key)
+        };
         config.api_version = self.api_version.clone();
         Ok(RegistrationClient::new(config))
     }
@@ -267,13 +346,18 @@ pub async fn register_device(
     let mut progress = Progress::default();
     let attempt = async {
         let mut client = set.client(index)?;
-        match protocol {
-            Protocol::Https => {
-                crate::https::register(target, &mut client, options, &mut progress, start).await
+        let identity = match (protocol.is_x509(), set.identity(index)) {
+            (false, _) => None,
+            (true, Some(identity)) => Some(identity),
+            (true, None) => {
+                return Err(Incident::new(Failure::Protocol, format!("no X.509 identity for device {index}")))
             }
+        };
+        match protocol.transport() {
             Protocol::Mqtt => {
-                crate::mqtt::register(target, set, &mut client, options, &mut progress, start).await
+                crate::mqtt::register(target, identity, &mut client, options, &mut progress, start).await
             }
+            _ => crate::https::register(target, identity, &mut client, options, &mut progress, start).await,
         }
     };
     let outcome = match tokio::time::timeout(options.timeout, attempt).await {

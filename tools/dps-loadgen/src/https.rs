@@ -3,6 +3,7 @@
 
 use crate::device::{drive, DriveOptions, Exchange, Progress, RawResponse, Target};
 use crate::stats::{Failure, Incident};
+use crate::x509::DeviceIdentity;
 use bytes::Bytes;
 use dps_client::{ClientAction, ClientRequest, RegistrationClient};
 use http_body_util::{BodyExt, Full, Limited};
@@ -67,13 +68,14 @@ pub fn tls_parameters(connection: &rustls::ClientConnection) -> String {
 /// Opens a TCP connection and completes the TLS handshake.
 pub(crate) async fn connect_tls(
     target: &Target,
+    identity: Option<&DeviceIdentity>,
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, Incident> {
     let tcp = TcpStream::connect(target.addr)
         .await
         .map_err(|e| Incident::new(Failure::Connect, format!("{}: {e}", target.addr)))?;
     // Small request/response exchanges: do not wait for Nagle.
     tcp.set_nodelay(true).map_err(|e| Incident::new(Failure::Connect, format!("TCP_NODELAY: {e}")))?;
-    TlsConnector::from(target.tls.clone())
+    TlsConnector::from(target.tls_for(identity))
         .connect(target.server_name.clone(), tcp)
         .await
         .map_err(|e| Incident::new(Failure::Tls, e.to_string()))
@@ -82,7 +84,15 @@ pub(crate) async fn connect_tls(
 impl HttpsConnection {
     /// Connects (TCP, TLS handshake, HTTP/1.1 handshake).
     pub async fn connect(target: &Target) -> Result<HttpsConnection, Incident> {
-        let tls = connect_tls(target).await?;
+        HttpsConnection::connect_as(target, None).await
+    }
+
+    /// Connects presenting `identity` as the TLS client certificate, if given.
+    pub async fn connect_as(
+        target: &Target,
+        identity: Option<&DeviceIdentity>,
+    ) -> Result<HttpsConnection, Incident> {
+        let tls = connect_tls(target, identity).await?;
         let parameters = tls_parameters(tls.get_ref().1);
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
@@ -146,9 +156,11 @@ impl HttpsConnection {
 
 impl Exchange for HttpsConnection {
     async fn exchange(&mut self, request: &ClientRequest) -> Result<RawResponse, Incident> {
+        // X.509 devices send no SAS token (their TLS client certificate authenticates them).
         let authorization = [("authorization", request.authorization.as_str())];
+        let headers: &[(&str, &str)] = if request.authorization.is_empty() { &[] } else { &authorization };
         let response = self
-            .send(request.http_method(), &request.http_path_and_query(), &authorization, request.body.clone())
+            .send(request.http_method(), &request.http_path_and_query(), headers, request.body.clone())
             .await?;
         Ok(RawResponse {
             status: response.status,
@@ -161,12 +173,13 @@ impl Exchange for HttpsConnection {
 /// One device's registration over a fresh HTTPS connection.
 pub(crate) async fn register(
     target: &Target,
+    identity: Option<&DeviceIdentity>,
     client: &mut RegistrationClient,
     options: &DriveOptions,
     progress: &mut Progress,
     start: Instant,
 ) -> Result<crate::device::Assignment, Incident> {
-    let mut connection = HttpsConnection::connect(target).await?;
+    let mut connection = HttpsConnection::connect_as(target, identity).await?;
     progress.handshake = Some(start.elapsed());
     progress.tls = Some(connection.tls.clone());
     let first = client.start(crate::device::now());

@@ -1,6 +1,9 @@
 //! `dps-loadgen`: simulated symmetric-key devices that each open a **fresh TLS connection**, register and poll
 //! until assigned — over HTTPS or MQTT — driving the device-side state machine
-//! [`dps_client::RegistrationClient`] rather than re-implementing the protocol.
+//! [`dps_client::RegistrationClient`] rather than re-implementing the protocol. In the X.509 mode
+//! (`x509`, `x509-mqtt`) every device instead presents its own leaf certificate, signed by a root the load
+//! generator generates at start, on a fresh mutual-TLS connection, and its baseline requires and verifies
+//! that certificate.
 //!
 //! It measures registrations per second, the latency of whole registrations and errors by DPS error code,
 //! and compares the server with a **baseline**: a bare rustls + hyper server in the same process (same kind
@@ -11,7 +14,8 @@
 //! Modules: [`device`] (identities and the per-device driver), [`https`] and [`mqtt`] (transports),
 //! [`runner`] (concurrency, progress, aggregation), [`baseline`] (the fixed-reply servers), [`service`] (the
 //! service API: group setup and verification of stored registrations), [`server`] (spawning `dps-server`),
-//! [`bench`](mod@bench) (the whole comparison and its markdown table), [`stats`] and [`cpu`] (measurement), [`tls`].
+//! [`bench`](mod@bench) (the whole comparison and its markdown table), [`stats`] and [`cpu`] (measurement), [`tls`],
+//! [`x509`] (the device root CA and per-device leaf certificates of the X.509 mode).
 #![forbid(unsafe_code)]
 // A load generator is a program: it reads the clock, sleeps, opens sockets and files, and spawns processes.
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)]
@@ -27,6 +31,7 @@ pub mod server;
 pub mod service;
 pub mod stats;
 pub mod tls;
+pub mod x509;
 
 /// Why the load generator could not set up or finish (errors of individual devices are counted in a
 /// [`stats::ErrorTally`] instead).

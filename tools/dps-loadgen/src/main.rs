@@ -14,7 +14,8 @@ use dps_loadgen::device::{DeviceSet, DriveOptions, Protocol};
 use dps_loadgen::runner::{run_load, LoadOptions};
 use dps_loadgen::server::{ServerSettings, StopSignal};
 use dps_loadgen::service::{verify_assignments, ConnectionString, ServiceClient};
-use dps_loadgen::tls::{CipherSuites, TlsOptions, TlsVersions};
+use dps_loadgen::tls::{BaselineClientAuth, CipherSuites, TlsOptions, TlsVersions};
+use dps_loadgen::x509::{DeviceCa, DEVICE_CA_NAME};
 use dps_loadgen::Error;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -28,8 +29,8 @@ use std::time::Duration;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Load generator for DPS servers: simulated symmetric-key devices, each on a fresh TLS connection, register
-/// and poll until assigned (HTTPS or MQTT), compared with a bare rustls + hyper baseline in this process.
+/// Load generator for DPS servers: simulated symmetric-key or X.509 devices, each on a fresh TLS connection,
+/// register and poll until assigned (HTTPS or MQTT), compared with a bare rustls + hyper baseline.
 ///
 /// Exit status: 0 when every device was assigned without any error (and the durability check passed),
 /// 1 when a run had errors, 2 when the load could not be set up.
@@ -75,6 +76,10 @@ enum Command {
         /// Request an optional client certificate.
         #[arg(long)]
         client_auth: bool,
+        /// Require a client certificate and verify it against the roots in this PEM file (the X.509
+        /// baseline).
+        #[arg(long, conflicts_with = "client_auth")]
+        client_ca: Option<PathBuf>,
         /// Where to write the listeners and CA (JSON) once listening.
         #[arg(long)]
         ready_file: PathBuf,
@@ -128,8 +133,8 @@ enum Command {
         /// server's default) or after the final commit (false).
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
         server_respond_early: bool,
-        /// Protocols to run, in order.
-        #[arg(long, value_enum, value_delimiter = ',', default_value = "https,mqtt")]
+        /// Protocols to run, in order (`x509`, `x509-mqtt`: X.509 devices, each with its own certificate).
+        #[arg(long, alias = "protocols", value_enum, value_delimiter = ',', default_value = "https,mqtt")]
         modes: Vec<Protocol>,
         /// Skip the baselines.
         #[arg(long)]
@@ -190,6 +195,11 @@ struct TargetArgs {
     /// Create the enrollment group through the service API first if it does not exist.
     #[arg(long)]
     setup: bool,
+    /// The X.509 enrollment group of the X.509 devices (modes `x509`, `x509-mqtt`): created or replaced
+    /// through the service API, on the root CA the load generator generates at start (uploaded as the
+    /// verified CA certificate `loadgen-device-root`).
+    #[arg(long, default_value = "loadgen-x509")]
+    x509_group_id: String,
     /// The server's process ID, to report its CPU time per registration.
     #[arg(long)]
     server_pid: Option<u32>,
@@ -203,7 +213,7 @@ struct LoadArgs {
     /// Devices in flight at once.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
-    /// Registration ID prefix: device i is `{prefix}-{i:06}` (bench and compare add `-https`/`-mqtt`).
+    /// Registration ID prefix: device i is `{prefix}-{i:06}` (bench and compare add `-https`/`-mqtt`/`-x509`).
     #[arg(long, default_value = "sensor")]
     prefix: String,
     /// After a `202 assigning`, poll at once instead of sleeping the Retry-After, so the run measures the
@@ -395,15 +405,30 @@ async fn main_inner(cli: Cli) -> Result<ExitCode, Error> {
             let service =
                 credentials.map(|c| endpoint.target(Protocol::Https).map(|t| ServiceClient::new(t, c)));
             let service = service.transpose()?;
-            let group_key = match (target.group_key()?, &service) {
-                (Some(k), _) => k,
-                (None, Some(s)) => s.group_key(&target.group_id, target.setup).await?,
-                (None, None) => return Err(Error::Config(
-                    "pass --group-key, or --connection-string/--data-dir to read it through the service API"
-                        .into(),
-                )),
+            let group_id = if mode.is_x509() { &target.x509_group_id } else { &target.group_id };
+            let set = if mode.is_x509() {
+                let service = service.as_ref().ok_or_else(|| {
+                    Error::Config(
+                        "--mode x509 uploads its root CA and sets up its group through the service API: pass \
+                         --connection-string or --data-dir"
+                            .into(),
+                    )
+                })?;
+                let ca = DeviceCa::generate("dps-loadgen device root CA")?;
+                service.setup_x509_group(group_id, DEVICE_CA_NAME, ca.pem()).await?;
+                x509_devices(&target.id_scope()?, &settings, &ca)?
+            } else {
+                let group_key = match (target.group_key()?, &service) {
+                    (Some(k), _) => k,
+                    (None, Some(s)) => s.group_key(group_id, target.setup).await?,
+                    (None, None) => return Err(Error::Config(
+                        "pass --group-key, or --connection-string/--data-dir to read it through the service API"
+                            .into(),
+                    )),
+                };
+                DeviceSet::new(&target.id_scope()?, group_key, &settings.prefix)?
             };
-            let set = Arc::new(DeviceSet::new(&target.id_scope()?, group_key, &settings.prefix)?);
+            let set = Arc::new(set);
             let options = LoadOptions {
                 label: format!("{} {}", mode.as_str(), endpoint.target(mode)?.addr),
                 devices: settings.devices,
@@ -419,23 +444,35 @@ async fn main_inner(cli: Cli) -> Result<ExitCode, Error> {
                 let service = service.ok_or_else(|| {
                     Error::Config("--verify needs --connection-string or --data-dir".into())
                 })?;
-                let v = verify_assignments(
-                    &out.assignments,
-                    &service.registration_states(&target.group_id).await?,
-                );
+                let v = verify_assignments(&out.assignments, &service.registration_states(group_id).await?);
                 println!("durability: {}", v.summary());
                 ok &= v.is_ok();
             }
             Ok(verdict(ok))
         }
-        Command::BaselineServer { bind, id_scope, registration_id, threads, client_auth, ready_file } => {
+        Command::BaselineServer {
+            bind,
+            id_scope,
+            registration_id,
+            threads,
+            client_auth,
+            client_ca,
+            ready_file,
+        } => {
+            let auth = match (client_ca, client_auth) {
+                (Some(path), _) => BaselineClientAuth::Required {
+                    roots_pem: String::from_utf8_lossy(&read_file(&path)?).into_owned(),
+                },
+                (None, true) => BaselineClientAuth::Optional,
+                (None, false) => BaselineClientAuth::Off,
+            };
             tokio::task::spawn_blocking(move || {
                 dps_loadgen::baseline::serve_standalone(
                     bind,
                     &id_scope,
                     &registration_id,
                     threads,
-                    client_auth,
+                    &auth,
                     &ready_file,
                 )
             })
@@ -445,11 +482,12 @@ async fn main_inner(cli: Cli) -> Result<ExitCode, Error> {
         }
         Command::Baseline { load, mode, bind } => {
             let settings = load.settings()?;
-            let set = Arc::new(DeviceSet::new(
-                BASELINE_SCOPE,
-                SymmetricKey::from_bytes(vec![0x5a; 64]),
-                &settings.prefix,
-            )?);
+            let set = if mode.is_x509() {
+                x509_devices(BASELINE_SCOPE, &settings, &DeviceCa::generate("dps-loadgen device root CA")?)?
+            } else {
+                DeviceSet::new(BASELINE_SCOPE, SymmetricKey::from_bytes(vec![0x5a; 64]), &settings.prefix)?
+            };
+            let set = Arc::new(set);
             let out = run_baseline(mode, set, &settings, bind).await?;
             println!("{}", out.report);
             Ok(verdict(out.report.is_clean()))
@@ -462,6 +500,7 @@ async fn main_inner(cli: Cli) -> Result<ExitCode, Error> {
                 baseline: true,
                 verify,
                 group_id: target.group_id.clone(),
+                x509_group_id: target.x509_group_id.clone(),
                 rounds,
                 command: command_line(),
             };
@@ -491,6 +530,7 @@ async fn main_inner(cli: Cli) -> Result<ExitCode, Error> {
                 baseline: !no_baseline,
                 verify: !no_verify,
                 group_id: target.group_id.clone(),
+                x509_group_id: target.x509_group_id.clone(),
                 rounds,
                 command: command_line(),
             };
@@ -529,6 +569,20 @@ async fn main_inner(cli: Cli) -> Result<ExitCode, Error> {
             finish_bench(&result, &output)
         }
     }
+}
+
+/// The X.509 devices of a single run: every leaf generated now, before the timed run.
+fn x509_devices(id_scope: &str, settings: &LoadSettings, ca: &DeviceCa) -> Result<DeviceSet, Error> {
+    let set = DeviceSet::x509(id_scope, &settings.prefix, ca, settings.devices)?;
+    if let Some(x) = set.x509_devices() {
+        eprintln!(
+            "generated {} X.509 device certificates in {:.2} s ({:.0} us each)",
+            x.identities.len(),
+            x.generation.as_secs_f64(),
+            x.generation.as_secs_f64() * 1e6 / x.identities.len().max(1) as f64
+        );
+    }
+    Ok(set)
 }
 
 fn print_ratios(result: &BenchResult) {

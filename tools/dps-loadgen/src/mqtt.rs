@@ -4,9 +4,10 @@
 //! `$dps/registrations/res/#` at QoS 1 and wait for SUBACK, then PUBLISH the register and status requests at
 //! QoS 1 and read the responses (acknowledging each), one request at a time; finally DISCONNECT.
 
-use crate::device::{drive, Assignment, DeviceSet, DriveOptions, Exchange, Progress, RawResponse, Target};
+use crate::device::{drive, Assignment, DriveOptions, Exchange, Progress, RawResponse, Target};
 use crate::https::USER_AGENT;
 use crate::stats::{Failure, Incident};
+use crate::x509::DeviceIdentity;
 use bytes::BytesMut;
 use dps_client::{ClientAction, ClientRequest, RegistrationClient};
 use dps_core::proto::mqtt::{parse_response_topic, RESPONSE_TOPIC_FILTER};
@@ -217,13 +218,14 @@ impl Exchange for MqttSession {
 /// One device's registration over a fresh MQTT-over-TLS connection.
 pub(crate) async fn register(
     target: &Target,
-    _set: &DeviceSet,
+    identity: Option<&DeviceIdentity>,
     client: &mut RegistrationClient,
     options: &DriveOptions,
     progress: &mut Progress,
     start: Instant,
 ) -> Result<Assignment, Incident> {
-    // The SAS token of the first request is the CONNECT password.
+    // The SAS token of the first request is the CONNECT password (empty for X.509 devices, which send a
+    // username only and authenticate with their TLS client certificate).
     let first = client.start(crate::device::now());
     let ClientAction::Send(request) = &first else {
         return Err(Incident::new(Failure::Protocol, "the client did not start with a request"));
@@ -232,7 +234,7 @@ pub(crate) async fn register(
     let username = request.mqtt_username(Some(USER_AGENT));
     let password = request.authorization.clone();
 
-    let tls = crate::https::connect_tls(target).await?;
+    let tls = crate::https::connect_tls(target, identity).await?;
     progress.handshake = Some(start.elapsed());
     progress.tls = Some(crate::https::tls_parameters(tls.get_ref().1));
     let mut session =

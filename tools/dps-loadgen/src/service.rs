@@ -103,6 +103,37 @@ impl ServiceClient {
         SymmetricKey::parse(&key).map_err(|e| Error::Service(format!("the group's primary key: {e}")))
     }
 
+    /// Uploads `root_pem` as the **verified** CA certificate `ca_name` (replacing one of that name) and
+    /// creates or replaces the X.509 enrollment group `group_id` whose `caReferences.primary` is `ca_name`:
+    /// it then admits every device whose certificate chain reaches that root.
+    pub async fn setup_x509_group(&self, group_id: &str, ca_name: &str, root_pem: &str) -> Result<(), Error> {
+        let certificate = serde_json::json!({"properties": {"certificate": root_pem, "isVerified": true}});
+        let path = format!("/certificates/{ca_name}");
+        self.put_replacing(&path, &certificate, &format!("uploading CA certificate '{ca_name}'")).await?;
+        let group = serde_json::json!({
+            "enrollmentGroupId": group_id,
+            "attestation": {"type": "x509", "x509": {"caReferences": {"primary": ca_name}}},
+            "provisioningStatus": "enabled",
+        });
+        let path = format!("/enrollmentGroups/{group_id}");
+        self.put_replacing(&path, &group, &format!("creating X.509 enrollment group '{group_id}'")).await
+    }
+
+    /// PUT, with `If-Match` of the current ETag when the object exists already.
+    async fn put_replacing(&self, path: &str, body: &serde_json::Value, what: &str) -> Result<(), Error> {
+        let current = self.call("GET", path, None, &[]).await?;
+        let etag = (current.status == 200)
+            .then(|| serde_json::from_slice::<serde_json::Value>(&current.body).ok())
+            .flatten()
+            .and_then(|v| v.get("etag").and_then(|e| e.as_str()).map(str::to_owned));
+        let headers: Vec<(&str, &str)> = etag.as_deref().map(|e| ("if-match", e)).into_iter().collect();
+        let response = self.call("PUT", path, Some(body), &headers).await?;
+        if response.status != 200 {
+            return Err(service_error(what, &response));
+        }
+        Ok(())
+    }
+
     /// Every registration state of the group, following continuation tokens.
     pub async fn registration_states(&self, group_id: &str) -> Result<Vec<DeviceRegistrationState>, Error> {
         let path = format!("/registrations/{group_id}/query");

@@ -170,27 +170,75 @@ impl TestPki {
     /// A server configuration that may also **request** an optional client certificate, as a DPS server must
     /// for X.509 attestation (devices without one send an empty Certificate message).
     pub fn server_config_with(&self, request_client_cert: bool) -> Result<Arc<ServerConfig>, Error> {
+        let auth = if request_client_cert { BaselineClientAuth::Optional } else { BaselineClientAuth::Off };
+        self.server_config_for(&auth)
+    }
+
+    /// A server configuration with the given client authentication.
+    pub fn server_config_for(&self, auth: &BaselineClientAuth) -> Result<Arc<ServerConfig>, Error> {
         let builder = ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&TLS13, &TLS12])
             .map_err(|e| Error::Tls(e.to_string()))?;
-        let builder = if request_client_cert {
+        let roots_of = |pem: &[u8]| -> Result<RootCertStore, Error> {
             let mut roots = RootCertStore::empty();
-            for cert in parse_certificates(self.ca_pem.as_bytes())? {
+            for cert in parse_certificates(pem)? {
                 roots.add(cert).map_err(|e| Error::Tls(e.to_string()))?;
             }
-            let verifier =
-                rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-                    .allow_unauthenticated()
-                    .build()
-                    .map_err(|e| Error::Tls(e.to_string()))?;
-            builder.with_client_cert_verifier(verifier)
-        } else {
-            builder.with_no_client_auth()
+            Ok(roots)
+        };
+        let builder = match auth {
+            BaselineClientAuth::Off => builder.with_no_client_auth(),
+            BaselineClientAuth::Optional => {
+                let roots = roots_of(self.ca_pem.as_bytes())?;
+                let verifier =
+                    rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                        .allow_unauthenticated()
+                        .build()
+                        .map_err(|e| Error::Tls(e.to_string()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            BaselineClientAuth::Required { roots_pem } => {
+                let roots = roots_of(roots_pem.as_bytes())?;
+                // Mandatory: a handshake without a certificate chaining to `roots` fails.
+                let verifier =
+                    rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                        .build()
+                        .map_err(|e| Error::Tls(e.to_string()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
         };
         let config = builder
             .with_single_cert(self.chain.clone(), self.key.clone_key())
             .map_err(|e| Error::Tls(format!("the server certificate is not usable: {e}")))?;
         Ok(Arc::new(config))
+    }
+}
+
+/// How a baseline server treats client certificates.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum BaselineClientAuth {
+    /// None requested (symmetric-key devices, the default).
+    #[default]
+    Off,
+    /// An optional client certificate requested in every handshake (`--baseline-client-auth`), as a DPS
+    /// server must for X.509 attestation; devices without one send an empty Certificate message.
+    Optional,
+    /// A client certificate **required** and verified (webpki, EKU clientAuth) against these roots: the
+    /// baseline of X.509 devices.
+    Required {
+        /// The trusted roots, PEM.
+        roots_pem: String,
+    },
+}
+
+impl BaselineClientAuth {
+    /// A few words for report labels (empty for [`BaselineClientAuth::Off`]).
+    pub fn describe(&self) -> &'static str {
+        match self {
+            BaselineClientAuth::Off => "",
+            BaselineClientAuth::Optional => ", optional client cert requested",
+            BaselineClientAuth::Required { .. } => ", client cert required and verified",
+        }
     }
 }
 
