@@ -78,10 +78,10 @@ pub struct MqttLimits {
     /// Check the CONNECT's credential (the SAS password, or the TLS client certificate) with the handler
     /// ([`dps_core::DeviceCall::Authenticate`]) before answering it: a SAS client that fits no enrollment
     /// gets CONNACK 5 (not authorized; 3 when the service is unavailable) and is closed, instead of holding
-    /// a session (default true). A client certificate that fits none is accepted, its first request is
-    /// answered with the refusal (`res/401`, 401002 and the rule that failed: DPS answers certificate
-    /// problems at the request), and the session ends two seconds later unless the client leaves first
-    /// ([`MqttError::CertificateRefused`]).
+    /// a session (default true). A client-certificate session (no password) is not checked at CONNECT:
+    /// DPS answers certificate problems at the request (`res/401`, 401002 and the rule that failed), and
+    /// the TLS handshake already proved the key; its first refused request ends it two seconds later
+    /// unless the client leaves first ([`MqttError::CertificateRefused`]).
     pub authenticate_at_connect: bool,
 }
 

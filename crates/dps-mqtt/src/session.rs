@@ -189,10 +189,10 @@ struct Connected {
     username: MqttUsername,
     /// The MQTT password (a SAS token), `None` when absent or empty.
     password: Option<String>,
-    /// The client certificate fit no enrollment at CONNECT: the CONNECT was accepted so that a request
-    /// gets the precise answer (`res/401` with 401002 and the rule that failed, as DPS answers certificate
-    /// problems); the session ends after the first refused request.
-    certificate_refused: bool,
+    /// A client-certificate session (no password): DPS answers certificate problems at the request
+    /// (`res/401` with 401002 and the rule that failed), so the CONNECT is accepted unchecked and the
+    /// session ends shortly after its first refused request.
+    certificate_session: bool,
 }
 
 struct Session<H> {
@@ -229,7 +229,7 @@ struct Session<H> {
     client_certificates: Option<Vec<Vec<u8>>>,
     /// Authenticate the CONNECT with the handler.
     authenticate: bool,
-    /// A request of a [`Connected::certificate_refused`] session is being answered: end the session if
+    /// A request of a [`Connected::certificate_session`] is being answered: end the session if
     /// the answer is a refusal.
     closing: bool,
     /// When a session whose certificate was refused ends (set once the refusal is answered).
@@ -375,26 +375,26 @@ impl<H: DeviceHandler> Session<H> {
             credential: Credential::from_transport(password.clone(), self.client_certificates.clone()),
             body: Vec::new(),
         };
-        let verdict = if self.authenticate { Some(self.handler.handle(check).await) } else { None };
-        let mut certificate_refused = false;
-        let certificate_only = password.is_none() && self.client_certificates.is_some();
+        // A certificate session is not checked here: DPS answers a certificate problem at the request, with
+        // the reason (spec §2.6, §7.5), and the TLS handshake already proved the client holds the key. Its
+        // first refused request ends it; a good one costs no second chain validation.
+        let certificate_session = password.is_none() && self.client_certificates.is_some();
+        let verdict = if self.authenticate && !certificate_session {
+            Some(self.handler.handle(check).await)
+        } else {
+            None
+        };
         if let Some(verdict) = verdict.filter(|v| v.status >= 300) {
-            if certificate_only && verdict.status == 401 {
-                // DPS answers a certificate problem at the request, with the reason (spec §2.6, §7.5);
-                // the session then serves nothing else.
-                certificate_refused = true;
-            } else {
-                let code = match verdict.status {
-                    401 | 403 | 404 => ConnectReturnCode::NotAuthorized,
-                    _ => ConnectReturnCode::ServiceUnavailable,
-                };
-                let reason = format!(
-                    "authentication at CONNECT failed: {} {}",
-                    verdict.status,
-                    String::from_utf8_lossy(&verdict.body)
-                );
-                return Err(self.refuse(t, code, reason).await);
-            }
+            let code = match verdict.status {
+                401 | 403 | 404 => ConnectReturnCode::NotAuthorized,
+                _ => ConnectReturnCode::ServiceUnavailable,
+            };
+            let reason = format!(
+                "authentication at CONNECT failed: {} {}",
+                verdict.status,
+                String::from_utf8_lossy(&verdict.body)
+            );
+            return Err(self.refuse(t, code, reason).await);
         }
 
         let keep_alive = match connect.keep_alive {
@@ -408,7 +408,7 @@ impl<H: DeviceHandler> Session<H> {
         // DPS keeps no sessions: always sessionPresent = 0 (the C# SDK fails otherwise). Written before the
         // session next waits, together with the answers to any packets that came with the CONNECT.
         self.queue(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)), true)?;
-        Ok(Connected { username, password, certificate_refused })
+        Ok(Connected { username, password, certificate_session })
     }
 
     async fn main_loop<T: Transport>(&mut self, t: &mut T, c: &Connected) -> Result<(), MqttError> {
@@ -567,7 +567,7 @@ impl<H: DeviceHandler> Session<H> {
     /// The engine request for a recognised topic, addressed by the CONNECT's username and password.
     fn request_job(&mut self, c: &Connected, request: MqttRequest, payload: Bytes) -> Job {
         // The request is attested again (and metered) like any other; a refusal then ends the session.
-        self.closing = c.certificate_refused;
+        self.closing = c.certificate_session;
         let (call, body) = match request {
             MqttRequest::Register { .. } => {
                 if let Some(e) = tpm_refusal(&payload) {
