@@ -387,16 +387,7 @@ def register(server, registration_id, symmetric_key, websockets=False, payload=N
         websockets=websockets,
         server_verification_cert=server.ca_pem,
     )
-    if payload is not None:
-        client.provisioning_payload = payload
-    try:
-        result = client.register()
-    except Exception:
-        _shutdown(client)
-        raise
-    if result is None or result.status != "assigned":
-        _shutdown(client)
-    return result
+    return _register(client, payload)
 
 
 def register_x509(server, registration_id, cert_file, key_file, websockets=False, payload=None):
@@ -410,6 +401,11 @@ def register_x509(server, registration_id, cert_file, key_file, websockets=False
         websockets=websockets,
         server_verification_cert=server.ca_pem,
     )
+    return _register(client, payload)
+
+
+def _register(client, payload):
+    """Set the payload, register, and shut the client's pipeline down unless it was assigned."""
     if payload is not None:
         client.provisioning_payload = payload
     try:
