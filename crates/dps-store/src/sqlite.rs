@@ -885,6 +885,27 @@ impl SqliteStore {
     }
 }
 
+/// Reads one page of the audit log of the store database at `path`, newest first, on a read-only
+/// connection of its own (no writer, no migration: the server may be running). A database from before the
+/// audit log (schema 3 or older) is a backend error naming the missing table.
+pub fn read_audit_log(
+    path: impl AsRef<Path>,
+    filter: &AuditFilter,
+    page: &PageRequest,
+) -> Result<Page<AuditRecord>, StoreError> {
+    let path = path.as_ref();
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
+    )
+    .map_err(|e| sql_error(&format!("opening {} read-only", path.display()), &e))?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(|e| sql_error("setting the busy timeout", &e))?;
+    match query_audit(&conn, filter, page)? {
+        StoreResult::Audit(page) => Ok(page),
+        _ => Err(backend("the audit query answered something else")),
+    }
+}
+
 /// Audit records passing `filter`, newest first, one page.
 fn query_audit(conn: &Connection, filter: &AuditFilter, page: &PageRequest) -> OpResult {
     let querying = "querying the audit log";
