@@ -184,7 +184,7 @@ host_name = "hub-a.example.net"
     let deleted = http
         .request(
             "DELETE",
-            &format!("/registrations/audit-grp-dev?api-version=2021-10-01"),
+            "/registrations/audit-grp-dev?api-version=2021-10-01",
             &[("authorization", owner_token.clone())],
             Vec::new(),
         )

@@ -266,7 +266,7 @@ mod sqlite_only {
             audited(&store, put, audit_record(AuditOperation::EnrollmentPut, "dev-1", "owner", 1)).unwrap();
         store.close().unwrap();
         let store = SqliteStore::open(&path, sqlite_options()).unwrap();
-        assert_eq!(all_audit(&store, &AuditFilter::default(), 10), [appended.clone()]);
+        assert_eq!(all_audit(&store, &AuditFilter::default(), 10), [appended]);
         store.close().unwrap();
         // A database of schema 3 (before the audit log) gains an empty log, its data kept.
         let conn = rusqlite::Connection::open(&path).unwrap();
