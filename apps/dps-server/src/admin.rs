@@ -555,6 +555,57 @@ pub fn usage_report(dir: &DataDir, days: Option<u32>, now: Timestamp) -> Result<
     }))
 }
 
+/// `admin audit`: the audit log (newest first, at most `top` records) of the data directory's store
+/// database, read-only, as a JSON array of records.
+pub fn audit_report(args: &crate::cli::AuditArgs) -> Result<Value, ServerError> {
+    use dps_core::audit::{AuditFilter, AuditOperation};
+    use dps_core::store::PageRequest;
+    let path = args.local.dir().database();
+    if !path.exists() {
+        return Err(ServerError::Client(format!(
+            "no store database at {} (use --data-dir with the server's data directory)",
+            path.display()
+        )));
+    }
+    let time = |flag: &str, value: &Option<String>| -> Result<Option<Timestamp>, ServerError> {
+        value
+            .as_deref()
+            .map(|v| {
+                Timestamp::parse_iso(v)
+                    .ok_or_else(|| ServerError::Client(format!("--{flag} '{v}' is not an RFC 3339 time")))
+            })
+            .transpose()
+    };
+    let operation = args
+        .operation
+        .as_deref()
+        .map(|o| {
+            AuditOperation::parse(o)
+                .ok_or_else(|| ServerError::Client(format!("--operation '{o}' is not an audited operation")))
+        })
+        .transpose()?;
+    let filter = AuditFilter {
+        since: time("since", &args.since)?,
+        until: time("until", &args.until)?,
+        principal: args.principal.clone(),
+        target: args.target.clone(),
+        operation,
+    };
+    let mut records = Vec::new();
+    let mut after = None;
+    while records.len() < args.top {
+        let page = PageRequest { after, limit: (args.top - records.len()).min(500) };
+        let page = dps_store::read_audit_log(&path, &filter, &page)
+            .map_err(|e| ServerError::Client(format!("{}: {e}", path.display())))?;
+        records.extend(page.items);
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    serde_json::to_value(records).map_err(|e| ServerError::Client(e.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

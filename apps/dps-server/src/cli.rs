@@ -69,8 +69,8 @@ pub enum Command {
     },
     /// Provision a symmetric-key device over HTTPS or MQTT with the dps-client crate.
     ProvisionDevice(ProvisionArgs),
-    /// Inspect a local server's hub directory and usage report. These commands do not use the HTTPS API:
-    /// they read the data directory's `hubs.sqlite3` directly, read-only (the server may be running).
+    /// Inspect a local server's hub directory, usage report and audit log. These commands do not use the
+    /// HTTPS API: they read the data directory's databases directly, read-only (the server may be running).
     Admin {
         /// The operation.
         #[command(subcommand)]
@@ -129,6 +129,32 @@ pub struct UsageArgs {
     pub days: Option<u32>,
 }
 
+/// `admin audit`.
+#[derive(Debug, Clone, Args)]
+pub struct AuditArgs {
+    /// Data directory.
+    #[command(flatten)]
+    pub local: LocalArgs,
+    /// Only records at or after this time (RFC 3339, e.g. 2024-01-31T00:00:00Z).
+    #[arg(long, value_name = "TIME")]
+    pub since: Option<String>,
+    /// Only records before this time (RFC 3339).
+    #[arg(long, value_name = "TIME")]
+    pub until: Option<String>,
+    /// Only records about this item (registration ID, group ID or certificate name).
+    #[arg(long, value_name = "ID")]
+    pub target: Option<String>,
+    /// Only records of this principal (shared access policy or in-process name).
+    #[arg(long, value_name = "NAME")]
+    pub principal: Option<String>,
+    /// Only records of this operation (e.g. enrollment.put).
+    #[arg(long, value_name = "OPERATION")]
+    pub operation: Option<String>,
+    /// At most this many records, newest first.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub top: usize,
+}
+
 /// Local-database admin operations (read the data directory's `hubs.sqlite3` read-only, not the HTTPS API).
 #[derive(Debug, Subcommand)]
 pub enum AdminAction {
@@ -140,6 +166,9 @@ pub enum AdminAction {
     /// Billable operations per ID scope and UTC day, successes (billed) and failures (reads
     /// DATA_DIR/hubs.sqlite3 directly).
     Usage(UsageArgs),
+    /// The audit log of service writes and refusals, newest first, as JSON (reads DATA_DIR's store
+    /// database directly, read-only).
+    Audit(AuditArgs),
 }
 
 /// Log output format.
@@ -898,6 +927,7 @@ pub async fn run_admin(command: Command) -> ExitCode {
                 AdminAction::HubDevices(a) => crate::admin::hub_devices(&a.local.dir(), &a.hub),
                 AdminAction::Twin(a) => crate::admin::twin(&a.local.dir(), &a.hub, &a.device),
                 AdminAction::Usage(a) => crate::admin::usage_report(&a.local.dir(), a.days, now()),
+                AdminAction::Audit(a) => crate::admin::audit_report(&a),
             };
             match result {
                 Ok(v) => {

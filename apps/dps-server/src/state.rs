@@ -8,6 +8,7 @@ use crate::datadir::OwnerKeys;
 use crate::metrics::Metrics;
 use crate::usage::Billing;
 use crate::ServerError;
+use dps_core::audit::AuditRecord;
 use dps_core::proto::Timestamp;
 use dps_core::store::{AsyncStore, StoreError, StoreOp, StoreResult};
 use dps_core::OWNER_POLICY;
@@ -61,11 +62,21 @@ impl AsyncStore for MeteredStore {
             _ => None,
         };
         let timed = matches!(op, StoreOp::CommitRegistration { .. });
+        // Refusals are logged from the records the engine appends (their store answers only `Done`).
+        let refusals = match &op {
+            StoreOp::AppendAudit { records } => records.clone(),
+            _ => Vec::new(),
+        };
         let started = Instant::now();
         let pending = self.inner.execute(op);
         let metrics = Arc::clone(&self.metrics);
         async move {
             let result = pending.await;
+            match &result {
+                Ok(StoreResult::Audited { record, .. }) => log_audit(record),
+                Ok(_) => refusals.iter().for_each(log_audit),
+                Err(_) => {}
+            }
             if timed {
                 metrics.store_commit_latency.observe(started.elapsed());
             }
@@ -75,6 +86,25 @@ impl AsyncStore for MeteredStore {
             result
         }
     }
+}
+
+/// The structured log event of an audited write or refusal (target `audit`). It carries the record's
+/// fields only: identifiers, ETags, outcome and tracking ID, never a secret.
+pub fn log_audit(record: &AuditRecord) {
+    tracing::info!(
+        target: "audit",
+        sequence = record.sequence,
+        principal = %record.principal,
+        transport = record.transport.as_str(),
+        operation = record.operation.as_str(),
+        target = %record.target,
+        etag_before = record.etag_before.as_deref().unwrap_or(""),
+        etag_after = record.etag_after.as_deref().unwrap_or(""),
+        status = record.status,
+        error_code = record.error_code.unwrap_or(0),
+        tracking_id = %record.tracking_id,
+        "audited service write"
+    );
 }
 
 /// Everything a connection handler needs. Shared as `Arc<AppState>`.

@@ -13,6 +13,7 @@
 //! assert!(admin.allows(&get));
 //! ```
 
+use crate::audit::AuditFilter;
 use crate::config::Rights;
 use dps_policy::BillableOperation;
 use dps_proto::model::{
@@ -193,6 +194,13 @@ pub enum ServiceCommand {
         /// The verification certificate, PEM or base64 DER.
         certificate_text: String,
     },
+    /// Read the audit log, newest first (an extension, not an Azure operation; needs `ServiceConfig`).
+    QueryAudit {
+        /// Which records.
+        filter: AuditFilter,
+        /// Paging (the continuation names a sequence number).
+        paging: Paging,
+    },
 }
 
 impl ServiceCommand {
@@ -219,7 +227,8 @@ impl ServiceCommand {
             | C::ListCertificates
             | C::DeleteCertificate { .. }
             | C::GenerateVerificationCode { .. }
-            | C::VerifyCertificate { .. } => Rights::SERVICE_CONFIG,
+            | C::VerifyCertificate { .. }
+            | C::QueryAudit { .. } => Rights::SERVICE_CONFIG,
         }
     }
 
@@ -249,7 +258,8 @@ impl ServiceCommand {
             | C::ListCertificates
             | C::DeleteCertificate { .. }
             | C::GenerateVerificationCode { .. }
-            | C::VerifyCertificate { .. } => return None,
+            | C::VerifyCertificate { .. }
+            | C::QueryAudit { .. } => return None,
         })
     }
 }

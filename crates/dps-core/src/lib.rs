@@ -18,6 +18,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod audit;
 mod ca;
 pub mod command;
 pub mod config;
@@ -32,6 +33,7 @@ pub mod request;
 pub mod service;
 pub mod store;
 
+pub use audit::{AuditFilter, AuditOperation, AuditRecord, AuditTransport};
 pub use command::{Paging, Principal, ServiceCommand};
 pub use config::{AccessPolicy, EngineConfig, Rights, OWNER_POLICY};
 pub use device::register_meter;

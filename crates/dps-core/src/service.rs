@@ -4,6 +4,7 @@
 //! All pure work (authorization, parsing, validation, key generation) happens when the flow is created;
 //! the flow then performs its storage operations one by one and formats the reply.
 
+use crate::audit::{AuditFilter, AuditOperation, AuditRecord, AuditTransport};
 use crate::ca::{self, CaReference};
 use crate::command::{Paging, Principal, ServiceCommand};
 use crate::config::{EngineConfig, Rights};
@@ -81,6 +82,7 @@ enum Then {
     /// Reply with the certificate the store answered; the flag shows its verification code.
     Certificate(String, bool),
     ListCertificates,
+    QueryAudit(usize),
 }
 
 #[derive(Debug)]
@@ -248,6 +250,155 @@ pub struct ServiceFlow {
     tracking_id: String,
     billable: Option<BillableOperation>,
     job: Job,
+    /// Set for a write command (see [`crate::audit`]); `None` for reads.
+    audit: Option<Audit>,
+}
+
+/// The audit state of a write command: every write it performs goes out as [`StoreOp::Audited`], and a
+/// refusal is appended ([`StoreOp::AppendAudit`]) before it is answered.
+#[derive(Debug)]
+struct Audit {
+    principal: String,
+    transport: AuditTransport,
+    operation: AuditOperation,
+    /// The items the command names (what a refusal of the whole command is recorded against).
+    targets: Vec<String>,
+    /// An audited write is in flight.
+    writing: bool,
+    /// A write of this command was committed, with its record.
+    committed: bool,
+    /// The bulk items refused one by one: `(id, six-digit code)`.
+    item_refusals: Vec<(String, u32)>,
+    /// A refusal reply held back until its records are appended.
+    held: Option<Reply>,
+}
+
+impl Audit {
+    fn new(
+        principal: &Principal,
+        transport: AuditTransport,
+        (operation, targets): (AuditOperation, Vec<String>),
+    ) -> Audit {
+        Audit {
+            principal: principal.name().to_owned(),
+            transport,
+            operation,
+            targets,
+            writing: false,
+            committed: false,
+            item_refusals: Vec::new(),
+            held: None,
+        }
+    }
+
+    fn record(
+        &self,
+        now: Timestamp,
+        tracking_id: &str,
+        target: &str,
+        status: u16,
+        code: Option<u32>,
+    ) -> AuditRecord {
+        AuditRecord {
+            sequence: 0,
+            time: now,
+            principal: self.principal.clone(),
+            transport: self.transport,
+            operation: self.operation,
+            target: target.to_owned(),
+            etag_before: None,
+            etag_after: None,
+            status,
+            error_code: code,
+            tracking_id: tracking_id.to_owned(),
+        }
+    }
+
+    /// The records of the refusals a reply reports: the whole command (an error reply, when nothing was
+    /// written), or the refused items of a bulk operation.
+    fn refusals(&mut self, now: Timestamp, reply: &Reply) -> Vec<AuditRecord> {
+        if reply.status >= 400 {
+            if self.committed {
+                return Vec::new();
+            }
+            let code = reply.error_code.map(|c| c.code());
+            let mut targets = std::mem::take(&mut self.targets);
+            if targets.is_empty() {
+                targets.push(String::new());
+            }
+            return targets
+                .iter()
+                .map(|t| self.record(now, &reply.tracking_id, t, reply.status, code))
+                .collect();
+        }
+        std::mem::take(&mut self.item_refusals)
+            .iter()
+            .map(|(id, code)| {
+                let status = u16::try_from(code / 1000).unwrap_or(500);
+                self.record(now, &reply.tracking_id, id, status, Some(*code))
+            })
+            .collect()
+    }
+}
+
+/// The audited operation of a write command and the items it names (`None` for a read).
+fn audit_of_command(command: &ServiceCommand) -> Option<(AuditOperation, Vec<String>)> {
+    use AuditOperation as O;
+    use ServiceCommand as C;
+    Some(match command {
+        C::PutEnrollment { enrollment, .. } => (O::EnrollmentPut, vec![enrollment.registration_id.clone()]),
+        C::DeleteEnrollment { registration_id, .. } => {
+            (O::EnrollmentDelete, vec![registration_id.as_str().to_owned()])
+        }
+        C::PutGroup { group, .. } => (O::GroupPut, vec![group.enrollment_group_id.clone()]),
+        C::DeleteGroup { group_id, .. } => (O::GroupDelete, vec![group_id.as_str().to_owned()]),
+        C::DeleteRegistration { registration_id, .. } => {
+            (O::RegistrationDelete, vec![registration_id.as_str().to_owned()])
+        }
+        C::BulkEnrollments(b) => {
+            (O::BulkEnrollments, b.enrollments.iter().map(|e| e.registration_id.clone()).collect())
+        }
+        C::BulkGroups(b) => {
+            (O::BulkGroups, b.enrollment_groups.iter().map(|g| g.enrollment_group_id.clone()).collect())
+        }
+        C::PutCertificate { name, .. } => (O::CertificatePut, vec![name.clone()]),
+        C::DeleteCertificate { name, .. } => (O::CertificateDelete, vec![name.clone()]),
+        C::GenerateVerificationCode { name, .. } => {
+            (O::CertificateGenerateVerificationCode, vec![name.clone()])
+        }
+        C::VerifyCertificate { name, .. } => (O::CertificateVerify, vec![name.clone()]),
+        C::GetEnrollment { .. }
+        | C::GetEnrollmentAttestation { .. }
+        | C::QueryEnrollments { .. }
+        | C::GetGroup { .. }
+        | C::GetGroupAttestation { .. }
+        | C::QueryGroups { .. }
+        | C::GetRegistration { .. }
+        | C::QueryRegistrations { .. }
+        | C::GetCertificate { .. }
+        | C::ListCertificates
+        | C::QueryAudit { .. } => return None,
+    })
+}
+
+/// The audited operation of a write route and the item its path names (before the body is read).
+fn audit_of_route(route: &Route) -> Option<(AuditOperation, Vec<String>)> {
+    use AuditOperation as O;
+    let one = |op, id: &str| Some((op, vec![id.to_owned()]));
+    match route {
+        Route::PutEnrollment { id } => one(O::EnrollmentPut, id.as_str()),
+        Route::DeleteEnrollment { id } => one(O::EnrollmentDelete, id.as_str()),
+        Route::PutEnrollmentGroup { id } => one(O::GroupPut, id.as_str()),
+        Route::DeleteEnrollmentGroup { id } => one(O::GroupDelete, id.as_str()),
+        Route::DeleteRegistration { id } => one(O::RegistrationDelete, id.as_str()),
+        Route::BulkEnrollments => Some((O::BulkEnrollments, Vec::new())),
+        Route::BulkEnrollmentGroups => Some((O::BulkGroups, Vec::new())),
+        Route::PutCertificate { name } => one(O::CertificatePut, name),
+        Route::DeleteCertificate { name } => one(O::CertificateDelete, name),
+        Route::GenerateVerificationCode { name } => one(O::CertificateGenerateVerificationCode, name),
+        Route::VerifyCertificate { name } => one(O::CertificateVerify, name),
+        _ => None,
+    }
 }
 
 fn billable_of(route: &Route) -> Option<BillableOperation> {
@@ -293,7 +444,8 @@ fn rights_of(route: &Route) -> Rights {
         | Route::ListCertificates
         | Route::DeleteCertificate { .. }
         | Route::GenerateVerificationCode { .. }
-        | Route::VerifyCertificate { .. } => Rights::SERVICE_CONFIG,
+        | Route::VerifyCertificate { .. }
+        | Route::QueryAudit { .. } => Rights::SERVICE_CONFIG,
         _ => Rights::ALL,
     }
 }
@@ -443,6 +595,38 @@ fn command_of(request: ServiceRequest) -> Result<ServiceCommand, DpsError> {
             let if_match = required_if_match(if_match, "verify")?;
             let proof = parse_json::<VerificationCertificate>(body, "verification certificate body")?;
             C::VerifyCertificate { name, if_match, certificate_text: proof.certificate }
+        }
+        Route::QueryAudit { since, until, principal, target, operation } => {
+            let time = |name: &str, value: Option<String>| -> Result<Option<Timestamp>, DpsError> {
+                value
+                    .map(|v| {
+                        Timestamp::parse_iso(&v).ok_or_else(|| {
+                            DpsError::with_message(
+                                ErrorCode::BadRequest,
+                                format!("{name} '{v}' is not an RFC 3339 time (e.g. 2024-01-31T12:00:00Z)."),
+                            )
+                        })
+                    })
+                    .transpose()
+            };
+            let operation = operation
+                .map(|o| {
+                    AuditOperation::parse(&o).ok_or_else(|| {
+                        DpsError::with_message(
+                            ErrorCode::BadRequest,
+                            format!("'{o}' is not an audited operation."),
+                        )
+                    })
+                })
+                .transpose()?;
+            let filter = AuditFilter {
+                since: time("since", since)?,
+                until: time("until", until)?,
+                principal,
+                target,
+                operation,
+            };
+            C::QueryAudit { filter, paging: paging()? }
         }
         _ => return Err(DpsError::with_message(ErrorCode::NotFound, "not a service API route")),
     })
@@ -653,11 +837,12 @@ impl ServiceFlow {
     ) -> ServiceFlow {
         let tracking_id = Nonces::draw(rng).tracking_id();
         let billable = billable_of(&request.route);
-        let job = match Self::plan(&config, now, rng, request) {
+        let mut audit = None;
+        let job = match Self::plan(&config, now, rng, request, &mut audit) {
             Ok(job) => job,
             Err(e) => Job::Reply(Reply::error(&e, tracking_id.clone(), now)),
         };
-        ServiceFlow { now, tracking_id, billable, job }
+        ServiceFlow { now, tracking_id, billable, job, audit }
     }
 
     pub(crate) fn from_command(
@@ -669,11 +854,12 @@ impl ServiceFlow {
     ) -> ServiceFlow {
         let tracking_id = Nonces::draw(rng).tracking_id();
         let billable = command.billable();
+        let audit = audit_of_command(&command).map(|a| Audit::new(principal, AuditTransport::InProcess, a));
         let job = match Self::plan_command(&config, now, rng, principal, command) {
             Ok(job) => job,
             Err(e) => Job::Reply(Reply::error(&e, tracking_id.clone(), now)),
         };
-        ServiceFlow { now, tracking_id, billable, job }
+        ServiceFlow { now, tracking_id, billable, job, audit }
     }
 
     fn page(config: &EngineConfig, paging: &Paging) -> Result<(usize, Option<String>), DpsError> {
@@ -703,18 +889,26 @@ impl ServiceFlow {
 
     /// The HTTP adapter: verifies the SAS token into a [`Principal`], checks the route's rights (before the
     /// body is looked at), turns route + headers + body into a [`ServiceCommand`] and plans it.
+    ///
+    /// A write route is audited from the moment its principal is known (`audit` is set then): a request
+    /// whose SAS token does not verify names no principal and is not audited.
     fn plan(
         config: &EngineConfig,
         now: Timestamp,
         rng: &mut dyn RngCore,
         request: ServiceRequest,
+        audit: &mut Option<Audit>,
     ) -> Result<Job, DpsError> {
         if request.route.is_device_api() {
             return Err(DpsError::with_message(ErrorCode::NotFound, "not a service API route"));
         }
         let principal = authenticate(config, now, request.authorization.as_deref(), &request.path)?;
+        *audit = audit_of_route(&request.route).map(|a| Audit::new(&principal, AuditTransport::Https, a));
         check_rights(&principal, rights_of(&request.route))?;
         let command = command_of(request)?;
+        if let (Some(audit), Some((_, targets))) = (audit.as_mut(), audit_of_command(&command)) {
+            audit.targets = targets;
+        }
         Self::plan_command(config, now, rng, &principal, command)
     }
 
@@ -872,6 +1066,13 @@ impl ServiceFlow {
                 Job::One(Some(get_certificate(&name)), Then::Certificate(name, false))
             }
             C::ListCertificates => Job::One(Some(StoreOp::ListCertificates), Then::ListCertificates),
+            C::QueryAudit { filter, paging } => {
+                let (size, after) = Self::page(config, &paging)?;
+                Job::One(
+                    Some(StoreOp::QueryAudit { filter, page: PageRequest { after, limit: size } }),
+                    Then::QueryAudit(size),
+                )
+            }
             C::DeleteCertificate { name, if_match } => {
                 ca::check_name(&name)?;
                 Job::One(
@@ -934,7 +1135,9 @@ impl ServiceFlow {
             }
             Then::GetRegistration(id) | Then::DeleteRegistration(id) => (None, id.as_str()),
             Then::Certificate(id, _) => (Some(Kind::Certificate), id.as_str()),
-            Then::Query(..) | Then::QueryRegistrations(_) | Then::ListCertificates => (None, ""),
+            Then::Query(..) | Then::QueryRegistrations(_) | Then::ListCertificates | Then::QueryAudit(_) => {
+                (None, "")
+            }
         };
         let result = result.map_err(|e| self.store_failure(e, kind, id))?;
         let not_found = |k: Kind| {
@@ -998,6 +1201,9 @@ impl ServiceFlow {
             (Then::ListCertificates, StoreResult::Certificates(list)) => {
                 let value = list.iter().map(|c| ca::response(c, false)).collect::<Result<Vec<_>, _>>()?;
                 self.reply_json(200, &CertificateList { value })
+            }
+            (Then::QueryAudit(size), StoreResult::Audit(page)) => {
+                query_reply(self.reply_json(200, &page.items), "auditRecord", *size, page.next)
             }
             (Then::QueryRegistrations(size), StoreResult::Registrations(page)) => {
                 let items: Vec<_> = page.items.iter().map(registration_state_of).collect();
@@ -1253,13 +1459,56 @@ fn bulk_error(kind: Kind, id: String, err: &DpsError) -> BulkEnrollmentOperation
     }
 }
 
-impl Flow for ServiceFlow {
-    fn resume_at(&mut self, now: Timestamp, input: Input) -> Step {
-        self.now = self.now.max(now);
-        self.resume(input)
+impl ServiceFlow {
+    /// Unwraps the answer to an audited write for the job (and notes that it committed).
+    fn audit_input(&mut self, input: Input) -> Input {
+        let Some(audit) = self.audit.as_mut() else { return input };
+        if !std::mem::take(&mut audit.writing) {
+            return input;
+        }
+        match input {
+            Input::Store(Ok(StoreResult::Audited { result, .. })) => {
+                audit.committed = true;
+                Input::Store(Ok(*result))
+            }
+            other => other,
+        }
     }
 
-    fn resume(&mut self, input: Input) -> Step {
+    /// Wraps the job's writes in [`StoreOp::Audited`], and holds a refusal back until its records are
+    /// appended.
+    fn audit_step(&mut self, step: Step) -> Step {
+        let Some(audit) = self.audit.as_mut() else { return step };
+        match step {
+            Step::Store(op) => match op.audit_target() {
+                Some(target) => {
+                    let status = match op {
+                        StoreOp::DeleteEnrollment { .. }
+                        | StoreOp::DeleteGroup { .. }
+                        | StoreOp::DeleteRegistration { .. }
+                        | StoreOp::DeleteCertificate { .. } => 204,
+                        _ => 200,
+                    };
+                    let record = audit.record(self.now, &self.tracking_id, target, status, None);
+                    audit.writing = true;
+                    Step::Store(StoreOp::Audited { op: Box::new(op), record: Box::new(record) })
+                }
+                None => Step::Store(op),
+            },
+            Step::Respond(reply) => {
+                let records = audit.refusals(self.now, &reply);
+                if records.is_empty() {
+                    Step::Respond(reply)
+                } else {
+                    audit.held = Some(reply);
+                    Step::Store(StoreOp::AppendAudit { records })
+                }
+            }
+            other => other,
+        }
+    }
+
+    fn step(&mut self, input: Input) -> Step {
         let job = std::mem::replace(&mut self.job, Job::Done);
         match (job, input) {
             (Job::Reply(reply), _) => Step::Respond(self.metered(reply)),
@@ -1309,6 +1558,15 @@ impl Flow for ServiceFlow {
                         Step::Store(item.op)
                     }
                     None => {
+                        if let Some(audit) = self.audit.as_mut() {
+                            audit.item_refusals = errors
+                                .iter()
+                                .map(|e| {
+                                    let id = e.registration_id.as_ref().or(e.enrollment_group_id.as_ref());
+                                    (id.cloned().unwrap_or_default(), e.error_code)
+                                })
+                                .collect();
+                        }
                         let result =
                             BulkEnrollmentOperationResult { is_successful: errors.is_empty(), errors };
                         let reply = self.reply_json(200, &result);
@@ -1374,7 +1632,7 @@ impl Flow for ServiceFlow {
                 match checked {
                     Ok(()) => {
                         self.job = *next;
-                        self.resume(Input::Start)
+                        self.step(Input::Start)
                     }
                     Err(e) => {
                         let reply = Reply::error(&e, self.tracking_id.clone(), self.now);
@@ -1392,5 +1650,22 @@ impl Flow for ServiceFlow {
                 Step::Respond(self.metered(reply))
             }
         }
+    }
+}
+
+impl Flow for ServiceFlow {
+    fn resume_at(&mut self, now: Timestamp, input: Input) -> Step {
+        self.now = self.now.max(now);
+        self.resume(input)
+    }
+
+    fn resume(&mut self, input: Input) -> Step {
+        // A refusal held back for its audit records: whatever the append answered, the refusal stands.
+        if let Some(reply) = self.audit.as_mut().and_then(|a| a.held.take()) {
+            return Step::Respond(reply);
+        }
+        let input = self.audit_input(input);
+        let step = self.step(input);
+        self.audit_step(step)
     }
 }

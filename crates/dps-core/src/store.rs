@@ -32,6 +32,7 @@
 //!   enrollment or group it was decided from: a group deleted or disabled between a device's context load
 //!   and its commit does not fail the commit (in one process as across several); the next load sees it.
 
+use crate::audit::{AuditFilter, AuditRecord};
 use dps_proto::certificate::CaCertificate;
 use dps_proto::model::{
     EnrollmentGroup, IndividualEnrollment, RegistrationStatus, RegistrationSubstatus, X509RegistrationResult,
@@ -311,6 +312,81 @@ pub enum StoreOp {
     },
     /// Every CA certificate, ordered by key.
     ListCertificates,
+    /// Performs a service write (`op`: [`StoreOp::is_service_write`]) and, **in the same transaction**,
+    /// appends `record` to the audit log: a committed write always has its record, a failed one (any
+    /// error, nothing written) has none. The store sets the record's `sequence`, its `etag_before` (the
+    /// stored item's ETag just before the write; `None` when the write created it) and its `etag_after`
+    /// (the written item's ETag; `None` after a delete), and answers [`StoreResult::Audited`] with the
+    /// write's own result and the record as appended. Any other `op` is a backend error.
+    Audited {
+        /// The write.
+        op: Box<StoreOp>,
+        /// Its audit record (who, what, outcome, tracking ID, time).
+        record: Box<AuditRecord>,
+    },
+    /// Appends audit records on their own (refused writes, which wrote nothing), in order, durably;
+    /// answers [`StoreResult::Done`].
+    AppendAudit {
+        /// The records (their `sequence` is assigned by the store).
+        records: Vec<AuditRecord>,
+    },
+    /// Audit records passing a filter, newest first (by decreasing `sequence`). A page's `after` is a
+    /// sequence number in decimal: the page holds records with a smaller one; `next` is the last
+    /// sequence of the page when older matching records exist.
+    QueryAudit {
+        /// The filter.
+        filter: AuditFilter,
+        /// Paging.
+        page: PageRequest,
+    },
+}
+
+impl StoreOp {
+    /// Whether this is a write a service command performs (and the engine audits): enrollment, group,
+    /// registration-state and CA-certificate puts and deletes. Registration commits of the device API are
+    /// not service writes.
+    pub fn is_service_write(&self) -> bool {
+        self.audit_target().is_some()
+    }
+
+    /// The item a service write changes, as the command named it (`None` for any other operation).
+    pub fn audit_target(&self) -> Option<&str> {
+        Some(match self {
+            StoreOp::PutEnrollment { enrollment, .. } => &enrollment.registration_id,
+            StoreOp::DeleteEnrollment { registration_id, .. } => registration_id.as_str(),
+            StoreOp::PutGroup { group, .. } => &group.enrollment_group_id,
+            StoreOp::DeleteGroup { group_id, .. } => group_id.as_str(),
+            StoreOp::DeleteRegistration { registration_id, .. } => registration_id.as_str(),
+            StoreOp::PutCertificate { certificate, .. } => &certificate.name,
+            StoreOp::DeleteCertificate { name, .. } => name,
+            _ => return None,
+        })
+    }
+}
+
+impl StoreResult {
+    /// The ETag of the item a put wrote (`None` for other results, e.g. a delete's `Done`).
+    pub fn written_etag(&self) -> Option<String> {
+        match self {
+            StoreResult::Enrollment(Some(e)) => e.etag.clone(),
+            StoreResult::Group(Some(g)) => g.etag.clone(),
+            StoreResult::Certificate(Some(c)) => Some(c.etag.to_string()),
+            _ => None,
+        }
+    }
+}
+
+/// The page position of an audit query: records with a sequence below `after` (`None`: from the newest).
+/// `Err` when `after` is not a decimal sequence number.
+pub fn audit_page_before(page: &PageRequest) -> Result<Option<u64>, StoreError> {
+    page.after
+        .as_deref()
+        .map(|a| {
+            a.parse::<u64>().map_err(|_| StoreError::Backend {
+                message: format!("the audit page position '{a}' is not a sequence number"),
+            })
+        })
+        .transpose()
 }
 
 /// The result of a [`StoreOp`].
@@ -339,6 +415,15 @@ pub enum StoreResult {
     Certificate(Option<Box<CaCertificate>>),
     /// For [`StoreOp::ListCertificates`], ordered by key.
     Certificates(Vec<CaCertificate>),
+    /// For [`StoreOp::Audited`]: the write's own result and its record as appended.
+    Audited {
+        /// What the write alone would have answered.
+        result: Box<StoreResult>,
+        /// The record, with `sequence`, `etag_before` and `etag_after` set by the store.
+        record: Box<AuditRecord>,
+    },
+    /// For [`StoreOp::QueryAudit`], newest first.
+    Audit(Page<AuditRecord>),
 }
 
 /// Why a store operation did not happen.

@@ -84,7 +84,13 @@ fn a_replace_that_keeps_stored_keys_fails_with_409_when_another_writer_changed_t
 
     // A resumes with what it read before B's write: its guarded write must not overwrite B.
     let Step::Store(write) = a.resume(Input::Store(stale)) else { panic!("expected the write") };
-    let Step::Respond(reply) = a.resume(Input::Store(store.execute(write))) else {
+    // The refusal is appended to the audit log before it is answered.
+    let Step::Store(append @ dps_core::store::StoreOp::AppendAudit { .. }) =
+        a.resume(Input::Store(store.execute(write)))
+    else {
+        panic!("expected the audit append of the refusal")
+    };
+    let Step::Respond(reply) = a.resume(Input::Store(store.execute(append))) else {
         panic!("expected a reply")
     };
     assert_eq!(reply.status, 409, "{}", String::from_utf8_lossy(&reply.body));

@@ -2,8 +2,8 @@
 //!
 //! Literal path segments match case-insensitively (the Node service SDK sends `/enrollmentgroups/`), each
 //! segment is percent-decoded once after splitting on `/`, and a trailing `/` is tolerated. Methods match
-//! case-insensitively. Of the query string only `api-version` and `forceRegistration` are read; unknown
-//! parameters are ignored.
+//! case-insensitively. Of the query string only `api-version` and `forceRegistration` are read (and the
+//! filters of `GET /audit`); unknown parameters are ignored.
 
 use crate::error::{DpsError, ErrorCode};
 use crate::id::{ApiVersion, EnrollmentGroupId, IdScope, OperationId, RegistrationId};
@@ -126,6 +126,21 @@ pub enum Route {
         /// The certificate name as sent.
         name: String,
     },
+    /// Service API extension (not Azure's): `GET /audit?since=…&until=…&principal=…&target=…&operation=…`,
+    /// the audit log, newest first. The parameters are kept as sent (percent-decoded); the engine parses
+    /// them.
+    QueryAudit {
+        /// `since` (RFC 3339): records at or after it.
+        since: Option<String>,
+        /// `until` (RFC 3339): records before it.
+        until: Option<String>,
+        /// `principal`: records of this shared access policy or in-process principal.
+        principal: Option<String>,
+        /// `target`: records about this item.
+        target: Option<String>,
+        /// `operation`: records of this operation (e.g. `enrollment.put`).
+        operation: Option<String>,
+    },
 }
 
 impl Route {
@@ -172,6 +187,8 @@ enum Shape<'a> {
     Certificate(&'a str),
     /// `/certificates/{name}/{action}` (`generateVerificationCode`, `verify`)
     CertificateAction(&'a str, &'a str),
+    /// `/audit`
+    Audit,
 }
 
 #[derive(Clone, Copy)]
@@ -207,6 +224,7 @@ fn shape<'a>(segs: &[&'a str]) -> Option<Shape<'a>> {
     }
     match *segs {
         [first] if is(first, "certificates") => Some(Shape::Certificates),
+        [first] if is(first, "audit") => Some(Shape::Audit),
         [first, name] if is(first, "certificates") => Some(Shape::Certificate(name)),
         [first, name, action] if is(first, "certificates") => Some(Shape::CertificateAction(name, action)),
         [first, id] if is(first, "registrations") => Some(Shape::Registration(id)),
@@ -332,6 +350,10 @@ pub fn parse_route(method: &str, path_and_query: &str) -> Result<RouteMatch, Dps
                 _ => return Err(not_found(path)),
             }
         }
+        Shape::Audit => match m {
+            "GET" => audit_route(query),
+            _ => return Err(method_not_allowed(method, path, "GET")),
+        },
     };
 
     let mut api_version = None;
@@ -351,6 +373,28 @@ pub fn parse_route(method: &str, path_and_query: &str) -> Result<RouteMatch, Dps
     }
 
     Ok(RouteMatch { route, api_version, force_registration })
+}
+
+/// `GET /audit` with its filter parameters (the first of each; empty values count as absent).
+fn audit_route(query: &str) -> Route {
+    let (mut since, mut until, mut principal, mut target, mut operation) = (None, None, None, None, None);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let slot = match decode(k).to_ascii_lowercase().as_str() {
+            "since" => &mut since,
+            "until" => &mut until,
+            "principal" => &mut principal,
+            "target" => &mut target,
+            "operation" => &mut operation,
+            _ => continue,
+        };
+        // `+` is a space in a query string; RFC 3339 offsets are sent as `%2B`.
+        let value = decode(&v.replace('+', " ")).into_owned();
+        if slot.is_none() && !value.is_empty() {
+            *slot = Some(value);
+        }
+    }
+    Route::QueryAudit { since, until, principal, target, operation }
 }
 
 /// GET/PUT/DELETE on `/enrollments/{id}` or `/enrollmentGroups/{id}`.
@@ -374,6 +418,17 @@ mod tests {
     fn certificate_routes() {
         let q = "?api-version=2021-10-01";
         assert_eq!(route("GET", &format!("/certificates{q}")), Route::ListCertificates);
+        assert_eq!(
+            route("GET", "/audit?api-version=2021-10-01&target=dev%2D1&since=2024-01-01T00%3A00%3A00Z&target=x&principal="),
+            Route::QueryAudit {
+                since: Some("2024-01-01T00:00:00Z".into()),
+                until: None,
+                principal: None,
+                target: Some("dev-1".into()),
+                operation: None,
+            }
+        );
+        assert_eq!(err("POST", "/audit"), ErrorCode::MethodNotAllowed);
         assert_eq!(route("GET", "/Certificates/Root-1"), Route::GetCertificate { name: "Root-1".into() });
         assert_eq!(
             route("put", &format!("/certificates/root{q}")),

@@ -37,6 +37,6 @@ pub mod testing;
 
 pub use memory::MemoryStore;
 #[cfg(feature = "sqlite")]
-pub use sqlite::{SqliteOptions, SqliteStats, SqliteStore, SCHEMA_VERSION};
+pub use sqlite::{read_audit_log, SqliteOptions, SqliteStats, SqliteStore, SCHEMA_VERSION};
 #[cfg(feature = "sqlite")]
 pub use sqlite_hub::{HubDatabase, SqliteHubDirectory, UsageEvent, UsageRow, HUB_SCHEMA_VERSION};

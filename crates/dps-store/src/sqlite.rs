@@ -4,13 +4,14 @@ use crate::common::{
     backend, check_certificate_limit, check_delete, check_group_limit, check_write, enrollment_key,
     group_key, is_symmetric_key_group, json_error, page_limit,
 };
+use dps_core::audit::{AuditFilter, AuditOperation, AuditRecord, AuditTransport};
 use dps_core::proto::certificate::CaCertificate;
 use dps_core::proto::model::{EnrollmentGroup, IndividualEnrollment};
 use dps_core::proto::query::Query;
 use dps_core::proto::{EnrollmentGroupId, Etag, IfMatch, RegistrationId, Timestamp};
 use dps_core::store::{
-    push_operation, AsyncStore, BlockingStore, DeviceContext, IssuedOperation, Page, PageRequest,
-    RegistrationRecord, StoreError, StoreOp, StoreResult, WriteCondition,
+    audit_page_before, push_operation, AsyncStore, BlockingStore, DeviceContext, IssuedOperation, Page,
+    PageRequest, RegistrationRecord, StoreError, StoreOp, StoreResult, WriteCondition,
 };
 use futures::channel::oneshot;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
@@ -72,6 +73,27 @@ const MIGRATIONS: &[&str] = &[
         created INTEGER NOT NULL,
         updated INTEGER NOT NULL
     );",
+    // Version 4: the audit log (`dps_core::audit`), one row per audited service write or refusal, appended
+    // in the transaction of the write it describes. `sequence` is never reused (AUTOINCREMENT); times are
+    // Unix nanoseconds; the `_key` columns are lowercase for case-insensitive filters. No column holds a
+    // secret: identifiers, ETags, outcome and tracking ID only.
+    "CREATE TABLE audit_log (
+        sequence INTEGER PRIMARY KEY AUTOINCREMENT,
+        time INTEGER NOT NULL,
+        principal TEXT NOT NULL,
+        principal_key TEXT NOT NULL,
+        transport TEXT NOT NULL,
+        operation TEXT NOT NULL,
+        target TEXT NOT NULL,
+        target_key TEXT NOT NULL,
+        etag_before TEXT,
+        etag_after TEXT,
+        status INTEGER NOT NULL,
+        error_code INTEGER,
+        tracking_id TEXT NOT NULL
+    );
+    CREATE INDEX audit_log_by_target ON audit_log (target_key, sequence);
+    CREATE INDEX audit_log_by_time ON audit_log (time);",
 ];
 
 /// The schema version this build writes (`PRAGMA user_version`).
@@ -275,6 +297,23 @@ enum WriteOp {
     /// Writes nothing: asks the writer to bring the in-memory views up to date with a database that another
     /// connection wrote to (queued by a reader that found the views stale).
     Resync,
+    /// A service write and its audit record, in the same transaction.
+    Audited {
+        op: Box<WriteOp>,
+        record: Box<AuditRecord>,
+    },
+    /// Audit records alone (refusals).
+    AppendAudit(Vec<AuditRecord>),
+}
+
+impl WriteOp {
+    /// The write itself (an audited write's inner write).
+    fn write(&self) -> &WriteOp {
+        match self {
+            WriteOp::Audited { op, .. } => op,
+            other => other,
+        }
+    }
 }
 
 enum ReadOp {
@@ -287,6 +326,7 @@ enum ReadOp {
     QueryGroups(Query, PageRequest),
     GetCertificate(String),
     ListCertificates,
+    QueryAudit(AuditFilter, PageRequest),
 }
 
 enum Prepared {
@@ -647,6 +687,17 @@ impl SqliteStore {
                 Prepared::Write(WriteOp::DeleteCertificate { key: name.to_ascii_lowercase(), if_match })
             }
             StoreOp::ListCertificates => Prepared::Read(ReadOp::ListCertificates),
+            StoreOp::Audited { op, record } => {
+                if !op.is_service_write() {
+                    return Err(backend(format!("not an auditable service write: {op:?}")));
+                }
+                match Self::prepare(*op)? {
+                    Prepared::Write(op) => Prepared::Write(WriteOp::Audited { op: Box::new(op), record }),
+                    Prepared::Read(_) => return Err(backend("an audited operation must be a write")),
+                }
+            }
+            StoreOp::AppendAudit { records } => Prepared::Write(WriteOp::AppendAudit(records)),
+            StoreOp::QueryAudit { filter, page } => Prepared::Read(ReadOp::QueryAudit(filter, page)),
             other => {
                 return Err(backend(format!("the SQLite store does not support this operation: {other:?}")))
             }
@@ -829,8 +880,121 @@ impl SqliteStore {
                 let conn = self.reader()?;
                 Ok(StoreResult::Certificates(load_certificates(&conn)?.into_values().collect()))
             }
+            ReadOp::QueryAudit(filter, page) => query_audit(&*self.reader()?, &filter, &page),
         }
     }
+}
+
+/// Reads one page of the audit log of the store database at `path`, newest first, on a read-only
+/// connection of its own (no writer, no migration: the server may be running). A database from before the
+/// audit log (schema 3 or older) is a backend error naming the missing table.
+pub fn read_audit_log(
+    path: impl AsRef<Path>,
+    filter: &AuditFilter,
+    page: &PageRequest,
+) -> Result<Page<AuditRecord>, StoreError> {
+    let path = path.as_ref();
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
+    )
+    .map_err(|e| sql_error(&format!("opening {} read-only", path.display()), &e))?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(|e| sql_error("setting the busy timeout", &e))?;
+    match query_audit(&conn, filter, page)? {
+        StoreResult::Audit(page) => Ok(page),
+        _ => Err(backend("the audit query answered something else")),
+    }
+}
+
+/// Audit records passing `filter`, newest first, one page.
+fn query_audit(conn: &Connection, filter: &AuditFilter, page: &PageRequest) -> OpResult {
+    let querying = "querying the audit log";
+    let before = audit_page_before(page)?.map_or(i64::MAX, |b| i64::try_from(b).unwrap_or(i64::MAX));
+    let limit = page_limit(page.limit);
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT sequence, time, principal, transport, operation, target, etag_before, etag_after, status,
+                error_code, tracking_id
+             FROM audit_log
+             WHERE sequence < ?1 AND time >= ?2 AND time < ?3
+                AND (?4 IS NULL OR principal_key = ?4) AND (?5 IS NULL OR target_key = ?5)
+                AND (?6 IS NULL OR operation = ?6)
+             ORDER BY sequence DESC LIMIT ?7",
+        )
+        .map_err(|e| sql_error(querying, &e))?;
+    let since = filter.since.map_or(i64::MIN, |t| t.unix_nanos());
+    let until = filter.until.map_or(i64::MAX, |t| t.unix_nanos());
+    let principal = filter.principal.as_deref().map(str::to_ascii_lowercase);
+    let target = filter.target.as_deref().map(str::to_ascii_lowercase);
+    let operation = filter.operation.map(AuditOperation::as_str);
+    let fetch = i64::try_from(limit).unwrap_or(i64::MAX).saturating_add(1);
+    let rows = stmt
+        .query_map(params![before, since, until, principal, target, operation, fetch], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, Option<String>>(6)?,
+                r.get::<_, Option<String>>(7)?,
+                r.get::<_, i64>(8)?,
+                r.get::<_, Option<i64>>(9)?,
+                r.get::<_, String>(10)?,
+            ))
+        })
+        .map_err(|e| sql_error(querying, &e))?;
+    let mut items = Vec::new();
+    let mut more = false;
+    for row in rows {
+        let (sequence, time, principal, transport, operation, target, before, after, status, code, tracking) =
+            row.map_err(|e| sql_error(querying, &e))?;
+        if items.len() == limit {
+            more = true;
+            break;
+        }
+        let bad = |what: &str| backend(format!("the audit row {sequence} has an unknown {what}"));
+        items.push(AuditRecord {
+            sequence: u64::try_from(sequence).map_err(|_| bad("sequence"))?,
+            time: Timestamp::from_unix_nanos(time),
+            principal,
+            transport: AuditTransport::parse(&transport).ok_or_else(|| bad("transport"))?,
+            operation: AuditOperation::parse(&operation).ok_or_else(|| bad("operation"))?,
+            target,
+            etag_before: before,
+            etag_after: after,
+            status: u16::try_from(status).map_err(|_| bad("status"))?,
+            error_code: code.map(|c| u32::try_from(c).map_err(|_| bad("error code"))).transpose()?,
+            tracking_id: tracking,
+        });
+    }
+    let next = if more { items.last().map(|r| r.sequence.to_string()) } else { None };
+    Ok(StoreResult::Audit(Page { items, next }))
+}
+
+/// Appends one audit record inside the open transaction and returns its sequence number.
+fn insert_audit(conn: &Connection, record: &AuditRecord) -> Result<u64, rusqlite::Error> {
+    conn.prepare_cached(
+        "INSERT INTO audit_log (time, principal, principal_key, transport, operation, target, target_key,
+            etag_before, etag_after, status, error_code, tracking_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    )?
+    .execute(params![
+        record.time.unix_nanos(),
+        record.principal,
+        record.principal.to_ascii_lowercase(),
+        record.transport.as_str(),
+        record.operation.as_str(),
+        record.target,
+        record.target.to_ascii_lowercase(),
+        record.etag_before,
+        record.etag_after,
+        record.status,
+        record.error_code,
+        record.tracking_id,
+    ])?;
+    Ok(u64::try_from(conn.last_insert_rowid()).unwrap_or(0))
 }
 
 /// The operation history inside a registration row's JSON (absent in rows written before histories were
@@ -1140,6 +1304,11 @@ impl Writer {
                         (WriteOp::DeleteRegistration { key, .. }, Ok(_)) => {
                             self.state.registrations.remove(key)
                         }
+                        (WriteOp::Audited { op, .. }, Ok(_)) => {
+                            if let WriteOp::DeleteRegistration { key, .. } = op.as_ref() {
+                                self.state.registrations.remove(key)
+                            }
+                        }
                         _ => {}
                     }
                 }
@@ -1175,7 +1344,7 @@ impl Writer {
                     }
                 }
                 for request in batch.iter() {
-                    match &request.op {
+                    match request.op.write() {
                         WriteOp::CommitRegistration { key, .. } | WriteOp::DeleteRegistration { key, .. } => {
                             self.state.registrations.remove(key)
                         }
@@ -1241,7 +1410,8 @@ impl Writer {
         let mut changed = false;
         for request in batch {
             let result = self.apply(&request.op, changes).map_err(|e| sql_error("writing", &e))?;
-            changed |= result.is_ok() && !matches!(request.op, WriteOp::Resync);
+            // An audit append alone changes nothing any cache holds.
+            changed |= result.is_ok() && !matches!(request.op, WriteOp::Resync | WriteOp::AppendAudit(_));
             results.push(result);
         }
         let next = found + 1;
@@ -1286,6 +1456,27 @@ impl Writer {
         let conn = &self.conn;
         match op {
             WriteOp::Resync => Ok(Ok(StoreResult::Done)),
+            WriteOp::Audited { op, record } => {
+                // Read, write and append under the one write lock of this transaction.
+                let before = self.stored_etag(op)?;
+                match self.apply(op, changes)? {
+                    Ok(result) => {
+                        let mut record = (**record).clone();
+                        record.etag_before = before;
+                        record.etag_after = result.written_etag();
+                        record.sequence = insert_audit(conn, &record)?;
+                        Ok(Ok(StoreResult::Audited { result: Box::new(result), record: Box::new(record) }))
+                    }
+                    // Nothing was written (every write checks before it writes): no record either.
+                    Err(e) => Ok(Err(e)),
+                }
+            }
+            WriteOp::AppendAudit(records) => {
+                for record in records {
+                    insert_audit(conn, record)?;
+                }
+                Ok(Ok(StoreResult::Done))
+            }
             WriteOp::CommitRegistration { key, group_key, etag, json, expected, operation, .. } => {
                 // The precondition and the operation history are read inside the write transaction (it holds
                 // SQLite's write lock), so nothing changes the row between read and write.
@@ -1485,6 +1676,37 @@ impl Writer {
                 Ok(Ok(StoreResult::Done))
             }
         }
+    }
+
+    /// The stored ETag of the item a service write changes (`None` when absent, or stored without one).
+    fn stored_etag(&self, op: &WriteOp) -> Result<Option<String>, rusqlite::Error> {
+        let (sql, key) = match op {
+            WriteOp::PutEnrollment { enrollment, .. } => {
+                ("SELECT etag FROM enrollments WHERE key = ?1", enrollment_key(enrollment))
+            }
+            WriteOp::DeleteEnrollment { key, .. } => {
+                ("SELECT etag FROM enrollments WHERE key = ?1", key.clone())
+            }
+            WriteOp::PutGroup { group, .. } => {
+                ("SELECT etag FROM enrollment_groups WHERE key = ?1", group_key(group))
+            }
+            WriteOp::DeleteGroup { key, .. } => {
+                ("SELECT etag FROM enrollment_groups WHERE key = ?1", key.clone())
+            }
+            WriteOp::DeleteRegistration { key, .. } => {
+                ("SELECT etag FROM registrations WHERE key = ?1", key.clone())
+            }
+            WriteOp::PutCertificate { certificate, .. } => {
+                ("SELECT etag FROM ca_certificates WHERE key = ?1", certificate.key())
+            }
+            WriteOp::DeleteCertificate { key, .. } => {
+                ("SELECT etag FROM ca_certificates WHERE key = ?1", key.clone())
+            }
+            _ => return Ok(None),
+        };
+        let etag: Option<String> =
+            self.conn.prepare_cached(sql)?.query_row([&key], |r| r.get(0)).optional()?;
+        Ok(etag.filter(|e| !e.is_empty()))
     }
 
     /// The stored `(etag, json)` of an enrollment or group.

@@ -21,6 +21,7 @@
 // Test code: panicking on a failed expectation is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use dps_core::audit::{AuditFilter, AuditOperation, AuditRecord, AuditTransport};
 use dps_core::proto::certificate::CaCertificate;
 use dps_core::proto::model::{
     AttestationType, EnrollmentGroup, IndividualEnrollment, RegistrationStatus, RegistrationSubstatus,
@@ -971,6 +972,217 @@ pub fn context_carries_certificates<S: BlockingStore>(s: &S) {
     assert_eq!(certificate_names(&load(s, "dev-2").certificates), ["root2"]);
 }
 
+// ------------------------------------------------------------------------------------------------
+// The audit log
+// ------------------------------------------------------------------------------------------------
+
+/// An audit record of `operation` on `target` at `seconds` past the Unix epoch, by `principal`.
+pub fn audit_record(operation: AuditOperation, target: &str, principal: &str, seconds: i64) -> AuditRecord {
+    AuditRecord {
+        sequence: 0,
+        time: Timestamp::from_unix_seconds(seconds),
+        principal: principal.to_owned(),
+        transport: AuditTransport::Https,
+        operation,
+        target: target.to_owned(),
+        etag_before: None,
+        etag_after: None,
+        status: 200,
+        error_code: None,
+        tracking_id: format!("tracking-{target}-{seconds}"),
+    }
+}
+
+/// `Audited`: the write's result and the record as appended.
+pub fn audited<S: BlockingStore>(
+    s: &S,
+    op: StoreOp,
+    record: AuditRecord,
+) -> Result<(StoreResult, AuditRecord), StoreError> {
+    match s.execute(StoreOp::Audited { op: Box::new(op), record: Box::new(record) })? {
+        StoreResult::Audited { result, record } => Ok((*result, *record)),
+        other => panic!("unexpected result {other:?}"),
+    }
+}
+
+/// `QueryAudit`, one page.
+pub fn query_audit<S: BlockingStore>(s: &S, filter: AuditFilter, req: PageRequest) -> Page<AuditRecord> {
+    match s.execute(StoreOp::QueryAudit { filter, page: req }).unwrap() {
+        StoreResult::Audit(p) => p,
+        other => panic!("unexpected result {other:?}"),
+    }
+}
+
+/// Every audit record passing `filter`, newest first, paged `limit` at a time.
+pub fn all_audit<S: BlockingStore>(s: &S, filter: &AuditFilter, limit: usize) -> Vec<AuditRecord> {
+    let mut out = Vec::new();
+    let mut after = None;
+    loop {
+        let p = query_audit(s, filter.clone(), page(after, limit));
+        assert!(p.items.len() <= limit.max(1));
+        out.extend(p.items);
+        match p.next {
+            Some(n) => after = Some(n),
+            None => return out,
+        }
+    }
+}
+
+/// An audited write performs the write and appends its record in one step: the store numbers it and
+/// fills the ETags before (`None` on create) and after (`None` on delete), for enrollments, groups,
+/// registration states and CA certificates.
+pub fn audited_writes_append_their_records<S: BlockingStore>(s: &S) {
+    use AuditOperation as O;
+    let put = |e| StoreOp::PutEnrollment { enrollment: Box::new(e), condition: WriteCondition::Upsert };
+    let (result, r1) =
+        audited(s, put(enrollment("dev-1", "e1")), audit_record(O::EnrollmentPut, "dev-1", "p", 1)).unwrap();
+    assert!(matches!(result, StoreResult::Enrollment(Some(_))));
+    assert_eq!(get_enrollment(s, "dev-1").unwrap().etag.as_deref(), Some("e1"));
+    assert!(r1.sequence > 0);
+    assert_eq!((r1.etag_before.as_deref(), r1.etag_after.as_deref()), (None, Some("e1")));
+    let (_, r2) =
+        audited(s, put(enrollment("dev-1", "e2")), audit_record(O::EnrollmentPut, "dev-1", "p", 2)).unwrap();
+    assert!(r2.sequence > r1.sequence);
+    assert_eq!((r2.etag_before.as_deref(), r2.etag_after.as_deref()), (Some("e1"), Some("e2")));
+    let delete = StoreOp::DeleteEnrollment { registration_id: rid("DEV-1"), if_match: None };
+    let (result, r3) = audited(s, delete, audit_record(O::EnrollmentDelete, "DEV-1", "p", 3)).unwrap();
+    assert!(matches!(result, StoreResult::Done));
+    assert_eq!((r3.etag_before.as_deref(), r3.etag_after.as_deref()), (Some("e2"), None));
+    assert!(get_enrollment(s, "dev-1").is_none());
+
+    let put_group = StoreOp::PutGroup {
+        group: Box::new(sym_group("g1", "g-1")),
+        condition: WriteCondition::CreateOnly,
+        max_symmetric_key_groups: None,
+    };
+    let (_, g) = audited(s, put_group, audit_record(O::GroupPut, "g1", "p", 4)).unwrap();
+    assert_eq!(g.etag_after.as_deref(), Some("g-1"));
+    assert_eq!(load(s, "dev-9").groups.len(), 1, "the group write itself happened");
+    let delete = StoreOp::DeleteGroup { group_id: gid("g1"), if_match: Some(if_match("g-1")) };
+    let (_, g) = audited(s, delete, audit_record(O::GroupDelete, "g1", "p", 5)).unwrap();
+    assert_eq!((g.etag_before.as_deref(), g.etag_after), (Some("g-1"), None));
+
+    commit(s, record("dev-2", None, "r1"), None).unwrap();
+    let delete = StoreOp::DeleteRegistration { registration_id: rid("dev-2"), if_match: None };
+    let (_, r) = audited(s, delete, audit_record(O::RegistrationDelete, "dev-2", "p", 6)).unwrap();
+    assert_eq!(r.etag_before.as_deref(), Some("r1"));
+    assert!(get_registration(s, "dev-2").is_none(), "the registration cache follows an audited delete");
+
+    let put_ca = StoreOp::PutCertificate {
+        certificate: Box::new(ca("root", "c1")),
+        condition: WriteCondition::CreateOnly,
+        max_certificates: None,
+    };
+    let (_, c) = audited(s, put_ca, audit_record(O::CertificatePut, "root", "p", 7)).unwrap();
+    assert_eq!((c.etag_before, c.etag_after.as_deref()), (None, Some("c1")));
+    assert_eq!(certificate_names(&load(s, "dev-9").certificates), ["root"]);
+
+    let all = all_audit(s, &AuditFilter::default(), 100);
+    assert_eq!(all.len(), 7);
+    let seconds: Vec<i64> = all.iter().map(|r| r.time.unix_seconds()).collect();
+    assert_eq!(seconds, [7, 6, 5, 4, 3, 2, 1], "newest first");
+    assert_eq!(all[6], r1, "what the query returns is what was appended");
+}
+
+/// A write that fails (precondition, not found, conflict, limit) writes nothing and appends nothing;
+/// a standalone append records a refusal.
+pub fn failed_audited_writes_append_nothing<S: BlockingStore>(s: &S) {
+    use AuditOperation as O;
+    put_enrollment(s, enrollment("dev-1", "e1"), WriteCondition::Upsert).unwrap();
+    let stale = StoreOp::PutEnrollment {
+        enrollment: Box::new(enrollment("dev-1", "e2")),
+        condition: WriteCondition::IfMatch(if_match("nope")),
+    };
+    assert_eq!(
+        audited(s, stale, audit_record(O::EnrollmentPut, "dev-1", "p", 1)).unwrap_err(),
+        StoreError::PreconditionFailed
+    );
+    assert_eq!(get_enrollment(s, "dev-1").unwrap().etag.as_deref(), Some("e1"));
+    let missing = StoreOp::DeleteGroup { group_id: gid("none"), if_match: None };
+    assert_eq!(
+        audited(s, missing, audit_record(O::GroupDelete, "none", "p", 2)).unwrap_err(),
+        StoreError::NotFound
+    );
+    put_certificate(s, ca("a", "c1"), WriteCondition::Upsert, None).unwrap();
+    let over = StoreOp::PutCertificate {
+        certificate: Box::new(ca("b", "c1")),
+        condition: WriteCondition::Upsert,
+        max_certificates: Some(1),
+    };
+    assert!(matches!(
+        audited(s, over, audit_record(O::CertificatePut, "b", "p", 3)),
+        Err(StoreError::LimitReached { .. })
+    ));
+    assert!(all_audit(s, &AuditFilter::default(), 10).is_empty());
+    // Only service writes can be audited.
+    let read = StoreOp::GetEnrollment { registration_id: rid("dev-1") };
+    assert!(s
+        .execute(StoreOp::Audited {
+            op: Box::new(read),
+            record: Box::new(audit_record(O::EnrollmentPut, "x", "p", 4))
+        })
+        .is_err());
+
+    let mut refused = audit_record(O::EnrollmentPut, "dev-1", "p", 5);
+    refused.status = 412;
+    refused.error_code = Some(412_001);
+    let mut second = audit_record(O::BulkGroups, "g2", "q", 5);
+    second.status = 403;
+    second.error_code = Some(403_001);
+    assert!(matches!(
+        s.execute(StoreOp::AppendAudit { records: vec![refused.clone(), second.clone()] }).unwrap(),
+        StoreResult::Done
+    ));
+    let all = all_audit(s, &AuditFilter::default(), 10);
+    assert_eq!(all.len(), 2);
+    assert!(all[0].sequence > all[1].sequence);
+    refused.sequence = all[1].sequence;
+    second.sequence = all[0].sequence;
+    assert_eq!(all, [second, refused]);
+}
+
+/// Queries filter by time (since inclusive, until exclusive), principal and target (case-insensitive) and
+/// operation, newest first, and page by sequence without gaps or repeats.
+pub fn audit_query_filters_and_pages<S: BlockingStore>(s: &S) {
+    use AuditOperation as O;
+    let mut records = Vec::new();
+    for i in 0..25i64 {
+        let target = format!("dev-{}", i % 5);
+        let principal = if i % 2 == 0 { "Owner" } else { "reader" };
+        let op = if i % 3 == 0 { O::EnrollmentDelete } else { O::EnrollmentPut };
+        records.push(audit_record(op, &target, principal, 100 + i));
+    }
+    s.execute(StoreOp::AppendAudit { records }).unwrap();
+    let all = all_audit(s, &AuditFilter::default(), 7);
+    assert_eq!(all.len(), 25);
+    assert!(all.windows(2).all(|w| w[0].sequence > w[1].sequence), "newest first, no repeats");
+    let f =
+        |since: Option<i64>, until: Option<i64>, principal: Option<&str>, target: Option<&str>| AuditFilter {
+            since: since.map(Timestamp::from_unix_seconds),
+            until: until.map(Timestamp::from_unix_seconds),
+            principal: principal.map(str::to_owned),
+            target: target.map(str::to_owned),
+            operation: None,
+        };
+    assert_eq!(all_audit(s, &f(Some(120), None, None, None), 2).len(), 5);
+    assert_eq!(all_audit(s, &f(None, Some(103), None, None), 2).len(), 3);
+    assert_eq!(all_audit(s, &f(Some(110), Some(115), None, None), 100).len(), 5);
+    let owner = all_audit(s, &f(None, None, Some("OWNER"), None), 3);
+    assert_eq!(owner.len(), 13);
+    assert!(owner.iter().all(|r| r.principal == "Owner"));
+    let dev3 = all_audit(s, &f(None, None, None, Some("DEV-3")), 2);
+    assert_eq!(dev3.iter().map(|r| r.time.unix_seconds()).collect::<Vec<_>>(), [123, 118, 113, 108, 103]);
+    assert_eq!(all_audit(s, &f(Some(110), None, Some("reader"), Some("dev-1")), 1).len(), 2);
+    let deletes = AuditFilter { operation: Some(O::EnrollmentDelete), ..AuditFilter::default() };
+    assert_eq!(all_audit(s, &deletes, 4).len(), 9);
+    let first = query_audit(s, AuditFilter::default(), page(None, 0));
+    assert_eq!(first.items.len(), 1, "a page holds at least one record");
+    assert!(first.next.is_some());
+    assert!(s
+        .execute(StoreOp::QueryAudit { filter: AuditFilter::default(), page: page(Some("x".into()), 5) })
+        .is_err());
+}
+
 /// Runs an [`AsyncStore`] through the blocking interface, so the async paths run the same suite.
 pub struct ViaAsync<S>(pub S);
 
@@ -1018,6 +1230,9 @@ macro_rules! store_conformance_tests {
             certificate_limit,
             certificates_listed_in_key_order,
             context_carries_certificates,
+            audited_writes_append_their_records,
+            failed_audited_writes_append_nothing,
+            audit_query_filters_and_pages,
         ]);
     };
     (@suite $name:ident, $store:expr, [$($test:ident),* $(,)?]) => {

@@ -236,7 +236,9 @@ mod sqlite_only {
         commit(&store, record("dev-1", Some("g1"), "r1"), None).unwrap();
         store.close().unwrap();
         let conn = rusqlite::Connection::open(&path).unwrap();
-        conn.execute_batch("DROP TABLE store_version; DROP TABLE ca_certificates; PRAGMA user_version = 1;")
+        conn.execute_batch(
+            "DROP TABLE store_version; DROP TABLE ca_certificates; DROP TABLE audit_log; PRAGMA user_version = 1;",
+        )
             .unwrap();
         drop(conn);
         let (a, b) = two_handles(dir.path());
@@ -248,6 +250,37 @@ mod sqlite_only {
         let conn = rusqlite::Connection::open(&path).unwrap();
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
         assert_eq!(version, i64::from(dps_store::SCHEMA_VERSION));
+    }
+
+    #[test]
+    fn sqlite_audit_log_survives_reopen_and_upgrades_from_version_3() {
+        use dps_core::audit::{AuditFilter, AuditOperation};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dps.db");
+        let store = SqliteStore::open(&path, sqlite_options()).unwrap();
+        let put = StoreOp::PutEnrollment {
+            enrollment: Box::new(enrollment("dev-1", "e1")),
+            condition: WriteCondition::Upsert,
+        };
+        let (_, appended) =
+            audited(&store, put, audit_record(AuditOperation::EnrollmentPut, "dev-1", "owner", 1)).unwrap();
+        store.close().unwrap();
+        let store = SqliteStore::open(&path, sqlite_options()).unwrap();
+        assert_eq!(all_audit(&store, &AuditFilter::default(), 10), [appended]);
+        store.close().unwrap();
+        // A database of schema 3 (before the audit log) gains an empty log, its data kept.
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch("DROP TABLE audit_log; PRAGMA user_version = 3;").unwrap();
+        drop(conn);
+        let store = SqliteStore::open(&path, sqlite_options()).unwrap();
+        assert!(all_audit(&store, &AuditFilter::default(), 10).is_empty());
+        assert!(get_enrollment(&store, "dev-1").is_some());
+        let delete = StoreOp::DeleteEnrollment { registration_id: rid("dev-1"), if_match: None };
+        let (_, r) =
+            audited(&store, delete, audit_record(AuditOperation::EnrollmentDelete, "dev-1", "owner", 2))
+                .unwrap();
+        assert_eq!(r.etag_before.as_deref(), Some("e1"));
+        store.close().unwrap();
     }
 
     #[test]
