@@ -274,8 +274,18 @@ async fn handle_https(mut req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Resp {
     // (the client went away, or shutdown gave up on the connection), the rest of the flow moves to a
     // tracked task, so a flow is never abandoned half-way (hub identity written, registration not yet
     // committed) and shutdown waits for it before closing the store.
+    let device_api = route.as_ref().is_some_and(Route::is_device_api);
     let state = Arc::clone(&shared.state);
-    let flow = Detachable::new(async move { state.run_http(request).await }, shared.tracker.clone());
+    let throttled = if device_api { state.throttled(peer.ip()) } else { None };
+    let flow = Detachable::new(
+        async move {
+            match throttled {
+                Some(reply) => reply,
+                None => state.run_http(request).await,
+            }
+        },
+        shared.tracker.clone(),
+    );
     let reply = match flow.await {
         Ok(reply) => reply,
         Err(panic) => {
@@ -288,6 +298,9 @@ async fn handle_https(mut req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Resp {
         }
     };
     let took = started.elapsed();
+    if device_api {
+        shared.state.note_auth_outcome(peer.ip(), &reply);
+    }
 
     let api = match &route {
         Some(r) if r.is_device_api() => Api::Device,
