@@ -187,6 +187,16 @@ async fn handle_https(mut req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Resp {
             true,
         );
     }
+    // RFC 9110 §9.1: methods are case-sensitive ("put" is not PUT).
+    if req.method().as_str().bytes().any(|b| b.is_ascii_lowercase()) {
+        shared.state.metrics.request(Api::Other, 405);
+        let message = format!("method '{}' is not allowed (methods are case-sensitive)", req.method());
+        return reply_response(
+            error_reply(shared, DpsError::with_message(ErrorCode::MethodNotAllowed, message)),
+            None,
+            false,
+        );
+    }
     if dps_mqtt::is_websocket_upgrade(req.headers()) {
         let refused = |message: String| {
             tracing::debug!(peer = %ctx.peer, %message, "WebSocket upgrade refused");
