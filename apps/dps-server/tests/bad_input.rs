@@ -1646,7 +1646,7 @@ async fn a_401_storm_is_throttled_per_address_while_good_devices_elsewhere_are_s
     let got = mqtt_exchange(&mut s, &bytes, 2).await;
     assert!(judge(&Want::Res(202, 0, ""), &got), "{got:?}");
     // The service API is not the device API's limiter's business.
-    assert!(service(&server).registration("storm-good-1").await.is_ok());
+    assert!(service(&server).show(Kind::Enrollment, "storm-good-1", false).await.is_ok());
     assert!(server.state.metrics.auth_throttled_count() >= 2);
     assert!(server.state.metrics.render().contains("dps_auth_throttled_total"));
     // The storming address's good device is throttled until its bucket refills, then served: waiting the
