@@ -16,6 +16,8 @@
 //! max_symmetric_key_groups = 100         # spec 10.1; creating one more is refused with 403002
 //! max_ca_certificates = 25               # spec 10.1; uploading one more is refused with 403002
 //! max_connections_per_address = 2500     # default: a quarter of max_connections (at least 16)
+//! max_auth_failures_per_address_per_minute = 600  # 401 storms: beyond it 429001 (0 turns it off)
+//! auth_failure_burst = 60                # failures an address may make at once before the rate applies
 //! header_read_timeout_secs = 10
 //! max_connections = 10000
 //! tls_handshake_timeout_secs = 10        # extension: TLS handshake deadline
@@ -88,6 +90,12 @@ pub struct FileConfig {
     pub max_ca_certificates: Option<usize>,
     /// The most connections one client address may hold (default: a quarter of `max_connections`).
     pub max_connections_per_address: Option<usize>,
+    /// Failed device authentications (401) one client address may make per minute (default 600, 0 off).
+    pub max_auth_failures_per_address_per_minute: Option<u32>,
+    /// Failed device authentications one client address may make at once (default 60).
+    pub auth_failure_burst: Option<u32>,
+    /// How many client addresses the failure limiter remembers (default 10000).
+    pub auth_failure_tracked_addresses: Option<usize>,
     /// Header read timeout.
     pub header_read_timeout_secs: Option<u64>,
     /// Maximum concurrent connections.
@@ -345,6 +353,9 @@ pub struct ServerConfig {
     /// quarter of `max_connections`, at least 16), so that one abuser cannot take the whole cap; beyond it
     /// a new connection from that address is closed at once.
     pub max_connections_per_address: usize,
+    /// The limiter of failed device authentications per client address ([`crate::throttle`]): beyond it,
+    /// that address's device-API requests are answered `429001` (HTTPS, `res/429`) or CONNACK 3 (MQTT).
+    pub auth_failures: crate::throttle::AuthFailureLimits,
     /// A client must send a complete request head within this time (also the keep-alive idle limit).
     pub header_read_timeout: Duration,
     /// A client must send the request body within this time after the head.
@@ -533,6 +544,14 @@ impl ServerConfig {
                 .max_connections_per_address
                 .unwrap_or((max_connections / 4).max(16))
                 .max(1),
+            auth_failures: {
+                let d = crate::throttle::AuthFailureLimits::default();
+                crate::throttle::AuthFailureLimits {
+                    per_minute: file.max_auth_failures_per_address_per_minute.unwrap_or(d.per_minute),
+                    burst: file.auth_failure_burst.unwrap_or(d.burst).max(1),
+                    max_addresses: file.auth_failure_tracked_addresses.unwrap_or(d.max_addresses).max(1),
+                }
+            },
             header_read_timeout,
             body_read_timeout: header_read_timeout.max(Duration::from_secs(30)),
             tls_handshake_timeout,

@@ -187,6 +187,16 @@ async fn handle_https(mut req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Resp {
             true,
         );
     }
+    // RFC 9110 §9.1: methods are case-sensitive ("put" is not PUT).
+    if req.method().as_str().bytes().any(|b| b.is_ascii_lowercase()) {
+        shared.state.metrics.request(Api::Other, 405);
+        let message = format!("method '{}' is not allowed (methods are case-sensitive)", req.method());
+        return reply_response(
+            error_reply(shared, DpsError::with_message(ErrorCode::MethodNotAllowed, message)),
+            None,
+            false,
+        );
+    }
     if dps_mqtt::is_websocket_upgrade(req.headers()) {
         let refused = |message: String| {
             tracing::debug!(peer = %ctx.peer, %message, "WebSocket upgrade refused");
@@ -274,8 +284,18 @@ async fn handle_https(mut req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Resp {
     // (the client went away, or shutdown gave up on the connection), the rest of the flow moves to a
     // tracked task, so a flow is never abandoned half-way (hub identity written, registration not yet
     // committed) and shutdown waits for it before closing the store.
+    let device_api = route.as_ref().is_some_and(Route::is_device_api);
     let state = Arc::clone(&shared.state);
-    let flow = Detachable::new(async move { state.run_http(request).await }, shared.tracker.clone());
+    let throttled = if device_api { state.throttled(peer.ip()) } else { None };
+    let flow = Detachable::new(
+        async move {
+            match throttled {
+                Some(reply) => reply,
+                None => state.run_http(request).await,
+            }
+        },
+        shared.tracker.clone(),
+    );
     let reply = match flow.await {
         Ok(reply) => reply,
         Err(panic) => {
@@ -288,6 +308,9 @@ async fn handle_https(mut req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Resp {
         }
     };
     let took = started.elapsed();
+    if device_api {
+        shared.state.note_auth_outcome(peer.ip(), &reply);
+    }
 
     let api = match &route {
         Some(r) if r.is_device_api() => Api::Device,

@@ -37,6 +37,7 @@ pub mod mqtt;
 pub mod provision;
 pub mod server;
 pub mod state;
+pub mod throttle;
 pub mod tls;
 pub mod usage;
 

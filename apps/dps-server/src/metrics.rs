@@ -8,6 +8,7 @@
 //! | `dps_open_connections` | gauge | `transport` (https, mqtt, websocket, admin) |
 //! | `dps_connections_total` | counter | `transport` |
 //! | `dps_connections_refused_total` | counter | `reason` (limit, tls_handshake) |
+//! | `dps_auth_throttled_total` | counter | — (device-API requests refused `429001` because their address made too many failed authentications) |
 //! | `dps_store_commit_duration_seconds` | histogram | — (`CommitRegistration`, until durable) |
 //! | `dps_store_batches_total`, `dps_store_rows_total` | counter | — (SQLite group-commit transactions and the writes they carried) |
 //! | `dps_billable_operations_total` | counter | `operation` (spec §10.3, e.g. `device_register`), `outcome` (success, failure); a register by its final status |
@@ -148,6 +149,7 @@ pub struct Metrics {
     refused_limit: AtomicU64,
     refused_address: AtomicU64,
     refused_tls: AtomicU64,
+    auth_throttled: AtomicU64,
     store_stats: Mutex<Option<(u64, u64)>>,
     billable: Mutex<BTreeMap<(BillableOperation, bool), u64>>,
 }
@@ -194,6 +196,16 @@ impl Metrics {
             Refusal::TlsHandshake => &self.refused_tls,
         }
         .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a device-API request refused because its address made too many failed authentications.
+    pub fn auth_throttled(&self) {
+        self.auth_throttled.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many requests [`auth_throttled`](Self::auth_throttled) counted.
+    pub fn auth_throttled_count(&self) -> u64 {
+        self.auth_throttled.load(Ordering::Relaxed)
     }
 
     /// Marks a connection open until the returned guard is dropped.
@@ -263,6 +275,12 @@ impl Metrics {
             self.refused_limit.load(Ordering::Relaxed),
             self.refused_address.load(Ordering::Relaxed),
             self.refused_tls.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP dps_auth_throttled_total Device requests refused (429001) after too many failed authentications from their address.\n\
+             # TYPE dps_auth_throttled_total counter\ndps_auth_throttled_total {}",
+            self.auth_throttled_count()
         );
         self.store_commit_latency.render(
             &mut out,

@@ -524,7 +524,7 @@ async fn serve_mqtt(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, _p
     let chain = crate::http::der_chain(client_certs.as_deref());
     let session = dps_mqtt::serve_connection_with_peer(
         tls,
-        Arc::clone(&shared.mqtt_handler),
+        Arc::new(shared.mqtt_handler.for_peer(peer.ip())),
         &shared.mqtt_limits,
         chain,
     );
@@ -554,7 +554,7 @@ pub(crate) fn spawn_websocket(ctx: Arc<ConnCtx>, on_upgrade: hyper::upgrade::OnU
         let chain = crate::http::der_chain(ctx.client_certs.as_deref());
         let session = dps_mqtt::serve_websocket_with_peer(
             TokioIo::new(upgraded),
-            Arc::clone(&ctx.shared.websocket_handler),
+            Arc::new(ctx.shared.websocket_handler.for_peer(peer.ip())),
             &ctx.shared.mqtt_limits,
             chain,
         );

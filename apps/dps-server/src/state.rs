@@ -6,6 +6,7 @@ use crate::config::ServerConfig;
 use crate::datadir::DataDir;
 use crate::datadir::OwnerKeys;
 use crate::metrics::Metrics;
+use crate::throttle::AuthFailureLimiter;
 use crate::usage::Billing;
 use crate::ServerError;
 use dps_core::audit::AuditRecord;
@@ -125,6 +126,8 @@ pub struct AppState {
     pub billing: Arc<Billing>,
     /// The local CA issuing device certificates (with `[certificate_issuance] enabled = true`).
     pub issuer: Option<Arc<LocalCa>>,
+    /// Failed device authentications per client address (401 storms, [`crate::throttle`]).
+    pub auth_failures: AuthFailureLimiter,
 }
 
 /// The name under which the issuing CA is registered as a verified CA certificate of the instance (and
@@ -184,7 +187,17 @@ impl AppState {
             None => None,
         };
         let host = builder.build().map_err(|e| ServerError::Config(crate::config::ConfigError(e.message)))?;
-        Ok(AppState { engine: host.engine().clone(), host, store, hubs, metrics, billing, issuer })
+        let auth_failures = AuthFailureLimiter::new(config.auth_failures);
+        Ok(AppState {
+            engine: host.engine().clone(),
+            host,
+            store,
+            hubs,
+            metrics,
+            billing,
+            issuer,
+            auth_failures,
+        })
     }
 
     /// Draws 16 random bytes (e.g. for a tracking ID).
@@ -204,6 +217,31 @@ impl AppState {
         let reply = self.host.http(request).await;
         self.billing.on_reply(&reply);
         reply
+    }
+
+    /// The refusal of a device-API request from `ip` while that address is throttled for failed
+    /// authentications (`429001` with a Retry-After; counted in the metrics), or None.
+    pub fn throttled(&self, ip: std::net::IpAddr) -> Option<Reply> {
+        let retry_after = self.auth_failures.check(ip).err()?;
+        self.metrics.auth_throttled();
+        let error = dps_core::DpsError::with_message(
+            dps_core::ErrorCode::Throttled,
+            format!(
+                "too many failed authentications from this address (more than {} a minute, {} at once); \
+                 retry after {retry_after} s",
+                self.auth_failures.limits().per_minute,
+                self.auth_failures.limits().burst
+            ),
+        )
+        .retry_after(retry_after);
+        Some(Reply::error(&error, dps_core::proto::id::format_uuid(self.random16()), now()))
+    }
+
+    /// Counts `reply` against `ip`'s failed-authentication budget when it is a 401.
+    pub fn note_auth_outcome(&self, ip: std::net::IpAddr, reply: &Reply) {
+        if reply.status == 401 {
+            self.auth_failures.failed(ip);
+        }
     }
 
     /// Refreshes the store counters shown by `/metrics`.
