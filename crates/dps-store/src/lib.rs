@@ -29,12 +29,18 @@
 mod common;
 mod memory;
 #[cfg(feature = "sqlite")]
+mod secrets;
+#[cfg(feature = "sqlite")]
 mod sqlite;
 #[cfg(feature = "sqlite")]
 mod sqlite_hub;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+/// Encryption at rest (the sealer, key providers and keyring), re-exported for callers of
+/// [`SqliteStore::open_sealed`] and [`SqliteHubDirectory::open_sealed`].
+#[cfg(feature = "sqlite")]
+pub use dps_seal as seal;
 pub use memory::MemoryStore;
 #[cfg(feature = "sqlite")]
 pub use sqlite::{SqliteOptions, SqliteStats, SqliteStore, SCHEMA_VERSION};
