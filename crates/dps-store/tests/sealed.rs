@@ -2,6 +2,8 @@
 //! from before still read (and sealed on their next write), a sealed value moved to another row refused.
 #![cfg(feature = "sqlite")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+// The test reads the raw database files.
+#![allow(clippy::disallowed_methods)]
 
 use dps_core::hub::{BlockingHubDirectory, DeviceIdentity, DeviceTwin, HubAuthentication, HubOp};
 use dps_core::proto::model::{
