@@ -45,4 +45,7 @@ pub use memory::MemoryStore;
 #[cfg(feature = "sqlite")]
 pub use sqlite::{SqliteOptions, SqliteStats, SqliteStore, SCHEMA_VERSION};
 #[cfg(feature = "sqlite")]
-pub use sqlite_hub::{HubDatabase, SqliteHubDirectory, UsageEvent, UsageRow, HUB_SCHEMA_VERSION};
+pub use sqlite_hub::{
+    HubDatabase, SqliteHubDirectory, UsageEvent, UsageRow, DEFAULT_BATCH_WINDOW as HUB_BATCH_WINDOW,
+    HUB_SCHEMA_VERSION,
+};
