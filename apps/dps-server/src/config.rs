@@ -721,6 +721,28 @@ mod tests {
     }
 
     #[test]
+    fn encryption_providers_resolve() {
+        let resolve = |text: &str| {
+            let file = FileConfig::parse(text, "test").unwrap();
+            ServerConfig::resolve(file, &Overrides::default(), &Overrides::default()).unwrap().key_provider
+        };
+        let scope = "id_scope = \"0ne00000001\"\ndata_dir = \"/d\"\n";
+        assert_eq!(resolve(scope), KeyProviderConfig::File(PathBuf::from("/d/kek.key")));
+        assert_eq!(
+            resolve(&format!("{scope}[encryption]\nkey_provider = \"file\"\nkey_file = \"/k/kek\"")),
+            KeyProviderConfig::File(PathBuf::from("/k/kek"))
+        );
+        assert_eq!(
+            resolve(&format!("{scope}[encryption]\nkey_provider = \"env\"")),
+            KeyProviderConfig::Env("DPS_KEK".into())
+        );
+        assert_eq!(
+            resolve(&format!("{scope}[encryption]\nkey_provider = \"env\"\nenv_var = \"MY_KEK\"")),
+            KeyProviderConfig::Env("MY_KEK".into())
+        );
+    }
+
+    #[test]
     fn bad_values_are_refused_with_their_name() {
         let cases = [
             ("id_scope = \"0ne00000001\"\nbogus = 1", "bogus"),
@@ -728,6 +750,8 @@ mod tests {
             ("id_scope = \"0ne00000001\"\ndefault_allocation = \"custom\"", "default_allocation"),
             ("id_scope = \"0ne00000001\"\nretry_after_secs = 0", "retry_after_secs"),
             ("id_scope = \"not a scope\"", "id_scope"),
+            ("id_scope = \"0ne00000001\"\n[encryption]\nkey_provider = \"kms\"", "encryption.key_provider"),
+            ("id_scope = \"0ne00000001\"\n[encryption]\nkey = \"x\"", "key"),
             (
                 "id_scope = \"0ne00000001\"\n[[access_policies]]\nkey_name = \"provisioningserviceowner\"\nprimary_key = \"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\"\nsecondary_key = \"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\"\nrights = \"EnrollmentRead\"",
                 "provisioningserviceowner",
