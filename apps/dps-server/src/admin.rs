@@ -474,7 +474,16 @@ fn hub_database(dir: &DataDir) -> Result<HubDatabase, ServerError> {
             path.display()
         )));
     }
-    HubDatabase::open_read_only(&path).map_err(|e| ServerError::Client(e.to_string()))
+    let db = HubDatabase::open_read_only(&path).map_err(|e| ServerError::Client(e.to_string()))?;
+    if !dir.keyring().exists() {
+        return Ok(db);
+    }
+    // Device keys are sealed: the KEK from DPS_KEK when set, else the data directory's key file.
+    let provider = match std::env::var(dps_store::seal::DEFAULT_ENV_VAR) {
+        Ok(_) => crate::config::KeyProviderConfig::Env(dps_store::seal::DEFAULT_ENV_VAR.to_owned()),
+        Err(_) => crate::config::KeyProviderConfig::File(dir.kek_file()),
+    };
+    Ok(db.with_sealer(crate::encryption::open_sealer(&provider, dir)?))
 }
 
 /// A twin in the IoT Hub shape (`tags`, `properties.desired`, `capabilities.iotEdge`).

@@ -155,6 +155,48 @@ pub struct AuditArgs {
     pub top: usize,
 }
 
+/// The key provider of a key rotation (as `[encryption]` configures the server).
+#[derive(Debug, Clone, Args)]
+pub struct KekArgs {
+    /// Data directory.
+    #[command(flatten)]
+    pub local: LocalArgs,
+    /// Where the current key-encryption key comes from: `file` or `env`.
+    #[arg(long, default_value = "file", value_name = "PROVIDER")]
+    pub key_provider: String,
+    /// The current KEK file (provider `file`) [default: DATA_DIR/kek.key].
+    #[arg(long, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+    /// The environment variable holding the current KEK (provider `env`).
+    #[arg(long, default_value = "DPS_KEK", value_name = "VAR")]
+    pub env_var: String,
+}
+
+impl KekArgs {
+    /// The provider these flags name.
+    pub fn provider(&self) -> Result<crate::config::KeyProviderConfig, ServerError> {
+        use crate::config::KeyProviderConfig;
+        match self.key_provider.as_str() {
+            "file" => Ok(KeyProviderConfig::File(
+                self.key_file.clone().unwrap_or_else(|| self.local.dir().kek_file()),
+            )),
+            "env" => Ok(KeyProviderConfig::Env(self.env_var.clone())),
+            other => Err(ServerError::Client(format!("--key-provider '{other}': expected file or env"))),
+        }
+    }
+}
+
+/// `admin rotate-kek`.
+#[derive(Debug, Clone, Args)]
+pub struct RotateKekArgs {
+    /// The current key provider.
+    #[command(flatten)]
+    pub kek: KekArgs,
+    /// A file holding the new key-encryption key (base64 of 32 bytes, e.g. `openssl rand -base64 32`).
+    #[arg(long, value_name = "FILE")]
+    pub new_key_file: PathBuf,
+}
+
 /// Local-database admin operations (read the data directory's `hubs.sqlite3` read-only, not the HTTPS API).
 #[derive(Debug, Subcommand)]
 pub enum AdminAction {
@@ -169,6 +211,13 @@ pub enum AdminAction {
     /// The audit log of service writes and refusals, newest first, as JSON (reads DATA_DIR's store
     /// database directly, read-only).
     Audit(AuditArgs),
+    /// Re-wrap the data keys of encryption at rest under a new key-encryption key (no row is
+    /// re-encrypted; running servers keep working; the next start uses the new key). Provider `file`:
+    /// the new key replaces the key file.
+    RotateKek(RotateKekArgs),
+    /// Add a new data key of encryption at rest and make it active: servers seal new writes with it from
+    /// their next start; values sealed before stay readable under their key ID.
+    RotateDataKey(KekArgs),
 }
 
 /// Log output format.
@@ -928,6 +977,14 @@ pub async fn run_admin(command: Command) -> ExitCode {
                 AdminAction::Twin(a) => crate::admin::twin(&a.local.dir(), &a.hub, &a.device),
                 AdminAction::Usage(a) => crate::admin::usage_report(&a.local.dir(), a.days, now()),
                 AdminAction::Audit(a) => crate::admin::audit_report(&a),
+                AdminAction::RotateKek(a) => a.kek.provider().and_then(|p| {
+                    crate::encryption::rotate_kek(&p, &a.kek.local.dir(), &a.new_key_file)
+                        .map(|m| serde_json::json!({ "rotated": m }))
+                }),
+                AdminAction::RotateDataKey(a) => a.provider().and_then(|p| {
+                    crate::encryption::rotate_data_key(&p, &a.local.dir())
+                        .map(|m| serde_json::json!({ "rotated": m }))
+                }),
             };
             match result {
                 Ok(v) => {

@@ -36,6 +36,10 @@
 //! enabled = false                        # on: a CA is created in DATA_DIR/issuer and registered verified
 //! key = "p384"                           # p384 | p256: the issuing CA's key (new CA only)
 //! validity_days = 30                     # issued device certificates
+//! [encryption]                          # encryption at rest of every stored secret (always on)
+//! key_provider = "file"                  # file | env: where the key-encryption key (KEK) comes from
+//! key_file = "./dps-data/kek.key"        # file: default DATA_DIR/kek.key, created (mode 0600) if absent
+//! env_var = "DPS_KEK"                    # env: the variable holding the base64 KEK (32 bytes)
 //! [[access_policies]]
 //! key_name = "enrollmentread"
 //! primary_key = "<base64>"
@@ -118,6 +122,30 @@ pub struct FileConfig {
     /// Certificate issuance from device CSRs.
     #[serde(default)]
     pub certificate_issuance: FileIssuance,
+    /// Encryption at rest.
+    #[serde(default)]
+    pub encryption: FileEncryption,
+}
+
+/// `[encryption]` as written.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileEncryption {
+    /// `file` (default) or `env`.
+    pub key_provider: Option<String>,
+    /// The KEK file (provider `file`; default `DATA_DIR/kek.key`).
+    pub key_file: Option<PathBuf>,
+    /// The environment variable holding the KEK (provider `env`; default `DPS_KEK`).
+    pub env_var: Option<String>,
+}
+
+/// Where the key-encryption key of encryption at rest comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyProviderConfig {
+    /// A key file (created with mode 0600 if absent).
+    File(PathBuf),
+    /// An environment variable holding base64 of 32 bytes.
+    Env(String),
 }
 
 /// `[certificate_issuance]` as written.
@@ -377,6 +405,8 @@ pub struct ServerConfig {
     pub access_policies: Vec<AccessPolicy>,
     /// Certificate issuance from device CSRs (None: off, a `csr` is refused with 400008).
     pub certificate_issuance: Option<IssuanceConfig>,
+    /// The key provider of encryption at rest.
+    pub key_provider: KeyProviderConfig,
 }
 
 /// The hub linked when the configuration names none.
@@ -529,11 +559,28 @@ impl ServerConfig {
             }),
             _ => None,
         };
+        let data_dir = file.data_dir.unwrap_or_else(|| PathBuf::from("./dps-data"));
+        let key_provider = match file.encryption.key_provider.as_deref().map(str::trim) {
+            None | Some("file") => KeyProviderConfig::File(
+                file.encryption.key_file.clone().unwrap_or_else(|| data_dir.join("kek.key")),
+            ),
+            Some("env") => KeyProviderConfig::Env(
+                file.encryption
+                    .env_var
+                    .clone()
+                    .unwrap_or_else(|| dps_store::seal::DEFAULT_ENV_VAR.to_owned()),
+            ),
+            Some(other) => {
+                return Err(err(format!(
+                    "encryption.key_provider: '{other}' is not a provider (file or env)"
+                )))
+            }
+        };
         Ok(ServerConfig {
             id_scope,
             service_host_name,
             device_host_name,
-            data_dir: file.data_dir.unwrap_or_else(|| PathBuf::from("./dps-data")),
+            data_dir,
             default_allocation,
             retry_after_secs,
             respond_early: file.respond_early.unwrap_or(true),
@@ -562,6 +609,7 @@ impl ServerConfig {
             linked_hubs,
             access_policies,
             certificate_issuance,
+            key_provider,
         })
     }
 
@@ -692,6 +740,28 @@ mod tests {
     }
 
     #[test]
+    fn encryption_providers_resolve() {
+        let resolve = |text: &str| {
+            let file = FileConfig::parse(text, "test").unwrap();
+            ServerConfig::resolve(file, &Overrides::default(), &Overrides::default()).unwrap().key_provider
+        };
+        let scope = "id_scope = \"0ne00000001\"\ndata_dir = \"/d\"\n";
+        assert_eq!(resolve(scope), KeyProviderConfig::File(PathBuf::from("/d/kek.key")));
+        assert_eq!(
+            resolve(&format!("{scope}[encryption]\nkey_provider = \"file\"\nkey_file = \"/k/kek\"")),
+            KeyProviderConfig::File(PathBuf::from("/k/kek"))
+        );
+        assert_eq!(
+            resolve(&format!("{scope}[encryption]\nkey_provider = \"env\"")),
+            KeyProviderConfig::Env("DPS_KEK".into())
+        );
+        assert_eq!(
+            resolve(&format!("{scope}[encryption]\nkey_provider = \"env\"\nenv_var = \"MY_KEK\"")),
+            KeyProviderConfig::Env("MY_KEK".into())
+        );
+    }
+
+    #[test]
     fn bad_values_are_refused_with_their_name() {
         let cases = [
             ("id_scope = \"0ne00000001\"\nbogus = 1", "bogus"),
@@ -699,6 +769,8 @@ mod tests {
             ("id_scope = \"0ne00000001\"\ndefault_allocation = \"custom\"", "default_allocation"),
             ("id_scope = \"0ne00000001\"\nretry_after_secs = 0", "retry_after_secs"),
             ("id_scope = \"not a scope\"", "id_scope"),
+            ("id_scope = \"0ne00000001\"\n[encryption]\nkey_provider = \"kms\"", "encryption.key_provider"),
+            ("id_scope = \"0ne00000001\"\n[encryption]\nkey = \"x\"", "key"),
             (
                 "id_scope = \"0ne00000001\"\n[[access_policies]]\nkey_name = \"provisioningserviceowner\"\nprimary_key = \"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\"\nsecondary_key = \"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\"\nrights = \"EnrollmentRead\"",
                 "provisioningserviceowner",

@@ -6,7 +6,9 @@
 //!   dps.sqlite3 (+ -wal, -shm)   the durable store
 //!   tls/ca.pem, tls/ca.key        generated self-signed CA (trust ca.pem on devices and clients)
 //!   tls/server.pem, server.key    ECDSA P-256 server certificate signed by the CA, with the configured SANs
-//!   owner.key                     base64 primary and secondary keys of the provisioningserviceowner policy
+//!   kek.key                       the key-encryption key (default key provider; base64, mode 0600)
+//!   data-keys.json                the data keys of encryption at rest, wrapped by the KEK
+//!   owner.key                     primary and secondary keys of the provisioningserviceowner policy (sealed)
 //!   connection-string.txt         HostName=…;SharedAccessKeyName=provisioningserviceowner;SharedAccessKey=…
 //!   ready.json                    {"https": "ip:port", "mqtt": "ip:port"|null, "admin": "ip:port"|null}
 //! ```
@@ -17,6 +19,7 @@
 use crate::ServerError;
 use dps_core::proto::sas::SymmetricKey;
 use dps_core::OWNER_POLICY;
+use dps_store::seal::Sealer;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -78,6 +81,16 @@ impl DataDir {
     /// The server private key (PEM, PKCS#8).
     pub fn server_key(&self) -> PathBuf {
         self.tls_dir().join("server.key")
+    }
+
+    /// The default key-encryption key file of encryption at rest.
+    pub fn kek_file(&self) -> PathBuf {
+        self.root.join("kek.key")
+    }
+
+    /// The keyring: the data keys of encryption at rest, wrapped by the key-encryption key.
+    pub fn keyring(&self) -> PathBuf {
+        self.root.join("data-keys.json")
     }
 
     /// The owner policy keys.
@@ -181,6 +194,9 @@ pub fn write_file(path: &Path, contents: &[u8]) -> Result<(), ServerError> {
     write().map_err(|e| ServerError::io(format!("writing {}", path.display()), e))
 }
 
+/// The associated data of the sealed `owner.key`.
+const OWNER_KEY_CONTEXT: &[&str] = &["file", "owner.key"];
+
 /// The keys of the generated `provisioningserviceowner` policy.
 #[derive(Debug, Clone)]
 pub struct OwnerKeys {
@@ -238,22 +254,44 @@ impl OwnerKeys {
 
     /// Loads the keys from `dir`, generating and writing them on first start. A file that exists but does
     /// not parse is an error (never silently replaced: clients hold connection strings made from it).
-    pub fn load_or_generate(dir: &DataDir, rng: &mut dyn RngCore) -> Result<(OwnerKeys, bool), ServerError> {
+    /// The file is sealed with `sealer` (a file written in clear before is read and rewritten sealed).
+    pub fn load_or_generate(
+        dir: &DataDir,
+        rng: &mut dyn RngCore,
+        sealer: &Sealer,
+    ) -> Result<(OwnerKeys, bool), ServerError> {
         let path = dir.owner_key();
-        match std::fs::read_to_string(&path) {
-            Ok(text) => OwnerKeys::parse(&text).map(|k| (k, false)).map_err(|e| {
-                ServerError::DataDir(format!(
-                    "{} is not valid ({e}); fix it, or delete it to generate new owner keys",
-                    path.display()
-                ))
-            }),
+        match std::fs::read(&path) {
+            Ok(stored) => {
+                let (text, sealed) = sealer
+                    .open_file(OWNER_KEY_CONTEXT, &stored)
+                    .map_err(|e| ServerError::DataDir(format!("{}: {e}", path.display())))?;
+                let text = String::from_utf8(text).unwrap_or_default();
+                let keys = OwnerKeys::parse(&text).map_err(|e| {
+                    ServerError::DataDir(format!(
+                        "{} is not valid ({e}); fix it, or delete it to generate new owner keys",
+                        path.display()
+                    ))
+                })?;
+                if !sealed {
+                    keys.write_sealed(&path, sealer)?;
+                }
+                Ok((keys, false))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let keys = OwnerKeys::generate(rng);
-                write_file(&path, keys.to_file().as_bytes())?;
+                keys.write_sealed(&path, sealer)?;
                 Ok((keys, true))
             }
             Err(e) => Err(ServerError::io(format!("reading {}", path.display()), e)),
         }
+    }
+
+    fn write_sealed(&self, path: &Path, sealer: &Sealer) -> Result<(), ServerError> {
+        let sealed = sealer
+            .seal_file(OWNER_KEY_CONTEXT, self.to_file().as_bytes())
+            .map_err(|e| ServerError::DataDir(format!("sealing {}: {e}", path.display())))?;
+        write_file(path, &sealed)
     }
 
     /// The owner connection string for `host`.
@@ -330,9 +368,16 @@ mod tests {
         let data = DataDir::new(dir.path());
         data.create().unwrap();
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-        let (first, generated) = OwnerKeys::load_or_generate(&data, &mut rng).unwrap();
+        let sealer = dps_store::seal::Sealer::new(
+            vec![("t1".into(), dps_store::seal::DataKey::from_bytes([1; 32]))],
+            "t1",
+        )
+        .unwrap();
+        let (first, generated) = OwnerKeys::load_or_generate(&data, &mut rng, &sealer).unwrap();
         assert!(generated);
-        let (second, generated) = OwnerKeys::load_or_generate(&data, &mut rng).unwrap();
+        let stored = std::fs::read_to_string(data.owner_key()).unwrap();
+        assert!(stored.starts_with("sealed:v1:") && !stored.contains(&first.primary.to_base64()));
+        let (second, generated) = OwnerKeys::load_or_generate(&data, &mut rng, &sealer).unwrap();
         assert!(!generated);
         assert_eq!(first.primary.to_base64(), second.primary.to_base64());
         #[cfg(unix)]
@@ -341,7 +386,12 @@ mod tests {
             let mode = std::fs::metadata(data.owner_key()).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o600);
         }
+        // A file in clear from before: read, then sealed.
+        std::fs::write(data.owner_key(), first.to_file()).unwrap();
+        let (third, _) = OwnerKeys::load_or_generate(&data, &mut rng, &sealer).unwrap();
+        assert_eq!(third.primary.to_base64(), first.primary.to_base64());
+        assert!(std::fs::read_to_string(data.owner_key()).unwrap().starts_with("sealed:v1:"));
         std::fs::write(data.owner_key(), "garbage").unwrap();
-        assert!(OwnerKeys::load_or_generate(&data, &mut rng).is_err());
+        assert!(OwnerKeys::load_or_generate(&data, &mut rng, &sealer).is_err());
     }
 }

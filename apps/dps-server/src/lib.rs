@@ -31,6 +31,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod datadir;
+pub mod encryption;
 mod http;
 pub mod metrics;
 pub mod mqtt;
@@ -67,6 +68,9 @@ pub enum ServerError {
     /// A client-side failure (admin CLI, device client).
     #[error("{0}")]
     Client(String),
+    /// Encryption at rest: the key-encryption key or the keyring is missing, wrong or unusable.
+    #[error("encryption at rest: {0}")]
+    Encryption(String),
 }
 
 impl ServerError {

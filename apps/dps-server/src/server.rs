@@ -19,7 +19,7 @@ use crate::http::{admin_service, https_service, ConnCtx};
 use crate::metrics::{Refusal, Transport};
 use crate::mqtt::DeviceApi;
 use crate::state::AppState;
-use crate::tls::{ensure_tls_material, server_config};
+use crate::tls::{ensure_tls_material_sealed, server_config};
 use crate::ServerError;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -127,7 +127,14 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     }
     let mut rng = StdRng::from_entropy();
     let mut generated = Vec::new();
-    let (owner, new_keys) = OwnerKeys::load_or_generate(&data_dir, &mut rng)?;
+    // Encryption at rest: the data keys, unwrapped once by the key-encryption key, seal every secret below.
+    let sealer = {
+        let (provider, dir) = (config.key_provider.clone(), data_dir.clone());
+        tokio::task::spawn_blocking(move || crate::encryption::open_sealer(&provider, &dir))
+            .await
+            .map_err(|e| ServerError::Encryption(format!("key loading task failed: {e}")))??
+    };
+    let (owner, new_keys) = OwnerKeys::load_or_generate(&data_dir, &mut rng, &sealer)?;
     if new_keys {
         generated.push(format!("owner policy keys {}", data_dir.owner_key().display()));
     }
@@ -136,9 +143,12 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
 
     let names = config.subject_alt_names.clone();
     let dir = data_dir.clone();
-    let material = tokio::task::spawn_blocking(move || ensure_tls_material(&dir, &names, &mut rng))
-        .await
-        .map_err(|e| ServerError::Tls(format!("certificate generation task failed: {e}")))??;
+    let tls_sealer = Arc::clone(&sealer);
+    let material = tokio::task::spawn_blocking(move || {
+        ensure_tls_material_sealed(&dir, &names, &mut rng, Some(&tls_sealer))
+    })
+    .await
+    .map_err(|e| ServerError::Tls(format!("certificate generation task failed: {e}")))??;
     if material.generated_ca {
         generated.push(format!("CA certificate {}", data_dir.ca_cert().display()));
     }
@@ -150,7 +160,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let database = data_dir.database();
     let state = {
         let config = config.clone();
-        tokio::task::spawn_blocking(move || AppState::open(&config, &owner, &database))
+        tokio::task::spawn_blocking(move || AppState::open(&config, &owner, &database, sealer))
             .await
             .map_err(|e| ServerError::DataDir(format!("store open task failed: {e}")))??
     };

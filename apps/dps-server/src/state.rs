@@ -15,6 +15,7 @@ use dps_core::store::{AsyncStore, StoreError, StoreOp, StoreResult};
 use dps_core::OWNER_POLICY;
 use dps_core::{AccessPolicy, DeviceRequest, Engine, EngineConfig, HttpRequest, Reply, Rights};
 use dps_host::{Clock, Host, LocalCa, SystemClock};
+use dps_store::seal::Sealer;
 use dps_store::{SqliteHubDirectory, SqliteOptions, SqliteStore};
 use std::future::Future;
 use std::path::Path;
@@ -160,11 +161,24 @@ pub fn engine_config(config: &ServerConfig, owner: &OwnerKeys) -> EngineConfig {
 impl AppState {
     /// Opens the store at `database` and the hub directory (`hubs.sqlite3` in the data directory) and builds
     /// the engine.
-    pub fn open(config: &ServerConfig, owner: &OwnerKeys, database: &Path) -> Result<AppState, ServerError> {
+    ///
+    /// Every secret the stores write (enrollment and group keys, webhook URLs, hub device keys, the issuing
+    /// CA's key) is sealed with `sealer`.
+    pub fn open(
+        config: &ServerConfig,
+        owner: &OwnerKeys,
+        database: &Path,
+        sealer: Arc<Sealer>,
+    ) -> Result<AppState, ServerError> {
         let hubs_path = DataDir::new(config.data_dir.clone()).hubs_database();
-        let hubs = SqliteHubDirectory::open(&hubs_path)
-            .map_err(|e| ServerError::DataDir(format!("{}: {e}", hubs_path.display())))?;
-        let store = SqliteStore::open(database, SqliteOptions::default()).map_err(ServerError::Store)?;
+        let hubs = SqliteHubDirectory::open_sealed(
+            &hubs_path,
+            dps_store::HUB_BATCH_WINDOW,
+            Some(Arc::clone(&sealer)),
+        )
+        .map_err(|e| ServerError::DataDir(format!("{}: {e}", hubs_path.display())))?;
+        let store = SqliteStore::open_sealed(database, SqliteOptions::default(), Some(Arc::clone(&sealer)))
+            .map_err(ServerError::Store)?;
         let metrics = Arc::new(Metrics::default());
         let billing = Arc::new(Billing::new(config.id_scope.to_string(), Arc::clone(&metrics), hubs.clone()));
         let store =
@@ -177,9 +191,15 @@ impl AppState {
         let issuer = match config.certificate_issuance {
             Some(settings) => {
                 let dir = DataDir::new(config.data_dir.clone()).issuer_dir();
-                let ca =
-                    LocalCa::open_or_create(&dir, ISSUER_CA_NAME, settings.key, settings.validity, now())
-                        .map_err(|e| ServerError::DataDir(format!("{}: {e}", dir.display())))?;
+                let ca = LocalCa::open_or_create_sealed(
+                    &dir,
+                    ISSUER_CA_NAME,
+                    settings.key,
+                    settings.validity,
+                    now(),
+                    Some(&sealer),
+                )
+                .map_err(|e| ServerError::DataDir(format!("{}: {e}", dir.display())))?;
                 let ca = Arc::new(ca);
                 builder = builder.issuer(ca.clone());
                 Some(ca)

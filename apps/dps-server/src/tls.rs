@@ -12,6 +12,7 @@
 
 use crate::datadir::{write_file, DataDir};
 use crate::ServerError;
+use dps_store::seal::Sealer;
 use rand::RngCore;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
@@ -174,6 +175,51 @@ fn server_cert_outdated(server_pem: &str, ca_pem: &str, names: &[String]) -> Opt
     None
 }
 
+/// Reads a private key file, opening it with `sealer` when sealed (and sealing a clear one in place).
+fn read_key(
+    path: &std::path::Path,
+    sealer: Option<&Sealer>,
+    context: &[&str],
+) -> Result<Option<String>, ServerError> {
+    let Some(text) = read_opt(path)? else { return Ok(None) };
+    match sealer {
+        None if dps_store::seal::is_sealed(&text) => Err(ServerError::Encryption(format!(
+            "{} is sealed and no encryption key was given",
+            path.display()
+        ))),
+        None => Ok(Some(text)),
+        Some(sealer) => {
+            let (plain, sealed) = sealer
+                .open_file(context, text.as_bytes())
+                .map_err(|e| ServerError::Encryption(format!("{}: {e}", path.display())))?;
+            let plain = String::from_utf8(plain)
+                .map_err(|_| ServerError::Tls(format!("{} is not PEM", path.display())))?;
+            if !sealed {
+                write_key(path, &plain, Some(sealer), context)?;
+            }
+            Ok(Some(plain))
+        }
+    }
+}
+
+/// Writes a private key file, sealed when there is a sealer.
+fn write_key(
+    path: &std::path::Path,
+    pem: &str,
+    sealer: Option<&Sealer>,
+    context: &[&str],
+) -> Result<(), ServerError> {
+    match sealer {
+        None => write_file(path, pem.as_bytes()),
+        Some(sealer) => {
+            let sealed = sealer
+                .seal_file(context, pem.as_bytes())
+                .map_err(|e| ServerError::Encryption(format!("sealing {}: {e}", path.display())))?;
+            write_file(path, &sealed)
+        }
+    }
+}
+
 fn read_opt(path: &std::path::Path) -> Result<Option<String>, ServerError> {
     match std::fs::read_to_string(path) {
         Ok(s) => Ok(Some(s)),
@@ -190,39 +236,54 @@ pub fn ensure_tls_material(
     names: &[String],
     rng: &mut dyn RngCore,
 ) -> Result<TlsMaterial, ServerError> {
-    let (ca_pem, ca_key_pem, generated_ca) = match (read_opt(&dir.ca_cert())?, read_opt(&dir.ca_key())?) {
-        (Some(c), Some(k)) => (c, k, false),
-        (None, None) => {
-            let (c, k) = new_ca(rng)?;
-            write_file(&dir.ca_key(), k.as_bytes())?;
-            write_file(&dir.ca_cert(), c.as_bytes())?;
-            (c, k, true)
-        }
-        (Some(_), None) | (None, Some(_)) => {
-            return Err(ServerError::DataDir(format!(
-                "only one of {} and {} exists; restore the other, or delete both to generate a new CA \
-                 (devices and clients must then trust the new ca.pem)",
-                dir.ca_cert().display(),
-                dir.ca_key().display()
-            )))
-        }
-    };
+    ensure_tls_material_sealed(dir, names, rng, None)
+}
 
-    let existing = match (read_opt(&dir.server_cert())?, read_opt(&dir.server_key())?) {
-        (Some(c), Some(k)) => match server_cert_outdated(&c, &ca_pem, names) {
-            None => Some((c, k)),
-            Some(why) => {
-                tracing::info!(reason = %why, "regenerating the server certificate");
-                None
+/// [`ensure_tls_material`] with the private keys (`tls/ca.key`, `tls/server.key`) sealed by `sealer`
+/// (encryption at rest); a key written in clear before is read and rewritten sealed.
+pub fn ensure_tls_material_sealed(
+    dir: &DataDir,
+    names: &[String],
+    rng: &mut dyn RngCore,
+    sealer: Option<&Sealer>,
+) -> Result<TlsMaterial, ServerError> {
+    let ca_key_context: &[&str] = &["file", "tls/ca.key"];
+    let server_key_context: &[&str] = &["file", "tls/server.key"];
+    let (ca_pem, ca_key_pem, generated_ca) =
+        match (read_opt(&dir.ca_cert())?, read_key(&dir.ca_key(), sealer, ca_key_context)?) {
+            (Some(c), Some(k)) => (c, k, false),
+            (None, None) => {
+                let (c, k) = new_ca(rng)?;
+                write_key(&dir.ca_key(), &k, sealer, ca_key_context)?;
+                write_file(&dir.ca_cert(), c.as_bytes())?;
+                (c, k, true)
             }
-        },
-        _ => None,
-    };
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(ServerError::DataDir(format!(
+                    "only one of {} and {} exists; restore the other, or delete both to generate a new CA \
+                 (devices and clients must then trust the new ca.pem)",
+                    dir.ca_cert().display(),
+                    dir.ca_key().display()
+                )))
+            }
+        };
+
+    let existing =
+        match (read_opt(&dir.server_cert())?, read_key(&dir.server_key(), sealer, server_key_context)?) {
+            (Some(c), Some(k)) => match server_cert_outdated(&c, &ca_pem, names) {
+                None => Some((c, k)),
+                Some(why) => {
+                    tracing::info!(reason = %why, "regenerating the server certificate");
+                    None
+                }
+            },
+            _ => None,
+        };
     let (server_pem, server_key_pem, generated_server) = match existing {
         Some((c, k)) => (c, k, false),
         None => {
             let (c, k) = new_server_cert(&ca_pem, &ca_key_pem, names, rng)?;
-            write_file(&dir.server_key(), k.as_bytes())?;
+            write_key(&dir.server_key(), &k, sealer, server_key_context)?;
             write_file(&dir.server_cert(), c.as_bytes())?;
             (c, k, true)
         }

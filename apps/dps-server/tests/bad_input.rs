@@ -484,6 +484,7 @@ impl Table {
     }
 
     async fn end_group(&mut self, server: &RunningServer, group: &str) {
+        eprintln!("bad-input group '{group}' done: {} cases so far", self.names.len());
         assert!(
             self.failures.is_empty(),
             "{group}: {} failures:\n{}",
@@ -1559,8 +1560,6 @@ async fn the_table_of_bad_input() {
     table.end_group(&server, "service").await;
     run_mqtt_cases(&server, &mut table, false).await;
     table.end_group(&server, "mqtt").await;
-    run_mqtt_cases(&server, &mut table, true).await;
-    table.end_group(&server, "mqtt-websocket").await;
     run_http_cases(&server, &mut table, websocket_upgrade_cases()).await;
     run_websocket_frame_cases(&server, &mut table).await;
     table.end_group(&server, "websocket").await;

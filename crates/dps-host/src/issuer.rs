@@ -123,7 +123,8 @@ impl LocalCa {
     }
 
     /// Opens the CA kept in `dir` (`ca.pem`, `ca.key`), creating both (the key with mode 0600) when
-    /// neither exists. `common_name` and `kind` apply to a new CA only.
+    /// neither exists. `common_name` and `kind` apply to a new CA only. The key is kept in clear; see
+    /// [`LocalCa::open_or_create_sealed`].
     pub fn open_or_create(
         dir: &Path,
         common_name: &str,
@@ -131,20 +132,63 @@ impl LocalCa {
         validity: Duration,
         now: Timestamp,
     ) -> Result<LocalCa, EffectError> {
+        LocalCa::open_or_create_sealed(dir, common_name, kind, validity, now, None)
+    }
+
+    /// [`open_or_create`](Self::open_or_create) with encryption at rest: with a sealer, `ca.key` is
+    /// written sealed (`sealed:v1:…`, bound to the name `issuer/ca.key`) and opened through the sealer
+    /// when read; a key file written in clear before is read and rewritten sealed.
+    pub fn open_or_create_sealed(
+        dir: &Path,
+        common_name: &str,
+        kind: CaKeyKind,
+        validity: Duration,
+        now: Timestamp,
+        sealer: Option<&dps_seal::Sealer>,
+    ) -> Result<LocalCa, EffectError> {
         let cert_path = dir.join("ca.pem");
         let key_path = dir.join("ca.key");
         match (cert_path.exists(), key_path.exists()) {
             (true, true) => {
                 let cert = std::fs::read_to_string(&cert_path)
                     .map_err(|e| error(&format!("reading {}", cert_path.display()), e))?;
-                let key = std::fs::read_to_string(&key_path)
+                let stored = std::fs::read(&key_path)
                     .map_err(|e| error(&format!("reading {}", key_path.display()), e))?;
-                LocalCa::from_pem(&cert, &key, validity)
+                let (key, was_sealed) = match sealer {
+                    Some(sealer) => sealer
+                        .open_file(SEALED_KEY_CONTEXT, &stored)
+                        .map_err(|e| error(&format!("reading {}", key_path.display()), e))?,
+                    None if dps_seal::is_sealed(&String::from_utf8_lossy(&stored)) => {
+                        return Err(EffectError::new(format!(
+                            "{} is sealed and no encryption key was given",
+                            key_path.display()
+                        )))
+                    }
+                    None => (stored, false),
+                };
+                let key = String::from_utf8(key)
+                    .map_err(|_| EffectError::new(format!("{} is not PEM", key_path.display())))?;
+                let ca = LocalCa::from_pem(&cert, &key, validity)?;
+                if let (Some(sealer), false) = (sealer, was_sealed) {
+                    // Written in clear by an earlier build: sealed now.
+                    let sealed = sealer
+                        .seal_file(SEALED_KEY_CONTEXT, key.as_bytes())
+                        .map_err(|e| error("sealing the CA key", e))?;
+                    replace_private(&key_path, &sealed)?;
+                }
+                Ok(ca)
             }
             (false, false) => {
                 let ca = LocalCa::generate(common_name, kind, validity, now)?;
                 std::fs::create_dir_all(dir).map_err(|e| error(&format!("creating {}", dir.display()), e))?;
-                write_private(&key_path, ca.key.serialize_pem().as_bytes())?;
+                let pem = ca.key.serialize_pem();
+                let stored = match sealer {
+                    Some(sealer) => sealer
+                        .seal_file(SEALED_KEY_CONTEXT, pem.as_bytes())
+                        .map_err(|e| error("sealing the CA key", e))?,
+                    None => pem.into_bytes(),
+                };
+                write_private(&key_path, &stored)?;
                 std::fs::write(&cert_path, ca.ca_pem.as_bytes())
                     .map_err(|e| error(&format!("writing {}", cert_path.display()), e))?;
                 Ok(ca)
@@ -170,6 +214,17 @@ impl LocalCa {
     pub fn validity(&self) -> Duration {
         self.validity
     }
+}
+
+/// The associated data of the sealed `ca.key`.
+const SEALED_KEY_CONTEXT: &[&str] = &["file", "issuer/ca.key"];
+
+/// Replaces `path` by `contents` atomically (temporary file with mode 0600, then rename).
+fn replace_private(path: &Path, contents: &[u8]) -> Result<(), EffectError> {
+    let tmp = path.with_extension("key.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    write_private(&tmp, contents)?;
+    std::fs::rename(&tmp, path).map_err(|e| error(&format!("writing {}", path.display()), e))
 }
 
 fn write_private(path: &Path, contents: &[u8]) -> Result<(), EffectError> {
@@ -211,5 +266,70 @@ impl CertificateIssuer for LocalCa {
         let cert =
             params.signed_by(&public_key, &issuer).map_err(|e| error("signing the device certificate", e))?;
         Ok(vec![cert.der().to_vec(), self.ca_der.clone()])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dps_seal::{DataKey, Sealer};
+
+    fn sealer() -> Sealer {
+        Sealer::new(vec![("t1".into(), DataKey::from_bytes([4u8; 32]))], "t1").unwrap()
+    }
+
+    fn dir() -> std::path::PathBuf {
+        let mut b = [0u8; 8];
+        rand::thread_rng().fill_bytes(&mut b);
+        let name: String = b.iter().map(|x| format!("{x:02x}")).collect();
+        std::env::temp_dir().join(format!("dps-host-issuer-{name}"))
+    }
+
+    #[test]
+    fn the_sealed_ca_key_is_not_in_clear_and_reopens() {
+        let dir = dir();
+        let now = Timestamp::from_unix_seconds(1_700_000_000);
+        let s = sealer();
+        let ca = LocalCa::open_or_create_sealed(
+            &dir,
+            "t",
+            CaKeyKind::P256,
+            DEFAULT_ISSUED_VALIDITY,
+            now,
+            Some(&s),
+        )
+        .unwrap();
+        let stored = std::fs::read_to_string(dir.join("ca.key")).unwrap();
+        assert!(stored.starts_with("sealed:v1:t1:") && !stored.contains("PRIVATE KEY"), "{stored}");
+        let again = LocalCa::open_or_create_sealed(
+            &dir,
+            "t",
+            CaKeyKind::P256,
+            DEFAULT_ISSUED_VALIDITY,
+            now,
+            Some(&s),
+        )
+        .unwrap();
+        assert_eq!(again.certificate_der(), ca.certificate_der());
+        // Without the sealer: a clear error, not garbage.
+        let err =
+            LocalCa::open_or_create(&dir, "t", CaKeyKind::P256, DEFAULT_ISSUED_VALIDITY, now).unwrap_err();
+        assert!(err.to_string().contains("sealed"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_clear_ca_key_from_before_is_sealed_on_open() {
+        let dir = dir();
+        let now = Timestamp::from_unix_seconds(1_700_000_000);
+        LocalCa::open_or_create(&dir, "t", CaKeyKind::P256, DEFAULT_ISSUED_VALIDITY, now).unwrap();
+        assert!(std::fs::read_to_string(dir.join("ca.key")).unwrap().contains("PRIVATE KEY"));
+        let s = sealer();
+        LocalCa::open_or_create_sealed(&dir, "t", CaKeyKind::P256, DEFAULT_ISSUED_VALIDITY, now, Some(&s))
+            .unwrap();
+        assert!(std::fs::read_to_string(dir.join("ca.key")).unwrap().starts_with("sealed:v1:"));
+        LocalCa::open_or_create_sealed(&dir, "t", CaKeyKind::P256, DEFAULT_ISSUED_VALIDITY, now, Some(&s))
+            .unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

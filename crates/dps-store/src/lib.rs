@@ -29,14 +29,23 @@
 mod common;
 mod memory;
 #[cfg(feature = "sqlite")]
+mod secrets;
+#[cfg(feature = "sqlite")]
 mod sqlite;
 #[cfg(feature = "sqlite")]
 mod sqlite_hub;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+/// Encryption at rest (the sealer, key providers and keyring), re-exported for callers of
+/// [`SqliteStore::open_sealed`] and [`SqliteHubDirectory::open_sealed`].
+#[cfg(feature = "sqlite")]
+pub use dps_seal as seal;
 pub use memory::MemoryStore;
 #[cfg(feature = "sqlite")]
 pub use sqlite::{read_audit_log, SqliteOptions, SqliteStats, SqliteStore, SCHEMA_VERSION};
 #[cfg(feature = "sqlite")]
-pub use sqlite_hub::{HubDatabase, SqliteHubDirectory, UsageEvent, UsageRow, HUB_SCHEMA_VERSION};
+pub use sqlite_hub::{
+    HubDatabase, SqliteHubDirectory, UsageEvent, UsageRow, DEFAULT_BATCH_WINDOW as HUB_BATCH_WINDOW,
+    HUB_SCHEMA_VERSION,
+};

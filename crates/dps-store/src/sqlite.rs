@@ -4,6 +4,7 @@ use crate::common::{
     backend, check_certificate_limit, check_delete, check_group_limit, check_write, enrollment_key,
     group_key, is_symmetric_key_group, json_error, page_limit,
 };
+use crate::secrets::{self, HasSecrets};
 use dps_core::audit::{AuditFilter, AuditOperation, AuditRecord, AuditTransport};
 use dps_core::proto::certificate::CaCertificate;
 use dps_core::proto::model::{EnrollmentGroup, IndividualEnrollment};
@@ -13,6 +14,7 @@ use dps_core::store::{
     audit_page_before, push_operation, AsyncStore, BlockingStore, DeviceContext, IssuedOperation, Page,
     PageRequest, RegistrationRecord, StoreError, StoreOp, StoreResult, WriteCondition,
 };
+use dps_seal::Sealer;
 use futures::channel::oneshot;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use serde::de::DeserializeOwned;
@@ -205,6 +207,8 @@ struct Shared {
     next_reader: AtomicUsize,
     state: Arc<WriterState>,
     no_groups: Arc<Vec<EnrollmentGroup>>,
+    /// Opens the sealed secrets of what the read connections read (`None`: no encryption at rest).
+    sealer: Option<Arc<Sealer>>,
 }
 
 /// What the writer thread shares with the handles.
@@ -505,7 +509,10 @@ fn certificate_row(
 }
 
 /// Every symmetric-key group, by key.
-fn load_groups(conn: &Connection) -> Result<BTreeMap<String, EnrollmentGroup>, StoreError> {
+fn load_groups(
+    conn: &Connection,
+    sealer: Option<&Sealer>,
+) -> Result<BTreeMap<String, EnrollmentGroup>, StoreError> {
     let mut stmt = conn
         .prepare_cached("SELECT key, json FROM enrollment_groups ORDER BY key")
         .map_err(|e| sql_error("preparing the symmetric-key group query", &e))?;
@@ -515,7 +522,8 @@ fn load_groups(conn: &Connection) -> Result<BTreeMap<String, EnrollmentGroup>, S
         let key: String = row.get(0).map_err(|e| sql_error("loading enrollment groups", &e))?;
         let json =
             row.get_ref(1).and_then(|v| Ok(v.as_str()?)).map_err(|e| sql_error("loading groups", &e))?;
-        let group: EnrollmentGroup = from_json(&format!("reading enrollment group '{key}'"), json)?;
+        let mut group: EnrollmentGroup = from_json(&format!("reading enrollment group '{key}'"), json)?;
+        secrets::open(sealer, &mut group)?;
         out.insert(key, group);
     }
     Ok(out)
@@ -528,6 +536,18 @@ impl SqliteStore {
     /// `path` must name a file on a local file system (WAL mode needs shared memory; `:memory:` is
     /// refused).
     pub fn open(path: impl AsRef<Path>, options: SqliteOptions) -> Result<SqliteStore, StoreError> {
+        SqliteStore::open_sealed(path, options, None)
+    }
+
+    /// [`open`](Self::open) with encryption at rest: with a sealer, the secrets of every enrollment and
+    /// group written (symmetric keys, webhook URLs) are sealed inside the stored JSON, bound to their row,
+    /// and opened when read (groups once, into the in-memory snapshot). Rows written without sealing are
+    /// read as they are and sealed on their next write. Without a sealer, a sealed row is an error.
+    pub fn open_sealed(
+        path: impl AsRef<Path>,
+        options: SqliteOptions,
+        sealer: Option<Arc<Sealer>>,
+    ) -> Result<SqliteStore, StoreError> {
         let path = path.as_ref().to_path_buf();
         let shown = path.display().to_string();
         let mut conn =
@@ -536,7 +556,7 @@ impl SqliteStore {
         migrate(&mut conn)?;
         // The version first: views loaded after it can only be newer than it, never older.
         let version = read_version(&conn)?;
-        let groups = load_groups(&conn)?;
+        let groups = load_groups(&conn, sealer.as_deref())?;
         let certificates = load_certificates(&conn)?;
 
         let mut readers = Vec::new();
@@ -582,6 +602,7 @@ impl SqliteStore {
             groups,
             certificates,
             version,
+            sealer: sealer.clone(),
             groups_stale: false,
             certificates_stale: false,
             enrollment_ids_stale: false,
@@ -602,6 +623,7 @@ impl SqliteStore {
                 next_reader: AtomicUsize::new(0),
                 state,
                 no_groups: Arc::new(Vec::new()),
+                sealer,
             }),
         })
     }
@@ -729,6 +751,22 @@ impl SqliteStore {
         Ok(readers[start % n].lock().unwrap_or_else(|e| e.into_inner()))
     }
 
+    /// The sealer, if the store seals.
+    fn sealer(&self) -> Option<&Sealer> {
+        self.shared.sealer.as_deref()
+    }
+
+    /// An enrollment or group as read, with its sealed secrets opened.
+    fn opened<T: HasSecrets>(&self, item: Option<T>) -> Result<Option<T>, StoreError> {
+        item.map(|mut item| secrets::open(self.sealer(), &mut item).map(|()| item)).transpose()
+    }
+
+    /// A page of enrollments or groups as read, with their sealed secrets opened.
+    fn opened_page<T: HasSecrets>(&self, mut page: Page<T>) -> Result<Page<T>, StoreError> {
+        secrets::open_all(self.sealer(), &mut page.items)?;
+        Ok(page)
+    }
+
     /// A registration record from the database.
     fn read_registration(conn: &Connection, key: &str) -> Result<Option<RegistrationRecord>, StoreError> {
         get_json(conn, "SELECT json FROM registrations WHERE key = ?1", key, "a registration record")
@@ -774,19 +812,23 @@ impl SqliteStore {
                 let conn = self.reader()?;
                 let current = self.views_current(&conn)?;
                 let cached = if current { state.registrations.get(id.key()) } else { None };
-                let individual: Option<IndividualEnrollment> = if !current
-                    || state.enrollment_ids.may_contain(id.key())
-                {
-                    get_json(&conn, "SELECT json FROM enrollments WHERE key = ?1", id.key(), "an enrollment")?
-                } else {
-                    None
-                };
+                let individual: Option<IndividualEnrollment> =
+                    if !current || state.enrollment_ids.may_contain(id.key()) {
+                        self.opened(get_json(
+                            &conn,
+                            "SELECT json FROM enrollments WHERE key = ?1",
+                            id.key(),
+                            "an enrollment",
+                        )?)?
+                    } else {
+                        None
+                    };
                 let groups = if individual.is_some() {
                     Arc::clone(&self.shared.no_groups)
                 } else if current {
                     state.groups()
                 } else {
-                    Arc::new(load_groups(&conn)?.into_values().collect())
+                    Arc::new(load_groups(&conn, self.sealer())?.into_values().collect())
                 };
                 let certificates = if current {
                     state.certificates()
@@ -829,13 +871,14 @@ impl SqliteStore {
                 "registration records",
             )
             .map(StoreResult::Registrations),
-            ReadOp::GetEnrollment(id) => get_json(
-                &*self.reader()?,
-                "SELECT json FROM enrollments WHERE key = ?1",
-                id.key(),
-                "an enrollment",
-            )
-            .map(|e| StoreResult::Enrollment(e.map(Box::new))),
+            ReadOp::GetEnrollment(id) => self
+                .opened(get_json(
+                    &*self.reader()?,
+                    "SELECT json FROM enrollments WHERE key = ?1",
+                    id.key(),
+                    "an enrollment",
+                )?)
+                .map(|e| StoreResult::Enrollment(e.map(Box::new))),
             ReadOp::QueryEnrollments(query, page) => query_page(
                 &*self.reader()?,
                 "SELECT key, json FROM enrollments WHERE key > ?1 ORDER BY key",
@@ -844,14 +887,16 @@ impl SqliteStore {
                 page.limit,
                 "enrollments",
             )
+            .and_then(|page| self.opened_page(page))
             .map(StoreResult::Enrollments),
-            ReadOp::GetGroup(id) => get_json(
-                &*self.reader()?,
-                "SELECT json FROM enrollment_groups WHERE key = ?1",
-                id.key(),
-                "an enrollment group",
-            )
-            .map(|g| StoreResult::Group(g.map(Box::new))),
+            ReadOp::GetGroup(id) => self
+                .opened(get_json(
+                    &*self.reader()?,
+                    "SELECT json FROM enrollment_groups WHERE key = ?1",
+                    id.key(),
+                    "an enrollment group",
+                )?)
+                .map(|g| StoreResult::Group(g.map(Box::new))),
             ReadOp::QueryGroups(query, page) => query_page(
                 &*self.reader()?,
                 "SELECT key, json FROM enrollment_groups WHERE key > ?1 ORDER BY key",
@@ -860,6 +905,7 @@ impl SqliteStore {
                 page.limit,
                 "enrollment groups",
             )
+            .and_then(|page| self.opened_page(page))
             .map(StoreResult::Groups),
             ReadOp::GetCertificate(key) => {
                 let conn = self.reader()?;
@@ -1187,6 +1233,8 @@ struct Writer {
     certificates: BTreeMap<String, CaCertificate>,
     /// The store version this writer last committed or read under its write lock (what the views reflect).
     version: i64,
+    /// Seals the secrets of what the writer writes (`None`: no encryption at rest).
+    sealer: Option<Arc<Sealer>>,
     /// Set when a batch that touched groups failed: the database may or may not hold its changes, so
     /// `groups` is reloaded from the database.
     groups_stale: bool,
@@ -1358,7 +1406,7 @@ impl Writer {
             }
         }
         if self.groups_stale {
-            if let Ok(groups) = load_groups(&self.conn) {
+            if let Ok(groups) = load_groups(&self.conn, self.sealer.as_deref()) {
                 self.groups = groups;
                 self.groups_stale = false;
                 self.state.publish_groups(&self.groups);
@@ -1441,7 +1489,7 @@ impl Writer {
         self.registration_ids_stale = true;
         load_registration_ids(&self.conn, &self.state.registration_ids)?;
         self.registration_ids_stale = false;
-        self.groups = load_groups(&self.conn)?;
+        self.groups = load_groups(&self.conn, self.sealer.as_deref())?;
         self.groups_stale = false;
         self.state.publish_groups(&self.groups);
         self.certificates = load_certificates(&self.conn)?;
@@ -1545,7 +1593,7 @@ impl Writer {
                     Ok(stored) => stored,
                     Err(e) => return Ok(Err(e)),
                 };
-                let json = match to_json("serializing an enrollment", &stored) {
+                let json = match self.sealed_json("serializing an enrollment", &stored) {
                     Ok(json) => json,
                     Err(e) => return Ok(Err(e)),
                 };
@@ -1596,7 +1644,7 @@ impl Writer {
                     Ok(stored) => stored,
                     Err(e) => return Ok(Err(e)),
                 };
-                let json = match to_json("serializing an enrollment group", &stored) {
+                let json = match self.sealed_json("serializing an enrollment group", &stored) {
                     Ok(json) => json,
                     Err(e) => return Ok(Err(e)),
                 };
@@ -1707,6 +1755,22 @@ impl Writer {
         let etag: Option<String> =
             self.conn.prepare_cached(sql)?.query_row([&key], |r| r.get(0)).optional()?;
         Ok(etag.filter(|e| !e.is_empty()))
+    }
+
+    /// The JSON an enrollment or group is stored as: with its secrets sealed when the store seals.
+    fn sealed_json<T: HasSecrets + Clone + serde::Serialize>(
+        &self,
+        what: &str,
+        item: &T,
+    ) -> Result<String, StoreError> {
+        match self.sealer.as_deref() {
+            None => to_json(what, item),
+            Some(sealer) => {
+                let mut row = item.clone();
+                secrets::seal(Some(sealer), &mut row)?;
+                to_json(what, &row)
+            }
+        }
     }
 
     /// The stored `(etag, json)` of an enrollment or group.

@@ -14,6 +14,7 @@ use dps_core::hub::{
     AsyncHubDirectory, BlockingHubDirectory, DeviceIdentity, DeviceTwin, HubAuthentication, HubDevice,
     HubError, HubOp, HubResult,
 };
+use dps_seal::{is_sealed, Sealer};
 use futures::channel::oneshot;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde_json::Value;
@@ -149,6 +150,17 @@ impl SqliteHubDirectory {
     /// [`open`](Self::open) with a collection window: under load the worker waits `batch_window` before
     /// each transaction so that concurrent upserts share its fsync (zero commits every request at once).
     pub fn open_with(path: impl AsRef<Path>, batch_window: Duration) -> Result<SqliteHubDirectory, HubError> {
+        SqliteHubDirectory::open_sealed(path, batch_window, None)
+    }
+
+    /// [`open_with`](Self::open_with) with encryption at rest: with a sealer, the keys of every SAS
+    /// device written are sealed in their columns, bound to the hub, device and column, and opened when
+    /// read. Rows written without sealing are read as they are and sealed on their next upsert.
+    pub fn open_sealed(
+        path: impl AsRef<Path>,
+        batch_window: Duration,
+        sealer: Option<Arc<Sealer>>,
+    ) -> Result<SqliteHubDirectory, HubError> {
         let path = path.as_ref().to_path_buf();
         let conn = Connection::open(&path).map_err(|e| db_error(&path.display().to_string(), e))?;
         conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000;")
@@ -184,7 +196,7 @@ impl SqliteHubDirectory {
         let (sender, receiver) = mpsc::channel();
         let worker = std::thread::Builder::new()
             .name("dps-hub-db".to_owned())
-            .spawn(move || worker(conn, receiver, batch_window))
+            .spawn(move || worker(conn, receiver, batch_window, sealer))
             .map_err(|e| db_error("worker thread", e))?;
         Ok(SqliteHubDirectory {
             shared: Arc::new(Shared {
@@ -287,6 +299,7 @@ impl AsyncHubDirectory for SqliteHubDirectory {
 #[derive(Debug)]
 pub struct HubDatabase {
     conn: Connection,
+    sealer: Option<Arc<Sealer>>,
 }
 
 impl HubDatabase {
@@ -299,17 +312,23 @@ impl HubDatabase {
         )
         .map_err(|e| db_error(&path.display().to_string(), e))?;
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(|e| db_error("busy timeout", e))?;
-        Ok(HubDatabase { conn })
+        Ok(HubDatabase { conn, sealer: None })
+    }
+
+    /// Opens sealed device keys with `sealer` (without one, reading a sealed device is an error).
+    pub fn with_sealer(mut self, sealer: Arc<Sealer>) -> HubDatabase {
+        self.sealer = Some(sealer);
+        self
     }
 
     /// The device `device_id` on `hub`, if registered.
     pub fn device(&self, hub: &str, device_id: &str) -> Result<Option<HubDevice>, HubError> {
-        read_device(&self.conn, &hub.to_ascii_lowercase(), device_id)
+        read_device(&self.conn, self.sealer.as_deref(), &hub.to_ascii_lowercase(), device_id)
     }
 
     /// Every device of `hub`, by device ID.
     pub fn devices(&self, hub: &str) -> Result<Vec<HubDevice>, HubError> {
-        read_devices(&self.conn, &hub.to_ascii_lowercase())
+        read_devices(&self.conn, self.sealer.as_deref(), &hub.to_ascii_lowercase())
     }
 
     /// The usage rows of days `>= since` (every day when None).
@@ -321,7 +340,12 @@ impl HubDatabase {
 /// Usage counts waiting for a transaction: (scope, day, operation) → (succeeded, failed).
 type PendingUsage = HashMap<(String, String, String), (i64, i64)>;
 
-fn worker(mut conn: Connection, receiver: mpsc::Receiver<Job>, batch_window: Duration) {
+fn worker(
+    mut conn: Connection,
+    receiver: mpsc::Receiver<Job>,
+    batch_window: Duration,
+    sealer: Option<Arc<Sealer>>,
+) {
     let mut usage = PendingUsage::new();
     let mut under_load = false;
     loop {
@@ -336,7 +360,7 @@ fn worker(mut conn: Connection, receiver: mpsc::Receiver<Job>, batch_window: Dur
             match receiver.recv_timeout(USAGE_FLUSH) {
                 Ok(j) => j,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    run_batch(&mut conn, Vec::new(), &mut usage);
+                    run_batch(&mut conn, sealer.as_deref(), Vec::new(), &mut usage);
                     continue;
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -360,10 +384,10 @@ fn worker(mut conn: Connection, receiver: mpsc::Receiver<Job>, batch_window: Dur
             }
         }
         under_load = jobs.len() > 1;
-        run_batch(&mut conn, jobs, &mut usage);
+        run_batch(&mut conn, sealer.as_deref(), jobs, &mut usage);
     }
     if !usage.is_empty() {
-        run_batch(&mut conn, Vec::new(), &mut usage);
+        run_batch(&mut conn, sealer.as_deref(), Vec::new(), &mut usage);
     }
 }
 
@@ -410,7 +434,7 @@ impl Answer {
     }
 }
 
-fn run_batch(conn: &mut Connection, jobs: Vec<Job>, usage: &mut PendingUsage) {
+fn run_batch(conn: &mut Connection, sealer: Option<&Sealer>, jobs: Vec<Job>, usage: &mut PendingUsage) {
     let tx = match conn.transaction() {
         Ok(tx) => tx,
         Err(e) => {
@@ -438,9 +462,9 @@ fn run_batch(conn: &mut Connection, jobs: Vec<Job>, usage: &mut PendingUsage) {
     let mut answers = Vec::with_capacity(jobs.len());
     for job in jobs {
         match job {
-            Job::Hub(op, s) => answers.push(Answer::Hub(s, apply(&tx, op))),
-            Job::Device(hub, id, s) => answers.push(Answer::Device(s, read_device(&tx, &hub, &id))),
-            Job::Devices(hub, s) => answers.push(Answer::Devices(s, read_devices(&tx, &hub))),
+            Job::Hub(op, s) => answers.push(Answer::Hub(s, apply(&tx, sealer, op))),
+            Job::Device(hub, id, s) => answers.push(Answer::Device(s, read_device(&tx, sealer, &hub, &id))),
+            Job::Devices(hub, s) => answers.push(Answer::Devices(s, read_devices(&tx, sealer, &hub))),
             Job::UsageRows(since, s) => answers.push(Answer::Usage(s, read_usage(&tx, since.as_deref()))),
             Job::Sync(s) => answers.push(Answer::Sync(s)),
             Job::Usage(event) => count_usage(usage, event),
@@ -455,7 +479,7 @@ fn run_batch(conn: &mut Connection, jobs: Vec<Job>, usage: &mut PendingUsage) {
     }
 }
 
-fn apply(conn: &Connection, op: HubOp) -> Result<HubResult, HubError> {
+fn apply(conn: &Connection, sealer: Option<&Sealer>, op: HubOp) -> Result<HubResult, HubError> {
     match op {
         HubOp::UpsertDevice { hub, identity, twin, replace_twin } => {
             let hub_key = hub.to_ascii_lowercase();
@@ -484,6 +508,22 @@ fn apply(conn: &Connection, op: HubOp) -> Result<HubResult, HubError> {
                 }
                 HubAuthentication::CertificateAuthority => ("", ""),
             };
+            // SAS keys are secrets; thumbprints (self-signed) are not.
+            let sealed = match (&identity.authentication, sealer) {
+                (HubAuthentication::Sas { .. }, Some(sealer)) => {
+                    let seal = |column: &str, value: &str| {
+                        sealer
+                            .seal_str(&["hub_devices", &hub_key, &identity.device_id, column], value)
+                            .map_err(|e| hub_error(&hub, format!("sealing a device key: {e}")))
+                    };
+                    Some((seal("primary_key", first)?, seal("secondary_key", second)?))
+                }
+                _ => None,
+            };
+            let (first, second) = match &sealed {
+                Some((p, s)) => (p.as_str(), s.as_str()),
+                None => (first, second),
+            };
             conn.prepare_cached(sql)
                 .and_then(|mut stmt| {
                     stmt.execute(params![
@@ -501,7 +541,8 @@ fn apply(conn: &Connection, op: HubOp) -> Result<HubResult, HubError> {
             Ok(HubResult::Done)
         }
         HubOp::ReadTwin { hub, device_id } => {
-            Ok(HubResult::Twin(read_device(conn, &hub.to_ascii_lowercase(), &device_id)?.map(|d| d.twin)))
+            let device = read_device(conn, sealer, &hub.to_ascii_lowercase(), &device_id)?;
+            Ok(HubResult::Twin(device.map(|d| d.twin)))
         }
         HubOp::DeleteDevice { hub, device_id } => {
             conn.execute(
@@ -517,8 +558,21 @@ fn apply(conn: &Connection, op: HubOp) -> Result<HubResult, HubError> {
 
 type Row = (String, String, String, String, String, bool, String);
 
-fn to_device(hub: &str, row: Row) -> Result<HubDevice, HubError> {
-    let (device_id, first, second, tags, desired, iot_edge, auth_type) = row;
+fn to_device(hub: &str, sealer: Option<&Sealer>, row: Row) -> Result<HubDevice, HubError> {
+    let (device_id, mut first, mut second, tags, desired, iot_edge, auth_type) = row;
+    for (column, value) in [("primary_key", &mut first), ("secondary_key", &mut second)] {
+        if is_sealed(value) {
+            let sealer = sealer.ok_or_else(|| {
+                hub_error(
+                    hub,
+                    format!("device '{device_id}' has sealed keys and no encryption key was given"),
+                )
+            })?;
+            *value = sealer
+                .open_str(&["hub_devices", hub, &device_id, column], value)
+                .map_err(|e| hub_error(hub, format!("device '{device_id}': {e}")))?;
+        }
+    }
     let json = |s: &str| serde_json::from_str::<Value>(s).map_err(|e| hub_error(hub, e));
     let authentication = match auth_type.as_str() {
         "sas" => HubAuthentication::Sas { primary_key: first, secondary_key: second },
@@ -544,7 +598,12 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
     Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
 }
 
-fn read_device(conn: &Connection, hub: &str, device_id: &str) -> Result<Option<HubDevice>, HubError> {
+fn read_device(
+    conn: &Connection,
+    sealer: Option<&Sealer>,
+    hub: &str,
+    device_id: &str,
+) -> Result<Option<HubDevice>, HubError> {
     let found = conn
         .prepare_cached(
             "SELECT device_id, primary_key, secondary_key, tags, desired, iot_edge, auth_type FROM hub_devices
@@ -552,10 +611,10 @@ fn read_device(conn: &Connection, hub: &str, device_id: &str) -> Result<Option<H
         )
         .and_then(|mut stmt| stmt.query_row(params![hub, device_id], row).optional())
         .map_err(|e| hub_error(hub, e))?;
-    found.map(|r| to_device(hub, r)).transpose()
+    found.map(|r| to_device(hub, sealer, r)).transpose()
 }
 
-fn read_devices(conn: &Connection, hub: &str) -> Result<Vec<HubDevice>, HubError> {
+fn read_devices(conn: &Connection, sealer: Option<&Sealer>, hub: &str) -> Result<Vec<HubDevice>, HubError> {
     let mut stmt = conn
         .prepare(
             "SELECT device_id, primary_key, secondary_key, tags, desired, iot_edge, auth_type FROM hub_devices
@@ -565,7 +624,7 @@ fn read_devices(conn: &Connection, hub: &str) -> Result<Vec<HubDevice>, HubError
     let rows = stmt.query_map(params![hub], row).map_err(|e| hub_error(hub, e))?;
     let mut out = Vec::new();
     for r in rows {
-        out.push(to_device(hub, r.map_err(|e| hub_error(hub, e))?)?);
+        out.push(to_device(hub, sealer, r.map_err(|e| hub_error(hub, e))?)?);
     }
     Ok(out)
 }

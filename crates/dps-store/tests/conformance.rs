@@ -37,6 +37,17 @@ impl TempSqlite {
         TempSqlite { store: Some(open_sqlite(dir.path())), _dir: dir }
     }
 
+    /// The same with encryption at rest (a fixed test data key).
+    fn sealed() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dps_store::seal::DataKey::from_bytes([3u8; 32]);
+        let sealer =
+            std::sync::Arc::new(dps_store::seal::Sealer::new(vec![("t1".into(), key)], "t1").unwrap());
+        let store =
+            SqliteStore::open_sealed(dir.path().join("dps.db"), sqlite_options(), Some(sealer)).unwrap();
+        TempSqlite { store: Some(store), _dir: dir }
+    }
+
     fn store(&self) -> &SqliteStore {
         self.store.as_ref().unwrap()
     }
@@ -78,6 +89,8 @@ dps_store::store_conformance_tests!(memory_async, ViaAsync(MemoryStore::new()));
 dps_store::store_conformance_tests!(sqlite, TempSqlite::new());
 #[cfg(feature = "sqlite")]
 dps_store::store_conformance_tests!(sqlite_async, TempSqliteAsync(TempSqlite::new()));
+#[cfg(feature = "sqlite")]
+dps_store::store_conformance_tests!(sqlite_sealed, TempSqlite::sealed());
 
 // ------------------------------------------------------------------------------------------------
 // SQLite only
