@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one entry point for every check: formatting, lints (clippy --all-targets also type-checks the
-# benchmarks), every test of every crate, and the conformance tests with the real Azure SDKs.
+# benchmarks), every test of every crate, the fuzz corpora and a short fuzz smoke run (scripts/fuzz.sh), and
+# the conformance tests with the real Azure SDKs.
 # CI (.ci/run) calls exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,10 +20,18 @@ cargo fmt --all -- --check
 echo "== cargo clippy (all targets, -D warnings)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+echo "== fuzz/ (its own workspace): cargo fmt --check, clippy -D warnings on stable"
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
+(cd fuzz && cargo clippy --no-default-features --all-targets --locked -- -D warnings)
+
 echo "== cargo test (all crates)"
 cargo test --workspace --locked 2>&1 | tee "$log"
 rust_passed=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) if ($i ~ /^passed;?$/) s += $(i-1) } END { print s + 0 }' "$log")
 rust_failed=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) if ($i ~ /^failed;?$/) s += $(i-1) } END { print s + 0 }' "$log")
+
+echo "== fuzz: every corpus replayed on stable, then a smoke run of every target (libFuzzer, nightly)"
+./scripts/fuzz.sh --replay
+./scripts/fuzz.sh --smoke
 
 echo "== conformance: the real Azure Python and Node SDKs against dps-server"
 ./scripts/conformance.sh 2>&1 | tee "$log"
