@@ -13,24 +13,7 @@ use dps_server::admin::ServiceClient;
 use dps_server::datadir::{DataDir, Ready};
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Output, Stdio};
-
-const BIN: &str = env!("CARGO_BIN_EXE_dps-server");
-
-fn cli(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).env_clear().output().unwrap()
-}
-
-fn cli_json(args: &[&str]) -> Value {
-    let out = cli(args);
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
+use std::process::{Command, Stdio};
 
 /// The `sig` of a SAS token, percent-decoded and as sent.
 fn signatures(token: &str) -> Vec<String> {

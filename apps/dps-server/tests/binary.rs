@@ -8,28 +8,9 @@ mod common;
 
 use common::*;
 use dps_server::datadir::{DataDir, Ready};
-use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-
-const BIN: &str = env!("CARGO_BIN_EXE_dps-server");
-
-/// Runs an admin command with a clean environment; returns its output.
-fn cli(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).env_clear().output().unwrap()
-}
-
-fn cli_json(args: &[&str]) -> Value {
-    let out = cli(args);
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
+use std::process::{Child, Command, Stdio};
 
 /// Waits (reading the server's stdout, no sleeping) until it printed its summary; returns the summary.
 fn wait_ready(child: &mut Child) -> String {

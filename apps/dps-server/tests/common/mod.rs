@@ -302,3 +302,23 @@ pub async fn mqtt_websocket(server: &RunningServer) -> (tokio::io::DuplexStream,
     });
     (ours, WsBridge { up, down })
 }
+
+/// The built server binary (for tests that run it as a process).
+pub const BIN: &str = env!("CARGO_BIN_EXE_dps-server");
+
+/// Runs the binary (an admin command) with a clean environment; returns its output.
+pub fn cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(BIN).args(args).env_clear().output().unwrap()
+}
+
+/// [`cli`], which must succeed and print JSON.
+pub fn cli_json(args: &[&str]) -> serde_json::Value {
+    let out = cli(args);
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
