@@ -3,6 +3,8 @@
 //! and tracking ID; reads leave none; records hold no secret; `GET /audit` reads them back.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use dps_core::audit::{AuditFilter, AuditOperation as O, AuditRecord, AuditTransport};
 use dps_core::hub::MemoryHubDirectory;
 use dps_core::proto::sas::{build_token, SymmetricKey};
@@ -67,20 +69,8 @@ impl Rig {
         body: Option<Value>,
         if_match: Option<&str>,
     ) -> Reply {
-        let sep = if path.contains('?') { '&' } else { '?' };
-        let request = HttpRequest {
-            method: method.into(),
-            path_and_query: format!("{path}{sep}api-version=2021-10-01"),
-            authorization: Some(build_token(
-                &SymmetricKey::from_bytes(POLICY_KEY.to_vec()),
-                "dps.example.net",
-                self.now.unix_seconds() + 60,
-                Some(policy),
-            )),
-            if_match: if_match.map(str::to_owned),
-            body: body.map(|b| serde_json::to_vec(&b).unwrap()).unwrap_or_default(),
-            ..HttpRequest::default()
-        };
+        let expiry = self.now.unix_seconds() + 60;
+        let request = common::service_request(policy, method, path, body.as_ref(), if_match, expiry);
         let mut flow = self.engine.http(self.now, &mut self.rng, request);
         run_blocking(&mut flow, &self.store, &self.hubs)
     }

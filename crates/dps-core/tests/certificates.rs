@@ -3,13 +3,14 @@
 //! text, info filled in).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use base64::Engine as _;
 use dps_core::hub::MemoryHubDirectory;
-use dps_core::proto::sas::{build_token, SymmetricKey};
+use dps_core::proto::sas::SymmetricKey;
 use dps_core::proto::{IdScope, IfMatch, Timestamp};
 use dps_core::{
-    run_blocking, AccessPolicy, Engine, EngineConfig, HttpRequest, LinkedHub, Principal, Reply, Rights,
-    ServiceCommand,
+    run_blocking, AccessPolicy, Engine, EngineConfig, LinkedHub, Principal, Reply, Rights, ServiceCommand,
 };
 use dps_store::MemoryStore;
 use rand_chacha::rand_core::SeedableRng;
@@ -62,19 +63,8 @@ impl Rig {
         body: Option<Value>,
         if_match: Option<&str>,
     ) -> Reply {
-        let request = HttpRequest {
-            method: method.into(),
-            path_and_query: format!("{path}?api-version=2021-10-01"),
-            authorization: Some(build_token(
-                &SymmetricKey::from_bytes(vec![1; 32]),
-                "dps.example.net",
-                self.now.unix_seconds() + 60,
-                Some(policy),
-            )),
-            if_match: if_match.map(str::to_owned),
-            body: body.map(|b| serde_json::to_vec(&b).unwrap()).unwrap_or_default(),
-            ..HttpRequest::default()
-        };
+        let expiry = self.now.unix_seconds() + 60;
+        let request = common::service_request(policy, method, path, body.as_ref(), if_match, expiry);
         let mut flow = self.engine.http(self.now, &mut self.rng, request);
         run_blocking(&mut flow, &self.store, &self.hubs)
     }
