@@ -228,20 +228,27 @@ impl KeyFile {
     }
 }
 
-impl KeyProvider for KeyFile {
-    fn kek_id(&self) -> String {
-        self.kek.kek_id()
-    }
-    fn wrap(&self, key: &DataKey) -> Result<Vec<u8>, SealError> {
-        self.kek.wrap(key)
-    }
-    fn unwrap(&self, wrapped: &[u8]) -> Result<DataKey, SealError> {
-        self.kek.unwrap(wrapped)
-    }
-    fn describe(&self) -> String {
-        self.kek.describe()
-    }
+/// Both local providers hand the work to the KEK they hold.
+macro_rules! local_kek_provider {
+    ($($t:ty),*) => {$(
+        impl KeyProvider for $t {
+            fn kek_id(&self) -> String {
+                self.kek.kek_id()
+            }
+            fn wrap(&self, key: &DataKey) -> Result<Vec<u8>, SealError> {
+                self.kek.wrap(key)
+            }
+            fn unwrap(&self, wrapped: &[u8]) -> Result<DataKey, SealError> {
+                self.kek.unwrap(wrapped)
+            }
+            fn describe(&self) -> String {
+                self.kek.describe()
+            }
+        }
+    )*};
 }
+
+local_kek_provider!(KeyFile, EnvKey);
 
 /// A KEK given as base64 (32 bytes) in an environment variable (default [`DEFAULT_ENV_VAR`]).
 #[derive(Debug)]
@@ -267,21 +274,6 @@ impl EnvKey {
             return Err(SealError::Kek(format!("{source} must hold base64 of 32 bytes")));
         }
         Ok(EnvKey { kek: LocalKek::parse(data, source)? })
-    }
-}
-
-impl KeyProvider for EnvKey {
-    fn kek_id(&self) -> String {
-        self.kek.kek_id()
-    }
-    fn wrap(&self, key: &DataKey) -> Result<Vec<u8>, SealError> {
-        self.kek.wrap(key)
-    }
-    fn unwrap(&self, wrapped: &[u8]) -> Result<DataKey, SealError> {
-        self.kek.unwrap(wrapped)
-    }
-    fn describe(&self) -> String {
-        self.kek.describe()
     }
 }
 
