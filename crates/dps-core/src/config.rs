@@ -91,6 +91,32 @@ pub struct AccessPolicy {
     pub rights: Rights,
 }
 
+/// The most IoT hubs one instance links (spec §10.1: 50 in Azure).
+pub const MAX_LINKED_HUBS: usize = 50;
+
+/// Checks a set of linked hubs: at most [`MAX_LINKED_HUBS`] (`403002` beyond) and no host name twice
+/// (`400000`).
+pub fn validate_linked_hubs(hubs: &[LinkedHub]) -> Result<(), DpsError> {
+    if hubs.len() > MAX_LINKED_HUBS {
+        return Err(DpsError::with_message(
+            ErrorCode::QuotaExceeded,
+            format!(
+                "an instance links at most {MAX_LINKED_HUBS} IoT hubs; this set has {}",
+                hubs.len()
+            ),
+        ));
+    }
+    for (i, hub) in hubs.iter().enumerate() {
+        if hubs[..i].iter().any(|h| h.host_name == hub.host_name) {
+            return Err(DpsError::with_message(
+                ErrorCode::BadRequest,
+                format!("the IoT hub '{}' is linked twice", hub.host_name),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The name of the all-rights policy every instance has.
 pub const OWNER_POLICY: &str = "provisioningserviceowner";
 
@@ -161,6 +187,7 @@ impl EngineConfig {
                 "custom allocation cannot be the instance default",
             ));
         }
+        validate_linked_hubs(&self.linked_hubs)?;
         if self.service_host_name.is_empty() {
             return Err(DpsError::with_message(ErrorCode::BadRequest, "the service host name is empty"));
         }

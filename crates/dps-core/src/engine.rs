@@ -11,35 +11,55 @@ use dps_proto::{Credential, DpsError, IdScope, RegistrationId, Timestamp};
 
 use crate::request::Nonces;
 pub use crate::request::{DeviceCall, DeviceRequest, HttpRequest, ServiceRequest};
+use dps_policy::LinkedHub;
 use rand_core::RngCore;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
-/// The provisioning engine: configuration plus the constructors of flows. Cheap to clone.
+/// The provisioning engine: configuration plus the constructors of flows. Cheap to clone; every clone
+/// shares one configuration, which [`Engine::set_linked_hubs`] can replace at run time.
+///
+/// Each flow takes a snapshot of the configuration when it is created (one uncontended read lock and one
+/// reference-count increment), so a flow runs to its end under the configuration it started with and a
+/// change applies to the flows created after it.
 #[derive(Debug, Clone)]
 pub struct Engine {
-    config: Arc<EngineConfig>,
+    config: Arc<RwLock<Arc<EngineConfig>>>,
 }
 
 impl Engine {
     /// Validates the configuration and builds an engine.
     pub fn new(config: EngineConfig) -> Result<Engine, DpsError> {
         config.validate()?;
-        Ok(Engine { config: Arc::new(config) })
+        Ok(Engine { config: Arc::new(RwLock::new(Arc::new(config))) })
     }
 
-    /// The configuration.
-    pub fn config(&self) -> &EngineConfig {
-        &self.config
+    /// A snapshot of the configuration (what a flow created now runs under).
+    pub fn config(&self) -> Arc<EngineConfig> {
+        Arc::clone(&self.config.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Replaces the linked hubs of every clone of this engine, at run time: flows created afterwards
+    /// allocate among `hubs`; flows already running finish with the set they started with.
+    ///
+    /// Refused (and nothing changes) when the set has more than
+    /// [`MAX_LINKED_HUBS`](crate::config::MAX_LINKED_HUBS) hubs (`403002`) or names a hub twice (`400000`).
+    pub fn set_linked_hubs(&self, hubs: Vec<LinkedHub>) -> Result<(), DpsError> {
+        crate::config::validate_linked_hubs(&hubs)?;
+        let mut slot = self.config.write().unwrap_or_else(|e| e.into_inner());
+        let mut next = EngineConfig::clone(&slot);
+        next.linked_hubs = hubs;
+        *slot = Arc::new(next);
+        Ok(())
     }
 
     /// A flow for a device API request.
     pub fn device(&self, now: Timestamp, rng: &mut dyn RngCore, request: DeviceRequest) -> DeviceFlow {
-        DeviceFlow::new(self.config.clone(), now, Nonces::draw(rng), request)
+        DeviceFlow::new(self.config(), now, Nonces::draw(rng), request)
     }
 
     /// A flow for a service API request.
     pub fn service(&self, now: Timestamp, rng: &mut dyn RngCore, request: ServiceRequest) -> ServiceFlow {
-        ServiceFlow::new(self.config.clone(), now, rng, request)
+        ServiceFlow::new(self.config(), now, rng, request)
     }
 
     /// Executes a typed service command under `principal` (from a verified service SAS, or granted
@@ -52,7 +72,7 @@ impl Engine {
         principal: &Principal,
         command: ServiceCommand,
     ) -> ServiceFlow {
-        ServiceFlow::from_command(self.config.clone(), now, rng, principal, command)
+        ServiceFlow::from_command(self.config(), now, rng, principal, command)
     }
 
     /// Routes an HTTP request (device or service API) to its flow. Routing errors become an immediate reply.

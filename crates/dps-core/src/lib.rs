@@ -35,7 +35,7 @@ pub mod store;
 
 pub use audit::{AuditFilter, AuditOperation, AuditRecord, AuditTransport};
 pub use command::{Paging, Principal, ServiceCommand};
-pub use config::{AccessPolicy, EngineConfig, Rights, OWNER_POLICY};
+pub use config::{AccessPolicy, EngineConfig, Rights, MAX_LINKED_HUBS, OWNER_POLICY};
 pub use device::register_meter;
 pub use dps_attest as attest;
 pub use dps_policy::{BillableOperation, LinkedHub, Meter, MeterEvent};

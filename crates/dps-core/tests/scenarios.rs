@@ -537,7 +537,7 @@ fn register_billing(w: &mut World, id: &str, token: String) -> (Reply, Vec<dps_c
 fn register_is_billed_once_by_its_outcome() {
     for early in [false, true] {
         let mut w = World::new();
-        let mut config = w.engine.config().clone();
+        let mut config = (*w.engine.config()).clone();
         config.respond_before_assignment = early;
         w.engine = Engine::new(config).unwrap();
         w.enroll(static_on(sym("dev-1", &key(1), &key(2)), HUB_A));

@@ -153,7 +153,7 @@ fn a_write_reply_shows_the_keys_the_caller_sent_or_the_service_generated_and_no_
 /// wrong key cannot be made to try an unbounded number of groups.
 #[test]
 fn creating_a_symmetric_key_group_beyond_the_limit_is_403002() {
-    let mut config = engine().config().clone();
+    let mut config = (*engine().config()).clone();
     config.max_symmetric_key_groups = 2;
     let Rig { engine, store, hubs, mut rng, now } = rig(Engine::new(config).unwrap(), 4);
     let put_named = |id: &str| {

@@ -448,7 +448,7 @@ impl<S: BlockingStore, H: dps_core::hub::BlockingHubDirectory> BlockingHost<S, H
 
     /// Adds a certificate issuer (see [`HostBuilder::issuer`]).
     pub fn with_issuer(mut self, issuer: Arc<dyn CertificateIssuer>) -> Result<Self, DpsError> {
-        let mut config = self.engine.config().clone();
+        let mut config = EngineConfig::clone(&self.engine.config());
         config.certificate_issuance = true;
         self.engine = Engine::new(config)?;
         self.effects.issuer = Some(issuer);

@@ -55,6 +55,10 @@ pub struct LinkedHub {
     /// Whether the hub takes part in automatic allocation. A hub with `false` is only used when an
     /// enrollment names it explicitly.
     pub apply_allocation_policy: bool,
+    /// Where the hub runs (an Azure region name such as `westeurope`, or any label the operator's latency
+    /// data uses); None when not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
 }
 
 /// The serialized form of a [`LinkedHub`] before validation.
@@ -66,13 +70,16 @@ struct LinkedHubWire {
     allocation_weight: Option<u32>,
     #[serde(default)]
     apply_allocation_policy: Option<bool>,
+    #[serde(default)]
+    location: Option<String>,
 }
 
 impl TryFrom<LinkedHubWire> for LinkedHub {
     type Error = DpsError;
 
     fn try_from(w: LinkedHubWire) -> Result<Self, DpsError> {
-        LinkedHub::new(&w.host_name, w.allocation_weight, w.apply_allocation_policy)
+        Ok(LinkedHub::new(&w.host_name, w.allocation_weight, w.apply_allocation_policy)?
+            .with_location(w.location))
     }
 }
 
@@ -120,7 +127,15 @@ impl LinkedHub {
             host_name: host,
             allocation_weight: weight,
             apply_allocation_policy: apply_allocation_policy.unwrap_or(true),
+            location: None,
         })
+    }
+
+    /// The same hub with a location (blank or None: no location).
+    #[must_use]
+    pub fn with_location(mut self, location: Option<String>) -> Self {
+        self.location = location.map(|l| l.trim().to_owned()).filter(|l| !l.is_empty());
+        self
     }
 
     /// Whether this hub has the given host name (ASCII case-insensitive).
@@ -548,7 +563,12 @@ mod tests {
         // Duplicate host names tie exactly; either copy is the same hub. Weight-0 hubs (only constructible
         // directly) all score 0 and tie: the smallest host name wins regardless of order.
         let zero =
-            |n: &str| LinkedHub { host_name: n.into(), allocation_weight: 0, apply_allocation_policy: true };
+            |n: &str| LinkedHub {
+                host_name: n.into(),
+                allocation_weight: 0,
+                apply_allocation_policy: true,
+                location: None,
+            };
         let (b, a) = (zero("b.net"), zero("a.net"));
         assert_eq!(allocate(AllocationPolicy::Hashed, "d", &[&b, &a]).unwrap().host_name, "a.net");
         assert_eq!(allocate(AllocationPolicy::Hashed, "d", &[&a, &b]).unwrap().host_name, "a.net");
@@ -638,6 +658,7 @@ mod tests {
                     host_name,
                     allocation_weight,
                     apply_allocation_policy,
+                    location: None,
                 })
                 .collect();
             let c: Vec<&LinkedHub> = hubs.iter().collect();
