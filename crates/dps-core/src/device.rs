@@ -467,6 +467,14 @@ impl DeviceFlow {
                 }
                 job.migrated_twin = twin;
             }
+            // The previous hub did not answer: moving must not depend on it (it may be down for good), so
+            // the device starts on its new hub from the enrollment's initial twin, as a reset.
+            (HubStage::ReadTwin, Err(_)) => {
+                if let Some(plan) = job.plan.as_mut() {
+                    plan.substatus = RegistrationSubstatus::DeviceDataReset;
+                }
+                job.migrated_twin = None;
+            }
             (HubStage::Upsert, Ok(HubResult::Done)) => {}
             // The device already lives on its new hub; a stale identity left on the old hub does not stop it.
             (HubStage::Delete, _) => {}

@@ -360,6 +360,34 @@ fn reprovision_reset_uses_initial_twin() {
 }
 
 #[test]
+fn a_device_moves_off_a_hub_that_is_down() {
+    // Migration reads the twin from the old hub; when that hub does not answer, the device still moves
+    // (with the enrollment's initial twin, reported as a reset) and the stale identity is left behind.
+    let mut w = World::new();
+    let mut e = static_on(sym("mover", &key(1), &key(2)), HUB_A);
+    e["initialTwin"] = json!({"tags": {"v": 1}});
+    w.enroll(e.clone());
+    assert_eq!(w.provision("mover", &key(1)).unwrap().assigned_hub.as_deref(), Some(HUB_A));
+    let mut moved = static_on(e, HUB_B);
+    moved["etag"] = Value::Null;
+    w.enroll(moved);
+    w.hubs.set_unavailable(HUB_A, true);
+    let r = w.provision("mover", &key(1)).unwrap();
+    assert_eq!(r.assigned_hub.as_deref(), Some(HUB_B));
+    assert_eq!(r.substatus, Some(RegistrationSubstatus::DeviceDataReset));
+    assert_eq!(w.hubs.device(HUB_B, "mover").unwrap().twin.tags, json!({"v": 1}));
+    // The new hub being down still fails the registration (500002), and nothing is written there.
+    w.hubs.set_unavailable(HUB_A, false);
+    let mut back = static_on(sym("mover", &key(1), &key(2)), HUB_A);
+    back["etag"] = Value::Null;
+    w.enroll(back);
+    w.hubs.set_unavailable(HUB_A, true);
+    let err = w.provision("mover", &key(1)).unwrap_err();
+    assert_eq!(err.code, 500002);
+    assert!(w.hubs.device(HUB_B, "mover").is_some(), "the failed move leaves the device where it was");
+}
+
+#[test]
 fn reprovision_never_keeps_the_device_where_it_is() {
     let (w, r) = reprovision_case(
         Some(json!({"updateHubAssignment": false, "migrateDeviceData": true})),
