@@ -19,6 +19,8 @@
 
 pub mod iothub;
 pub mod mosquitto;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 use dps_core::hub::{AsyncHubDirectory, HubError, HubOp, HubResult};
 use dps_core::object::DynHubDirectory;

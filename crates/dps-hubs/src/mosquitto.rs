@@ -133,6 +133,26 @@ impl MosquittoDirectory {
     }
 
     async fn connect(&self) -> Result<Session, HubError> {
+        if !self.prepared.load(Ordering::Acquire) {
+            // Adding a role to a client makes the plugin disconnect it: prepare on a connection of its own.
+            let mut first = self.open().await?;
+            if self.prepare(&mut first).await? {
+                first.close().await;
+            }
+            let mut session = self.open().await?;
+            if !session.admin_has_provisioner_role(&self.config.admin_username).await? {
+                return Err(self.err(format!(
+                    "the admin account '{}' could not be given the role '{PROVISIONER_ROLE}'",
+                    self.config.admin_username
+                )));
+            }
+            self.prepared.store(true, Ordering::Release);
+            return Ok(session);
+        }
+        self.open().await
+    }
+
+    async fn open(&self) -> Result<Session, HubError> {
         let n = self.next_session.fetch_add(1, Ordering::Relaxed);
         let mut options =
             MqttOptions::new(format!("dps-rs-{}-{n}", std::process::id()), &self.config.host, self.config.port);
@@ -162,37 +182,40 @@ impl MosquittoDirectory {
             }
         }
         session.subscribe(RESPONSE_TOPIC).await?;
-        if !self.prepared.load(Ordering::Acquire) {
-            self.prepare(&mut session).await?;
-            self.prepared.store(true, Ordering::Release);
-        }
         Ok(session)
     }
 
-    /// Gives the admin account the right to publish and read the twin topics (once per adapter).
-    async fn prepare(&self, session: &mut Session) -> Result<(), HubError> {
+    /// Creates the role `dps-provisioner` (publish and read the twin topics) and gives it to the admin
+    /// account, once per adapter. Whether the session is still usable (giving the role disconnects it).
+    async fn prepare(&self, session: &mut Session) -> Result<bool, HubError> {
         let twins = "devices/+/twin";
         let answers = session
-            .commands(vec![
-                json!({"command": "createRole", "rolename": PROVISIONER_ROLE,
+            .commands(vec![json!({"command": "createRole", "rolename": PROVISIONER_ROLE,
                        "textdescription": "dps-rs: publishes and reads device twins",
                        "acls": [
                            {"acltype": "publishClientSend", "topic": twins, "allow": true},
                            {"acltype": "publishClientReceive", "topic": twins, "allow": true},
                            {"acltype": "subscribePattern", "topic": twins, "allow": true},
-                       ]}),
-                json!({"command": "addClientRole", "username": self.config.admin_username,
-                       "rolename": PROVISIONER_ROLE}),
-            ])
+                       ]})])
             .await?;
-        for answer in &answers {
-            if let Some(e) = answer_error(answer) {
-                if !e.contains("already") {
-                    return Err(self.err(format!("preparing the admin account: {e}")));
-                }
+        if let Some(e) = answers.first().and_then(answer_error) {
+            if !e.contains("already exists") {
+                return Err(self.err(format!("creating the role '{PROVISIONER_ROLE}': {e}")));
             }
         }
-        Ok(())
+        if session.admin_has_provisioner_role(&self.config.admin_username).await? {
+            return Ok(true);
+        }
+        let add = json!({"command": "addClientRole", "username": self.config.admin_username,
+                         "rolename": PROVISIONER_ROLE});
+        // The plugin applies it, then closes this connection: a lost connection is the expected answer.
+        match session.commands(vec![add]).await {
+            Ok(answers) => match answers.first().and_then(answer_error) {
+                Some(e) => Err(self.err(format!("giving the admin account the role '{PROVISIONER_ROLE}': {e}"))),
+                None => Ok(false),
+            },
+            Err(_) => Ok(false),
+        }
     }
 
     async fn upsert(
@@ -446,6 +469,17 @@ impl Session {
             }
             return Ok((mine, collected));
         }
+    }
+
+    async fn admin_has_provisioner_role(&mut self, admin: &str) -> Result<bool, HubError> {
+        let answers = self.commands(vec![json!({"command": "getClient", "username": admin})]).await?;
+        if let Some(e) = answers.first().and_then(answer_error) {
+            return Err(self.err(format!("reading the admin account '{admin}': {e}")));
+        }
+        let roles = answers.first().and_then(|a| a.pointer("/data/client/roles")).and_then(Value::as_array);
+        Ok(roles.is_some_and(|roles| {
+            roles.iter().any(|r| r.get("rolename").and_then(Value::as_str) == Some(PROVISIONER_ROLE))
+        }))
     }
 
     async fn client_exists(&mut self, id: &str) -> Result<bool, HubError> {
