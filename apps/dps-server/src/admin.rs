@@ -461,6 +461,29 @@ impl ServiceClient {
 }
 
 /// The service path of a CA certificate.
+impl ServiceClient {
+    /// `GET /linkedHubs`: every linked hub with its adapter (credentials never shown).
+    pub async fn linked_hubs(&self) -> Result<Value, CallError> {
+        self.call("GET", crate::linked::API_PATH, None, &[]).await
+    }
+
+    /// `GET /linkedHubs/{hostName}`.
+    pub async fn linked_hub(&self, host: &str) -> Result<Value, CallError> {
+        self.call("GET", &format!("{}/{}", crate::linked::API_PATH, segment(host)), None, &[]).await
+    }
+
+    /// `PUT /linkedHubs/{hostName}`: links a hub or updates it (omitted fields keep their values).
+    pub async fn set_linked_hub(&self, host: &str, body: &Value) -> Result<Value, CallError> {
+        self.call("PUT", &format!("{}/{}", crate::linked::API_PATH, segment(host)), Some(body), &[]).await
+    }
+
+    /// `DELETE /linkedHubs/{hostName}`.
+    pub async fn remove_linked_hub(&self, host: &str) -> Result<(), CallError> {
+        self.send("DELETE", &format!("{}/{}", crate::linked::API_PATH, segment(host)), None, &[]).await?;
+        Ok(())
+    }
+}
+
 fn certificate_path(name: &str) -> String {
     format!("/certificates/{}", segment(name))
 }

@@ -67,6 +67,12 @@ pub enum Command {
         #[command(subcommand)]
         action: CertificateAction,
     },
+    /// Manage the linked IoT hubs of a running server, without a restart (kept in its data directory).
+    Hubs {
+        /// The operation.
+        #[command(subcommand)]
+        action: HubAction,
+    },
     /// Provision a symmetric-key device over HTTPS or MQTT with the dps-client crate.
     ProvisionDevice(ProvisionArgs),
     /// Inspect a local server's hub directory, usage report and audit log. These commands do not use the
@@ -705,6 +711,122 @@ pub enum CertificateAction {
     Verify(CertificateVerify),
 }
 
+/// Linked-hub operations.
+#[derive(Debug, Subcommand)]
+pub enum HubAction {
+    /// List the linked hubs and their adapters.
+    List(ConnectOnly),
+    /// Show one linked hub.
+    Show(HubOne),
+    /// Link a hub, or change one: only the settings given change.
+    Set(HubSet),
+    /// Unlink a hub.
+    Remove(HubOne),
+}
+
+/// `hubs show` / `hubs remove`.
+#[derive(Debug, Clone, Args)]
+pub struct HubOne {
+    /// The hub's host name.
+    pub host_name: String,
+    /// Connection.
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+}
+
+/// `hubs set`.
+#[derive(Debug, Clone, Args)]
+pub struct HubSet {
+    /// The hub's host name.
+    pub host_name: String,
+    /// Allocation weight (1..=1000).
+    #[arg(long)]
+    pub weight: Option<u32>,
+    /// Whether the hub takes part in automatic allocation.
+    #[arg(long)]
+    pub apply_allocation_policy: Option<bool>,
+    /// Where the hub runs ("" clears it).
+    #[arg(long)]
+    pub location: Option<String>,
+    /// The adapter: local, mosquitto or iothub.
+    #[arg(long)]
+    pub kind: Option<String>,
+    /// mosquitto: the broker's host:port.
+    #[arg(long)]
+    pub broker: Option<String>,
+    /// mosquitto: the dynamic-security admin username.
+    #[arg(long)]
+    pub admin_username: Option<String>,
+    /// A file holding the credential: the broker admin's password (mosquitto) or the hub's connection
+    /// string (iothub). Read from a file so that it shows in no process list or shell history.
+    #[arg(long, value_name = "FILE")]
+    pub credential_file: Option<PathBuf>,
+    /// iothub: connect to this host:port instead of HostName:443.
+    #[arg(long)]
+    pub endpoint: Option<String>,
+    /// iothub: PEM file (on the server's machine) of the CAs trusted for the hub's certificate.
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Bound on one hub operation, seconds.
+    #[arg(long)]
+    pub timeout_secs: Option<u64>,
+    /// Connection.
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+}
+
+impl HubSet {
+    /// The `PUT /linkedHubs/{hostName}` body.
+    pub fn body(&self, current_kind: Option<&str>) -> Result<Value, ServerError> {
+        let mut body = serde_json::Map::new();
+        let mut put = |k: &str, v: Value| {
+            body.insert(k.to_owned(), v);
+        };
+        if let Some(w) = self.weight {
+            put("allocationWeight", serde_json::json!(w));
+        }
+        if let Some(a) = self.apply_allocation_policy {
+            put("applyAllocationPolicy", serde_json::json!(a));
+        }
+        if let Some(l) = &self.location {
+            put("location", serde_json::json!(l));
+        }
+        if let Some(k) = &self.kind {
+            put("kind", serde_json::json!(k));
+        }
+        if let Some(b) = &self.broker {
+            put("broker", serde_json::json!(b));
+        }
+        if let Some(u) = &self.admin_username {
+            put("adminUsername", serde_json::json!(u));
+        }
+        if let Some(e) = &self.endpoint {
+            put("endpoint", serde_json::json!(e));
+        }
+        if let Some(c) = &self.ca_file {
+            put("caFile", serde_json::json!(c));
+        }
+        if let Some(t) = self.timeout_secs {
+            put("timeoutSecs", serde_json::json!(t));
+        }
+        if let Some(path) = &self.credential_file {
+            let secret = read_text(path, "the credential file")?.trim().to_owned();
+            let field = match self.kind.as_deref().or(current_kind) {
+                Some("mosquitto") => "adminPassword",
+                Some("iothub") => "connectionString",
+                other => {
+                    return Err(ServerError::Client(format!(
+                        "--credential-file needs a mosquitto or iothub hub (kind {})",
+                        other.unwrap_or("local")
+                    )))
+                }
+            };
+            put(field, serde_json::json!(secret));
+        }
+        Ok(Value::Object(body))
+    }
+}
+
 /// Commands that take only the connection.
 #[derive(Debug, Clone, Args)]
 pub struct ConnectOnly {
@@ -844,6 +966,36 @@ fn finish(result: Result<Option<Value>, CallError>) -> ExitCode {
     }
 }
 
+async fn run_hubs(action: HubAction) -> ExitCode {
+    let connect = match &action {
+        HubAction::List(a) => &a.connect,
+        HubAction::Show(a) | HubAction::Remove(a) => &a.connect,
+        HubAction::Set(a) => &a.connect,
+    };
+    let client = match service_client(connect) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let result = match action {
+        HubAction::List(_) => client.linked_hubs().await.map(Some),
+        HubAction::Show(a) => client.linked_hub(&a.host_name).await.map(Some),
+        HubAction::Remove(a) => client.remove_linked_hub(&a.host_name).await.map(|()| None),
+        HubAction::Set(a) => {
+            // The credential's field depends on the kind: the current one unless --kind changes it.
+            let current = match (&a.kind, &a.credential_file) {
+                (None, Some(_)) => client.linked_hub(&a.host_name).await.ok(),
+                _ => None,
+            };
+            let kind = current.as_ref().and_then(|c| c.get("kind")).and_then(Value::as_str);
+            match a.body(kind) {
+                Ok(body) => client.set_linked_hub(&a.host_name, &body).await.map(Some),
+                Err(e) => return fail(e),
+            }
+        }
+    };
+    finish(result)
+}
+
 async fn run_certificate(action: CertificateAction) -> ExitCode {
     let connect = match &action {
         CertificateAction::Upload(a) => &a.connect,
@@ -971,6 +1123,7 @@ pub async fn run_admin(command: Command) -> ExitCode {
             },
         },
         Command::Certificate { action } => run_certificate(action).await,
+        Command::Hubs { action } => run_hubs(action).await,
         Command::Admin { action } => {
             let result = match action {
                 AdminAction::HubDevices(a) => crate::admin::hub_devices(&a.local.dir(), &a.hub),

@@ -32,6 +32,12 @@
 //! host_name = "hub-1.example.net"
 //! allocation_weight = 1
 //! apply_allocation_policy = true
+//! location = "westeurope"               # optional: where the hub runs (lowest-latency allocation)
+//! kind = "local"                         # local (default) | mosquitto | iothub: the adapter serving it
+//! # kind = "mosquitto":  broker = "127.0.0.1:1883", admin_username = "admin", admin_password = "…"
+//! # kind = "iothub":     connection_string = "HostName=…;SharedAccessKeyName=…;SharedAccessKey=…",
+//! #                      endpoint = "host:port" (optional), ca_file = "roots.pem" (optional)
+//! # timeout_secs = 10                    # bound on one hub operation (mosquitto, iothub)
 //! [certificate_issuance]                # devices may send a CSR (api-version 2025-07-01-preview)
 //! enabled = false                        # on: a CA is created in DATA_DIR/issuer and registered verified
 //! key = "p384"                           # p384 | p256: the issuing CA's key (new CA only)
@@ -199,6 +205,66 @@ pub struct FileLinkedHub {
     pub allocation_weight: Option<u32>,
     /// Whether the hub takes part in automatic allocation (default true).
     pub apply_allocation_policy: Option<bool>,
+    /// Where the hub runs (optional).
+    #[serde(default)]
+    pub location: Option<String>,
+    /// The adapter serving it: `local` (default), `mosquitto`, `iothub`.
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// mosquitto: the broker's `host:port`.
+    #[serde(default)]
+    pub broker: Option<String>,
+    /// mosquitto: the dynamic-security admin username.
+    #[serde(default)]
+    pub admin_username: Option<String>,
+    /// mosquitto: its password.
+    #[serde(default)]
+    pub admin_password: Option<String>,
+    /// iothub: the hub's connection string.
+    #[serde(default)]
+    pub connection_string: Option<String>,
+    /// iothub: connect here instead of `HostName:443`.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// iothub: PEM file of the trusted CAs (default: the system's).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Bound on one hub operation, seconds.
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+}
+
+impl FileLinkedHub {
+    /// A local hub with defaults.
+    pub fn named(host_name: &str) -> FileLinkedHub {
+        FileLinkedHub {
+            host_name: host_name.to_owned(),
+            allocation_weight: None,
+            apply_allocation_policy: None,
+            location: None,
+            kind: None,
+            broker: None,
+            admin_username: None,
+            admin_password: None,
+            connection_string: None,
+            endpoint: None,
+            ca_file: None,
+            timeout_secs: None,
+        }
+    }
+
+    fn adapter(&self) -> crate::linked::AdapterSettings {
+        crate::linked::AdapterSettings {
+            kind: self.kind.clone(),
+            broker: self.broker.clone(),
+            admin_username: self.admin_username.clone(),
+            admin_password: self.admin_password.clone(),
+            connection_string: self.connection_string.clone(),
+            endpoint: self.endpoint.clone(),
+            ca_file: self.ca_file.clone(),
+            timeout_secs: self.timeout_secs,
+        }
+    }
 }
 
 /// `[[access_policies]]` as written.
@@ -401,6 +467,9 @@ pub struct ServerConfig {
     pub subject_alt_names: Vec<String>,
     /// Linked IoT hubs.
     pub linked_hubs: Vec<LinkedHub>,
+    /// The adapter of each linked hub, by host name (a hub not listed is `local`). Credentials inside never
+    /// show in `Debug` output.
+    pub hub_adapters: std::collections::BTreeMap<String, crate::linked::AdapterSettings>,
     /// Shared access policies besides the generated owner policy.
     pub access_policies: Vec<AccessPolicy>,
     /// Certificate issuance from device CSRs (None: off, a `csr` is refused with 400008).
@@ -496,19 +565,27 @@ impl ServerConfig {
             return Err(err("tls.subject_alt_names must list at least one non-empty name"));
         }
 
-        let hubs = file.linked_hubs.unwrap_or_else(|| {
-            vec![FileLinkedHub {
-                host_name: DEFAULT_HUB.to_owned(),
-                allocation_weight: None,
-                apply_allocation_policy: None,
-            }]
-        });
+        let hubs = file.linked_hubs.unwrap_or_else(|| vec![FileLinkedHub::named(DEFAULT_HUB)]);
+        if hubs.len() > dps_core::MAX_LINKED_HUBS {
+            return Err(err(format!(
+                "linked_hubs: at most {} hubs can be linked, not {}",
+                dps_core::MAX_LINKED_HUBS,
+                hubs.len()
+            )));
+        }
         let mut linked_hubs = Vec::with_capacity(hubs.len());
+        let mut hub_adapters = std::collections::BTreeMap::new();
         for h in hubs {
             let hub = LinkedHub::new(&h.host_name, h.allocation_weight, h.apply_allocation_policy)
-                .map_err(|e| err(format!("linked_hubs '{}': {}", h.host_name, e.message)))?;
+                .map_err(|e| err(format!("linked_hubs '{}': {}", h.host_name, e.message)))?
+                .with_location(h.location.clone());
             if linked_hubs.iter().any(|l: &LinkedHub| l.host_name == hub.host_name) {
                 return Err(err(format!("linked_hubs: '{}' is listed twice", h.host_name)));
+            }
+            let adapter = h.adapter();
+            adapter.spec(&hub.host_name).map_err(|m| err(format!("linked_hubs '{}': {m}", h.host_name)))?;
+            if adapter != crate::linked::AdapterSettings::default() {
+                hub_adapters.insert(hub.host_name.clone(), adapter);
             }
             linked_hubs.push(hub);
         }
@@ -607,6 +684,7 @@ impl ServerConfig {
             listen,
             subject_alt_names,
             linked_hubs,
+            hub_adapters,
             access_policies,
             certificate_issuance,
             key_provider,

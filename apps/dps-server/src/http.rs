@@ -269,6 +269,19 @@ async fn handle_https(mut req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Resp {
     };
 
     let started = Instant::now();
+    // Linked hubs at run time: an extension of the service API, answered here (not by the engine).
+    if let Some(reply) = crate::linked::serve(
+        &shared.state,
+        parts.method.as_str(),
+        &path_and_query,
+        header_string(&parts.headers, "authorization").as_deref(),
+        &body,
+    ) {
+        shared.state.metrics.request(Api::Service, reply.status);
+        tracing::debug!(%peer, method = %parts.method, path = %parts.uri.path(), status = reply.status,
+            error_code = ?reply.error_code.map(|c| c.code()), "linked hubs");
+        return reply_response(reply, None, false);
+    }
     let route = parse_route(parts.method.as_str(), &path_and_query).ok().map(|m| m.route);
     let request = HttpRequest {
         method: parts.method.as_str().to_owned(),

@@ -33,6 +33,7 @@ pub mod config;
 pub mod datadir;
 pub mod encryption;
 mod http;
+pub mod linked;
 pub mod metrics;
 pub mod mqtt;
 pub mod provision;

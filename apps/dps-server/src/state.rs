@@ -16,6 +16,7 @@ use dps_core::OWNER_POLICY;
 use dps_core::{AccessPolicy, DeviceRequest, Engine, EngineConfig, HttpRequest, Reply, Rights};
 use dps_host::{Clock, Host, LocalCa, SystemClock};
 use dps_store::seal::Sealer;
+use dps_hubs::RoutingDirectory;
 use dps_store::{SqliteHubDirectory, SqliteOptions, SqliteStore};
 use std::future::Future;
 use std::path::Path;
@@ -119,8 +120,12 @@ pub struct AppState {
     pub engine: Engine,
     /// The durable store (timed); the host holds the same store.
     pub store: Arc<MeteredStore>,
-    /// The durable IoT hub directory; the host holds the same directory.
+    /// The durable local IoT hub directory: the default of `routing`, which the host holds.
     pub hubs: Arc<SqliteHubDirectory>,
+    /// Routes each hub operation to the adapter of its linked hub (`mosquitto`, `iothub`) or to `hubs`.
+    pub routing: Arc<RoutingDirectory>,
+    /// The linked hubs, changeable at run time (`/linkedHubs`, `dps-server hubs`).
+    pub linked: Arc<crate::linked::LinkedHubs>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Billable-operation metering (counters and the usage table).
@@ -184,10 +189,29 @@ impl AppState {
         let store =
             Arc::new(MeteredStore::new(store, Arc::clone(&metrics)).with_billing(Arc::clone(&billing)));
         let hubs = Arc::new(hubs);
-        let mut builder = Host::builder(engine_config(config, owner))
-            .store(store.clone())
-            .hubs(hubs.clone())
-            .poll_hold(config.poll_hold);
+        let data_dir = DataDir::new(config.data_dir.clone());
+        let entries = match crate::linked::load(data_dir.root(), &sealer)? {
+            Some(entries) => {
+                tracing::info!(hubs = entries.len(), file = crate::linked::FILE_NAME,
+                    "linked hubs from the data directory (changed at run time; [[linked_hubs]] seeds only a new data directory)");
+                entries
+            }
+            None => config
+                .linked_hubs
+                .iter()
+                .map(|hub| crate::linked::HubEntry {
+                    hub: hub.clone(),
+                    adapter: config.hub_adapters.get(&hub.host_name).cloned().unwrap_or_default(),
+                })
+                .collect(),
+        };
+        let routing = Arc::new(RoutingDirectory::new(hubs.clone()));
+        crate::linked::install(&entries, &routing)
+            .map_err(|m| ServerError::Config(crate::config::ConfigError(m)))?;
+        let mut engine = engine_config(config, owner);
+        engine.linked_hubs = entries.iter().map(|e| e.hub.clone()).collect();
+        let mut builder =
+            Host::builder(engine).store(store.clone()).hubs(routing.clone()).poll_hold(config.poll_hold);
         let issuer = match config.certificate_issuance {
             Some(settings) => {
                 let dir = DataDir::new(config.data_dir.clone()).issuer_dir();
@@ -208,7 +232,16 @@ impl AppState {
         };
         let host = builder.build().map_err(|e| ServerError::Config(crate::config::ConfigError(e.message)))?;
         let auth_failures = AuthFailureLimiter::new(config.auth_failures);
+        let linked = Arc::new(crate::linked::LinkedHubs::new(
+            entries,
+            host.engine().clone(),
+            routing.clone(),
+            data_dir.root(),
+            Arc::clone(&sealer),
+        ));
         Ok(AppState {
+            routing,
+            linked,
             engine: host.engine().clone(),
             host,
             store,

@@ -53,7 +53,7 @@ pub const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
 const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
 
 /// How to reach one IoT hub.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct IotHubConfig {
     /// The hub's connection string (its `HostName` is the REST endpoint and the SAS audience).
     pub connection_string: Secret,

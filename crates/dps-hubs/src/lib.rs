@@ -58,6 +58,50 @@ impl fmt::Display for Secret {
     }
 }
 
+/// Which adapter serves a linked hub, with its settings and credential.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AdapterSpec {
+    /// The host's default directory (the server's durable local directory).
+    Local,
+    /// A Mosquitto broker with the dynamic-security plugin.
+    Mosquitto(mosquitto::MosquittoConfig),
+    /// An Azure IoT hub through its REST API.
+    IotHub(iothub::IotHubConfig),
+}
+
+impl AdapterSpec {
+    /// The kind's name in configuration: `local`, `mosquitto`, `iothub`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AdapterSpec::Local => "local",
+            AdapterSpec::Mosquitto(_) => "mosquitto",
+            AdapterSpec::IotHub(_) => "iothub",
+        }
+    }
+
+    /// The adapter for the linked hub `hub` (None for `local`: the default directory serves it). Fails
+    /// when the settings are not usable (a bad connection string, an unreadable CA file), with a message
+    /// that never contains the credential.
+    pub fn build(&self, hub: &str) -> Result<Option<Arc<dyn DynHubDirectory>>, String> {
+        Ok(match self {
+            AdapterSpec::Local => None,
+            AdapterSpec::Mosquitto(c) => Some(Arc::new(mosquitto::MosquittoDirectory::new(hub, c.clone()))),
+            AdapterSpec::IotHub(c) => Some(Arc::new(iothub::IotHubDirectory::new(hub, c.clone())?)),
+        })
+    }
+
+    /// Routes `hub` on `routing` to the adapter this spec builds (or back to the default for `local`).
+    pub fn install(&self, hub: &str, routing: &RoutingDirectory) -> Result<(), String> {
+        match self.build(hub)? {
+            Some(directory) => routing.set(hub, self.kind(), directory),
+            None => {
+                routing.remove(hub);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The hub host name an operation addresses.
 pub fn op_hub(op: &HubOp) -> Option<&str> {
     match op {

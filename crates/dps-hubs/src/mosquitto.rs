@@ -68,7 +68,7 @@ pub fn role_name(device_id: &str) -> String {
 }
 
 /// How to reach a broker's admin account.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct MosquittoConfig {
     /// Broker host (name or IP address).
     pub host: String,
