@@ -24,6 +24,9 @@ echo "== fuzz/ (its own workspace): cargo fmt --check, clippy -D warnings on sta
 cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 (cd fuzz && cargo clippy --no-default-features --all-targets --locked -- -D warnings)
 
+echo "== Mosquitto (the hub-adapter tests' broker): installed if missing"
+./scripts/mosquitto.sh
+
 echo "== cargo test (all crates)"
 cargo test --workspace --locked 2>&1 | tee "$log"
 rust_passed=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) if ($i ~ /^passed;?$/) s += $(i-1) } END { print s + 0 }' "$log")

@@ -115,10 +115,10 @@ impl AdapterSettings {
                     "mosquitto",
                 )?;
                 let broker = required(&self.broker, "broker (host:port)", "mosquitto")?;
-                let (h, p) = broker
-                    .rsplit_once(':')
-                    .ok_or_else(|| format!("broker '{broker}' is not host:port"))?;
-                let port: u16 = p.parse().map_err(|_| format!("broker '{broker}': the port is not a number"))?;
+                let (h, p) =
+                    broker.rsplit_once(':').ok_or_else(|| format!("broker '{broker}' is not host:port"))?;
+                let port: u16 =
+                    p.parse().map_err(|_| format!("broker '{broker}': the port is not a number"))?;
                 let host_part = h.trim_start_matches('[').trim_end_matches(']');
                 if host_part.is_empty() || port == 0 {
                     return Err(format!("broker '{broker}' is not host:port"));
@@ -127,7 +127,11 @@ impl AdapterSettings {
                     host: host_part.to_owned(),
                     port,
                     admin_username: required(&self.admin_username, "admin_username", "mosquitto")?,
-                    admin_password: Secret::new(required(&self.admin_password, "admin_password", "mosquitto")?),
+                    admin_password: Secret::new(required(
+                        &self.admin_password,
+                        "admin_password",
+                        "mosquitto",
+                    )?),
                     timeout,
                 }))
             }
@@ -140,8 +144,11 @@ impl AdapterSettings {
                     ],
                     "iothub",
                 )?;
-                let mut c =
-                    IotHubConfig::new(Secret::new(required(&self.connection_string, "connection_string", "iothub")?));
+                let mut c = IotHubConfig::new(Secret::new(required(
+                    &self.connection_string,
+                    "connection_string",
+                    "iothub",
+                )?));
                 c.endpoint = self.endpoint.clone();
                 c.ca_file = self.ca_file.clone();
                 c.timeout = timeout;
@@ -156,7 +163,8 @@ impl AdapterSettings {
     /// The settings without their credential, for the API's answers: `credential` says whether one is set.
     pub fn shown(&self) -> Value {
         let mut public = self.clone();
-        let has_credential = public.admin_password.take().is_some() | public.connection_string.take().is_some();
+        let has_credential =
+            public.admin_password.take().is_some() | public.connection_string.take().is_some();
         let mut v = serde_json::to_value(&public).unwrap_or_else(|_| json!({}));
         v["kind"] = json!(self.kind.as_deref().unwrap_or("local"));
         if has_credential {
@@ -329,8 +337,10 @@ fn save(path: &Path, sealer: &Sealer, entries: &[HubEntry]) -> Result<(), DpsErr
 /// Routes every entry's hub to its adapter; the first failure names the hub.
 pub fn install(entries: &[HubEntry], routing: &RoutingDirectory) -> Result<(), String> {
     for e in entries {
-        let spec = e.adapter.spec(&e.hub.host_name).map_err(|m| format!("linked hub '{}': {m}", e.hub.host_name))?;
-        spec.install(&e.hub.host_name, routing).map_err(|m| format!("linked hub '{}': {m}", e.hub.host_name))?;
+        let spec =
+            e.adapter.spec(&e.hub.host_name).map_err(|m| format!("linked hub '{}': {m}", e.hub.host_name))?;
+        spec.install(&e.hub.host_name, routing)
+            .map_err(|m| format!("linked hub '{}': {m}", e.hub.host_name))?;
     }
     Ok(())
 }
@@ -363,7 +373,11 @@ impl LinkedHubs {
 
     /// One linked hub (`404000` when not linked).
     pub fn get(&self, host: &str) -> Result<Value, DpsError> {
-        self.lock().iter().find(|e| e.hub.is_named(host)).map(HubEntry::to_json).ok_or_else(|| not_linked(host))
+        self.lock()
+            .iter()
+            .find(|e| e.hub.is_named(host))
+            .map(HubEntry::to_json)
+            .ok_or_else(|| not_linked(host))
     }
 
     /// Links `host` or updates it. Nothing changes unless every step succeeds: the settings validate, the
@@ -379,14 +393,16 @@ impl LinkedHubs {
         }
         let current = index.map(|i| entries[i].clone());
         let weight = update.allocation_weight.or(current.as_ref().map(|c| c.hub.allocation_weight));
-        let apply = update.apply_allocation_policy.or(current.as_ref().map(|c| c.hub.apply_allocation_policy));
+        let apply =
+            update.apply_allocation_policy.or(current.as_ref().map(|c| c.hub.apply_allocation_policy));
         let location = match update.location {
             Some(l) => Some(l),
             None => current.as_ref().and_then(|c| c.hub.location.clone()),
         };
         let hub = LinkedHub::new(host, weight, apply)?.with_location(location);
         let adapter = merge(current.as_ref().map(|c| &c.adapter), update.adapter);
-        let spec = adapter.spec(&hub.host_name).map_err(|m| bad(format!("linked hub '{}': {m}", hub.host_name)))?;
+        let spec =
+            adapter.spec(&hub.host_name).map_err(|m| bad(format!("linked hub '{}': {m}", hub.host_name)))?;
         let entry = HubEntry { hub, adapter };
         let mut next = entries.clone();
         match index {
@@ -493,7 +509,8 @@ mod tests {
         let kept = merge(Some(&current), AdapterSettings { timeout_secs: Some(3), ..Default::default() });
         assert_eq!(kept.admin_password.as_deref(), Some("p"));
         assert_eq!(kept.timeout_secs, Some(3));
-        let switched = merge(Some(&current), AdapterSettings { kind: Some("local".into()), ..Default::default() });
+        let switched =
+            merge(Some(&current), AdapterSettings { kind: Some("local".into()), ..Default::default() });
         assert_eq!(switched, AdapterSettings { kind: Some("local".into()), ..Default::default() });
     }
 }

@@ -91,7 +91,8 @@ async fn a_device_provisioned_to_mosquitto_connects_and_publishes_and_is_refused
     let broker = Broker::start(broker_dir.path()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut config = config(dir.path());
-    config.linked_hubs = vec![LinkedHub::new(LOCAL, None, None).unwrap(), LinkedHub::new(BROKER, None, Some(false)).unwrap()];
+    config.linked_hubs =
+        vec![LinkedHub::new(LOCAL, None, None).unwrap(), LinkedHub::new(BROKER, None, Some(false)).unwrap()];
     config.hub_adapters.insert(BROKER.into(), mosquitto(&broker, &broker.admin_password));
     assert!(!format!("{config:?}").contains(&broker.admin_password), "the config's Debug hides the password");
     let server = start(config).await;
@@ -108,7 +109,8 @@ async fn a_device_provisioned_to_mosquitto_connects_and_publishes_and_is_refused
 
     // The device connects to its broker with the key it provisioned with, reads its twin, publishes.
     let key = device_key().to_base64();
-    let mut watcher = Device::connect(broker.port, "watcher", ADMIN_USER, &broker.admin_password).await.unwrap();
+    let mut watcher =
+        Device::connect(broker.port, "watcher", ADMIN_USER, &broker.admin_password).await.unwrap();
     assert!(watcher.subscribe("devices/+/messages/events/#").await.unwrap());
     let mut device = Device::connect(broker.port, "sensor-1", "sensor-1", &key).await.unwrap();
     assert!(device.subscribe("devices/sensor-1/twin").await.unwrap());
@@ -129,7 +131,10 @@ async fn a_device_provisioned_to_mosquitto_connects_and_publishes_and_is_refused
     assert_eq!(moved["registrationState"]["substatus"], "deviceDataMigrated");
     let local = server.state.hubs.device(LOCAL, "sensor-1").unwrap();
     assert_eq!(local.twin.tags, json!({"site": "north"}));
-    assert!(device.closed_within(Duration::from_secs(5)).await, "the broker closed the moved device's session");
+    assert!(
+        device.closed_within(Duration::from_secs(5)).await,
+        "the broker closed the moved device's session"
+    );
     assert!(Device::connect(broker.port, "sensor-1", "sensor-1", &key).await.is_err());
 
     // A hub whose broker refuses the admin credential (linked at run time): failed, 500002, nothing written.
@@ -138,7 +143,8 @@ async fn a_device_provisioned_to_mosquitto_connects_and_publishes_and_is_refused
         .unwrap();
     svc.create(Kind::Enrollment, "sensor-2", &static_on("bad-admin.localhost")).await.unwrap();
     let refused = provision(&server, "sensor-2").await;
-    let code = |v: &Value| (v["status"].as_str().map(str::to_owned), v["registrationState"]["errorCode"].as_u64());
+    let code =
+        |v: &Value| (v["status"].as_str().map(str::to_owned), v["registrationState"]["errorCode"].as_u64());
     assert_eq!(code(&refused), (Some("failed".into()), Some(500002)), "{refused}");
     assert!(Device::connect(broker.port, "sensor-2", "sensor-2", &key).await.is_err());
     let state = svc.registration("sensor-2").await.unwrap();
@@ -163,7 +169,8 @@ async fn a_device_moves_off_a_broker_that_is_down() {
     let broker = Broker::start(broker_dir.path()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut config = config(dir.path());
-    config.linked_hubs = vec![LinkedHub::new(LOCAL, None, None).unwrap(), LinkedHub::new(BROKER, None, Some(false)).unwrap()];
+    config.linked_hubs =
+        vec![LinkedHub::new(LOCAL, None, None).unwrap(), LinkedHub::new(BROKER, None, Some(false)).unwrap()];
     config.hub_adapters.insert(BROKER.into(), mosquitto(&broker, &broker.admin_password));
     let server = start(config).await;
     let svc = service(&server);
@@ -208,20 +215,30 @@ async fn linked_hubs_change_at_run_time_and_survive_a_restart() {
     let server = start(make_config()).await;
     let svc = service(&server);
     let listed = svc.linked_hubs().await.unwrap();
-    assert_eq!(listed, json!([{"hostName": LOCAL, "allocationWeight": 1, "applyAllocationPolicy": true, "kind": "local"}]));
+    assert_eq!(
+        listed,
+        json!([{"hostName": LOCAL, "allocationWeight": 1, "applyAllocationPolicy": true, "kind": "local"}])
+    );
 
     // A new hub, used by the next registration without a restart.
     let added = svc
         .set_linked_hub("HUB-2.localhost", &json!({"allocationWeight": 5, "location": "westeurope"}))
         .await
         .unwrap();
-    assert_eq!(added, json!({"hostName": "hub-2.localhost", "allocationWeight": 5, "applyAllocationPolicy": true,
-                              "location": "westeurope", "kind": "local"}));
+    assert_eq!(
+        added,
+        json!({"hostName": "hub-2.localhost", "allocationWeight": 5, "applyAllocationPolicy": true,
+                              "location": "westeurope", "kind": "local"})
+    );
     svc.create(Kind::Enrollment, "dev-2", &static_on("hub-2.localhost")).await.unwrap();
     assert_eq!(provision(&server, "dev-2").await["registrationState"]["assignedHub"], "hub-2.localhost");
     // An update changes only what it names.
-    let updated = svc.set_linked_hub("hub-2.localhost", &json!({"applyAllocationPolicy": false})).await.unwrap();
-    assert_eq!((updated["allocationWeight"].as_u64(), updated["location"].as_str()), (Some(5), Some("westeurope")));
+    let updated =
+        svc.set_linked_hub("hub-2.localhost", &json!({"applyAllocationPolicy": false})).await.unwrap();
+    assert_eq!(
+        (updated["allocationWeight"].as_u64(), updated["location"].as_str()),
+        (Some(5), Some("westeurope"))
+    );
     assert_eq!(updated["applyAllocationPolicy"], false);
 
     // A mosquitto hub: its password is sealed at rest and never shown.
@@ -255,7 +272,11 @@ async fn linked_hubs_change_at_run_time_and_survive_a_restart() {
     // A policy without ServiceConfig may not touch them.
     let reader = ServiceClient::new(
         https(&server),
-        ConnectionString { host_name: "localhost".into(), key_name: "reader".into(), key: reader_key.clone() },
+        ConnectionString {
+            host_name: "localhost".into(),
+            key_name: "reader".into(),
+            key: reader_key.clone(),
+        },
     );
     assert_eq!(api_error(reader.linked_hubs().await.unwrap_err()), (403, 403001));
     assert_eq!(api_error(reader.set_linked_hub("x.localhost", &json!({})).await.unwrap_err()), (403, 403001));
@@ -271,7 +292,10 @@ async fn linked_hubs_change_at_run_time_and_survive_a_restart() {
     for i in 0..48 {
         svc.set_linked_hub(&format!("fill-{i}.localhost"), &json!({})).await.unwrap();
     }
-    assert_eq!(api_error(svc.set_linked_hub("one-too-many.localhost", &json!({})).await.unwrap_err()), (403, 403002));
+    assert_eq!(
+        api_error(svc.set_linked_hub("one-too-many.localhost", &json!({})).await.unwrap_err()),
+        (403, 403002)
+    );
     let before = svc.linked_hubs().await.unwrap();
     assert_eq!(before.as_array().unwrap().len(), 50);
     server.shutdown().await.unwrap();
@@ -284,12 +308,68 @@ async fn linked_hubs_change_at_run_time_and_survive_a_restart() {
     assert_eq!((mqtt["kind"].as_str(), mqtt["credential"].as_str()), (Some("mosquitto"), Some("set")));
     let removed = cli(&["hubs", "remove", "fill-0.localhost", "--data-dir", data_dir]);
     assert!(removed.status.success(), "{}", String::from_utf8_lossy(&removed.stderr));
-    let set = cli_json(&["hubs", "set", "hub-2.localhost", "--weight", "7", "--location", "northeurope", "--data-dir", data_dir]);
+    let set = cli_json(&[
+        "hubs",
+        "set",
+        "hub-2.localhost",
+        "--weight",
+        "7",
+        "--location",
+        "northeurope",
+        "--data-dir",
+        data_dir,
+    ]);
     assert_eq!((set["allocationWeight"].as_u64(), set["location"].as_str()), (Some(7), Some("northeurope")));
     let listed = cli_json(&["hubs", "list", "--data-dir", data_dir]);
     assert_eq!(listed.as_array().unwrap().len(), 50);
     assert!(!listed.to_string().contains("fill-0.localhost"));
     // The re-linked hub takes registrations again.
     assert_eq!(provision(&server, "dev-2").await["registrationState"]["assignedHub"], "hub-2.localhost");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_provisioned_to_an_iot_hub_is_registered_there_and_removed_when_it_moves() {
+    let hub_dir = tempfile::tempdir().unwrap();
+    let hub = dps_hubs::testing::FakeIotHub::start(hub_dir.path(), "my-hub.azure-devices.net").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(dir.path())).await;
+    let svc = service(&server);
+    svc.set_linked_hub(
+        "my-hub.azure-devices.net",
+        &json!({"kind": "iothub", "connectionString": hub.connection_string, "endpoint": hub.addr.to_string(),
+                "caFile": hub.ca_file, "applyAllocationPolicy": false}),
+    )
+    .await
+    .unwrap();
+    let mut settings = static_on("my-hub.azure-devices.net");
+    settings.initial_twin_tags = Some(json!({"fleet": "a"}));
+    settings.edge_enabled = Some(true);
+    svc.create(Kind::Enrollment, "cloud-1", &settings).await.unwrap();
+    let r = provision(&server, "cloud-1").await;
+    assert_eq!(r["registrationState"]["assignedHub"], "my-hub.azure-devices.net", "{r}");
+    {
+        let state = hub.state();
+        let device = &state.devices["cloud-1"];
+        assert_eq!(device["authentication"]["type"], "sas");
+        assert_eq!(device["authentication"]["symmetricKey"]["primaryKey"], device_key().to_base64());
+        assert_eq!(device["capabilities"]["iotEdge"], true);
+        assert_eq!(state.twins["cloud-1"]["tags"], json!({"fleet": "a"}));
+        assert_eq!(state.violations, Vec::<String>::new());
+    }
+    // Moved to the local hub: the twin migrates from IoT Hub, the identity there is deleted.
+    svc.update(Kind::Enrollment, "cloud-1", &static_on(LOCAL), None).await.unwrap();
+    let moved = provision(&server, "cloud-1").await;
+    assert_eq!(moved["registrationState"]["substatus"], "deviceDataMigrated", "{moved}");
+    assert_eq!(server.state.hubs.device(LOCAL, "cloud-1").unwrap().twin.tags, json!({"fleet": "a"}));
+    assert!(!hub.state().devices.contains_key("cloud-1"));
+    // The hub throttling past the retries: failed with 500002.
+    for _ in 0..3 {
+        hub.fault("GET", "/devices/cloud-2", dps_hubs::testing::Fault::Busy(0));
+    }
+    svc.create(Kind::Enrollment, "cloud-2", &static_on("my-hub.azure-devices.net")).await.unwrap();
+    let throttled = provision(&server, "cloud-2").await;
+    assert_eq!(throttled["registrationState"]["errorCode"], 500002, "{throttled}");
+    assert!(!hub.state().devices.contains_key("cloud-2"));
     server.shutdown().await.unwrap();
 }

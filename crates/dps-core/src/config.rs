@@ -100,10 +100,7 @@ pub fn validate_linked_hubs(hubs: &[LinkedHub]) -> Result<(), DpsError> {
     if hubs.len() > MAX_LINKED_HUBS {
         return Err(DpsError::with_message(
             ErrorCode::QuotaExceeded,
-            format!(
-                "an instance links at most {MAX_LINKED_HUBS} IoT hubs; this set has {}",
-                hubs.len()
-            ),
+            format!("an instance links at most {MAX_LINKED_HUBS} IoT hubs; this set has {}", hubs.len()),
         ));
     }
     for (i, hub) in hubs.iter().enumerate() {

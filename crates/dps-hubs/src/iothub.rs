@@ -33,7 +33,6 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 use serde_json::{json, Map, Value};
-use std::future::Future;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -236,10 +235,8 @@ impl IotHubDirectory {
             None => Bytes::new(),
         };
         let request = builder.body(Full::new(payload)).map_err(|e| self.err(format!("request: {e}")))?;
-        let response = conn
-            .send_request(request)
-            .await
-            .map_err(|e| self.err(format!("{method} {path}: {e}")))?;
+        let response =
+            conn.send_request(request).await.map_err(|e| self.err(format!("{method} {path}: {e}")))?;
         let status = response.status();
         let retry_after = response
             .headers()
@@ -322,9 +319,11 @@ impl IotHubDirectory {
                 s => return Err(self.unexpected("reading the device", s, &body)),
             };
             let iot_edge = match (&existing, replace_twin) {
-                (Some(e), false) => {
-                    e.get("capabilities").and_then(|c| c.get("iotEdge")).and_then(Value::as_bool).unwrap_or(false)
-                }
+                (Some(e), false) => e
+                    .get("capabilities")
+                    .and_then(|c| c.get("iotEdge"))
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
                 _ => twin.iot_edge,
             };
             let mut doc = json!({
@@ -333,7 +332,8 @@ impl IotHubDirectory {
                 "authentication": authentication_json(&identity.authentication),
                 "capabilities": {"iotEdge": iot_edge},
             });
-            let etag = existing.as_ref().and_then(|e| e.get("etag")).and_then(Value::as_str).map(str::to_owned);
+            let etag =
+                existing.as_ref().and_then(|e| e.get("etag")).and_then(Value::as_str).map(str::to_owned);
             let if_match = match (&existing, &etag) {
                 (None, _) => None,
                 (Some(_), Some(etag)) => {
@@ -394,7 +394,9 @@ impl IotHubDirectory {
         };
         match outcome {
             Ok((s, _)) if s.is_success() || s == StatusCode::NOT_FOUND => {}
-            Ok((s, _)) => tracing::warn!(hub = %self.hub, path, status = s.as_u16(), "undoing a device write"),
+            Ok((s, _)) => {
+                tracing::warn!(hub = %self.hub, path, status = s.as_u16(), "undoing a device write")
+            }
             Err(e) => tracing::warn!(hub = %self.hub, path, error = %e, "undoing a device write"),
         }
     }
@@ -453,21 +455,23 @@ pub fn twin_from_json(doc: &Map<String, Value>) -> DeviceTwin {
     DeviceTwin {
         tags: clean(doc.get("tags")),
         desired: clean(doc.get("properties").and_then(|p| p.get("desired"))),
-        iot_edge: doc.get("capabilities").and_then(|c| c.get("iotEdge")).and_then(Value::as_bool).unwrap_or(false),
+        iot_edge: doc
+            .get("capabilities")
+            .and_then(|c| c.get("iotEdge"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
     }
 }
 
 impl AsyncHubDirectory for IotHubDirectory {
-    fn execute(&self, op: HubOp) -> impl Future<Output = Result<HubResult, HubError>> + Send {
-        async move {
-            match op {
-                HubOp::UpsertDevice { identity, twin, replace_twin, .. } => {
-                    self.upsert(&identity, &twin, replace_twin).await
-                }
-                HubOp::ReadTwin { device_id, .. } => self.read_twin(&device_id).await,
-                HubOp::DeleteDevice { device_id, .. } => self.delete(&device_id).await,
-                other => Err(self.err(format!("unsupported hub operation {other:?}"))),
+    async fn execute(&self, op: HubOp) -> Result<HubResult, HubError> {
+        match op {
+            HubOp::UpsertDevice { identity, twin, replace_twin, .. } => {
+                self.upsert(&identity, &twin, replace_twin).await
             }
+            HubOp::ReadTwin { device_id, .. } => self.read_twin(&device_id).await,
+            HubOp::DeleteDevice { device_id, .. } => self.delete(&device_id).await,
+            other => Err(self.err(format!("unsupported hub operation {other:?}"))),
         }
     }
 }
@@ -478,14 +482,20 @@ mod tests {
 
     #[test]
     fn identity_and_twin_shapes() {
-        let a = authentication_json(&HubAuthentication::Sas { primary_key: "p".into(), secondary_key: "s".into() });
+        let a = authentication_json(&HubAuthentication::Sas {
+            primary_key: "p".into(),
+            secondary_key: "s".into(),
+        });
         assert_eq!(a, json!({"type": "sas", "symmetricKey": {"primaryKey": "p", "secondaryKey": "s"}}));
         let a = authentication_json(&HubAuthentication::SelfSigned {
             primary_thumbprint: "AB".into(),
             secondary_thumbprint: None,
         });
         assert_eq!(a["x509Thumbprint"], json!({"primaryThumbprint": "AB", "secondaryThumbprint": "AB"}));
-        assert_eq!(authentication_json(&HubAuthentication::CertificateAuthority)["type"], "certificateAuthority");
+        assert_eq!(
+            authentication_json(&HubAuthentication::CertificateAuthority)["type"],
+            "certificateAuthority"
+        );
         let doc = json!({"deviceId": "d", "tags": {"a": 1}, "capabilities": {"iotEdge": true},
             "properties": {"desired": {"x": 1, "$version": 3, "$metadata": {}}, "reported": {"y": 2}}});
         let t = twin_from_json(doc.as_object().unwrap());
@@ -494,7 +504,8 @@ mod tests {
 
     #[test]
     fn bad_connection_strings_never_echo_the_key() {
-        let err = IotHubDirectory::new("h", IotHubConfig::new(Secret::new("HostName=h;c2VjcmV0c2VjcmV0"))).unwrap_err();
+        let err = IotHubDirectory::new("h", IotHubConfig::new(Secret::new("HostName=h;c2VjcmV0c2VjcmV0")))
+            .unwrap_err();
         assert!(!err.contains("c2VjcmV0c2VjcmV0"), "{err}");
         let err = IotHubDirectory::new(
             "h",

@@ -154,8 +154,11 @@ impl MosquittoDirectory {
 
     async fn open(&self) -> Result<Session, HubError> {
         let n = self.next_session.fetch_add(1, Ordering::Relaxed);
-        let mut options =
-            MqttOptions::new(format!("dps-rs-{}-{n}", std::process::id()), &self.config.host, self.config.port);
+        let mut options = MqttOptions::new(
+            format!("dps-rs-{}-{n}", std::process::id()),
+            &self.config.host,
+            self.config.port,
+        );
         options
             .set_credentials(&self.config.admin_username, self.config.admin_password.expose())
             .set_keep_alive(Duration::from_secs(30))
@@ -191,12 +194,12 @@ impl MosquittoDirectory {
         let twins = "devices/+/twin";
         let answers = session
             .commands(vec![json!({"command": "createRole", "rolename": PROVISIONER_ROLE,
-                       "textdescription": "dps-rs: publishes and reads device twins",
-                       "acls": [
-                           {"acltype": "publishClientSend", "topic": twins, "allow": true},
-                           {"acltype": "publishClientReceive", "topic": twins, "allow": true},
-                           {"acltype": "subscribePattern", "topic": twins, "allow": true},
-                       ]})])
+            "textdescription": "dps-rs: publishes and reads device twins",
+            "acls": [
+                {"acltype": "publishClientSend", "topic": twins, "allow": true},
+                {"acltype": "publishClientReceive", "topic": twins, "allow": true},
+                {"acltype": "subscribePattern", "topic": twins, "allow": true},
+            ]})])
             .await?;
         if let Some(e) = answers.first().and_then(answer_error) {
             if !e.contains("already exists") {
@@ -211,7 +214,9 @@ impl MosquittoDirectory {
         // The plugin applies it, then closes this connection: a lost connection is the expected answer.
         match session.commands(vec![add]).await {
             Ok(answers) => match answers.first().and_then(answer_error) {
-                Some(e) => Err(self.err(format!("giving the admin account the role '{PROVISIONER_ROLE}': {e}"))),
+                Some(e) => {
+                    Err(self.err(format!("giving the admin account the role '{PROVISIONER_ROLE}': {e}")))
+                }
                 None => Ok(false),
             },
             Err(_) => Ok(false),
@@ -271,8 +276,9 @@ impl MosquittoDirectory {
         let topic = twin_topic(id);
         session.subscribe(&topic).await?;
         // The retained twin is delivered right after the SUBACK, before the answer to this command.
-        let (answers, retained) =
-            session.commands_collecting(vec![json!({"command": "getClient", "username": id})], &topic).await?;
+        let (answers, retained) = session
+            .commands_collecting(vec![json!({"command": "getClient", "username": id})], &topic)
+            .await?;
         session.close().await;
         match answers.first().and_then(answer_error) {
             Some(e) if e.contains("not found") => return Ok(HubResult::Twin(None)),
@@ -322,14 +328,14 @@ impl MosquittoDirectory {
 fn role_command(id: &str) -> Value {
     let acl = |acltype: &str, topic: String| json!({"acltype": acltype, "topic": topic, "allow": true});
     json!({"command": "createRole", "rolename": role_name(id),
-           "textdescription": "dps-rs: the topics of one device",
-           "acls": [
-               acl("publishClientSend", events_topic(id)),
-               acl("publishClientSend", format!("devices/{id}/twin/reported")),
-               acl("subscribePattern", format!("devices/{id}/messages/devicebound/#")),
-               acl("subscribePattern", twin_topic(id)),
-               acl("publishClientReceive", format!("devices/{id}/#")),
-           ]})
+    "textdescription": "dps-rs: the topics of one device",
+    "acls": [
+        acl("publishClientSend", events_topic(id)),
+        acl("publishClientSend", format!("devices/{id}/twin/reported")),
+        acl("subscribePattern", format!("devices/{id}/messages/devicebound/#")),
+        acl("subscribePattern", twin_topic(id)),
+        acl("publishClientReceive", format!("devices/{id}/#")),
+    ]})
 }
 
 /// The `error` of one plugin answer, if it failed.
@@ -456,9 +462,9 @@ impl Session {
                 return Err(self.err(format!("the plugin answered without responses: {doc}")));
             };
             let ours = |r: &&Value| {
-                r.get("correlationData").and_then(Value::as_str).is_some_and(|c| {
-                    c.strip_prefix(tag.as_str()).is_some_and(|rest| rest.starts_with('-'))
-                })
+                r.get("correlationData")
+                    .and_then(Value::as_str)
+                    .is_some_and(|c| c.strip_prefix(tag.as_str()).is_some_and(|rest| rest.starts_with('-')))
             };
             let mine: Vec<Value> = responses.iter().filter(ours).cloned().collect();
             if mine.is_empty() {
@@ -508,20 +514,18 @@ impl Session {
 }
 
 impl AsyncHubDirectory for MosquittoDirectory {
-    fn execute(&self, op: HubOp) -> impl Future<Output = Result<HubResult, HubError>> + Send {
-        async move {
-            match op {
-                HubOp::UpsertDevice { identity, twin, replace_twin, .. } => {
-                    self.bounded("the device's registration", self.upsert(identity, twin, replace_twin)).await
-                }
-                HubOp::ReadTwin { device_id, .. } => {
-                    self.bounded("reading the twin", self.read_twin(device_id)).await
-                }
-                HubOp::DeleteDevice { device_id, .. } => {
-                    self.bounded("deleting the device", self.delete(device_id)).await
-                }
-                other => Err(self.err(format!("unsupported hub operation {other:?}"))),
+    async fn execute(&self, op: HubOp) -> Result<HubResult, HubError> {
+        match op {
+            HubOp::UpsertDevice { identity, twin, replace_twin, .. } => {
+                self.bounded("the device's registration", self.upsert(identity, twin, replace_twin)).await
             }
+            HubOp::ReadTwin { device_id, .. } => {
+                self.bounded("reading the twin", self.read_twin(device_id)).await
+            }
+            HubOp::DeleteDevice { device_id, .. } => {
+                self.bounded("deleting the device", self.delete(device_id)).await
+            }
+            other => Err(self.err(format!("unsupported hub operation {other:?}"))),
         }
     }
 }
@@ -560,7 +564,9 @@ mod tests {
                 timeout: DEFAULT_TIMEOUT,
             },
         );
-        assert!(dir.checked_id("a/b").is_err() && dir.checked_id("a+").is_err() && dir.checked_id("").is_err());
+        assert!(
+            dir.checked_id("a/b").is_err() && dir.checked_id("a+").is_err() && dir.checked_id("").is_err()
+        );
         assert!(!format!("{dir:?}").contains("hunter2"));
     }
 }

@@ -55,7 +55,8 @@ impl Broker {
             .ok_or(missing)?;
         let ctrl = find(&["/usr/bin/mosquitto_ctrl", "/usr/local/bin/mosquitto_ctrl"]).ok_or(missing)?;
         let plugin = plugin_path().ok_or(missing)?;
-        let admin_password = format!("admin-{}-{}", std::process::id(), free_port().map_err(|e| e.to_string())?);
+        let admin_password =
+            format!("admin-{}-{}", std::process::id(), free_port().map_err(|e| e.to_string())?);
         let dynsec = dir.join("dynsec.json");
         let status = Command::new(ctrl)
             .arg("dynsec")
@@ -146,7 +147,12 @@ pub type Refusal = ConnectionError;
 
 impl Device {
     /// Connects with `username` / `password`; the broker's refusal is the error.
-    pub async fn connect(port: u16, client_id: &str, username: &str, password: &str) -> Result<Device, Refusal> {
+    pub async fn connect(
+        port: u16,
+        client_id: &str,
+        username: &str,
+        password: &str,
+    ) -> Result<Device, Refusal> {
         let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
         options.set_credentials(username, password).set_keep_alive(Duration::from_secs(30));
         let (client, mut events) = AsyncClient::new(options, 16);
@@ -163,7 +169,10 @@ impl Device {
         let _ = self.client.subscribe(filter, QoS::AtLeastOnce).await;
         loop {
             if let Event::Incoming(Packet::SubAck(ack)) = self.events.poll().await? {
-                return Ok(!ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)));
+                return Ok(!ack
+                    .return_codes
+                    .iter()
+                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)));
             }
         }
     }
@@ -179,7 +188,10 @@ impl Device {
     }
 
     /// The next message received within `wait` (None: nothing came).
-    pub async fn next_message(&mut self, wait: Duration) -> Result<Option<(String, Vec<u8>)>, ConnectionError> {
+    pub async fn next_message(
+        &mut self,
+        wait: Duration,
+    ) -> Result<Option<(String, Vec<u8>)>, ConnectionError> {
         let next = async {
             loop {
                 if let Event::Incoming(Packet::Publish(p)) = self.events.poll().await? {
@@ -273,8 +285,10 @@ impl Drop for FakeIotHub {
 /// A test CA and a server certificate it signed for `names`: (CA PEM, chain, key).
 pub fn test_tls(
     names: &[&str],
-) -> Result<(String, Vec<rustls_pki_types::CertificateDer<'static>>, rustls_pki_types::PrivateKeyDer<'static>), String>
-{
+) -> Result<
+    (String, Vec<rustls_pki_types::CertificateDer<'static>>, rustls_pki_types::PrivateKeyDer<'static>),
+    String,
+> {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
     let e = |e: rcgen::Error| e.to_string();
     let ca_key = KeyPair::generate().map_err(e)?;
@@ -383,12 +397,14 @@ fn authentication_problem(auth: Option<&serde_json::Value>) -> Option<String> {
     let Some(auth) = auth.and_then(serde_json::Value::as_object) else {
         return Some("authentication is missing".into());
     };
-    let text = |v: Option<&serde_json::Value>| v.and_then(serde_json::Value::as_str).is_some_and(|s| !s.is_empty());
+    let text =
+        |v: Option<&serde_json::Value>| v.and_then(serde_json::Value::as_str).is_some_and(|s| !s.is_empty());
     match auth.get("type").and_then(serde_json::Value::as_str) {
         Some("sas") => {
             let keys = auth.get("symmetricKey");
-            (!(text(keys.and_then(|k| k.get("primaryKey"))) && text(keys.and_then(|k| k.get("secondaryKey")))))
-                .then(|| "sas needs symmetricKey.primaryKey and secondaryKey".into())
+            (!(text(keys.and_then(|k| k.get("primaryKey")))
+                && text(keys.and_then(|k| k.get("secondaryKey")))))
+            .then(|| "sas needs symmetricKey.primaryKey and secondaryKey".into())
         }
         Some("selfSigned") => {
             let t = auth.get("x509Thumbprint");
@@ -440,19 +456,35 @@ impl Handler {
             if !matches!(verified, Some(Ok(()))) {
                 break 'answer (401, hub_error_body("IotHubUnauthorizedAccess", "Unauthorized"));
             }
-            if let Some(i) = state.faults.iter().position(|(m, p, _)| *m == method && path.starts_with(p.as_str())) {
+            if let Some(i) =
+                state.faults.iter().position(|(m, p, _)| *m == method && path.starts_with(p.as_str()))
+            {
                 let (_, _, fault) = state.faults.remove(i);
                 match fault {
                     Fault::Busy(secs) => {
-                        state.requests.push(Recorded { method: method.clone(), path: path.clone(), if_match: if_match.clone(), body: body.clone(), status: 429 });
+                        state.requests.push(Recorded {
+                            method: method.clone(),
+                            path: path.clone(),
+                            if_match: if_match.clone(),
+                            body: body.clone(),
+                            status: 429,
+                        });
                         let mut r = answer(429, &hub_error_body("ThrottlingException", "throttled"));
                         r.headers_mut().insert("retry-after", hyper::header::HeaderValue::from(secs));
                         return r;
                     }
                     Fault::Status(s) => break 'answer (s, hub_error_body("Injected", "injected failure")),
                     Fault::Garbage => {
-                        state.requests.push(Recorded { method: method.clone(), path: path.clone(), if_match: if_match.clone(), body: body.clone(), status: 200 });
-                        let mut r = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"<html>gateway</html>")));
+                        state.requests.push(Recorded {
+                            method: method.clone(),
+                            path: path.clone(),
+                            if_match: if_match.clone(),
+                            body: body.clone(),
+                            status: 200,
+                        });
+                        let mut r = hyper::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from_static(b"<html>gateway</html>"),
+                        ));
                         *r.status_mut() = hyper::StatusCode::OK;
                         return r;
                     }
@@ -494,11 +526,16 @@ impl Handler {
                     if edge.is_some_and(|e| !e.is_boolean()) {
                         violation(&mut state, "capabilities.iotEdge is not a boolean".into());
                     }
-                    let existing_etag = state.devices.get(&id).and_then(|d| d["etag"].as_str().map(str::to_owned));
+                    let existing_etag =
+                        state.devices.get(&id).and_then(|d| d["etag"].as_str().map(str::to_owned));
                     match (&existing_etag, &if_match) {
                         (None, None) => {}
-                        (None, Some(_)) => break 'answer (412, hub_error_body("PreconditionFailed", "no device")),
-                        (Some(_), None) => break 'answer (409, hub_error_body("DeviceAlreadyExists", "exists")),
+                        (None, Some(_)) => {
+                            break 'answer (412, hub_error_body("PreconditionFailed", "no device"))
+                        }
+                        (Some(_), None) => {
+                            break 'answer (409, hub_error_body("DeviceAlreadyExists", "exists"))
+                        }
                         (Some(current), given) if !etag_ok(current, given) => {
                             break 'answer (412, hub_error_body("PreconditionFailed", "etag"))
                         }
@@ -509,16 +546,22 @@ impl Handler {
                     stored["etag"] = json!(format!("ETAG{}", state.etags));
                     stored["connectionState"] = json!("Disconnected");
                     if existing_etag.is_none() {
-                        state.twins.insert(id.clone(), json!({"tags": {}, "properties": {"desired": {"$version": 1}, "reported": {}}}));
+                        state.twins.insert(
+                            id.clone(),
+                            json!({"tags": {}, "properties": {"desired": {"$version": 1}, "reported": {}}}),
+                        );
                     }
                     if let Some(t) = state.twins.get_mut(&id) {
-                        t["capabilities"] = json!({"iotEdge": edge.and_then(Value::as_bool).unwrap_or(false)});
+                        t["capabilities"] =
+                            json!({"iotEdge": edge.and_then(Value::as_bool).unwrap_or(false)});
                     }
                     state.devices.insert(id.clone(), stored.clone());
                     (200, stored)
                 }
                 ("DELETE", "devices") => {
-                    let Some(current) = state.devices.get(&id).and_then(|d| d["etag"].as_str().map(str::to_owned)) else {
+                    let Some(current) =
+                        state.devices.get(&id).and_then(|d| d["etag"].as_str().map(str::to_owned))
+                    else {
                         break 'answer (404, hub_error_body("DeviceNotFound", "device not found"));
                     };
                     if if_match.is_none() {
@@ -545,10 +588,16 @@ impl Handler {
                         violation(&mut state, "body is not a JSON object".into());
                         break 'answer (400, hub_error_body("ArgumentInvalid", "body"));
                     };
-                    let allowed = doc.as_object().is_some_and(|o| o.keys().all(|k| k == "tags" || k == "properties"))
-                        && doc.get("properties").is_none_or(|p| p.as_object().is_some_and(|o| o.keys().all(|k| k == "desired")));
+                    let allowed =
+                        doc.as_object().is_some_and(|o| o.keys().all(|k| k == "tags" || k == "properties"))
+                            && doc.get("properties").is_none_or(|p| {
+                                p.as_object().is_some_and(|o| o.keys().all(|k| k == "desired"))
+                            });
                     if !allowed {
-                        violation(&mut state, format!("twin body may set only tags and properties.desired: {doc}"));
+                        violation(
+                            &mut state,
+                            format!("twin body may set only tags and properties.desired: {doc}"),
+                        );
                         break 'answer (400, hub_error_body("ArgumentInvalid", "twin"));
                     }
                     let Some(twin) = state.twins.get_mut(&id) else {
@@ -564,7 +613,8 @@ impl Handler {
                         }
                     }
                     if let Some(desired) = doc.pointer("/properties/desired").and_then(Value::as_object) {
-                        let version = twin.pointer("/properties/desired/$version").and_then(Value::as_u64).unwrap_or(1);
+                        let version =
+                            twin.pointer("/properties/desired/$version").and_then(Value::as_u64).unwrap_or(1);
                         if replace {
                             twin["properties"]["desired"] = json!({});
                         }

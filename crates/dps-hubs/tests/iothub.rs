@@ -1,6 +1,8 @@
 //! The IoT Hub adapter against a local HTTPS server (real TLS, a test CA) that checks every request
 //! against the registry and twin REST API and misbehaves on demand.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+// Tests are programs: they read the clock.
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
 use dps_core::hub::{AsyncHubDirectory, DeviceIdentity, DeviceTwin, HubAuthentication, HubOp, HubResult};
 use dps_hubs::iothub::IotHubDirectory;
@@ -52,7 +54,10 @@ async fn identities_and_twins_follow_the_rest_api() {
     {
         let s = fake.state();
         let d = &s.devices["dev 1"];
-        assert_eq!(d["authentication"], json!({"type": "sas", "symmetricKey": {"primaryKey": "cGsx", "secondaryKey": "cGsx2"}}));
+        assert_eq!(
+            d["authentication"],
+            json!({"type": "sas", "symmetricKey": {"primaryKey": "cGsx", "secondaryKey": "cGsx2"}})
+        );
         assert_eq!(d["capabilities"]["iotEdge"], true);
         assert_eq!(d["status"], "enabled");
         assert_eq!(s.twins["dev 1"]["tags"], json!({"site": "a"}));
@@ -66,7 +71,9 @@ async fn identities_and_twins_follow_the_rest_api() {
 
     // Re-provisioned with new keys, twin kept: the update carries the identity's ETag.
     fake.state().requests.clear();
-    dir.execute(upsert(sas("dev 1", "bmV3"), twin(json!({"site": "b"}), json!({}), false), false)).await.unwrap();
+    dir.execute(upsert(sas("dev 1", "bmV3"), twin(json!({"site": "b"}), json!({}), false), false))
+        .await
+        .unwrap();
     assert_eq!(calls(&fake), ["GET /devices/dev%201 - 200", "PUT /devices/dev%201 \"ETAG1\" 200"]);
     assert_eq!(fake.state().devices["dev 1"]["authentication"]["symmetricKey"]["primaryKey"], "bmV3");
     assert_eq!(fake.state().twins["dev 1"]["tags"], json!({"site": "a"}));
@@ -79,10 +86,14 @@ async fn identities_and_twins_follow_the_rest_api() {
     // X.509: thumbprints (selfSigned) and CA authentication.
     let thumb = DeviceIdentity {
         device_id: "x1".into(),
-        authentication: HubAuthentication::SelfSigned { primary_thumbprint: "AB12".into(), secondary_thumbprint: None },
+        authentication: HubAuthentication::SelfSigned {
+            primary_thumbprint: "AB12".into(),
+            secondary_thumbprint: None,
+        },
     };
     dir.execute(upsert(thumb, DeviceTwin::default(), true)).await.unwrap();
-    let ca = DeviceIdentity { device_id: "x2".into(), authentication: HubAuthentication::CertificateAuthority };
+    let ca =
+        DeviceIdentity { device_id: "x2".into(), authentication: HubAuthentication::CertificateAuthority };
     dir.execute(upsert(ca, DeviceTwin::default(), true)).await.unwrap();
     {
         let s = fake.state();
@@ -94,7 +105,8 @@ async fn identities_and_twins_follow_the_rest_api() {
     // Delete with If-Match: *, and again (404) is still success.
     fake.state().requests.clear();
     for _ in 0..2 {
-        let r = dir.execute(HubOp::DeleteDevice { hub: HOST.into(), device_id: "dev 1".into() }).await.unwrap();
+        let r =
+            dir.execute(HubOp::DeleteDevice { hub: HOST.into(), device_id: "dev 1".into() }).await.unwrap();
         assert_eq!(r, HubResult::Done);
     }
     assert_eq!(calls(&fake), ["DELETE /devices/dev%201 * 204", "DELETE /devices/dev%201 * 404"]);
@@ -111,7 +123,10 @@ async fn throttling_preconditions_and_garbage() {
     let started = Instant::now();
     dir.execute(upsert(sas("d1", "azE="), DeviceTwin::default(), true)).await.unwrap();
     assert!(started.elapsed() >= Duration::from_millis(600));
-    assert_eq!(&calls(&fake)[..3], ["GET /devices/d1 - 429", "GET /devices/d1 - 429", "GET /devices/d1 - 404"]);
+    assert_eq!(
+        &calls(&fake)[..3],
+        ["GET /devices/d1 - 429", "GET /devices/d1 - 429", "GET /devices/d1 - 404"]
+    );
     // 429 on every attempt: the operation fails, naming the status.
     for _ in 0..3 {
         fake.fault("GET", "/twins/", Fault::Busy(1));
@@ -187,7 +202,8 @@ async fn wrong_key_untrusted_certificate_and_a_hub_that_is_down() {
     let mut config = fake.config();
     config.ca_file = Some(stranger.ca_file.clone());
     let untrusted = IotHubDirectory::new(HOST, config).unwrap();
-    let err = untrusted.execute(HubOp::ReadTwin { hub: HOST.into(), device_id: "d1".into() }).await.unwrap_err();
+    let err =
+        untrusted.execute(HubOp::ReadTwin { hub: HOST.into(), device_id: "d1".into() }).await.unwrap_err();
     assert!(err.message.contains("TLS"), "{err}");
 
     // Down: nothing listens.
@@ -195,7 +211,8 @@ async fn wrong_key_untrusted_certificate_and_a_hub_that_is_down() {
     let mut config = fake.config();
     config.endpoint = Some(format!("127.0.0.1:{port}"));
     let down = IotHubDirectory::new(HOST, config).unwrap();
-    let err = down.execute(HubOp::DeleteDevice { hub: HOST.into(), device_id: "d1".into() }).await.unwrap_err();
+    let err =
+        down.execute(HubOp::DeleteDevice { hub: HOST.into(), device_id: "d1".into() }).await.unwrap_err();
     assert!(err.message.contains("cannot connect"), "{err}");
     drop(tmp);
 }

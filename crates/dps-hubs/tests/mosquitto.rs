@@ -1,6 +1,8 @@
 //! The Mosquitto adapter against a real broker (Debian's `mosquitto` with its dynamic-security plugin) on a
 //! free loopback port.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+// Tests are programs: they read the clock.
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
 use dps_core::hub::{AsyncHubDirectory, DeviceIdentity, DeviceTwin, HubAuthentication, HubOp, HubResult};
 use dps_hubs::mosquitto::{twin_topic, MosquittoConfig, MosquittoDirectory};
@@ -39,10 +41,14 @@ async fn a_provisioned_device_connects_publishes_and_reads_its_twin_and_a_moved_
     let initial = twin(json!({"site": "a"}), json!({"interval": 5}));
     let first = dir.execute(upsert("dev-1", "key-one", initial.clone(), true)).await;
     assert_eq!(first.unwrap_or_else(|e| panic!("{e}\n{}", broker.log())), HubResult::Done);
-    assert_eq!(dir.execute(upsert("dev-2", "key-two", DeviceTwin::default(), true)).await.unwrap(), HubResult::Done);
+    assert_eq!(
+        dir.execute(upsert("dev-2", "key-two", DeviceTwin::default(), true)).await.unwrap(),
+        HubResult::Done
+    );
 
     // A watcher (the admin account may read everything) sees what devices publish.
-    let mut watcher = Device::connect(broker.port, "watcher", ADMIN_USER, &broker.admin_password).await.unwrap();
+    let mut watcher =
+        Device::connect(broker.port, "watcher", ADMIN_USER, &broker.admin_password).await.unwrap();
     assert!(watcher.subscribe("devices/+/messages/events/#").await.unwrap());
 
     // The device logs in with its primary key, reads its retained twin and publishes telemetry.
@@ -51,11 +57,17 @@ async fn a_provisioned_device_connects_publishes_and_reads_its_twin_and_a_moved_
     let (topic, payload) = device.next_message(Duration::from_secs(5)).await.unwrap().expect("retained twin");
     assert_eq!(topic, "devices/dev-1/twin");
     let doc: Value = serde_json::from_slice(&payload).unwrap();
-    assert_eq!(doc, json!({"tags": {"site": "a"}, "properties": {"desired": {"interval": 5}},
-                           "capabilities": {"iotEdge": false}}));
+    assert_eq!(
+        doc,
+        json!({"tags": {"site": "a"}, "properties": {"desired": {"interval": 5}},
+                           "capabilities": {"iotEdge": false}})
+    );
     device.publish("devices/dev-1/messages/events/telemetry", b"{\"t\":21}").await.unwrap();
     let (topic, payload) = watcher.next_message(Duration::from_secs(5)).await.unwrap().expect("telemetry");
-    assert_eq!((topic.as_str(), payload.as_slice()), ("devices/dev-1/messages/events/telemetry", &b"{\"t\":21}"[..]));
+    assert_eq!(
+        (topic.as_str(), payload.as_slice()),
+        ("devices/dev-1/messages/events/telemetry", &b"{\"t\":21}"[..])
+    );
     // Its role covers its own topics only: another device's telemetry topic is dropped, its twin refused.
     device.publish("devices/dev-2/messages/events/telemetry", b"spoof").await.unwrap();
     assert_eq!(watcher.next_message(Duration::from_millis(500)).await.unwrap(), None);

@@ -562,13 +562,12 @@ mod tests {
     fn ties_go_to_smallest_host_name() {
         // Duplicate host names tie exactly; either copy is the same hub. Weight-0 hubs (only constructible
         // directly) all score 0 and tie: the smallest host name wins regardless of order.
-        let zero =
-            |n: &str| LinkedHub {
-                host_name: n.into(),
-                allocation_weight: 0,
-                apply_allocation_policy: true,
-                location: None,
-            };
+        let zero = |n: &str| LinkedHub {
+            host_name: n.into(),
+            allocation_weight: 0,
+            apply_allocation_policy: true,
+            location: None,
+        };
         let (b, a) = (zero("b.net"), zero("a.net"));
         assert_eq!(allocate(AllocationPolicy::Hashed, "d", &[&b, &a]).unwrap().host_name, "a.net");
         assert_eq!(allocate(AllocationPolicy::Hashed, "d", &[&a, &b]).unwrap().host_name, "a.net");
