@@ -461,6 +461,54 @@ fn merge(current: Option<&AdapterSettings>, update: AdapterSettings) -> AdapterS
     }
 }
 
+/// The path prefix of the linked-hub API.
+pub const API_PATH: &str = "/linkedHubs";
+
+/// Serves `GET /linkedHubs`, `GET|PUT|DELETE /linkedHubs/{hostName}` (None: not this API's path).
+/// Authenticated like the service API (a service SAS token whose policy has *ServiceConfig*).
+pub fn serve(
+    state: &crate::state::AppState,
+    method: &str,
+    path_and_query: &str,
+    authorization: Option<&str>,
+    body: &[u8],
+) -> Option<dps_core::Reply> {
+    let path = path_and_query.split('?').next().unwrap_or_default();
+    let rest = path.strip_prefix(API_PATH)?;
+    if !(rest.is_empty() || rest.starts_with('/')) {
+        return None;
+    }
+    let tracking = dps_core::proto::id::format_uuid(state.random16());
+    let now = crate::state::now();
+    let host = rest.trim_start_matches('/');
+    let host = percent_encoding::percent_decode_str(host).decode_utf8_lossy().into_owned();
+    let outcome = (|| {
+        let principal = dps_core::service::authenticate(&state.engine.config(), now, authorization, path)?;
+        if !principal.rights().contains(dps_core::Rights::SERVICE_CONFIG) {
+            return Err(DpsError::with_message(
+                ErrorCode::InsufficientRights,
+                format!("the policy '{}' lacks ServiceConfig, which linked hubs need", principal.name()),
+            ));
+        }
+        let linked = &state.linked;
+        match (method, host.is_empty()) {
+            ("GET", true) => Ok((200, Some(linked.list()))),
+            ("GET", false) => linked.get(&host).map(|v| (200, Some(v))),
+            ("PUT", false) => linked.put(&host, parse_update(body)?).map(|v| (200, Some(v))),
+            ("DELETE", false) => linked.remove(&host).map(|()| (204, None)),
+            _ => Err(DpsError::with_message(
+                ErrorCode::MethodNotAllowed,
+                format!("{method} is not allowed on {path} (GET /linkedHubs, GET|PUT|DELETE /linkedHubs/{{hostName}})"),
+            )),
+        }
+    })();
+    Some(match outcome {
+        Ok((status, Some(body))) => dps_core::Reply::json(status, &body, tracking),
+        Ok((status, None)) => dps_core::Reply::empty(status, tracking),
+        Err(e) => dps_core::Reply::error(&e, tracking, now),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -513,52 +561,4 @@ mod tests {
             merge(Some(&current), AdapterSettings { kind: Some("local".into()), ..Default::default() });
         assert_eq!(switched, AdapterSettings { kind: Some("local".into()), ..Default::default() });
     }
-}
-
-/// The path prefix of the linked-hub API.
-pub const API_PATH: &str = "/linkedHubs";
-
-/// Serves `GET /linkedHubs`, `GET|PUT|DELETE /linkedHubs/{hostName}` (None: not this API's path).
-/// Authenticated like the service API (a service SAS token whose policy has *ServiceConfig*).
-pub fn serve(
-    state: &crate::state::AppState,
-    method: &str,
-    path_and_query: &str,
-    authorization: Option<&str>,
-    body: &[u8],
-) -> Option<dps_core::Reply> {
-    let path = path_and_query.split('?').next().unwrap_or_default();
-    let rest = path.strip_prefix(API_PATH)?;
-    if !(rest.is_empty() || rest.starts_with('/')) {
-        return None;
-    }
-    let tracking = dps_core::proto::id::format_uuid(state.random16());
-    let now = crate::state::now();
-    let host = rest.trim_start_matches('/');
-    let host = percent_encoding::percent_decode_str(host).decode_utf8_lossy().into_owned();
-    let outcome = (|| {
-        let principal = dps_core::service::authenticate(&state.engine.config(), now, authorization, path)?;
-        if !principal.rights().contains(dps_core::Rights::SERVICE_CONFIG) {
-            return Err(DpsError::with_message(
-                ErrorCode::InsufficientRights,
-                format!("the policy '{}' lacks ServiceConfig, which linked hubs need", principal.name()),
-            ));
-        }
-        let linked = &state.linked;
-        match (method, host.is_empty()) {
-            ("GET", true) => Ok((200, Some(linked.list()))),
-            ("GET", false) => linked.get(&host).map(|v| (200, Some(v))),
-            ("PUT", false) => linked.put(&host, parse_update(body)?).map(|v| (200, Some(v))),
-            ("DELETE", false) => linked.remove(&host).map(|()| (204, None)),
-            _ => Err(DpsError::with_message(
-                ErrorCode::MethodNotAllowed,
-                format!("{method} is not allowed on {path} (GET /linkedHubs, GET|PUT|DELETE /linkedHubs/{{hostName}})"),
-            )),
-        }
-    })();
-    Some(match outcome {
-        Ok((status, Some(body))) => dps_core::Reply::json(status, &body, tracking),
-        Ok((status, None)) => dps_core::Reply::empty(status, tracking),
-        Err(e) => dps_core::Reply::error(&e, tracking, now),
-    })
 }
