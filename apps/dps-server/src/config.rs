@@ -36,6 +36,13 @@
 //! enabled = false                        # on: a CA is created in DATA_DIR/issuer and registered verified
 //! key = "p384"                           # p384 | p256: the issuing CA's key (new CA only)
 //! validity_days = 30                     # issued device certificates
+//! [custom_allocation]                   # the webhook client of allocationPolicy "custom" (spec 8.3-8.5)
+//! ca_file = "webhook-ca.pem"             # extra trust roots (PEM) besides the system's, e.g. a private CA
+//! allow_http = false                     # accept http:// webhook URLs (local development only)
+//! timeout_ms = 30000                     # one attempt (connect + TLS + request + answer)
+//! attempts = 10                          # on 429 / 5xx / timeout: Azure's 10 attempts,
+//! initial_interval_ms = 1000             #   waiting 1 s before the second,
+//! increment_ms = 9000                    #   and 9 s more before each further one
 //! [encryption]                          # encryption at rest of every stored secret (always on)
 //! key_provider = "file"                  # file | env: where the key-encryption key (KEK) comes from
 //! key_file = "./dps-data/kek.key"        # file: default DATA_DIR/kek.key, created (mode 0600) if absent
@@ -125,6 +132,44 @@ pub struct FileConfig {
     /// Encryption at rest.
     #[serde(default)]
     pub encryption: FileEncryption,
+    /// The custom allocation webhook client.
+    #[serde(default)]
+    pub custom_allocation: FileCustomAllocation,
+}
+
+/// `[custom_allocation]` as written.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCustomAllocation {
+    /// Extra trust roots (PEM) for https:// webhooks.
+    pub ca_file: Option<PathBuf>,
+    /// Accept http:// webhook URLs.
+    pub allow_http: Option<bool>,
+    /// Timeout of one attempt, ms.
+    pub timeout_ms: Option<u64>,
+    /// Attempts in all.
+    pub attempts: Option<u32>,
+    /// Wait before the second attempt, ms.
+    pub initial_interval_ms: Option<u64>,
+    /// Added to the wait before each further attempt, ms.
+    pub increment_ms: Option<u64>,
+}
+
+/// The custom allocation webhook client's settings (`[custom_allocation]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CustomAllocationConfig {
+    /// Extra trust roots (PEM file) besides the system's.
+    pub ca_file: Option<PathBuf>,
+    /// Accept http:// webhook URLs.
+    pub allow_http: bool,
+    /// Timeout of one attempt.
+    pub timeout: Duration,
+    /// Attempts in all (1..=20).
+    pub attempts: u32,
+    /// Wait before the second attempt.
+    pub initial_interval: Duration,
+    /// Added to the wait before each further attempt.
+    pub increment: Duration,
 }
 
 /// `[encryption]` as written.
@@ -407,6 +452,8 @@ pub struct ServerConfig {
     pub certificate_issuance: Option<IssuanceConfig>,
     /// The key provider of encryption at rest.
     pub key_provider: KeyProviderConfig,
+    /// The custom allocation webhook client.
+    pub custom_allocation: CustomAllocationConfig,
 }
 
 /// The hub linked when the configuration names none.
@@ -559,6 +606,29 @@ impl ServerConfig {
             }),
             _ => None,
         };
+        let custom_allocation = {
+            let c = &file.custom_allocation;
+            let ms = |v: Option<u64>, default: u64, name: &str| -> Result<Duration, ConfigError> {
+                match v.unwrap_or(default) {
+                    v if v > 3_600_000 => Err(err(format!("custom_allocation.{name} is over one hour"))),
+                    v => Ok(Duration::from_millis(v)),
+                }
+            };
+            CustomAllocationConfig {
+                ca_file: c.ca_file.clone(),
+                allow_http: c.allow_http.unwrap_or(false),
+                timeout: match ms(c.timeout_ms, 30_000, "timeout_ms")? {
+                    d if d.is_zero() => return Err(err("custom_allocation.timeout_ms must be at least 1")),
+                    d => d,
+                },
+                attempts: match c.attempts.unwrap_or(10) {
+                    n @ 1..=20 => n,
+                    n => return Err(err(format!("custom_allocation.attempts is {n}; it must be 1..=20"))),
+                },
+                initial_interval: ms(c.initial_interval_ms, 1_000, "initial_interval_ms")?,
+                increment: ms(c.increment_ms, 9_000, "increment_ms")?,
+            }
+        };
         let data_dir = file.data_dir.unwrap_or_else(|| PathBuf::from("./dps-data"));
         let key_provider = match file.encryption.key_provider.as_deref().map(str::trim) {
             None | Some("file") => KeyProviderConfig::File(
@@ -610,6 +680,7 @@ impl ServerConfig {
             access_policies,
             certificate_issuance,
             key_provider,
+            custom_allocation,
         })
     }
 

@@ -42,7 +42,8 @@ pub use dps_policy::{BillableOperation, LinkedHub, Meter, MeterEvent};
 pub use dps_proto as proto;
 pub use dps_proto::{DpsError, ErrorCode, Timestamp};
 pub use effect::{
-    CertificateIssuer, Effect, EffectError, EffectHandlers, EffectResult, Effects, IssueRequest, NoEffects,
+    AllocationCall, AllocationHook, CertificateIssuer, Effect, EffectError, EffectHandlers, EffectResult,
+    Effects, IssueRequest, NoEffects,
 };
 pub use engine::{DeviceCall, DeviceRequest, Engine, EngineFlow, HttpRequest, ServiceRequest};
 pub use flow::{
