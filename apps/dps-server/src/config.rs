@@ -32,6 +32,10 @@
 //! host_name = "hub-1.example.net"
 //! allocation_weight = 1
 //! apply_allocation_policy = true
+//! location = "westeurope"                # optional: the name a [[latency]] row may use for the hub
+//! [[latency]]                            # geoLatency: client networks -> latency (ms) to hubs, by host
+//! network = "10.1.0.0/16"                #   name or location; the most specific network wins; a device
+//! hubs = { westeurope = 20, "hub-2.example.net" = 120 }  # from an unlisted network is hashed
 //! [certificate_issuance]                # devices may send a CSR (api-version 2025-07-01-preview)
 //! enabled = false                        # on: a CA is created in DATA_DIR/issuer and registered verified
 //! key = "p384"                           # p384 | p256: the issuing CA's key (new CA only)
@@ -135,6 +139,19 @@ pub struct FileConfig {
     /// The custom allocation webhook client.
     #[serde(default)]
     pub custom_allocation: FileCustomAllocation,
+    /// The latency table of `geoLatency` allocation.
+    #[serde(default)]
+    pub latency: Vec<FileLatency>,
+}
+
+/// `[[latency]]` as written.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileLatency {
+    /// A client network in CIDR notation.
+    pub network: String,
+    /// Latency in ms to hubs, keyed by host name or location.
+    pub hubs: std::collections::BTreeMap<String, u32>,
 }
 
 /// `[custom_allocation]` as written.
@@ -244,6 +261,8 @@ pub struct FileLinkedHub {
     pub allocation_weight: Option<u32>,
     /// Whether the hub takes part in automatic allocation (default true).
     pub apply_allocation_policy: Option<bool>,
+    /// Where the hub runs (a name `[[latency]]` rows may use).
+    pub location: Option<String>,
 }
 
 /// `[[access_policies]]` as written.
@@ -454,6 +473,8 @@ pub struct ServerConfig {
     pub key_provider: KeyProviderConfig,
     /// The custom allocation webhook client.
     pub custom_allocation: CustomAllocationConfig,
+    /// The latency table of `geoLatency` allocation (None: no `[[latency]]` rows).
+    pub latency: Option<dps_core::policy::LatencyTable>,
 }
 
 /// The hub linked when the configuration names none.
@@ -548,17 +569,50 @@ impl ServerConfig {
                 host_name: DEFAULT_HUB.to_owned(),
                 allocation_weight: None,
                 apply_allocation_policy: None,
+                location: None,
             }]
         });
         let mut linked_hubs = Vec::with_capacity(hubs.len());
         for h in hubs {
-            let hub = LinkedHub::new(&h.host_name, h.allocation_weight, h.apply_allocation_policy)
+            let mut hub = LinkedHub::new(&h.host_name, h.allocation_weight, h.apply_allocation_policy)
                 .map_err(|e| err(format!("linked_hubs '{}': {}", h.host_name, e.message)))?;
+            match h.location.as_deref().map(str::trim) {
+                Some("") => return Err(err(format!("linked_hubs '{}': location is empty", h.host_name))),
+                Some(l) => hub = hub.with_location(l),
+                None => {}
+            }
             if linked_hubs.iter().any(|l: &LinkedHub| l.host_name == hub.host_name) {
                 return Err(err(format!("linked_hubs: '{}' is listed twice", h.host_name)));
             }
             linked_hubs.push(hub);
         }
+
+        let latency = if file.latency.is_empty() {
+            None
+        } else {
+            let rows: Vec<(&str, Vec<(String, u32)>)> = file
+                .latency
+                .iter()
+                .map(|row| (row.network.as_str(), row.hubs.iter().map(|(k, v)| (k.clone(), *v)).collect()))
+                .collect();
+            let table = dps_core::policy::LatencyTable::new(rows)
+                .map_err(|e| err(format!("latency: {}", e.message)))?;
+            for row in &file.latency {
+                for name in row.hubs.keys() {
+                    let known = linked_hubs.iter().any(|h: &LinkedHub| {
+                        h.is_named(name)
+                            || h.location.as_deref().is_some_and(|l| l.eq_ignore_ascii_case(name))
+                    });
+                    if !known {
+                        return Err(err(format!(
+                            "latency '{}': '{name}' is neither a linked hub's host_name nor its location",
+                            row.network
+                        )));
+                    }
+                }
+            }
+            Some(table)
+        };
 
         let mut access_policies: Vec<AccessPolicy> = Vec::with_capacity(file.access_policies.len());
         for p in file.access_policies {
@@ -681,6 +735,7 @@ impl ServerConfig {
             certificate_issuance,
             key_provider,
             custom_allocation,
+            latency,
         })
     }
 

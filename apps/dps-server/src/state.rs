@@ -148,6 +148,7 @@ pub fn engine_config(config: &ServerConfig, owner: &OwnerKeys) -> EngineConfig {
     engine.respond_before_assignment = config.respond_early;
     engine.max_symmetric_key_groups = config.max_symmetric_key_groups;
     engine.max_ca_certificates = config.max_ca_certificates;
+    engine.latency = config.latency.clone().map(|t| Arc::new(t) as Arc<dyn dps_core::policy::LatencySource>);
     engine.access_policies.push(AccessPolicy {
         key_name: OWNER_POLICY.to_owned(),
         primary_key: owner.primary.clone(),

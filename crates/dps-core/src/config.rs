@@ -131,6 +131,10 @@ pub struct EngineConfig {
     pub allocation_hook: bool,
     /// Accept `http://` webhook URLs (local development only; Azure requires `https://`).
     pub insecure_webhooks: bool,
+    /// Latency figures for `geoLatency` allocation (a [`dps_policy::LatencyTable`] or live measurements).
+    /// None, or a device whose address the transport did not pass, or a network the source does not know:
+    /// `geoLatency` allocates like `hashed`.
+    pub latency: Option<std::sync::Arc<dyn dps_policy::LatencySource>>,
 }
 
 impl EngineConfig {
@@ -152,6 +156,7 @@ impl EngineConfig {
             max_ca_certificates: 25,
             allocation_hook: false,
             insecure_webhooks: false,
+            latency: None,
         }
     }
 

@@ -389,14 +389,8 @@ impl DeviceFlow {
             }
             Attestation::Verified(v) => {
                 let payload = self.body.payload.take();
-                let plan = plan_assignment(
-                    &self.config,
-                    v,
-                    previous,
-                    self.api_version(),
-                    payload,
-                    &self.request.credential,
-                );
+                let plan =
+                    plan_assignment(&self.config, v, previous, self.api_version(), payload, &self.request);
                 (enrollment_ref(&self.request.registration_id, v.enrollment())?, Some(plan))
             }
         };
@@ -834,8 +828,9 @@ fn plan_assignment(
     previous: Option<&RegistrationRecord>,
     api_version: &ApiVersion,
     payload: Option<Value>,
-    credential: &Credential,
+    request: &DeviceRequest,
 ) -> Result<Planned, DpsError> {
+    let credential = &request.credential;
     struct Settings<'a> {
         policy: Option<AllocationPolicy>,
         hubs: Option<&'a [String]>,
@@ -928,7 +923,16 @@ fn plan_assignment(
     let plan =
         dps_policy::plan(previous_assignment.as_ref(), s.reprovision, api_version, &device_id, || {
             let candidates = candidate_hubs(&config.linked_hubs, s.hubs, s.hub)?;
-            Ok(allocate(policy, registration_id.key(), &candidates)?.host_name.clone())
+            match (policy, &config.latency, request.client_address) {
+                (AllocationPolicy::GeoLatency, Some(source), Some(client)) => {
+                    let latency = |hub: &dps_policy::LinkedHub| source.latency_ms(client, hub);
+                    Ok(dps_policy::lowest_latency(registration_id.key(), &candidates, latency)?
+                        .0
+                        .host_name
+                        .clone())
+                }
+                _ => Ok(allocate(policy, registration_id.key(), &candidates)?.host_name.clone()),
+            }
         })?;
     Ok(Planned::Ready(assignment_plan(plan, authentication, initial_twin)))
 }

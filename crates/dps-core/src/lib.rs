@@ -38,6 +38,7 @@ pub use command::{Paging, Principal, ServiceCommand};
 pub use config::{AccessPolicy, EngineConfig, Rights, OWNER_POLICY};
 pub use device::register_meter;
 pub use dps_attest as attest;
+pub use dps_policy as policy;
 pub use dps_policy::{BillableOperation, LinkedHub, Meter, MeterEvent};
 pub use dps_proto as proto;
 pub use dps_proto::{DpsError, ErrorCode, Timestamp};

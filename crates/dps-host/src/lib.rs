@@ -594,6 +594,7 @@ pub fn client_request(r: &dps_client::ClientRequest) -> DeviceRequest {
             None,
         ),
         body: r.body.clone(),
+        client_address: None,
     }
 }
 
