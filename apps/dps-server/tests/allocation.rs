@@ -83,6 +83,28 @@ async fn geo_latency_sends_each_device_to_its_nearest_hub_and_hashes_unknown_net
     assert_eq!(provision_from(&server, "127.0.0.3", "geo-2").await["assignedHub"], US, "the /32 refines it");
     assert_eq!(provision_from(&server, "127.0.0.5", "geo-3").await["assignedHub"], AP, "a hub by host name");
 
+    // `registration explain` shows the latencies and the choice for a device from another address.
+    let d = dir.path().to_str().unwrap().to_owned();
+    let explained = tokio::task::spawn_blocking(move || {
+        cli_json(&[
+            "registration",
+            "explain",
+            "--data-dir",
+            &d,
+            "--registration-id",
+            "geo-1",
+            "--from",
+            "127.0.0.3",
+        ])
+    })
+    .await
+    .unwrap();
+    assert_eq!(explained["allocation"]["chosenHub"], US, "{explained}");
+    assert!(explained["allocation"]["reason"].as_str().unwrap().contains("5 ms"), "{explained}");
+    assert_eq!(explained["allocation"]["hubs"][1]["latencyMs"], 5);
+    assert_eq!(explained["reprovision"]["previous"]["hub"], EU, "geo-1 is on its hub from 127.0.0.2");
+    assert_eq!(explained["reprovision"]["substatus"], "deviceDataMigrated", "{explained}");
+
     // A table that knows nothing of the client's network: exactly the hashed choice.
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(dir.path());

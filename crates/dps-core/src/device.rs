@@ -70,23 +70,23 @@ const DEFAULT_API_VERSION: ApiVersion = ApiVersion::V2021_10_01;
 
 /// An owned assignment decision, built only from a [`VerifiedDevice`].
 #[derive(Debug, Clone)]
-struct AssignmentPlan {
-    target: Assignment,
+pub(crate) struct AssignmentPlan {
+    pub(crate) target: Assignment,
     identity: DeviceIdentity,
-    twin: TwinSource,
+    pub(crate) twin: TwinSource,
     initial_twin: DeviceTwin,
-    delete_previous: Option<Assignment>,
-    substatus: RegistrationSubstatus,
+    pub(crate) delete_previous: Option<Assignment>,
+    pub(crate) substatus: RegistrationSubstatus,
 }
 
 /// A custom-allocation device waiting for its webhook's (or hook's) answer: the call to make and what the
 /// plan needs once the answer is in.
 #[derive(Debug)]
-struct CustomPending {
+pub(crate) struct CustomPending {
     /// Taken when the effect is asked for.
-    call: Option<Box<AllocationCall>>,
+    pub(crate) call: Option<Box<AllocationCall>>,
     /// The hubs offered to the webhook (its answer must be one of them).
-    linked: Vec<String>,
+    pub(crate) linked: Vec<String>,
     previous: Option<Assignment>,
     reprovision: Option<ReprovisionPolicy>,
     api_version: ApiVersion,
@@ -101,7 +101,7 @@ struct CustomPending {
 // Built once per registration and moved straight into the job; boxing the plan would add an allocation on
 // the hot path of every built-in allocation.
 #[allow(clippy::large_enum_variant)]
-enum Planned {
+pub(crate) enum Planned {
     Ready(AssignmentPlan),
     Custom(Box<CustomPending>),
 }
@@ -822,7 +822,7 @@ fn twin_of(initial: Option<&InitialTwin>, iot_edge: bool) -> DeviceTwin {
 
 /// Decides where a verified device goes (or, for custom allocation, what to ask the webhook). Requires the
 /// attestation proof.
-fn plan_assignment(
+pub(crate) fn plan_assignment(
     config: &EngineConfig,
     device: &VerifiedDevice,
     previous: Option<&RegistrationRecord>,

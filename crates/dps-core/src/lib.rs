@@ -25,6 +25,7 @@ pub mod config;
 pub mod device;
 pub mod effect;
 pub mod engine;
+pub mod explain;
 pub mod flow;
 pub mod hub;
 pub mod object;

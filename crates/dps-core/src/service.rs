@@ -77,6 +77,8 @@ enum Then {
     Attestation(Kind, String),
     Query(Kind, usize),
     GetRegistration(String),
+    /// Explain a registration from the device context the store answered.
+    Explain(Box<crate::explain::ExplainJob>),
     DeleteRegistration(String),
     QueryRegistrations(usize),
     /// Reply with the certificate the store answered; the flag shows its verification code.
@@ -375,6 +377,7 @@ fn audit_of_command(command: &ServiceCommand) -> Option<(AuditOperation, Vec<Str
         | C::QueryGroups { .. }
         | C::GetRegistration { .. }
         | C::QueryRegistrations { .. }
+        | C::Explain { .. }
         | C::GetCertificate { .. }
         | C::ListCertificates
         | C::QueryAudit { .. } => return None,
@@ -438,6 +441,7 @@ fn rights_of(route: &Route) -> Rights {
         | Route::DeleteEnrollmentGroup { .. }
         | Route::BulkEnrollmentGroups => Rights::ENROLLMENT_WRITE,
         Route::GetRegistration { .. } | Route::QueryRegistrations { .. } => Rights::REGISTRATION_STATUS_READ,
+        Route::ExplainRegistration { .. } => Rights::ENROLLMENT_READ.union(Rights::REGISTRATION_STATUS_READ),
         Route::DeleteRegistration { .. } => Rights::REGISTRATION_STATUS_WRITE,
         Route::PutCertificate { .. }
         | Route::GetCertificate { .. }
@@ -567,6 +571,14 @@ fn command_of(request: ServiceRequest) -> Result<ServiceCommand, DpsError> {
             C::QueryGroups { query: query()?, paging }
         }
         Route::GetRegistration { id } => C::GetRegistration { registration_id: id },
+        Route::ExplainRegistration { id } => C::Explain {
+            registration_id: id,
+            request: Box::new(if body.iter().all(u8::is_ascii_whitespace) {
+                dps_proto::allocation::ExplainRequest::default()
+            } else {
+                parse_json(body, "explain request")?
+            }),
+        },
         Route::DeleteRegistration { id } => C::DeleteRegistration { registration_id: id, if_match },
         Route::QueryRegistrations { group_id } => C::QueryRegistrations { group_id, paging: paging()? },
         Route::BulkEnrollments => {
@@ -1044,6 +1056,15 @@ impl ServiceFlow {
                 Some(StoreOp::GetRegistration { registration_id: id.clone() }),
                 Then::GetRegistration(id.to_string()),
             ),
+            C::Explain { registration_id, request } => Job::One(
+                Some(StoreOp::LoadDeviceContext { registration_id: registration_id.clone() }),
+                Then::Explain(Box::new(crate::explain::ExplainJob::new(
+                    config,
+                    now,
+                    registration_id,
+                    *request,
+                )?)),
+            ),
             C::DeleteRegistration { registration_id: id, if_match } => Job::One(
                 Some(StoreOp::DeleteRegistration { registration_id: id.clone(), if_match }),
                 Then::DeleteRegistration(id.to_string()),
@@ -1186,6 +1207,7 @@ impl ServiceFlow {
                 (Some(*k), id.as_str())
             }
             Then::GetRegistration(id) | Then::DeleteRegistration(id) => (None, id.as_str()),
+            Then::Explain(job) => (None, job.registration_id()),
             Then::Certificate(id, _) => (Some(Kind::Certificate), id.as_str()),
             Then::Query(..) | Then::QueryRegistrations(_) | Then::ListCertificates | Then::QueryAudit(_) => {
                 (None, "")
@@ -1235,6 +1257,7 @@ impl ServiceFlow {
                 let items: Vec<_> = page.items.into_iter().map(hide_group_secrets).collect();
                 query_reply(self.reply_json(200, &items), "enrollmentGroup", *size, page.next)
             }
+            (Then::Explain(job), StoreResult::DeviceContext(ctx)) => self.reply_json(200, &job.explain(ctx)),
             (Then::GetRegistration(_), StoreResult::Registration(r)) => {
                 let r = r.ok_or_else(|| {
                     DpsError::with_message(

@@ -552,3 +552,85 @@ fn the_blocking_host_waits_for_a_hook() {
     );
     assert!(host.hubs().device(HUBS[1], "blocking-1").is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_answers_what_a_registration_would_do_without_doing_it() {
+    let webhook = TestWebhook::start(vec![Answer::Json(404, json!({}))]).await;
+    let (host, hubs) = host_with(webhook.webhooks()).await;
+    let explain = |id: &str, q: Value| service("POST", &format!("/registrations/{id}/explain"), q);
+    let hashed = json!({"enrollmentGroupId": "tenants", "attestation": {"type": "symmetricKey",
+        "symmetricKey": {"primaryKey": key(7).to_base64(), "secondaryKey": key(8).to_base64()}},
+        "iotHubs": [HUBS[0], HUBS[1]]});
+    put_group(&host, hashed.clone()).await;
+
+    // Nothing names the device's enrollment: the answer says what to pass and lists the groups.
+    let r = host.http(explain("sensor-1", json!({}))).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let v = body(&r);
+    assert_eq!(v["attestation"]["enrollmentGroups"][0]["enrollmentGroupId"], "tenants", "{v}");
+
+    // A hypothetical device of the group: the decision, the candidates and why, nothing written.
+    let v = body(&host.http(explain("sensor-1", json!({"enrollmentGroupId": "tenants"}))).await);
+    assert_eq!(v["outcome"], "assigned", "{v}");
+    assert_eq!(v["enrollment"]["kind"], "enrollmentGroup");
+    let chosen = v["allocation"]["chosenHub"].as_str().unwrap().to_owned();
+    let listed = v["allocation"]["hubs"].as_array().unwrap();
+    assert_eq!(listed.len(), 3);
+    assert_eq!(listed[2]["candidate"], false);
+    assert!(listed[2]["why"].as_str().unwrap().contains("not named"), "{v}");
+    assert!(v["allocation"]["reason"].as_str().unwrap().contains("hashed"));
+    assert_eq!(v["reprovision"]["substatus"], "initialAssignment");
+    assert!(hubs.devices().is_empty(), "explain writes no hub identity");
+    let state = host.http(service("GET", "/registrations/sensor-1", json!({}))).await;
+    assert_eq!(state.status, 404, "explain writes no registration record");
+
+    // The real registration lands where explain said; explained again, it shows the current assignment.
+    let done = provision(&host, "sensor-1", None).await;
+    assert_eq!(done["registrationState"]["assignedHub"], chosen.as_str());
+    let again = body(&host.http(explain("sensor-1", json!({}))).await);
+    assert_eq!(again["currentRegistration"]["assignedHub"], chosen.as_str(), "{again}");
+    assert_eq!(again["reprovision"]["previous"]["hub"], chosen.as_str());
+    assert_eq!(again["reprovision"]["substatus"], "reprovisionedToInitialAssignment", "{again}");
+
+    // A wrong key is refused exactly as the device would be.
+    let wrong = body(&host.http(explain("sensor-1", json!({"deviceKey": key(9).to_base64()}))).await);
+    assert_eq!(
+        (wrong["outcome"].clone(), wrong["attestation"]["errorCode"].clone()),
+        (json!("refused"), json!(401000))
+    );
+
+    // Custom allocation: the request the webhook would get, and the webhook is not called.
+    let current = body(&host.http(service("GET", "/enrollmentGroups/tenants", json!({}))).await);
+    let mut g = group(&webhook.url(), json!({}));
+    g["etag"] = current["etag"].clone();
+    put_group(&host, g).await;
+    let custom = body(
+        &host.http(explain("sensor-2", json!({"enrollmentGroupId": "tenants", "payload": {"p": 1}}))).await,
+    );
+    assert_eq!(custom["outcome"], "customAllocation", "{custom}");
+    assert_eq!(custom["allocation"]["allocationRequest"]["deviceRuntimeContext"]["payload"], json!({"p": 1}));
+    assert_eq!(custom["allocation"]["linkedHubsOffered"], json!([HUBS[0], HUBS[1]]));
+    assert!(webhook.requests().is_empty(), "explain never calls the webhook");
+
+    // A failed registration records a reason the service API shows (the webhook answers 404).
+    let failed = provision(&host, "sensor-2", None).await;
+    assert_eq!(failed["status"], "failed");
+    let state = body(&host.http(service("GET", "/registrations/sensor-2", json!({}))).await);
+    assert_eq!(state["errorCode"], 400207, "{state}");
+    assert!(state["errorMessage"].as_str().unwrap().contains("answered 404"), "{state}");
+
+    // A disabled group.
+    let current = body(&host.http(service("GET", "/enrollmentGroups/tenants", json!({}))).await);
+    let mut g = hashed.clone();
+    g["provisioningStatus"] = json!("disabled");
+    g["etag"] = current["etag"].clone();
+    put_group(&host, g).await;
+    let disabled = body(&host.http(explain("sensor-3", json!({"enrollmentGroupId": "tenants"}))).await);
+    assert_eq!(disabled["outcome"], "disabled", "{disabled}");
+
+    // Bad input is refused with the rule.
+    let bad = host.http(explain("sensor-3", json!({"clientAddress": "not-an-ip"}))).await;
+    assert_eq!(bad.status, 400);
+    assert!(body(&bad)["message"].as_str().unwrap().contains("clientAddress"));
+    host.drain().await;
+}

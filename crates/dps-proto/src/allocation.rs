@@ -95,6 +95,32 @@ impl AllocationResponse {
     }
 }
 
+/// The body of the explain call (`POST /registrations/{id}/explain`, an extension of this service): which
+/// device to explain. Everything is optional; without a credential, an individual enrollment with this
+/// registration ID explains itself (with its own key), a group device needs `enrollmentGroupId`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExplainRequest {
+    /// A hypothetical device of this enrollment group (its derived key is used).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrollment_group_id: Option<String>,
+    /// The device's symmetric key (base64): explain exactly the device holding it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_key: Option<String>,
+    /// The device's certificate chain, leaf first, base64 DER: explain an X.509 device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificates: Option<Vec<String>>,
+    /// The device's network address (lowest-latency allocation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_address: Option<String>,
+    /// The payload the device would send.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<Value>,
+    /// The device API version the device would use (default 2021-10-01).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
