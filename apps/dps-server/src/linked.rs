@@ -399,7 +399,11 @@ impl LinkedHubs {
             Some(l) => Some(l),
             None => current.as_ref().and_then(|c| c.hub.location.clone()),
         };
-        let hub = LinkedHub::new(host, weight, apply)?.with_location(location);
+        let hub = LinkedHub::new(host, weight, apply)?;
+        let hub = match location.as_deref().map(str::trim) {
+            Some(l) if !l.is_empty() => hub.with_location(l),
+            _ => hub,
+        };
         let adapter = merge(current.as_ref().map(|c| &c.adapter), update.adapter);
         let spec =
             adapter.spec(&hub.host_name).map_err(|m| bad(format!("linked hub '{}': {m}", hub.host_name)))?;

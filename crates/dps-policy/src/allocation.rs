@@ -55,8 +55,8 @@ pub struct LinkedHub {
     /// Whether the hub takes part in automatic allocation. A hub with `false` is only used when an
     /// enrollment names it explicitly.
     pub apply_allocation_policy: bool,
-    /// Where the hub runs (an Azure region name such as `westeurope`, or any label the operator's latency
-    /// data uses); None when not given.
+    /// Where the hub runs (e.g. `westeurope`): the name a [`crate::latency::LatencyTable`] may use for it
+    /// (lowest-latency allocation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub location: Option<String>,
 }
@@ -78,8 +78,11 @@ impl TryFrom<LinkedHubWire> for LinkedHub {
     type Error = DpsError;
 
     fn try_from(w: LinkedHubWire) -> Result<Self, DpsError> {
-        Ok(LinkedHub::new(&w.host_name, w.allocation_weight, w.apply_allocation_policy)?
-            .with_location(w.location))
+        let hub = LinkedHub::new(&w.host_name, w.allocation_weight, w.apply_allocation_policy)?;
+        Ok(match w.location {
+            Some(l) if !l.trim().is_empty() => hub.with_location(l.trim()),
+            _ => hub,
+        })
     }
 }
 
@@ -131,10 +134,10 @@ impl LinkedHub {
         })
     }
 
-    /// The same hub with a location (blank or None: no location).
+    /// This hub with a location (e.g. `westeurope`), the name a latency table may use for it.
     #[must_use]
-    pub fn with_location(mut self, location: Option<String>) -> Self {
-        self.location = location.map(|l| l.trim().to_owned()).filter(|l| !l.is_empty());
+    pub fn with_location(mut self, location: impl Into<String>) -> Self {
+        self.location = Some(location.into());
         self
     }
 
@@ -203,8 +206,9 @@ pub fn candidate_hubs<'a>(
 ///
 /// - [`AllocationPolicy::Hashed`]: weighted rendezvous hashing, see the [module docs](self) for the frozen
 ///   scheme.
-/// - [`AllocationPolicy::GeoLatency`]: this build has no latency data (spec §8.2 GAP), so it behaves exactly
-///   like `Hashed` — which is also what Azure does between equally near hubs.
+/// - [`AllocationPolicy::GeoLatency`]: without latency data, exactly like `Hashed`; with it, use
+///   [`crate::latency::lowest_latency`] (the engine does, when it knows the client's address and has a
+///   [`crate::latency::LatencySource`]).
 /// - [`AllocationPolicy::Static`]: the single candidate; zero or several candidates is
 ///   [`ErrorCode::NoHubAvailable`].
 /// - [`AllocationPolicy::Custom`]: always [`ErrorCode::CustomAllocationFailed`]; custom allocation is decided
