@@ -29,6 +29,9 @@ pub enum Protocol {
     X509,
     /// X.509 devices over MQTT (client certificate, username only, no password).
     X509Mqtt,
+    /// Symmetric-key devices over HTTPS in a custom-allocation group: the server calls a local webhook
+    /// (kept alive) for every registration. Compared with `https` (hashed) in the same run.
+    Custom,
 }
 
 impl Protocol {
@@ -39,13 +42,14 @@ impl Protocol {
             Protocol::Mqtt => "mqtt",
             Protocol::X509 => "x509",
             Protocol::X509Mqtt => "x509-mqtt",
+            Protocol::Custom => "custom",
         }
     }
 
     /// The wire transport: [`Protocol::Https`] or [`Protocol::Mqtt`].
     pub fn transport(self) -> Protocol {
         match self {
-            Protocol::Https | Protocol::X509 => Protocol::Https,
+            Protocol::Https | Protocol::X509 | Protocol::Custom => Protocol::Https,
             Protocol::Mqtt | Protocol::X509Mqtt => Protocol::Mqtt,
         }
     }
