@@ -90,6 +90,11 @@ pub struct AmqpLimits {
     /// How long a connection may go without a request while none is being answered (default 60 s; zero:
     /// no limit). Set it above the `Retry-After` the service answers with.
     pub request_idle_timeout: Duration,
+    /// The AMQP `idle-time-out` announced in `open` (default 120 s; zero: none): a connection from which no
+    /// frame (not even an empty heartbeat, which AMQP clients send at half this interval) arrives for that
+    /// long is dropped. It also bounds how long a peer that never answers the server's `close` holds its
+    /// socket.
+    pub idle_timeout: Duration,
     /// The credit granted to the device's sender link, renewed as messages arrive (default 10; 0 counts as
     /// 1).
     pub link_credit: u32,
@@ -102,6 +107,7 @@ impl Default for AmqpLimits {
             max_frame_bytes: 65_536,
             handshake_timeout: Duration::from_secs(10),
             request_idle_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(120),
             link_credit: 10,
         }
     }

@@ -33,6 +33,10 @@ const SASL_HEADER: [u8; 8] = *b"AMQP\x03\x01\x00\x00";
 /// The plain AMQP protocol header (`AMQP 0 1 0 0`).
 const AMQP_HEADER: [u8; 8] = *b"AMQP\x00\x01\x00\x00";
 
+/// How long a close may wait for the peer's answer, and the sessions of a closed connection for their
+/// requests to be disposed of; a peer that never answers is then left to the engine's idle limit.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
 /// The attach property with the device's api-version.
 const API_VERSION_PROPERTY: &str = "com.microsoft:api-version";
 
@@ -112,10 +116,14 @@ where
             let _ = io.shutdown().await;
             return Err(AmqpError::ProtocolHeader(header.to_vec()));
         };
-        let acceptor = ConnectionAcceptor::builder()
+        let mut acceptor = ConnectionAcceptor::builder()
             .container_id("dps-rs")
             .max_frame_size(limits.max_frame_bytes)
             .build();
+        let idle = u32::try_from(limits.idle_timeout.as_millis()).unwrap_or(u32::MAX);
+        if idle > 0 {
+            acceptor.local_open.idle_time_out = Some(idle);
+        }
         let connection = acceptor.accept(io).await.map_err(|e| AmqpError::Open(e.to_string()))?;
         Ok::<_, AmqpError>(Some((connection, identity)))
     };
@@ -136,19 +144,7 @@ where
         activity: Activity { last: Mutex::new(Instant::now()), busy: AtomicUsize::new(0) },
     });
     let result = serve(&mut connection, &shared, limits.request_idle_timeout).await;
-    match &result {
-        Err(AmqpError::RequestIdleTimeout(idle)) => {
-            let error = AmqpErrorFrame {
-                condition: ErrorCondition::AmqpError(Condition::ResourceLimitExceeded),
-                description: Some(format!("no request within {idle:?}")),
-                info: None,
-            };
-            let _ = connection.close_with_error(error).await;
-        }
-        _ => {
-            let _ = connection.close().await;
-        }
-    }
+    let _ = timeout(CLOSE_GRACE, connection.close()).await;
     result
 }
 
@@ -192,9 +188,26 @@ async fn serve<H: DeviceHandler>(
             }
         }
     }
-    // Requests already with the handler run to their end (their sessions finish on their own once the
-    // connection is gone).
-    while sessions.next().await.is_some() {}
+    // Close first, so that sessions still waiting for frames end; requests already with the handler run
+    // to their end (their sessions finish once the reply is disposed of or the links are gone).
+    let error = match &outcome {
+        Err(AmqpError::RequestIdleTimeout(idle)) => Some(AmqpErrorFrame {
+            condition: ErrorCondition::AmqpError(Condition::ResourceLimitExceeded),
+            description: Some(format!("no request within {idle:?}")),
+            info: None,
+        }),
+        Err(e) => Some(AmqpErrorFrame {
+            condition: ErrorCondition::AmqpError(Condition::InternalError),
+            description: Some(e.to_string()),
+            info: None,
+        }),
+        Ok(()) => None,
+    };
+    if let Some(error) = error {
+        let _ = timeout(CLOSE_GRACE, connection.close_with_error(error)).await;
+    }
+    let drained = async { while sessions.next().await.is_some() {} };
+    let _ = timeout(CLOSE_GRACE, drained).await;
     outcome
 }
 
