@@ -705,7 +705,9 @@ mod tests {
         assert_eq!(c.listen.https, "127.0.0.1:1001".parse().unwrap());
         assert_eq!(c.listen.mqtt, None);
         assert_eq!(c.listen.amqp, Some("127.0.0.1:1003".parse().unwrap()));
-        let file = FileConfig::parse("id_scope = \"0ne0000F11E\"\n[listen]\namqp = \"127.0.0.1:1003\"\n", "test").unwrap();
+        let file =
+            FileConfig::parse("id_scope = \"0ne0000F11E\"\n[listen]\namqp = \"127.0.0.1:1003\"\n", "test")
+                .unwrap();
         let c = ServerConfig::resolve(file, &env(&[("DPS_AMQP_LISTEN", "")]), &Overrides::default()).unwrap();
         assert_eq!(c.listen.amqp, None, "the environment disables the AMQP listener");
         let file = FileConfig::parse("id_scope = \"0ne0000F11E\"\n", "test").unwrap();

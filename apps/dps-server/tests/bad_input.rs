@@ -1293,12 +1293,18 @@ fn websocket_upgrade_cases() -> Vec<(String, Vec<u8>, Want)> {
         ),
         (
             "AMQP upgrade with a short Sec-WebSocket-Key".into(),
-            upgrade(&format!("Sec-WebSocket-Key: abcd\r\n{version}Sec-WebSocket-Protocol: AMQPWSB10\r\n"), "GET"),
+            upgrade(
+                &format!("Sec-WebSocket-Key: abcd\r\n{version}Sec-WebSocket-Protocol: AMQPWSB10\r\n"),
+                "GET",
+            ),
             Want::Code(400, 400000, "16 bytes"),
         ),
         (
             "AMQP upgrade with version 8".into(),
-            upgrade(&format!("{key}Sec-WebSocket-Version: 8\r\nSec-WebSocket-Protocol: AMQPWSB10\r\n"), "GET"),
+            upgrade(
+                &format!("{key}Sec-WebSocket-Version: 8\r\nSec-WebSocket-Protocol: AMQPWSB10\r\n"),
+                "GET",
+            ),
             Want::Code(400, 400000, "not 13"),
         ),
     ]
@@ -1619,15 +1625,19 @@ async fn amqp_sasl(server: &RunningServer, mechanism: &str, response: Option<Vec
     use tokio_util::codec::{FramedRead, FramedWrite};
     let tls = raw_tls_to(server, server.ready.amqp.unwrap()).await;
     let (r, w) = tokio::io::split(tls);
-    let (w, r) = (FramedWrite::new(w, ProtocolHeaderCodec::new()), FramedRead::new(r, ProtocolHeaderCodec::new()));
+    let (w, r) =
+        (FramedWrite::new(w, ProtocolHeaderCodec::new()), FramedRead::new(r, ProtocolHeaderCodec::new()));
     let Ok(mut t) = Transport::negotiate_sasl_header(w, r).await else {
         return Got::Failed("no SASL header".into());
     };
     let Some(Ok(sasl::Frame::Mechanisms(_))) = t.next().await else {
         return Got::Failed("no mechanisms".into());
     };
-    let init =
-        SaslInit { mechanism: Symbol::from(mechanism), initial_response: response.map(Into::into), hostname: None };
+    let init = SaslInit {
+        mechanism: Symbol::from(mechanism),
+        initial_response: response.map(Into::into),
+        hostname: None,
+    };
     if t.send(sasl::Frame::Init(init)).await.is_err() {
         return Got::Failed("cannot send sasl-init".into());
     }
@@ -1685,7 +1695,12 @@ async fn run_amqp_cases(server: &RunningServer, table: &mut Table) {
         ("amqp: SASL PLAIN with the right SAS", "PLAIN", Some(plain(&address, &good)), 0),
         ("amqp: SASL PLAIN with a wrong key", "PLAIN", Some(plain(&address, &wrong_key)), 1),
         ("amqp: SASL PLAIN with an expired SAS", "PLAIN", Some(plain(&address, &expired)), 1),
-        ("amqp: SASL PLAIN with another device's SAS", "PLAIN", Some(plain(&format!("{SCOPE}/registrations/bi-mqtt"), &good)), 1),
+        (
+            "amqp: SASL PLAIN with another device's SAS",
+            "PLAIN",
+            Some(plain(&format!("{SCOPE}/registrations/bi-mqtt"), &good)),
+            1,
+        ),
         ("amqp: SASL PLAIN with an authcid that is no address", "PLAIN", Some(plain("bi-good", &good)), 1),
         ("amqp: SASL PLAIN without a response", "PLAIN", None, 1),
         ("amqp: SASL PLAIN with an empty password", "PLAIN", Some(plain(&address, "")), 1),

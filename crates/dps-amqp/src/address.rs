@@ -40,7 +40,8 @@ pub fn normalize_address(address: &str) -> Result<LinkAddress, DpsError> {
     let rest = rest.strip_prefix('/').unwrap_or(rest);
     let rest = rest.strip_suffix('/').unwrap_or(rest);
     let mut parts = rest.split('/');
-    let (Some(scope), Some(literal), Some(id), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(scope), Some(literal), Some(id), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(not_found());
     };
@@ -81,9 +82,17 @@ mod tests {
 
     #[test]
     fn other_addresses_are_refused_with_stable_codes() {
-        for a in ["", "/", "$cbs", "0ne00000001", "0ne00000001/registrations", "0ne00000001/devices/dev-1",
-            "0ne00000001/registrations/dev-1/extra", "amqps://host", "amqps://host/"]
-        {
+        for a in [
+            "",
+            "/",
+            "$cbs",
+            "0ne00000001",
+            "0ne00000001/registrations",
+            "0ne00000001/devices/dev-1",
+            "0ne00000001/registrations/dev-1/extra",
+            "amqps://host",
+            "amqps://host/",
+        ] {
             assert_eq!(normalize_address(a).unwrap_err().code, ErrorCode::NotFound, "{a}");
         }
         assert_eq!(

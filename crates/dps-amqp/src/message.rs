@@ -62,12 +62,12 @@ pub fn parse_request(message: &Message<Body<Value>>) -> Result<AmqpRequest, DpsE
             let id = match property(OPERATION_ID) {
                 Some(SimpleValue::String(s)) => s.as_str(),
                 Some(SimpleValue::Symbol(s)) => s.0.as_str(),
-                _ => {
-                    return Err(DpsError::with_message(
-                        ErrorCode::InvalidIdentifier,
-                        format!("an operation-status request needs the string application property '{OPERATION_ID}'"),
-                    ))
-                }
+                _ => return Err(DpsError::with_message(
+                    ErrorCode::InvalidIdentifier,
+                    format!(
+                        "an operation-status request needs the string application property '{OPERATION_ID}'"
+                    ),
+                )),
             };
             // The body of a status request is ignored: C sends the register JSON, C# an amqp-value string.
             return Ok(AmqpRequest {
@@ -161,7 +161,11 @@ mod tests {
     use super::*;
     use fe2o3_amqp::types::messaging::AmqpValue;
 
-    fn request(props: &[(&str, SimpleValue)], body: Body<Value>, correlation: Option<&str>) -> Message<Body<Value>> {
+    fn request(
+        props: &[(&str, SimpleValue)],
+        body: Body<Value>,
+        correlation: Option<&str>,
+    ) -> Message<Body<Value>> {
         let mut builder = ApplicationProperties::builder();
         for (k, v) in props {
             builder = builder.insert(*k, v.clone());
@@ -196,23 +200,35 @@ mod tests {
         assert_eq!(r.body, json);
         assert_eq!(r.correlation_id, Some(MessageId::String("c-1".into())));
         // Two data sections are one body.
-        let two = Body::Data(vec![Data(Binary::from(b"{\"a\":".to_vec())), Data(Binary::from(b"1}".to_vec()))].into());
+        let two = Body::Data(
+            vec![Data(Binary::from(b"{\"a\":".to_vec())), Data(Binary::from(b"1}".to_vec()))].into(),
+        );
         assert_eq!(parse_request(&request(&[op("iotdps-register")], two, None)).unwrap().body, b"{\"a\":1}");
         // Empty data (C#), no body, an amqp-value string or binary.
         assert!(parse_request(&request(&[op("iotdps-register")], data(b""), None)).unwrap().body.is_empty());
-        assert!(parse_request(&request(&[op("iotdps-register")], Body::Empty, None)).unwrap().body.is_empty());
+        assert!(parse_request(&request(&[op("iotdps-register")], Body::Empty, None))
+            .unwrap()
+            .body
+            .is_empty());
         let v = Body::Value(AmqpValue(Value::String("{\"registrationId\":\"d\"}".into())));
-        assert_eq!(parse_request(&request(&[op("iotdps-register")], v, None)).unwrap().body, b"{\"registrationId\":\"d\"}");
+        assert_eq!(
+            parse_request(&request(&[op("iotdps-register")], v, None)).unwrap().body,
+            b"{\"registrationId\":\"d\"}"
+        );
         let v = Body::Value(AmqpValue(Value::String("iotdps-register".into())));
         assert!(parse_request(&request(&[op("iotdps-register")], v, None)).unwrap().body.is_empty());
         // The C# SDK's force flag.
         let forced = [op("iotdps-register"), (FORCE_REGISTRATION, SimpleValue::Bool(true))];
-        assert!(matches!(parse_request(&request(&forced, Body::Empty, None)).unwrap().call, DeviceCall::Register { force: true }));
+        assert!(matches!(
+            parse_request(&request(&forced, Body::Empty, None)).unwrap().call,
+            DeviceCall::Register { force: true }
+        ));
     }
 
     #[test]
     fn status_requests_ignore_their_body() {
-        let props = [op("iotdps-get-operationstatus"), (OPERATION_ID, SimpleValue::String("4.abc.def".into()))];
+        let props =
+            [op("iotdps-get-operationstatus"), (OPERATION_ID, SimpleValue::String("4.abc.def".into()))];
         let v = Body::Value(AmqpValue(Value::String("iotdps-get-operationstatus".into())));
         let r = parse_request(&request(&props, v, None)).unwrap();
         assert!(matches!(&r.call, DeviceCall::OperationStatus(id) if id.as_str() == "4.abc.def"));
@@ -226,8 +242,14 @@ mod tests {
         let code = |m: Message<Body<Value>>| parse_request(&m).unwrap_err().code;
         assert_eq!(code(request(&[], Body::Empty, None)), ErrorCode::BadRequest);
         assert_eq!(code(request(&[op("iotdps-delete")], Body::Empty, None)), ErrorCode::BadRequest);
-        assert_eq!(code(request(&[(OPERATION_TYPE, SimpleValue::Int(1))], Body::Empty, None)), ErrorCode::BadRequest);
-        assert_eq!(code(request(&[op("iotdps-get-operationstatus")], Body::Empty, None)), ErrorCode::InvalidIdentifier);
+        assert_eq!(
+            code(request(&[(OPERATION_TYPE, SimpleValue::Int(1))], Body::Empty, None)),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            code(request(&[op("iotdps-get-operationstatus")], Body::Empty, None)),
+            ErrorCode::InvalidIdentifier
+        );
     }
 
     #[test]

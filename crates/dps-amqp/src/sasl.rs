@@ -131,9 +131,13 @@ async fn plain<H: DeviceHandler>(init: SaslInit, handler: &H) -> Result<Identity
     else {
         return Err(auth("the PLAIN response is not 'authzid NUL authcid NUL password'".to_owned()));
     };
-    let authcid = std::str::from_utf8(authcid).map_err(|_| auth("the PLAIN authcid is not UTF-8".to_owned()))?;
+    let authcid =
+        std::str::from_utf8(authcid).map_err(|_| auth("the PLAIN authcid is not UTF-8".to_owned()))?;
     let address = normalize_address(authcid).map_err(|e| {
-        auth(format!("the PLAIN authcid must be '{{idScope}}/registrations/{{registrationId}}': {}", e.message))
+        auth(format!(
+            "the PLAIN authcid must be '{{idScope}}/registrations/{{registrationId}}': {}",
+            e.message
+        ))
     })?;
     let token = std::str::from_utf8(password)
         .ok()

@@ -224,9 +224,7 @@ async fn serve_session<H: DeviceHandler>(
     mut session: ListenerSessionHandle,
     shared: Arc<Shared<H>>,
 ) -> Result<(), AmqpError> {
-    let link_acceptor = LinkAcceptor::builder()
-        .max_message_size(shared.max_message_bytes)
-        .build();
+    let link_acceptor = LinkAcceptor::builder().max_message_size(shared.max_message_bytes).build();
     let mut links = SessionLinks { requests: None, responses: None, waiting: VecDeque::new() };
     let result = loop {
         tokio::select! {
@@ -349,7 +347,10 @@ async fn on_attach<H: DeviceHandler>(
 /// The device a link address names, if this connection may use it.
 fn check_address(address: Option<&str>, identity: &Identity) -> Result<LinkAddress, DpsError> {
     let address = address.ok_or_else(|| {
-        DpsError::with_message(ErrorCode::NotFound, "the link has no address; it must be '{idScope}/registrations/{registrationId}'")
+        DpsError::with_message(
+            ErrorCode::NotFound,
+            "the link has no address; it must be '{idScope}/registrations/{registrationId}'",
+        )
     })?;
     let parsed = normalize_address(address)?;
     if let Identity::Sas { id_scope, registration_id, .. } = identity {
@@ -423,7 +424,11 @@ fn correlation(delivery: &Delivery<Body<Value>>) -> Option<MessageId> {
     delivery.message().properties.as_ref().and_then(|p| p.correlation_id.clone())
 }
 
-async fn respond(links: &mut SessionLinks, reply: Reply, correlation_id: Option<MessageId>) -> Result<(), AmqpError> {
+async fn respond(
+    links: &mut SessionLinks,
+    reply: Reply,
+    correlation_id: Option<MessageId>,
+) -> Result<(), AmqpError> {
     let message = response_message(reply, correlation_id);
     match &mut links.responses {
         Some(sender) => send(sender, message).await,

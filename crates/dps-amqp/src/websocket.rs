@@ -96,7 +96,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsIo<S> {
             .write_buffer_size(0)
             .max_message_size(Some(max))
             .max_frame_size(Some(max));
-        WsIo { ws: WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await, read: Bytes::new() }
+        WsIo {
+            ws: WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await,
+            read: Bytes::new(),
+        }
     }
 }
 
@@ -109,7 +112,11 @@ fn ws_io(e: WsError) -> std::io::Error {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsIo<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         loop {
             if !self.read.is_empty() {
                 let n = self.read.len().min(buf.remaining());
@@ -137,7 +144,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsIo<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsIo<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         match Pin::new(&mut self.ws).poll_ready(cx) {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(Err(e)) => return Poll::Ready(Err(ws_io(e))),

@@ -19,8 +19,12 @@ use std::sync::{Arc, Mutex};
 /// Registers, then polls until the operation is no longer assigning; returns the final body.
 async fn provision(device: &mut Device, id: &str) -> serde_json::Value {
     let body = format!(r#"{{"registrationId":"{id}"}}"#);
-    let response = device.request("iotdps-register", None, Some(body.as_bytes()), Some("corr-1")).await.unwrap();
-    assert_eq!(response.properties.as_ref().unwrap().correlation_id, Some(MessageId::String("corr-1".into())));
+    let response =
+        device.request("iotdps-register", None, Some(body.as_bytes()), Some("corr-1")).await.unwrap();
+    assert_eq!(
+        response.properties.as_ref().unwrap().correlation_id,
+        Some(MessageId::String("corr-1".into()))
+    );
     let first = json_body(&response);
     assert_eq!(first["status"], "assigning", "{first}");
     // Both spellings of the delay, as ints.
@@ -126,7 +130,15 @@ async fn errors_are_rejected_outcomes_with_the_json_error() {
     let mut device = Device::attach(connection, &address("amqp-dev")).await;
 
     // An operation that does not exist.
-    let e = device.request("iotdps-get-operationstatus", Some("4.0000000000000000.00000000-0000-0000-0000-000000000000"), None, Some("x")).await.unwrap_err();
+    let e = device
+        .request(
+            "iotdps-get-operationstatus",
+            Some("4.0000000000000000.00000000-0000-0000-0000-000000000000"),
+            None,
+            Some("x"),
+        )
+        .await
+        .unwrap_err();
     let body = error_body(&e);
     assert_eq!(body["errorCode"], 404204, "{body}");
     assert!(body["trackingId"].is_string() && body["message"].is_string());
@@ -154,8 +166,12 @@ async fn a_link_to_another_registration_is_refused() {
     let mut connection = open(io, Some(plain("amqp-dev", &token("amqp-dev", &key(1))))).await.unwrap();
     let mut session = dps_amqp::fe2o3_amqp::Session::begin(&mut connection).await.unwrap();
     for addr in [address("other-dev"), "0ne0000FFFF/registrations/amqp-dev".to_owned(), "$cbs".to_owned()] {
-        let mut sender = dps_amqp::fe2o3_amqp::Sender::attach(&mut session, format!("s-{addr}"), addr.as_str()).await.unwrap();
-        let detach = tokio::time::timeout(std::time::Duration::from_secs(10), sender.on_detach()).await.unwrap();
+        let mut sender =
+            dps_amqp::fe2o3_amqp::Sender::attach(&mut session, format!("s-{addr}"), addr.as_str())
+                .await
+                .unwrap();
+        let detach =
+            tokio::time::timeout(std::time::Duration::from_secs(10), sender.on_detach()).await.unwrap();
         let text = format!("{detach:?}");
         let expected = if addr == "$cbs" { "404000" } else { "401000" };
         assert!(text.contains(expected), "{addr}: {text}");
@@ -180,8 +196,13 @@ impl DeviceHandler for Recorder {
             DeviceCall::Authenticate => "authenticate",
             _ => "other",
         };
-        self.seen.lock().unwrap().push((format!("{call} {}", request.registration_id.as_str()), request.credential));
-        async { Reply::json(202, &serde_json::json!({"operationId": "op", "status": "assigning"}), "t".into()) }
+        self.seen
+            .lock()
+            .unwrap()
+            .push((format!("{call} {}", request.registration_id.as_str()), request.credential));
+        async {
+            Reply::json(202, &serde_json::json!({"operationId": "op", "status": "assigning"}), "t".into())
+        }
     }
 }
 
@@ -194,12 +215,14 @@ async fn without_sasl_the_client_certificate_is_the_credential() {
         let (io, server) = spawn_server(Arc::clone(&recorder), AmqpLimits::default(), Some(chain.clone()));
         let connection = match &profile {
             // fe2o3 refuses EXTERNAL on an "amqp" scheme; the server does not care how it was chosen.
-            Some(SaslProfile::External) => dps_amqp::fe2o3_amqp::Connection::builder()
-                .container_id("device")
-                .scheme("amqps")
-                .sasl_profile(SaslProfile::External)
-                .open_with_stream(io)
-                .await,
+            Some(SaslProfile::External) => {
+                dps_amqp::fe2o3_amqp::Connection::builder()
+                    .container_id("device")
+                    .scheme("amqps")
+                    .sasl_profile(SaslProfile::External)
+                    .open_with_stream(io)
+                    .await
+            }
             _ => open(io, profile.clone()).await,
         };
         let Ok(connection) = connection else {
@@ -234,11 +257,13 @@ async fn without_sasl_the_client_certificate_is_the_credential() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_connection_is_closed() {
     let recorder = Arc::new(Recorder::default());
-    let limits = AmqpLimits { request_idle_timeout: std::time::Duration::from_millis(300), ..AmqpLimits::default() };
+    let limits =
+        AmqpLimits { request_idle_timeout: std::time::Duration::from_millis(300), ..AmqpLimits::default() };
     let (io, server) = spawn_server(recorder, limits, Some(vec![vec![1]]));
     let mut connection = open(io, None).await.unwrap();
     let result = tokio::time::timeout(std::time::Duration::from_secs(10), server).await.unwrap().unwrap();
     assert!(matches!(result, Err(AmqpError::RequestIdleTimeout(_))), "{result:?}");
-    let closed = tokio::time::timeout(std::time::Duration::from_secs(10), connection.on_close()).await.unwrap();
+    let closed =
+        tokio::time::timeout(std::time::Duration::from_secs(10), connection.on_close()).await.unwrap();
     assert!(format!("{closed:?}").contains("ResourceLimitExceeded"), "{closed:?}");
 }

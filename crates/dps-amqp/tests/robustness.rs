@@ -28,7 +28,8 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 /// Everything the server writes until it closes.
 async fn read_to_end(io: &mut DuplexStream) -> Vec<u8> {
     let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), io.read_to_end(&mut out)).await.expect("never closed");
+    let _ =
+        tokio::time::timeout(Duration::from_secs(10), io.read_to_end(&mut out)).await.expect("never closed");
     out
 }
 
@@ -68,24 +69,38 @@ async fn garbage_after_the_header_ends_the_connection() {
 /// The client side of a SASL exchange, with fe2o3's codec.
 async fn sasl_client(io: DuplexStream) -> Transport<DuplexStream, sasl::Frame> {
     let (r, w) = tokio::io::split(io);
-    Transport::negotiate_sasl_header(FramedWrite::new(w, ProtocolHeaderCodec::new()), FramedRead::new(r, ProtocolHeaderCodec::new()))
-        .await
-        .unwrap()
+    Transport::negotiate_sasl_header(
+        FramedWrite::new(w, ProtocolHeaderCodec::new()),
+        FramedRead::new(r, ProtocolHeaderCodec::new()),
+    )
+    .await
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_sasl_mechanism_gets_outcome_auth() {
-    for (mechanism, certificate) in [("SCRAM-SHA-256", None), ("TPM", None), ("EXTERNAL", None), ("PLAIN", None), ("FOO", Some(vec![vec![1u8]]))] {
+    for (mechanism, certificate) in [
+        ("SCRAM-SHA-256", None),
+        ("TPM", None),
+        ("EXTERNAL", None),
+        ("PLAIN", None),
+        ("FOO", Some(vec![vec![1u8]])),
+    ] {
         let (io, server) = spawn_server(EngineHandler::new(), AmqpLimits::default(), certificate.clone());
         let mut t = sasl_client(io).await;
         let Some(Ok(sasl::Frame::Mechanisms(offer))) = t.next().await else { panic!("no mechanisms") };
         let offered: Vec<String> = offer.sasl_server_mechanisms.0.iter().map(|s| s.0.clone()).collect();
-        let expected = if certificate.is_some() { vec!["PLAIN", "EXTERNAL", "ANONYMOUS"] } else { vec!["PLAIN"] };
+        let expected =
+            if certificate.is_some() { vec!["PLAIN", "EXTERNAL", "ANONYMOUS"] } else { vec!["PLAIN"] };
         assert_eq!(offered, expected);
         // PLAIN without a response is as bad as an unknown mechanism.
-        t.send(sasl::Frame::Init(SaslInit { mechanism: Symbol::from(mechanism), initial_response: None, hostname: None }))
-            .await
-            .unwrap();
+        t.send(sasl::Frame::Init(SaslInit {
+            mechanism: Symbol::from(mechanism),
+            initial_response: None,
+            hostname: None,
+        }))
+        .await
+        .unwrap();
         let Some(Ok(sasl::Frame::Outcome(outcome))) = t.next().await else { panic!("no outcome") };
         assert_eq!(outcome.code, SaslCode::Auth, "{mechanism}");
         assert!(matches!(server.await.unwrap(), Err(AmqpError::SaslRefused { code: 1, .. })));
@@ -97,9 +112,11 @@ async fn a_sasl_frame_out_of_order_gets_outcome_sys() {
     let (io, server) = spawn_server(EngineHandler::new(), AmqpLimits::default(), None);
     let mut t = sasl_client(io).await;
     let _mechanisms = t.next().await;
-    t.send(sasl::Frame::Response(dps_amqp::fe2o3_amqp::types::sasl::SaslResponse { response: Binary::from(vec![0]) }))
-        .await
-        .unwrap();
+    t.send(sasl::Frame::Response(dps_amqp::fe2o3_amqp::types::sasl::SaslResponse {
+        response: Binary::from(vec![0]),
+    }))
+    .await
+    .unwrap();
     let Some(Ok(sasl::Frame::Outcome(outcome))) = t.next().await else { panic!("no outcome") };
     assert_eq!(outcome.code, SaslCode::Sys);
     assert!(matches!(server.await.unwrap(), Err(AmqpError::Sasl(_))));
@@ -224,7 +241,10 @@ async fn a_transfer_before_attach_is_not_a_request() {
     let mut t = amqp_client(io).await;
     t.send(transfer(0, vec![0x00, 0x53, 0x75, 0xa0, 0x00])).await.unwrap();
     let seen = frames_until_close(&mut t).await;
-    assert!(seen.last().is_some_and(|f| f.starts_with("Close") && f.contains("ResourceLimitExceeded")), "{seen:?}");
+    assert!(
+        seen.last().is_some_and(|f| f.starts_with("Close") && f.contains("ResourceLimitExceeded")),
+        "{seen:?}"
+    );
     let result = tokio::time::timeout(Duration::from_secs(10), server).await.unwrap().unwrap();
     assert!(matches!(result, Err(AmqpError::RequestIdleTimeout(_))), "{result:?}");
     assert_eq!(recorder.calls.load(std::sync::atomic::Ordering::SeqCst), 0);
@@ -251,7 +271,8 @@ async fn transfers_beyond_the_credit_and_oversized_messages_are_refused() {
         }
     }
     let seen = frames_until_close(&mut t).await;
-    let rejected = seen.iter().filter(|f| f.starts_with("Disposition") && f.contains("errorCode\\\":400000")).count();
+    let rejected =
+        seen.iter().filter(|f| f.starts_with("Disposition") && f.contains("errorCode\\\":400000")).count();
     let accepted = seen.iter().filter(|f| f.contains("Accepted")).count();
     // Credit is renewed as requests are answered, so more than 202 may be processed, but never all 400.
     assert!(rejected > 0 && rejected < 400, "{rejected} of 400 transfers were processed");
@@ -288,7 +309,10 @@ struct Counting {
 }
 
 impl dps_amqp::DeviceHandler for Counting {
-    fn handle(&self, _request: dps_core::DeviceRequest) -> impl std::future::Future<Output = dps_core::Reply> + Send {
+    fn handle(
+        &self,
+        _request: dps_core::DeviceRequest,
+    ) -> impl std::future::Future<Output = dps_core::Reply> + Send {
         self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         async { dps_core::Reply::json(202, &serde_json::json!({"status": "assigning"}), "t".into()) }
     }

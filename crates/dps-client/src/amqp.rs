@@ -32,7 +32,10 @@ pub fn link_address(request: &ClientRequest) -> String {
 /// The attach properties the SDKs send: `com.microsoft:api-version` (and the client version).
 pub fn attach_properties(request: &ClientRequest, client_version: &str) -> Fields {
     let mut fields = Fields::new();
-    fields.insert(Symbol::from("com.microsoft:api-version"), Value::String(request.api_version().as_str().to_owned()));
+    fields.insert(
+        Symbol::from("com.microsoft:api-version"),
+        Value::String(request.api_version().as_str().to_owned()),
+    );
     fields.insert(Symbol::from("com.microsoft:client-version"), Value::String(client_version.to_owned()));
     fields
 }
@@ -79,7 +82,9 @@ pub fn response_to_raw(message: &Message<Body<Value>>) -> Result<RawResponse, Pr
         Body::Value(v) => match &v.0 {
             Value::Binary(b) => b.to_vec(),
             Value::String(s) => s.as_bytes().to_vec(),
-            other => return Err(ProvisionError::Transport(format!("the response body is {other:?}, not JSON"))),
+            other => {
+                return Err(ProvisionError::Transport(format!("the response body is {other:?}, not JSON")))
+            }
         },
         _ => return Err(ProvisionError::Transport("the response has no data section".into())),
     };
@@ -97,7 +102,8 @@ pub fn response_to_raw(message: &Message<Body<Value>>) -> Result<RawResponse, Pr
 pub fn rejection_to_raw(error: Option<&AmqpError>) -> RawResponse {
     let description = error.and_then(|e| e.description.clone()).unwrap_or_default();
     let code = serde_json::from_str::<Json>(&description).ok().and_then(|j| j.get("errorCode")?.as_u64());
-    let status = code.and_then(|c| u16::try_from(c / 1000).ok()).filter(|s| (400..600).contains(s)).unwrap_or(500);
+    let status =
+        code.and_then(|c| u16::try_from(c / 1000).ok()).filter(|s| (400..600).contains(s)).unwrap_or(500);
     let retry_after = error
         .and_then(|e| e.info.as_ref())
         .and_then(|info| info.get(&Symbol::from("Retry-After")))
@@ -114,9 +120,10 @@ pub fn rejection_to_raw(error: Option<&AmqpError>) -> RawResponse {
 /// The SASL outcome of a failed open as the error the state machine understands.
 fn open_error(e: OpenError) -> ProvisionError {
     match e {
-        OpenError::SaslError { code: SaslCode::Auth, .. } => {
-            ProvisionError::Refused { status: 401, reason: "SASL outcome auth: the SAS token was refused".into() }
-        }
+        OpenError::SaslError { code: SaslCode::Auth, .. } => ProvisionError::Refused {
+            status: 401,
+            reason: "SASL outcome auth: the SAS token was refused".into(),
+        },
         OpenError::SaslError { code: SaslCode::SysTemp, .. } => {
             ProvisionError::Refused { status: 503, reason: "SASL outcome sys-temp".into() }
         }
@@ -137,7 +144,12 @@ pub struct AmqpSession {
 impl AmqpSession {
     /// Opens the AMQP connection on an already secured `stream` for the device of `request`: SASL PLAIN
     /// with its SAS token when it has one (none for X.509), a session, the sender and receiver links.
-    pub async fn open<S>(stream: S, request: &ClientRequest, host: &str, client_version: &str) -> Result<AmqpSession, ProvisionError>
+    pub async fn open<S>(
+        stream: S,
+        request: &ClientRequest,
+        host: &str,
+        client_version: &str,
+    ) -> Result<AmqpSession, ProvisionError>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + std::fmt::Debug + Send + Unpin + 'static,
     {
@@ -147,7 +159,10 @@ impl AmqpSession {
             builder.open_with_stream(stream).await
         } else {
             builder
-                .sasl_profile(SaslProfile::Plain { username: address.clone(), password: request.authorization.clone() })
+                .sasl_profile(SaslProfile::Plain {
+                    username: address.clone(),
+                    password: request.authorization.clone(),
+                })
                 .open_with_stream(stream)
                 .await
         }
@@ -268,9 +283,15 @@ mod tests {
 
     #[test]
     fn responses_become_statuses_by_their_json() {
-        let r = response_to_raw(&message(r#"{"status":"assigning"}"#, &[("retry-after", SimpleValue::Int(3))])).unwrap();
+        let r =
+            response_to_raw(&message(r#"{"status":"assigning"}"#, &[("retry-after", SimpleValue::Int(3))]))
+                .unwrap();
         assert_eq!((r.status, r.retry_after), (202, Some(3)));
-        let r = response_to_raw(&message(r#"{"status":"assigned"}"#, &[("Retry-After", SimpleValue::String("2".into()))])).unwrap();
+        let r = response_to_raw(&message(
+            r#"{"status":"assigned"}"#,
+            &[("Retry-After", SimpleValue::String("2".into()))],
+        ))
+        .unwrap();
         assert_eq!((r.status, r.retry_after), (200, Some(2)));
         assert!(response_to_raw(&message("not json", &[])).is_err());
         let mut m = message("{}", &[]);

@@ -119,7 +119,9 @@ async fn provisions_over_amqp_with_individual_and_group_keys() {
     let server = start(dir.path()).await;
     enroll(&server, "client-amqp-1").await;
     let result =
-        provision(options(&server, Transport::Amqp, "client-amqp-1", Auth::SymmetricKey(device_key()))).await.unwrap();
+        provision(options(&server, Transport::Amqp, "client-amqp-1", Auth::SymmetricKey(device_key())))
+            .await
+            .unwrap();
     assert_eq!(result.assigned_hub, "hub-1.localhost");
     assert_eq!(result.device_id, "client-amqp-1");
     assert!(result.substatus.is_some());
@@ -129,12 +131,15 @@ async fn provisions_over_amqp_with_individual_and_group_keys() {
     let group = svc.show(Kind::Group, "group-amqp", true).await.unwrap();
     let group_key =
         SymmetricKey::parse(group["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap()).unwrap();
-    let result =
-        provision(options(&server, Transport::Amqp, "group-amqp-1", Auth::GroupKey(group_key))).await.unwrap();
+    let result = provision(options(&server, Transport::Amqp, "group-amqp-1", Auth::GroupKey(group_key)))
+        .await
+        .unwrap();
     assert_eq!(result.device_id, "group-amqp-1");
     // A wrong key is refused at SASL (outcome auth), reported as a 401 refusal.
     let wrong = SymmetricKey::from_bytes(vec![42; 32]);
-    let e = provision(options(&server, Transport::Amqp, "group-amqp-2", Auth::GroupKey(wrong))).await.unwrap_err();
+    let e = provision(options(&server, Transport::Amqp, "group-amqp-2", Auth::GroupKey(wrong)))
+        .await
+        .unwrap_err();
     assert!(matches!(e, ProvisionError::Refused { status: 401, .. }), "{e:?}");
     server.shutdown().await.unwrap();
 }

@@ -19,7 +19,9 @@ fn incident(e: ProvisionError) -> Incident {
     match e {
         // SASL outcome `auth` (a refused SAS): counted like an MQTT CONNACK refusal.
         ProvisionError::Refused { status: 401, reason } => Incident::new(Failure::Code(401_000), reason),
-        ProvisionError::Refused { status, reason } => Incident::new(Failure::Code(u32::from(status) * 1000), reason),
+        ProvisionError::Refused { status, reason } => {
+            Incident::new(Failure::Code(u32::from(status) * 1000), reason)
+        }
         other => Incident::new(Failure::Connection, other.to_string()),
     }
 }

@@ -32,6 +32,11 @@ use dps_core::{
     run_blocking, AccessPolicy, Engine, EngineConfig, HttpRequest, LinkedHub, Reply, Rights, OWNER_POLICY,
 };
 use dps_store::MemoryStore;
+use fe2o3_amqp::acceptor::sasl_acceptor::SaslServerFrame;
+use fe2o3_amqp::acceptor::{ConnectionAcceptor, LinkAcceptor, LinkEndpoint, SaslAcceptor, SessionAcceptor};
+use fe2o3_amqp::types::messaging::{ApplicationProperties, Body, Message, Properties};
+use fe2o3_amqp::types::primitives::{Array, Binary, SimpleValue, Symbol, Value};
+use fe2o3_amqp::types::sasl::{SaslCode, SaslInit, SaslOutcome, SaslResponse};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -43,11 +48,6 @@ use rumqttc::mqttbytes::v4::{
     ConnAck, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode,
 };
 use rumqttc::mqttbytes::QoS;
-use fe2o3_amqp::acceptor::sasl_acceptor::SaslServerFrame;
-use fe2o3_amqp::acceptor::{ConnectionAcceptor, LinkAcceptor, LinkEndpoint, SaslAcceptor, SessionAcceptor};
-use fe2o3_amqp::types::messaging::{ApplicationProperties, Body, Message, Properties};
-use fe2o3_amqp::types::primitives::{Array, Binary, SimpleValue, Symbol, Value};
-use fe2o3_amqp::types::sasl::{SaslCode, SaslInit, SaslOutcome, SaslResponse};
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -261,7 +261,14 @@ impl BaselineServer {
         runtime.spawn(serve_https(https, acceptor.clone(), replies.clone()));
         runtime.spawn(serve_mqtt(mqtt, acceptor.clone(), replies.clone()));
         runtime.spawn(serve_amqp(amqp, acceptor, replies));
-        Ok(BaselineServer { https_addr, mqtt_addr, amqp_addr, ca_pem: pki.ca_pem, threads, runtime: Some(runtime) })
+        Ok(BaselineServer {
+            https_addr,
+            mqtt_addr,
+            amqp_addr,
+            ca_pem: pki.ca_pem,
+            threads,
+            runtime: Some(runtime),
+        })
     }
 
     /// The HTTPS listener's address.
@@ -483,8 +490,8 @@ where
         let reply = if register { &replies.register } else { &replies.poll };
         let correlation_id = message.properties.as_ref().and_then(|p| p.correlation_id.clone());
         receiver.accept(&delivery).await.map_err(|e| e.to_string())?;
-        let mut response = Message::builder()
-            .properties(Properties { correlation_id, ..Properties::default() });
+        let mut response =
+            Message::builder().properties(Properties { correlation_id, ..Properties::default() });
         if let Some(secs) = reply.retry_after {
             let secs = i32::try_from(secs).unwrap_or(i32::MAX);
             response = response.application_properties(

@@ -154,8 +154,14 @@ pub async fn run_baseline(
     .await
     .map_err(|e| Error::Config(format!("starting the baseline server process: {e}")))??;
     let ready = server.ready().clone();
-    let endpoint =
-        Endpoint::new(ready.https, ready.mqtt, ready.amqp, &bind.to_string(), ready.ca_pem.as_bytes(), load.tls)?;
+    let endpoint = Endpoint::new(
+        ready.https,
+        ready.mqtt,
+        ready.amqp,
+        &bind.to_string(),
+        ready.ca_pem.as_bytes(),
+        load.tls,
+    )?;
     let target = Arc::new(endpoint.target(protocol)?);
     let output = run_load(protocol, target, set, &load.options(label), &server.cpu()).await;
     let _ = tokio::task::spawn_blocking(move || drop(server)).await;
@@ -477,8 +483,14 @@ pub async fn run_bench(plan: &BenchPlan, source: ServerSource) -> Result<BenchRe
             let server = SpawnedServer::start(&spawn.settings, "dps-server-1.log", spawn.timeout).await?;
             let (ca_pem, credentials) = read_data_dir(&spawn.settings)?;
             let s = &spawn.settings;
-            let endpoint =
-                Endpoint::new(s.https_addr(), s.mqtt_addr(), s.amqp_addr(), &s.host.to_string(), &ca_pem, plan.load.tls)?;
+            let endpoint = Endpoint::new(
+                s.https_addr(),
+                s.mqtt_addr(),
+                s.amqp_addr(),
+                &s.host.to_string(),
+                &ca_pem,
+                plan.load.tls,
+            )?;
             let cpu = ServerCpu::Process(server.pid());
             (endpoint, s.id_scope.clone(), Some(credentials), Some(server), cpu, "dps-server")
         }

@@ -41,7 +41,12 @@ pub fn now() -> Timestamp {
 
 /// A device SAS token as the SDKs make it (URL-encoded `sr`, `skn=registration`).
 pub fn token(id: &str, k: &SymmetricKey) -> String {
-    build_token(k, &encode_resource(&device_resource(SCOPE, id)), now().unix_seconds() + 3600, Some("registration"))
+    build_token(
+        k,
+        &encode_resource(&device_resource(SCOPE, id)),
+        now().unix_seconds() + 3600,
+        Some("registration"),
+    )
 }
 
 pub fn address(id: &str) -> String {
@@ -67,7 +72,8 @@ impl EngineHandler {
             rights: Rights::ALL,
         });
         let hubs = Arc::new(MemoryHubDirectory::new());
-        let host = Host::builder(config).store(Arc::new(MemoryStore::new())).hubs(hubs.clone()).build().unwrap();
+        let host =
+            Host::builder(config).store(Arc::new(MemoryStore::new())).hubs(hubs.clone()).build().unwrap();
         Arc::new(EngineHandler { host, hubs })
     }
 
@@ -111,7 +117,8 @@ pub fn spawn_server<H: DeviceHandler>(
     certificates: Option<Vec<Vec<u8>>>,
 ) -> (DuplexStream, JoinHandle<Result<(), AmqpError>>) {
     let (client, server) = tokio::io::duplex(256 * 1024);
-    let task = tokio::spawn(async move { serve_connection_with_peer(server, handler, &limits, certificates).await });
+    let task =
+        tokio::spawn(async move { serve_connection_with_peer(server, handler, &limits, certificates).await });
     (client, task)
 }
 
@@ -152,7 +159,8 @@ impl Device {
         body: Option<&[u8]>,
         correlation: Option<&str>,
     ) -> Result<Message<Body<Value>>, Option<AmqpErrorFrame>> {
-        let mut props = ApplicationProperties::builder().insert("iotdps-operation-type", SimpleValue::String(operation.into()));
+        let mut props = ApplicationProperties::builder()
+            .insert("iotdps-operation-type", SimpleValue::String(operation.into()));
         if let Some(id) = operation_id {
             props = props.insert("iotdps-operation-id", SimpleValue::String(id.into()));
         }
@@ -164,7 +172,10 @@ impl Device {
             .application_properties(props.build())
             .data(Data(Binary::from(body.unwrap_or_default().to_vec())))
             .build();
-        match tokio::time::timeout(Duration::from_secs(30), self.sender.send(message)).await.expect("no outcome") {
+        match tokio::time::timeout(Duration::from_secs(30), self.sender.send(message))
+            .await
+            .expect("no outcome")
+        {
             Ok(Outcome::Accepted(_)) => {}
             Ok(Outcome::Rejected(r)) => return Err(r.error),
             other => panic!("unexpected outcome {other:?}"),
