@@ -62,12 +62,14 @@ pub fn parse_request(message: &Message<Body<Value>>) -> Result<AmqpRequest, DpsE
             let id = match property(OPERATION_ID) {
                 Some(SimpleValue::String(s)) => s.as_str(),
                 Some(SimpleValue::Symbol(s)) => s.0.as_str(),
-                _ => return Err(DpsError::with_message(
-                    ErrorCode::InvalidIdentifier,
-                    format!(
+                _ => {
+                    return Err(DpsError::with_message(
+                        ErrorCode::InvalidIdentifier,
+                        format!(
                         "an operation-status request needs the string application property '{OPERATION_ID}'"
                     ),
-                )),
+                    ))
+                }
             };
             // The body of a status request is ignored: C sends the register JSON, C# an amqp-value string.
             return Ok(AmqpRequest {

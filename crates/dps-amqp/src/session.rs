@@ -15,7 +15,7 @@ use fe2o3_amqp::acceptor::{
 use fe2o3_amqp::link::receiver::CreditMode;
 use fe2o3_amqp::link::{LinkStateError, RecvError};
 use fe2o3_amqp::types::definitions::{AmqpError as Condition, Error as AmqpErrorFrame, ErrorCondition, Role};
-use fe2o3_amqp::types::messaging::{Body, Data, Message, MessageId, TargetArchetype};
+use fe2o3_amqp::types::messaging::{Body, Data, Message, MessageId, Source, Target, TargetArchetype};
 use fe2o3_amqp::types::performatives::Attach;
 use fe2o3_amqp::types::primitives::Value;
 use fe2o3_amqp::{Delivery, Receiver, Sender};
@@ -39,6 +39,9 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// The attach property with the device's api-version.
 const API_VERSION_PROPERTY: &str = "com.microsoft:api-version";
+
+/// `fe2o3-amqp`'s link acceptor with its default (no dynamic) terminus handlers.
+type DefaultLinkAcceptor = LinkAcceptor<fn(Source) -> Option<Source>, fn(Target) -> Option<Target>>;
 
 /// What the sessions of one connection share.
 struct Shared<H> {
@@ -283,10 +286,7 @@ async fn recv(
 async fn on_attach<H: DeviceHandler>(
     attach: Attach,
     session: &mut ListenerSessionHandle,
-    acceptor: &LinkAcceptor<
-        fn(fe2o3_amqp::types::messaging::Source) -> Option<fe2o3_amqp::types::messaging::Source>,
-        fn(fe2o3_amqp::types::messaging::Target) -> Option<fe2o3_amqp::types::messaging::Target>,
-    >,
+    acceptor: &DefaultLinkAcceptor,
     shared: &Shared<H>,
     links: &mut SessionLinks,
 ) -> Result<(), AmqpError> {
