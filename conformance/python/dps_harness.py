@@ -262,8 +262,9 @@ def x509_group(group_id, primary=None, secondary=None, ca_references=None, **ext
 class DpsServer:
     """One `dps-server run` on its own loopback address and fresh data directory."""
 
-    def __init__(self, ip, retry_after_secs=1, admin_port=None):
+    def __init__(self, ip, retry_after_secs=1, admin_port=None, extra_config=""):
         self.ip = ip
+        self.extra_config = extra_config  # TOML appended to the generated configuration (whole tables)
         self.retry_after_secs = retry_after_secs
         self.admin_port = admin_port  # plain HTTP /health + /metrics on ip:admin_port when set
         self.data_dir = Path(tempfile.mkdtemp(prefix=f"dps-conformance-py-{ip}-"))
@@ -289,7 +290,7 @@ class DpsServer:
             f'amqp = "{self.ip}:5671"\n'
             + (f'admin = "{self.ip}:{self.admin_port}"\n' if self.admin_port else "")
             + "[tls]\n"
-            f'subject_alt_names = ["{self.ip}", "localhost"]\n' + hubs
+            f'subject_alt_names = ["{self.ip}", "localhost"]\n' + hubs + self.extra_config
         )
 
     def start(self):

@@ -631,6 +631,65 @@ pub enum RegistrationAction {
     List(RegistrationList),
     /// Delete a device's registration state.
     Delete(RegistrationOne),
+    /// Explain what a registration of this device would do (matched enrollment, candidate hubs, chosen
+    /// hub and why, reprovisioning), without changing anything.
+    Explain(RegistrationExplain),
+}
+
+/// `registration explain`.
+#[derive(Debug, Clone, Args)]
+pub struct RegistrationExplain {
+    /// Connection.
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// Registration ID.
+    #[arg(long)]
+    pub registration_id: String,
+    /// A hypothetical device of this enrollment group.
+    #[arg(long)]
+    pub group: Option<String>,
+    /// The device's symmetric key (base64).
+    #[arg(long)]
+    pub device_key: Option<String>,
+    /// The device's certificate chain (PEM, leaf first).
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    /// The device's IP address (lowest-latency allocation).
+    #[arg(long)]
+    pub from: Option<String>,
+    /// The payload the device would send (JSON).
+    #[arg(long)]
+    pub payload: Option<String>,
+}
+
+impl RegistrationExplain {
+    /// The explain request body.
+    pub fn body(&self) -> Result<Value, ServerError> {
+        let mut body = serde_json::json!({});
+        if let Some(g) = &self.group {
+            body["enrollmentGroupId"] = Value::String(g.clone());
+        }
+        if let Some(k) = &self.device_key {
+            body["deviceKey"] = Value::String(k.clone());
+        }
+        if let Some(path) = &self.cert {
+            let pem = std::fs::read(path)
+                .map_err(|e| ServerError::Client(format!("--cert {}: {e}", path.display())))?;
+            let certs = dps_client::tls::certificates(&pem)
+                .map_err(|e| ServerError::Client(format!("--cert {}: {e}", path.display())))?;
+            use base64::Engine as _;
+            let b64 = base64::engine::general_purpose::STANDARD;
+            body["certificates"] = certs.iter().map(|c| Value::String(b64.encode(c.as_ref()))).collect();
+        }
+        if let Some(ip) = &self.from {
+            body["clientAddress"] = Value::String(ip.clone());
+        }
+        if let Some(p) = &self.payload {
+            body["payload"] = serde_json::from_str(p)
+                .map_err(|e| ServerError::Client(format!("--payload is not JSON: {e}")))?;
+        }
+        Ok(body)
+    }
 }
 
 /// `certificate upload`.
@@ -972,6 +1031,19 @@ pub async fn run_admin(command: Command) -> ExitCode {
                     finish(c.delete_registration(&a.registration_id, a.etag.as_deref()).await.map(|()| None))
                 }
                 Err(e) => fail(e),
+            },
+            RegistrationAction::Explain(a) => match (service_client(&a.connect), a.body()) {
+                (Ok(c), Ok(body)) => finish(
+                    c.call(
+                        "POST",
+                        &format!("/registrations/{}/explain", a.registration_id),
+                        Some(&body),
+                        &[],
+                    )
+                    .await
+                    .map(Some),
+                ),
+                (Err(e), _) | (_, Err(e)) => fail(e),
             },
         },
         Command::Certificate { action } => run_certificate(action).await,

@@ -151,6 +151,7 @@ async fn plain<H: DeviceHandler>(init: SaslInit, handler: &H) -> Result<Identity
         api_version: None,
         credential: Credential::from_transport(Some(token.clone()), None),
         body: Vec::new(),
+        client_address: None,
     };
     let verdict = handler.handle(check).await;
     if verdict.status < 300 {

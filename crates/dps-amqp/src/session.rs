@@ -393,6 +393,8 @@ async fn on_request<H: DeviceHandler>(
                 api_version: api_version.clone(),
                 credential: Credential::from_transport(token, shared.client_certificates.clone()),
                 body: request.body,
+                // The server's handler fills in the peer address.
+                client_address: None,
             };
             // The handler call runs on a task of its own, so it completes even if this connection's future
             // is dropped (the store is never left half-written because a device went away).

@@ -133,6 +133,15 @@ pub enum ServiceCommand {
         /// Its registration ID.
         registration_id: RegistrationId,
     },
+    /// Explain, without changing anything, what a registration of this device would do: which enrollment
+    /// matches, which hubs are candidates and why, which hub the policy chooses, what the reprovision
+    /// policy does (an extension of this service; see [`crate::explain`]).
+    Explain {
+        /// The registration ID.
+        registration_id: RegistrationId,
+        /// The device to explain (credential, address, payload).
+        request: Box<dps_proto::allocation::ExplainRequest>,
+    },
     /// Delete a device registration state (the device may then register through another enrollment).
     DeleteRegistration {
         /// Its registration ID.
@@ -221,6 +230,7 @@ impl ServiceCommand {
             | C::DeleteGroup { .. }
             | C::BulkGroups(_) => Rights::ENROLLMENT_WRITE,
             C::GetRegistration { .. } | C::QueryRegistrations { .. } => Rights::REGISTRATION_STATUS_READ,
+            C::Explain { .. } => Rights::ENROLLMENT_READ.union(Rights::REGISTRATION_STATUS_READ),
             C::DeleteRegistration { .. } => Rights::REGISTRATION_STATUS_WRITE,
             C::PutCertificate { .. }
             | C::GetCertificate { .. }
@@ -259,6 +269,7 @@ impl ServiceCommand {
             | C::DeleteCertificate { .. }
             | C::GenerateVerificationCode { .. }
             | C::VerifyCertificate { .. }
+            | C::Explain { .. }
             | C::QueryAudit { .. } => return None,
         })
     }

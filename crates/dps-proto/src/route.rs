@@ -89,6 +89,11 @@ pub enum Route {
         /// The registration ID.
         id: RegistrationId,
     },
+    /// Service API extension: `POST /registrations/{registrationId}/explain` (dry run of a registration).
+    ExplainRegistration {
+        /// The registration ID.
+        id: RegistrationId,
+    },
     /// Service API: `DELETE /registrations/{registrationId}`.
     DeleteRegistration {
         /// The registration ID.
@@ -181,6 +186,8 @@ enum Shape<'a> {
     Registration(&'a str),
     /// `/registrations/{groupId}/query`
     RegistrationQuery(&'a str),
+    /// `/registrations/{id}/explain`
+    RegistrationExplain(&'a str),
     /// `/certificates`
     Certificates,
     /// `/certificates/{name}`
@@ -229,6 +236,9 @@ fn shape<'a>(segs: &[&'a str]) -> Option<Shape<'a>> {
         [first, name, action] if is(first, "certificates") => Some(Shape::CertificateAction(name, action)),
         [first, id] if is(first, "registrations") => Some(Shape::Registration(id)),
         [first, id, q] if is(first, "registrations") && is(q, "query") => Some(Shape::RegistrationQuery(id)),
+        [first, id, e] if is(first, "registrations") && is(e, "explain") => {
+            Some(Shape::RegistrationExplain(id))
+        }
         [scope, regs, id] if is(regs, "registrations") => Some(Shape::DeviceRegistration(scope, id)),
         [scope, regs, id, reg] if is(regs, "registrations") && is(reg, "register") => {
             Some(Shape::DeviceRegister(scope, id))
@@ -321,6 +331,10 @@ pub fn parse_route(method: &str, path_and_query: &str) -> Result<RouteMatch, Dps
             "GET" => Route::GetRegistration { id: RegistrationId::parse(id)? },
             "DELETE" => Route::DeleteRegistration { id: RegistrationId::parse(id)? },
             _ => return Err(method_not_allowed(method, path, "GET, DELETE")),
+        },
+        Shape::RegistrationExplain(id) => match m {
+            "POST" => Route::ExplainRegistration { id: RegistrationId::parse(id)? },
+            _ => return Err(method_not_allowed(method, path, "POST")),
         },
         Shape::RegistrationQuery(group) => match m {
             "POST" => Route::QueryRegistrations { group_id: EnrollmentGroupId::parse(group)? },

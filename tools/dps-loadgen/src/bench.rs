@@ -317,6 +317,19 @@ impl BenchResult {
             }
             let mut rate = fmt_ratio(c.rate_ratio());
             let mut cpu = fmt_ratio(c.cpu_bound_ratio(self.cores));
+            let hashed = self
+                .comparisons
+                .iter()
+                .find(|h| h.round == c.round && h.protocol == Protocol::Https)
+                .map(|h| &h.server);
+            if let (Protocol::Custom, Some(h)) = (c.protocol, hashed) {
+                let vs = |x: Option<f64>, y: Option<f64>| fmt_ratio(x.zip(y).map(|(x, y)| x / y));
+                rate = format!("{rate} ({} of hashed https)", vs(Some(c.server.rate()), Some(h.rate())));
+                cpu = format!(
+                    "{cpu} ({} of hashed https)",
+                    vs(c.server.cpu_bound_rate(self.cores), h.cpu_bound_rate(self.cores))
+                );
+            }
             if let (Protocol::Mqtt | Protocol::X509 | Protocol::X509Mqtt | Protocol::Amqp, Some(h)) =
                 (c.protocol, https_baseline)
             {
@@ -336,6 +349,20 @@ impl BenchResult {
                 .map(|(p, r, c)| format!("{} {} (CPU-bound {})", p.as_str(), fmt_ratio(*r), fmt_ratio(*c)))
                 .collect();
             let _ = writeln!(s, "\nMedian ratio to the baseline over {rounds} rounds: {}.", parts.join("; "));
+        }
+        let custom_vs_hashed: Vec<f64> = self
+            .comparisons
+            .iter()
+            .filter(|c| c.protocol == Protocol::Custom)
+            .filter_map(|c| {
+                let h =
+                    self.comparisons.iter().find(|h| h.round == c.round && h.protocol == Protocol::Https)?;
+                (h.server.rate() > 0.0).then(|| c.server.rate() / h.server.rate())
+            })
+            .collect();
+        if let Some(m) = median(custom_vs_hashed) {
+            let _ =
+                writeln!(s, "\nCustom allocation (webhook) / hashed allocation, median over rounds: {m:.2}.");
         }
         if let Some(v) = &self.verification {
             let _ = writeln!(s, "\nDurability ({}): {}", self.verification_method, v.summary());
@@ -504,7 +531,8 @@ pub async fn run_bench(plan: &BenchPlan, source: ServerSource) -> Result<BenchRe
         Some(c) => Some(ServiceClient::new(endpoint.target(Protocol::Https)?, c)),
         None => None,
     };
-    let symmetric = plan.protocols.iter().any(|p| !p.is_x509());
+    let symmetric = plan.protocols.iter().any(|p| !p.is_x509() && *p != Protocol::Custom);
+    let custom = plan.protocols.contains(&Protocol::Custom);
     let x509 = plan.protocols.iter().any(|p| p.is_x509());
     let group_key = match (&source, &service) {
         _ if !symmetric => SymmetricKey::from_bytes(Vec::new()),
@@ -535,6 +563,17 @@ pub async fn run_bench(plan: &BenchPlan, source: ServerSource) -> Result<BenchRe
     };
 
     let bind = endpoint.https.ip();
+    // Custom allocation: a local webhook and a group of its own pointing at it.
+    let (webhook, custom_key) = if custom {
+        let service = service.as_ref().ok_or_else(|| {
+            Error::Config("the custom mode creates its group through the service API: pass --data-dir".into())
+        })?;
+        let webhook = crate::webhook::LocalWebhook::start(bind).await?;
+        let key = service.setup_custom_group(&custom_group_id(plan), &webhook.url()).await?;
+        (Some(webhook), Some(key))
+    } else {
+        (None, None)
+    };
     let mut all_assignments: Vec<Assignment> = Vec::new();
     let mut leaves = (0usize, Duration::ZERO);
     let rounds = plan.rounds.max(1);
@@ -558,7 +597,10 @@ pub async fn run_bench(plan: &BenchPlan, source: ServerSource) -> Result<BenchRe
                     }
                     set
                 }
-                _ => DeviceSet::new(&id_scope, group_key.clone(), &prefix)?,
+                _ => match (&custom_key, protocol) {
+                    (Some(key), Protocol::Custom) => DeviceSet::new(&id_scope, key.clone(), &prefix)?,
+                    _ => DeviceSet::new(&id_scope, group_key.clone(), &prefix)?,
+                },
             };
             let set = Arc::new(set);
             let baseline = if plan.baseline {
@@ -573,6 +615,15 @@ pub async fn run_bench(plan: &BenchPlan, source: ServerSource) -> Result<BenchRe
             all_assignments.extend(out.assignments);
             result.comparisons.push(Comparison { protocol, round, baseline, server: out.report });
         }
+    }
+    if let Some(webhook) = &webhook {
+        result.notes.push(format!(
+            "custom: devices of the group '{}' (allocationPolicy custom), each allocated by a call of the server to \
+             a local plain-HTTP webhook in the load generator's process (keep-alive; it answered {} calls), \
+             compared with the hashed `https` run of the same round; its baseline is the HTTPS one.",
+            custom_group_id(plan),
+            webhook.calls()
+        ));
     }
     if leaves.0 > 0 {
         result.notes.push(format!(
@@ -599,7 +650,7 @@ pub async fn run_bench(plan: &BenchPlan, source: ServerSource) -> Result<BenchRe
                 );
                 let restarted =
                     SpawnedServer::start(&spawn.settings, "dps-server-2.log", spawn.timeout).await?;
-                let states = all_states(service, plan, symmetric, x509).await;
+                let states = all_states(service, plan, symmetric, x509, custom).await;
                 let stopped = restarted.stop(StopSignal::Term, spawn.timeout).await;
                 let verification = verify_assignments(&all_assignments, &states?);
                 stopped?;
@@ -611,7 +662,7 @@ pub async fn run_bench(plan: &BenchPlan, source: ServerSource) -> Result<BenchRe
             }
             (_, server, Some(service)) => {
                 spawned = server;
-                let states = all_states(service, plan, symmetric, x509).await?;
+                let states = all_states(service, plan, symmetric, x509, custom).await?;
                 result.verification_method =
                     "every assignment a device was told about, read back through the service API (server not restarted)"
                         .to_owned();
@@ -643,12 +694,18 @@ pub async fn run_bench(plan: &BenchPlan, source: ServerSource) -> Result<BenchRe
     Ok(result)
 }
 
-/// The registration states of the symmetric-key group and of the X.509 group, as far as used.
+/// The group of the `custom` mode's devices.
+fn custom_group_id(plan: &BenchPlan) -> String {
+    format!("{}-custom", plan.group_id)
+}
+
+/// The registration states of the symmetric-key, X.509 and custom-allocation groups, as far as used.
 async fn all_states(
     service: &ServiceClient,
     plan: &BenchPlan,
     symmetric: bool,
     x509: bool,
+    custom: bool,
 ) -> Result<Vec<dps_core::proto::model::DeviceRegistrationState>, Error> {
     let mut states = Vec::new();
     if symmetric {
@@ -656,6 +713,9 @@ async fn all_states(
     }
     if x509 {
         states.extend(service.registration_states(&plan.x509_group_id).await?);
+    }
+    if custom {
+        states.extend(service.registration_states(&custom_group_id(plan)).await?);
     }
     Ok(states)
 }

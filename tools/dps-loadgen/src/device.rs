@@ -32,10 +32,13 @@ pub enum Protocol {
     /// AMQP 1.0 over TLS (SASL PLAIN with the SAS token, a sender and a receiver link, one message per
     /// request).
     Amqp,
+    /// Symmetric-key devices over HTTPS in a custom-allocation group: the server calls a local webhook
+    /// (kept alive) for every registration. Compared with `https` (hashed) in the same run.
+    Custom,
 }
 
 impl Protocol {
-    /// `https`, `mqtt`, `x509`, `x509-mqtt` or `amqp`.
+    /// `https`, `mqtt`, `x509`, `x509-mqtt`, `amqp` or `custom`.
     pub fn as_str(self) -> &'static str {
         match self {
             Protocol::Https => "https",
@@ -43,13 +46,14 @@ impl Protocol {
             Protocol::X509 => "x509",
             Protocol::X509Mqtt => "x509-mqtt",
             Protocol::Amqp => "amqp",
+            Protocol::Custom => "custom",
         }
     }
 
     /// The wire transport: [`Protocol::Https`], [`Protocol::Mqtt`] or [`Protocol::Amqp`].
     pub fn transport(self) -> Protocol {
         match self {
-            Protocol::Https | Protocol::X509 => Protocol::Https,
+            Protocol::Https | Protocol::X509 | Protocol::Custom => Protocol::Https,
             Protocol::Mqtt | Protocol::X509Mqtt => Protocol::Mqtt,
             Protocol::Amqp => Protocol::Amqp,
         }

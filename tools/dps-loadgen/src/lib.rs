@@ -32,6 +32,7 @@ pub mod server;
 pub mod service;
 pub mod stats;
 pub mod tls;
+pub mod webhook;
 pub mod x509;
 
 /// Why the load generator could not set up or finish (errors of individual devices are counted in a

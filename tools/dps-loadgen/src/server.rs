@@ -80,6 +80,13 @@ struct ConfigFile<'a> {
     listen: Listen,
     tls: Tls,
     linked_hubs: Vec<Hub<'a>>,
+    custom_allocation: CustomAllocation,
+}
+
+#[derive(Serialize)]
+struct CustomAllocation {
+    /// The `custom` mode's webhook is plain HTTP on loopback.
+    allow_http: bool,
 }
 
 #[derive(Serialize)]
@@ -130,6 +137,7 @@ impl ServerSettings {
             },
             tls: Tls { subject_alt_names: vec![self.host.to_string(), "localhost".to_owned()] },
             linked_hubs: self.hubs.iter().map(|h| Hub { host_name: h }).collect(),
+            custom_allocation: CustomAllocation { allow_http: true },
         };
         toml::to_string(&file).map_err(|e| Error::Config(format!("writing the server configuration: {e}")))
     }

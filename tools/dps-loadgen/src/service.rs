@@ -119,6 +119,23 @@ impl ServiceClient {
         self.put_replacing(&path, &group, &format!("creating X.509 enrollment group '{group_id}'")).await
     }
 
+    /// Creates or replaces the symmetric-key enrollment group `group_id` with custom allocation through
+    /// `webhook_url` (the `custom` mode) and returns its primary key.
+    pub async fn setup_custom_group(&self, group_id: &str, webhook_url: &str) -> Result<SymmetricKey, Error> {
+        let key = SymmetricKey::from_bytes((0..64u8).map(|b| b.wrapping_mul(37).wrapping_add(11)).collect());
+        let group = serde_json::json!({
+            "enrollmentGroupId": group_id,
+            "attestation": {"type": "symmetricKey",
+                "symmetricKey": {"primaryKey": key.to_base64(), "secondaryKey": key.to_base64()}},
+            "provisioningStatus": "enabled",
+            "allocationPolicy": "custom",
+            "customAllocationDefinition": {"webhookUrl": webhook_url, "apiVersion": "2021-10-01"},
+        });
+        let path = format!("/enrollmentGroups/{group_id}");
+        self.put_replacing(&path, &group, &format!("creating custom-allocation group '{group_id}'")).await?;
+        Ok(key)
+    }
+
     /// PUT, with `If-Match` of the current ETag when the object exists already.
     async fn put_replacing(&self, path: &str, body: &serde_json::Value, what: &str) -> Result<(), Error> {
         let current = self.call("GET", path, None, &[]).await?;
