@@ -287,6 +287,7 @@ class DpsServer:
             "[listen]\n"
             f'https = "{self.ip}:443"\n'
             f'mqtt = "{self.ip}:8883"\n'
+            f'amqp = "{self.ip}:5671"\n'
             + (f'admin = "{self.ip}:{self.admin_port}"\n' if self.admin_port else "")
             + "[tls]\n"
             f'subject_alt_names = ["{self.ip}", "localhost"]\n' + hubs + self.extra_config

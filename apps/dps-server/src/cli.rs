@@ -283,6 +283,9 @@ pub struct RunArgs {
     /// MQTT over TLS listen address ip:port, "" disables [env: DPS_MQTT_LISTEN].
     #[arg(long, value_name = "ADDR")]
     pub mqtt_listen: Option<String>,
+    /// AMQP 1.0 over TLS listen address ip:port, "" disables [env: DPS_AMQP_LISTEN].
+    #[arg(long, value_name = "ADDR")]
+    pub amqp_listen: Option<String>,
     /// Admin (plain HTTP /health, /metrics) listen address, "" disables [env: DPS_ADMIN_LISTEN].
     #[arg(long, value_name = "ADDR")]
     pub admin_listen: Option<String>,
@@ -310,6 +313,7 @@ impl RunArgs {
             max_connections: self.max_connections.clone(),
             https_listen: self.https_listen.clone(),
             mqtt_listen: self.mqtt_listen.clone(),
+            amqp_listen: self.amqp_listen.clone(),
             admin_listen: self.admin_listen.clone(),
             subject_alt_names: (!self.tls_san.is_empty()).then(|| self.tls_san.clone()),
         }

@@ -25,6 +25,7 @@
 //! [listen]
 //! https = "0.0.0.0:443"                  # port 0 = any free port (tests)
 //! mqtt = "0.0.0.0:8883"                  # "" disables
+//! amqp = "0.0.0.0:5671"                  # AMQP 1.0 over TLS; "" disables
 //! admin = ""                             # plain HTTP /health + /metrics, e.g. "127.0.0.1:9090"
 //! [tls]
 //! subject_alt_names = ["localhost", "127.0.0.1"]
@@ -244,6 +245,8 @@ pub struct FileListen {
     pub https: Option<String>,
     /// MQTT over TLS listener (`""` disables).
     pub mqtt: Option<String>,
+    /// AMQP 1.0 over TLS listener (`""` disables).
+    pub amqp: Option<String>,
     /// Plain HTTP admin listener (`""` disables).
     pub admin: Option<String>,
 }
@@ -384,6 +387,8 @@ pub struct Overrides {
     pub https_listen: Option<String>,
     /// `--mqtt-listen` / `DPS_MQTT_LISTEN` (`""` disables).
     pub mqtt_listen: Option<String>,
+    /// `--amqp-listen` / `DPS_AMQP_LISTEN` (`""` disables).
+    pub amqp_listen: Option<String>,
     /// `--admin-listen` / `DPS_ADMIN_LISTEN` (`""` disables).
     pub admin_listen: Option<String>,
     /// `--tls-san` (repeatable) / `DPS_TLS_SANS` (comma-separated).
@@ -407,6 +412,7 @@ impl Overrides {
             max_connections: lookup("DPS_MAX_CONNECTIONS"),
             https_listen: lookup("DPS_HTTPS_LISTEN"),
             mqtt_listen: lookup("DPS_MQTT_LISTEN"),
+            amqp_listen: lookup("DPS_AMQP_LISTEN"),
             admin_listen: lookup("DPS_ADMIN_LISTEN"),
             subject_alt_names: lookup("DPS_TLS_SANS")
                 .map(|v| v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect()),
@@ -449,6 +455,7 @@ impl Overrides {
         num(&mut file.max_connections, &self.max_connections, "max_connections")?;
         set(&mut file.listen.https, &self.https_listen);
         set(&mut file.listen.mqtt, &self.mqtt_listen);
+        set(&mut file.listen.amqp, &self.amqp_listen);
         set(&mut file.listen.admin, &self.admin_listen);
         set(&mut file.tls.subject_alt_names, &self.subject_alt_names);
         Ok(())
@@ -462,6 +469,8 @@ pub struct ListenConfig {
     pub https: SocketAddr,
     /// MQTT over TLS; `None` disables it.
     pub mqtt: Option<SocketAddr>,
+    /// AMQP 1.0 over TLS; `None` disables it.
+    pub amqp: Option<SocketAddr>,
     /// Plain HTTP `/health` and `/metrics`; `None` disables it.
     pub admin: Option<SocketAddr>,
 }
@@ -616,6 +625,7 @@ impl ServerConfig {
             https: parse_listen(file.listen.https.as_deref().unwrap_or("0.0.0.0:443"), "https", false)?
                 .ok_or_else(|| err("listen.https must not be empty"))?,
             mqtt: parse_listen(file.listen.mqtt.as_deref().unwrap_or("0.0.0.0:8883"), "mqtt", true)?,
+            amqp: parse_listen(file.listen.amqp.as_deref().unwrap_or("0.0.0.0:5671"), "amqp", true)?,
             admin: parse_listen(file.listen.admin.as_deref().unwrap_or(""), "admin", true)?,
         };
 
@@ -813,7 +823,7 @@ impl ServerConfig {
     }
 
     /// A configuration for tests and embedding: the given scope and data directory, every listener on
-    /// `127.0.0.1` with port 0 (MQTT on, admin on), defaults otherwise.
+    /// `127.0.0.1` with port 0 (MQTT, AMQP and admin on), defaults otherwise.
     pub fn for_tests(id_scope: &str, data_dir: impl Into<PathBuf>) -> Result<ServerConfig, ConfigError> {
         let file = FileConfig {
             id_scope: Some(id_scope.to_owned()),
@@ -821,6 +831,7 @@ impl ServerConfig {
             listen: FileListen {
                 https: Some("127.0.0.1:0".into()),
                 mqtt: Some("127.0.0.1:0".into()),
+                amqp: Some("127.0.0.1:0".into()),
                 admin: Some("127.0.0.1:0".into()),
             },
             ..FileConfig::default()
@@ -851,6 +862,7 @@ mod tests {
         assert_eq!(c.id_scope.as_str(), "0ne00000001");
         assert_eq!(c.listen.https, "0.0.0.0:443".parse().unwrap());
         assert_eq!(c.listen.mqtt, Some("0.0.0.0:8883".parse().unwrap()));
+        assert_eq!(c.listen.amqp, Some("0.0.0.0:5671".parse().unwrap()));
         assert_eq!(c.listen.admin, None);
         assert_eq!(c.linked_hubs.len(), 1);
         assert_eq!(c.linked_hubs[0].host_name, DEFAULT_HUB);
@@ -877,11 +889,13 @@ mod tests {
             [listen]
             https = "127.0.0.1:1001"
             mqtt = "127.0.0.1:1002"
+            amqp = "127.0.0.1:1003"
             "#,
             "test",
         )
         .unwrap();
         let e = env(&[("DPS_ID_SCOPE", "0ne00000E0E"), ("DPS_DATA_DIR", "/env"), ("DPS_MQTT_LISTEN", "")]);
+        let flags_amqp = Overrides { amqp_listen: Some("127.0.0.1:1004".into()), ..Overrides::default() };
         let flags = Overrides { id_scope: Some("0ne0000F1A6".into()), ..Overrides::default() };
         let c = ServerConfig::resolve(file, &e, &flags).unwrap();
         assert_eq!(c.id_scope.as_str(), "0ne0000F1A6");
@@ -889,6 +903,15 @@ mod tests {
         assert_eq!(c.service_host_name, "file.example");
         assert_eq!(c.listen.https, "127.0.0.1:1001".parse().unwrap());
         assert_eq!(c.listen.mqtt, None);
+        assert_eq!(c.listen.amqp, Some("127.0.0.1:1003".parse().unwrap()));
+        let file =
+            FileConfig::parse("id_scope = \"0ne0000F11E\"\n[listen]\namqp = \"127.0.0.1:1003\"\n", "test")
+                .unwrap();
+        let c = ServerConfig::resolve(file, &env(&[("DPS_AMQP_LISTEN", "")]), &Overrides::default()).unwrap();
+        assert_eq!(c.listen.amqp, None, "the environment disables the AMQP listener");
+        let file = FileConfig::parse("id_scope = \"0ne0000F11E\"\n", "test").unwrap();
+        let c = ServerConfig::resolve(file, &env(&[("DPS_AMQP_LISTEN", "")]), &flags_amqp).unwrap();
+        assert_eq!(c.listen.amqp, Some("127.0.0.1:1004".parse().unwrap()), "the flag wins");
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //!   data-keys.json                the data keys of encryption at rest, wrapped by the KEK
 //!   owner.key                     primary and secondary keys of the provisioningserviceowner policy (sealed)
 //!   connection-string.txt         HostName=…;SharedAccessKeyName=provisioningserviceowner;SharedAccessKey=…
-//!   ready.json                    {"https": "ip:port", "mqtt": "ip:port"|null, "admin": "ip:port"|null}
+//!   ready.json                    {"https": "ip:port", "mqtt": "ip:port"|null, "amqp": "ip:port"|null, "admin": "ip:port"|null}
 //! ```
 //!
 //! Key files (`*.key`, `connection-string.txt`) are written with mode 0600. Every file is written to a
@@ -310,6 +310,9 @@ pub struct Ready {
     pub https: SocketAddr,
     /// MQTT over TLS listener, if enabled.
     pub mqtt: Option<SocketAddr>,
+    /// AMQP over TLS listener, if enabled (absent in files of servers without it).
+    #[serde(default)]
+    pub amqp: Option<SocketAddr>,
     /// Admin listener, if enabled.
     pub admin: Option<SocketAddr>,
 }

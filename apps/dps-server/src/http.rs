@@ -2,7 +2,7 @@
 //! listener (`/health`, `/metrics`). A [`Reply`] becomes an HTTP response here.
 
 use crate::metrics::{Api, Transport};
-use crate::server::{spawn_websocket, ConnPermit, Shared};
+use crate::server::{spawn_amqp_websocket, spawn_websocket, ConnPermit, Shared};
 use crate::state::now;
 use bytes::Bytes;
 use dps_core::proto::id::format_uuid;
@@ -210,6 +210,17 @@ async fn handle_https(mut req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Resp {
         };
         if req.method() != Method::GET {
             return refused(format!("a WebSocket upgrade must use GET, not {}", req.method()));
+        }
+        // AMQP when the client offers `AMQPWSB10`, MQTT otherwise (spec §3.1, §2.1).
+        if dps_amqp::offers_amqp_subprotocol(req.headers()) {
+            return match dps_amqp::websocket_upgrade_response(req.headers()) {
+                Ok(response) => {
+                    let on_upgrade = hyper::upgrade::on(&mut req);
+                    spawn_amqp_websocket(Arc::clone(&ctx), on_upgrade);
+                    response.map(|()| Full::new(Bytes::new()))
+                }
+                Err(e) => refused(e.to_string()),
+            };
         }
         return match dps_mqtt::websocket_upgrade_response(req.headers()) {
             Ok(response) => {

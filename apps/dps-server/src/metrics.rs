@@ -2,10 +2,10 @@
 //!
 //! | metric | type | labels |
 //! |---|---|---|
-//! | `dps_registrations_total` | counter | `transport` (https, mqtt, websocket), `status_class` (2xx, 4xx, 5xx), `error_code` (six digits, or empty) |
+//! | `dps_registrations_total` | counter | `transport` (https, mqtt, websocket, amqp, amqp_websocket), `status_class` (2xx, 4xx, 5xx), `error_code` (six digits, or empty) |
 //! | `dps_registration_duration_seconds` | histogram | — (register requests, from complete request to reply) |
 //! | `dps_requests_total` | counter | `api` (device, service, other), `status_class` |
-//! | `dps_open_connections` | gauge | `transport` (https, mqtt, websocket, admin) |
+//! | `dps_open_connections` | gauge | `transport` (https, mqtt, websocket, amqp, amqp_websocket, admin) |
 //! | `dps_connections_total` | counter | `transport` |
 //! | `dps_connections_refused_total` | counter | `reason` (limit, tls_handshake) |
 //! | `dps_auth_throttled_total` | counter | — (device-API requests refused `429001` because their address made too many failed authentications) |
@@ -31,10 +31,21 @@ pub enum Transport {
     WebSocket,
     /// The plain HTTP admin listener.
     Admin,
+    /// AMQP 1.0 over TLS.
+    Amqp,
+    /// AMQP over WebSocket (on the HTTPS listener).
+    AmqpWebSocket,
 }
 
 impl Transport {
-    const ALL: [Transport; 4] = [Transport::Https, Transport::Mqtt, Transport::WebSocket, Transport::Admin];
+    const ALL: [Transport; 6] = [
+        Transport::Https,
+        Transport::Mqtt,
+        Transport::WebSocket,
+        Transport::Admin,
+        Transport::Amqp,
+        Transport::AmqpWebSocket,
+    ];
 
     /// The label value.
     pub fn label(self) -> &'static str {
@@ -43,6 +54,8 @@ impl Transport {
             Transport::Mqtt => "mqtt",
             Transport::WebSocket => "websocket",
             Transport::Admin => "admin",
+            Transport::Amqp => "amqp",
+            Transport::AmqpWebSocket => "amqp_websocket",
         }
     }
 
@@ -144,8 +157,8 @@ pub struct Metrics {
     pub registration_latency: Histogram,
     /// `CommitRegistration` latency (until durable).
     pub store_commit_latency: Histogram,
-    open: [AtomicI64; 4],
-    accepted: [AtomicU64; 4],
+    open: [AtomicI64; 6],
+    accepted: [AtomicU64; 6],
     refused_limit: AtomicU64,
     refused_address: AtomicU64,
     refused_tls: AtomicU64,

@@ -1,5 +1,5 @@
-//! The server's [`dps_mqtt::DeviceHandler`]: MQTT (over TLS or WebSocket) device requests run through the
-//! shared engine and are counted in the metrics.
+//! The server's [`dps_mqtt::DeviceHandler`] (the same trait as [`dps_amqp::DeviceHandler`]): MQTT and AMQP
+//! (over TLS or WebSocket) device requests run through the shared engine and are counted in the metrics.
 
 use crate::metrics::{Api, Transport};
 use crate::state::{now, AppState};
@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Runs MQTT device requests on the server's [`AppState`].
+/// Runs MQTT and AMQP device requests on the server's [`AppState`].
 #[derive(Debug, Clone)]
 pub struct DeviceApi {
     state: Arc<AppState>,
@@ -20,7 +20,7 @@ pub struct DeviceApi {
 }
 
 impl DeviceApi {
-    /// A handler counting its requests under `transport` (`Mqtt` or `WebSocket`).
+    /// A handler counting its requests under `transport` (`Mqtt`, `WebSocket`, `Amqp`, `AmqpWebSocket`).
     pub fn new(state: Arc<AppState>, transport: Transport) -> Self {
         DeviceApi { state, transport, peer: None }
     }
@@ -58,7 +58,7 @@ impl dps_mqtt::DeviceHandler for DeviceApi {
             if reply.status >= 500 {
                 tracing::warn!(transport = transport.label(), status = reply.status,
                     error_code = ?reply.error_code.map(|c| c.code()), tracking_id = %reply.tracking_id,
-                    "MQTT request failed");
+                    "device request failed");
             }
             reply
         }

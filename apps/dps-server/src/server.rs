@@ -1,11 +1,14 @@
 //! The listeners and connection management.
 //!
 //! - **HTTPS** (`listen.https`): TLS 1.3/1.2, then HTTP/1.1 with upgrades: the device API, the service API,
-//!   `GET /health`, and MQTT over WebSocket (any path, subprotocol `mqtt`).
+//!   `GET /health`, MQTT over WebSocket (any path, subprotocol `mqtt`) and AMQP over WebSocket (any path,
+//!   subprotocol `AMQPWSB10`).
 //! - **MQTT** (`listen.mqtt`): TLS, then MQTT 3.1.1 sessions ([`dps_mqtt::serve_connection`]).
+//! - **AMQP** (`listen.amqp`): TLS, then AMQP 1.0 connections ([`dps_amqp::serve_connection`]); AMQP over
+//!   WebSocket (subprotocol `AMQPWSB10`) rides on the HTTPS listener next to MQTT's.
 //! - **Admin** (`listen.admin`): plain HTTP `/health` and `/metrics`.
 //!
-//! Limits: at most `max_connections` HTTPS + MQTT + WebSocket connections (beyond it a new connection is
+//! Limits: at most `max_connections` HTTPS + MQTT + AMQP + WebSocket connections (beyond it a new connection is
 //! closed at once), a TLS handshake deadline, a request-head deadline (also the keep-alive idle limit,
 //! against slowloris), a request-body deadline and the 96 KB body limit (`413001`).
 //!
@@ -62,12 +65,17 @@ pub(crate) struct Shared {
     pub https_share: Arc<Semaphore>,
     /// The MQTT-over-TLS listener's share of the cap.
     pub mqtt_share: Arc<Semaphore>,
+    /// The AMQP-over-TLS listener's share of the cap.
+    pub amqp_share: Arc<Semaphore>,
     pub admin_connections: Arc<Semaphore>,
     pub tracker: TaskTracker,
     pub phase: watch::Receiver<Phase>,
     pub mqtt_limits: dps_mqtt::MqttLimits,
     pub mqtt_handler: Arc<DeviceApi>,
     pub websocket_handler: Arc<DeviceApi>,
+    pub amqp_limits: dps_amqp::AmqpLimits,
+    pub amqp_handler: Arc<DeviceApi>,
+    pub amqp_websocket_handler: Arc<DeviceApi>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -172,6 +180,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         Some(a) => Some(bind(a, "MQTT").await?),
         None => None,
     };
+    let amqp = match config.listen.amqp {
+        Some(a) => Some(bind(a, "AMQP").await?),
+        None => None,
+    };
     let admin = match config.listen.admin {
         Some(a) => Some(bind(a, "admin").await?),
         None => None,
@@ -179,6 +191,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let ready = Ready {
         https: local_addr(&https)?,
         mqtt: mqtt.as_ref().map(local_addr).transpose()?,
+        amqp: amqp.as_ref().map(local_addr).transpose()?,
         admin: admin.as_ref().map(local_addr).transpose()?,
     };
 
@@ -194,6 +207,17 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
                 + Duration::from_secs(u64::from(config.retry_after_secs)),
             ..Default::default()
         },
+        // The same deadlines for AMQP: its handshake (header, SASL, open) as a CONNECT, and a request
+        // within the Retry-After plus that.
+        amqp_limits: dps_amqp::AmqpLimits {
+            handshake_timeout: config.header_read_timeout,
+            request_idle_timeout: config.header_read_timeout
+                + Duration::from_secs(u64::from(config.retry_after_secs)),
+            ..Default::default()
+        },
+        amqp_handler: Arc::new(DeviceApi::new(Arc::clone(&state), Transport::Amqp)),
+        amqp_websocket_handler: Arc::new(DeviceApi::new(Arc::clone(&state), Transport::AmqpWebSocket)),
+        amqp_share: Arc::new(Semaphore::new(listener_share(config.max_connections))),
         mqtt_handler: Arc::new(DeviceApi::new(Arc::clone(&state), Transport::Mqtt)),
         websocket_handler: Arc::new(DeviceApi::new(Arc::clone(&state), Transport::WebSocket)),
         state: Arc::clone(&state),
@@ -212,6 +236,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     if let Some(l) = mqtt {
         tracker.spawn(accept_loop(l, Arc::clone(&shared), Transport::Mqtt));
     }
+    if let Some(l) = amqp {
+        tracker.spawn(accept_loop(l, Arc::clone(&shared), Transport::Amqp));
+    }
     if let Some(l) = admin {
         tracker.spawn(accept_loop(l, Arc::clone(&shared), Transport::Admin));
     }
@@ -221,6 +248,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     tracing::info!(
         https = %ready.https,
         mqtt = %or_off(ready.mqtt),
+        amqp = %or_off(ready.amqp),
         admin = %or_off(ready.admin),
         data_dir = %data_dir.root().display(),
         id_scope = %shared.config.id_scope.as_str(),
@@ -253,8 +281,9 @@ impl RunningServer {
         s.push_str(&format!(
             "dps-server ready\n\
              \x20 ID scope           {}\n\
-             \x20 HTTPS              {}   (device API, service API, MQTT over WebSocket, /health)\n\
+             \x20 HTTPS              {}   (device API, service API, MQTT and AMQP over WebSocket, /health)\n\
              \x20 MQTT over TLS      {}\n\
+             \x20 AMQP over TLS      {}\n\
              \x20 admin (HTTP)       {}   (/health, /metrics)\n\
              \x20 data directory     {}\n\
              \x20 store              {}\n\
@@ -267,6 +296,7 @@ impl RunningServer {
             self.state.engine.config().id_scope.as_str(),
             self.ready.https,
             or_off(self.ready.mqtt),
+            or_off(self.ready.amqp),
             or_off(self.ready.admin),
             d.root().display(),
             d.database().display(),
@@ -364,7 +394,8 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, transport: Tran
         let share = match transport {
             Transport::Https => Some(&shared.https_share),
             Transport::Mqtt => Some(&shared.mqtt_share),
-            Transport::Admin | Transport::WebSocket => None,
+            Transport::Amqp => Some(&shared.amqp_share),
+            Transport::Admin | Transport::WebSocket | Transport::AmqpWebSocket => None,
         };
         let share = match share.map(|s| Arc::clone(s).try_acquire_owned()) {
             None => None,
@@ -394,7 +425,8 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, transport: Tran
         match transport {
             Transport::Https => shared.tracker.spawn(serve_https(stream, peer, s, permit)),
             Transport::Mqtt => shared.tracker.spawn(serve_mqtt(stream, peer, s, permit)),
-            Transport::Admin | Transport::WebSocket => {
+            Transport::Amqp => shared.tracker.spawn(serve_amqp(stream, peer, s, permit)),
+            Transport::Admin | Transport::WebSocket | Transport::AmqpWebSocket => {
                 shared.tracker.spawn(serve_admin(stream, peer, s, permit))
             }
         };
@@ -545,6 +577,58 @@ async fn serve_mqtt(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, _p
         },
         () = stopped => tracing::debug!(%peer, "MQTT session dropped at shutdown"),
     }
+}
+
+async fn serve_amqp(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, _permit: Slot) {
+    let _open = shared.state.metrics.open_connection(Transport::Amqp);
+    let Some((tls, client_certs)) = handshake(stream, peer, &shared).await else {
+        return;
+    };
+    let chain = crate::http::der_chain(client_certs.as_deref());
+    let connection = dps_amqp::serve_connection_with_peer(
+        tls,
+        Arc::new(shared.amqp_handler.for_peer(peer.ip())),
+        &shared.amqp_limits,
+        chain,
+    );
+    let stopped = phase_reached(shared.phase.clone(), Phase::Stopped);
+    tokio::select! {
+        r = connection => if let Err(e) = r {
+            tracing::debug!(%peer, error = %e, "AMQP connection ended");
+        },
+        () = stopped => tracing::debug!(%peer, "AMQP connection dropped at shutdown"),
+    }
+}
+
+/// Serves an upgraded AMQP-over-WebSocket connection (spawned by the HTTPS service after its `101`).
+pub(crate) fn spawn_amqp_websocket(ctx: Arc<ConnCtx>, on_upgrade: hyper::upgrade::OnUpgrade) {
+    let shared = Arc::clone(&ctx.shared);
+    shared.tracker.spawn(async move {
+        let peer = ctx.peer;
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "WebSocket upgrade failed");
+                return;
+            }
+        };
+        // The connection's permit stays held (through `ctx`) while the AMQP connection runs.
+        let _open = ctx.shared.state.metrics.open_connection(Transport::AmqpWebSocket);
+        let chain = crate::http::der_chain(ctx.client_certs.as_deref());
+        let connection = dps_amqp::serve_websocket_with_peer(
+            TokioIo::new(upgraded),
+            Arc::new(ctx.shared.amqp_websocket_handler.for_peer(peer.ip())),
+            &ctx.shared.amqp_limits,
+            chain,
+        );
+        let stopped = phase_reached(ctx.shared.phase.clone(), Phase::Stopped);
+        tokio::select! {
+            r = connection => if let Err(e) = r {
+                tracing::debug!(%peer, error = %e, "AMQP over WebSocket connection ended");
+            },
+            () = stopped => tracing::debug!(%peer, "AMQP over WebSocket connection dropped at shutdown"),
+        }
+    });
 }
 
 /// Serves an upgraded WebSocket connection (spawned by the HTTPS service after its `101`).

@@ -151,17 +151,18 @@ async fn host_header_is_required_once(server: &RunningServer) {
     }
 }
 
-/// Issue 14, defect 9: a WebSocket upgrade offering only subprotocols the server does not speak.
+/// Issue 14, defect 9: a WebSocket upgrade offering only subprotocols the server does not speak (neither
+/// `mqtt` nor, since issue 12, `AMQPWSB10`).
 async fn websocket_upgrade_without_mqtt_is_refused(server: &RunningServer) {
     let mut s = raw_tls(server).await;
     let head =
         "GET /$iothub/websocket HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
                 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
-                Sec-WebSocket-Protocol: AMQPWSB10\r\n\r\n";
+                Sec-WebSocket-Protocol: wamp.2.json\r\n\r\n";
     write_all(&mut s, head.as_bytes()).await;
     let (status, _, body) = read_response(&mut s).await;
     assert_eq!((status, error_code(&body)), (400, 400000));
-    assert!(String::from_utf8_lossy(&body).contains("AMQPWSB10"));
+    assert!(String::from_utf8_lossy(&body).contains("wamp.2.json"));
 }
 
 async fn bad_tokens(server: &RunningServer) {
@@ -251,6 +252,7 @@ async fn bad_input_never_breaks_the_server() {
     slow_client_is_cut_off_while_others_are_served(&server).await;
     garbage_instead_of_tls(&server, server.ready.https).await;
     garbage_instead_of_tls(&server, server.ready.mqtt.unwrap()).await;
+    garbage_instead_of_tls(&server, server.ready.amqp.unwrap()).await;
 
     still_provisions(&server, "after-1").await;
     let state = service(&server).registration("before-1").await.unwrap();
@@ -414,6 +416,10 @@ enum Want {
     ClosedAfterConnack,
     /// A WebSocket close frame with this code.
     WsClose(u16),
+    /// Exactly these bytes (an AMQP protocol header), then the connection closed.
+    AmqpBytes(&'static [u8]),
+    /// A SASL outcome with this code (1 auth, 4 sys-temp, …).
+    SaslOutcome(u8),
 }
 
 /// What came back.
@@ -426,6 +432,10 @@ enum Got {
     },
     Closed,
     Mqtt(Vec<(u8, Vec<u8>)>, bool),
+    /// What an AMQP listener wrote before it closed.
+    AmqpBytes(Vec<u8>),
+    /// The SASL outcome code of an AMQP connection.
+    SaslOutcome(u8),
     WsClose(Option<u16>, Vec<(u8, Vec<u8>)>),
     /// Shown (through Debug) in the failure list.
     Failed(#[allow(dead_code)] String),
@@ -461,6 +471,8 @@ fn judge(want: &Want, got: &Got) -> bool {
                 && body["message"].as_str().unwrap_or("").contains(m)
         }),
         (Want::WsClose(c), Got::WsClose(code, _)) => Some(*c) == *code,
+        (Want::AmqpBytes(b), Got::AmqpBytes(got)) => b == got,
+        (Want::SaslOutcome(c), Got::SaslOutcome(got)) => c == got,
         (Want::Connack(rc), Got::WsClose(_, p)) => {
             p.first().is_some_and(|(f, b)| *f == 0x20 && b.get(1) == Some(rc))
         }
@@ -1279,6 +1291,22 @@ fn websocket_upgrade_cases() -> Vec<(String, Vec<u8>, Want)> {
             upgrade(&format!("{key}{version}Sec-WebSocket-Protocol: mqttv5\r\n"), "GET"),
             Want::Code(400, 400000, "mqttv5"),
         ),
+        (
+            "AMQP upgrade with a short Sec-WebSocket-Key".into(),
+            upgrade(
+                &format!("Sec-WebSocket-Key: abcd\r\n{version}Sec-WebSocket-Protocol: AMQPWSB10\r\n"),
+                "GET",
+            ),
+            Want::Code(400, 400000, "16 bytes"),
+        ),
+        (
+            "AMQP upgrade with version 8".into(),
+            upgrade(
+                &format!("{key}Sec-WebSocket-Version: 8\r\nSec-WebSocket-Protocol: AMQPWSB10\r\n"),
+                "GET",
+            ),
+            Want::Code(400, 400000, "not 13"),
+        ),
     ]
 }
 
@@ -1554,7 +1582,13 @@ async fn the_table_of_bad_input() {
     run_http_cases(&server, &mut table, websocket_upgrade_cases()).await;
     run_websocket_frame_cases(&server, &mut table).await;
     table.end_group(&server, "websocket").await;
-    for (listener, addr) in [("https", server.ready.https), ("mqtt", server.ready.mqtt.unwrap())] {
+    run_amqp_cases(&server, &mut table).await;
+    table.end_group(&server, "amqp").await;
+    for (listener, addr) in [
+        ("https", server.ready.https),
+        ("mqtt", server.ready.mqtt.unwrap()),
+        ("amqp", server.ready.amqp.unwrap()),
+    ] {
         for (what, bytes) in tls_cases() {
             let got = tls_garbage(addr, &bytes).await;
             table.record(&format!("tls {listener}: {what}"), &Want::Closed, &got);
@@ -1571,6 +1605,113 @@ async fn the_table_of_bad_input() {
     println!("{total} distinct bad-input cases");
     assert!(total >= 150, "only {total} cases");
     server.shutdown().await.unwrap();
+}
+
+// --- AMQP (issue 12) ---------------------------------------------------------------------------------------------
+
+/// Raw bytes to the AMQP listener (after TLS); what it wrote before closing.
+async fn amqp_raw(server: &RunningServer, bytes: &[u8]) -> Got {
+    let mut tls = raw_tls_to(server, server.ready.amqp.unwrap()).await;
+    write_all(&mut tls, bytes).await;
+    Got::AmqpBytes(read_to_close(&mut tls).await)
+}
+
+/// A SASL exchange on the AMQP listener with `mechanism` and `response`; the outcome's code.
+async fn amqp_sasl(server: &RunningServer, mechanism: &str, response: Option<Vec<u8>>) -> Got {
+    use dps_amqp::fe2o3_amqp::frames::sasl;
+    use dps_amqp::fe2o3_amqp::transport::{protocol_header::ProtocolHeaderCodec, Transport};
+    use dps_amqp::fe2o3_amqp::types::{primitives::Symbol, sasl::SaslCode, sasl::SaslInit};
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_util::codec::{FramedRead, FramedWrite};
+    let tls = raw_tls_to(server, server.ready.amqp.unwrap()).await;
+    let (r, w) = tokio::io::split(tls);
+    let (w, r) =
+        (FramedWrite::new(w, ProtocolHeaderCodec::new()), FramedRead::new(r, ProtocolHeaderCodec::new()));
+    let Ok(mut t) = Transport::negotiate_sasl_header(w, r).await else {
+        return Got::Failed("no SASL header".into());
+    };
+    let Some(Ok(sasl::Frame::Mechanisms(_))) = t.next().await else {
+        return Got::Failed("no mechanisms".into());
+    };
+    let init = SaslInit {
+        mechanism: Symbol::from(mechanism),
+        initial_response: response.map(Into::into),
+        hostname: None,
+    };
+    if t.send(sasl::Frame::Init(init)).await.is_err() {
+        return Got::Failed("cannot send sasl-init".into());
+    }
+    match t.next().await {
+        Some(Ok(sasl::Frame::Outcome(o))) => Got::SaslOutcome(match o.code {
+            SaslCode::Ok => 0,
+            SaslCode::Auth => 1,
+            SaslCode::Sys => 2,
+            SaslCode::SysPerm => 3,
+            SaslCode::SysTemp => 4,
+        }),
+        other => Got::Failed(format!("no outcome: {other:?}")),
+    }
+}
+
+/// A SASL PLAIN initial response: empty authzid, the authcid, the password.
+fn plain(authcid: &str, password: &str) -> Vec<u8> {
+    let mut b = vec![0];
+    b.extend_from_slice(authcid.as_bytes());
+    b.push(0);
+    b.extend_from_slice(password.as_bytes());
+    b
+}
+
+async fn run_amqp_cases(server: &RunningServer, table: &mut Table) {
+    const SASL: &[u8] = b"AMQP\x03\x01\x00\x00";
+    for (name, bytes) in [
+        ("amqp: an HTTP request instead of a header", b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n".to_vec()),
+        ("amqp: AMQP version 0-10", b"AMQP\x01\x01\x00\x0a".to_vec()),
+        ("amqp: AMQP 2.0", b"AMQP\x00\x02\x00\x00".to_vec()),
+        ("amqp: the TLS protocol header inside TLS", b"AMQP\x02\x01\x00\x00".to_vec()),
+        ("amqp: an MQTT CONNECT", good_connect("bi-mqtt")),
+    ] {
+        let got = amqp_raw(server, &bytes).await;
+        table.record(name, &Want::AmqpBytes(SASL), &got);
+    }
+    let headers: [(&str, &[u8]); 2] = [
+        ("amqp: garbage after the SASL header", SASL),
+        ("amqp: garbage after the AMQP header", b"AMQP\x00\x01\x00\x00"),
+    ];
+    for (name, header) in headers {
+        let mut bytes = header.to_vec();
+        bytes.extend_from_slice(&[0xee; 40]);
+        let got = match amqp_raw(server, &bytes).await {
+            Got::AmqpBytes(b) if b.starts_with(header) => Got::Closed,
+            other => other,
+        };
+        table.record(name, &Want::Closed, &got);
+    }
+    let good = device_token(&device_key(), SCOPE, "bi-good", 3600);
+    let address = format!("{SCOPE}/registrations/bi-good");
+    let wrong_key = device_token(&SymmetricKey::from_bytes(vec![7; 32]), SCOPE, "bi-good", 3600);
+    let expired = device_token(&device_key(), SCOPE, "bi-good", -3600);
+    let cases: Vec<(&str, &str, Option<Vec<u8>>, u8)> = vec![
+        ("amqp: SASL PLAIN with the right SAS", "PLAIN", Some(plain(&address, &good)), 0),
+        ("amqp: SASL PLAIN with a wrong key", "PLAIN", Some(plain(&address, &wrong_key)), 1),
+        ("amqp: SASL PLAIN with an expired SAS", "PLAIN", Some(plain(&address, &expired)), 1),
+        (
+            "amqp: SASL PLAIN with another device's SAS",
+            "PLAIN",
+            Some(plain(&format!("{SCOPE}/registrations/bi-mqtt"), &good)),
+            1,
+        ),
+        ("amqp: SASL PLAIN with an authcid that is no address", "PLAIN", Some(plain("bi-good", &good)), 1),
+        ("amqp: SASL PLAIN without a response", "PLAIN", None, 1),
+        ("amqp: SASL PLAIN with an empty password", "PLAIN", Some(plain(&address, "")), 1),
+        ("amqp: SASL with an unknown mechanism", "CRAM-MD5", None, 1),
+        ("amqp: SASL TPM (not offered until TPM attestation lands)", "TPM", Some(vec![0]), 1),
+        ("amqp: SASL ANONYMOUS without a client certificate", "ANONYMOUS", None, 1),
+    ];
+    for (name, mechanism, response, code) in cases {
+        let got = amqp_sasl(server, mechanism, response).await;
+        table.record(name, &Want::SaslOutcome(code), &got);
+    }
 }
 
 // --- The failed-authentication limiter (401 storms) -----------------------------------------------------------

@@ -67,6 +67,7 @@ fn options(server: &RunningServer, registration_id: &str, transport: Transport) 
     let endpoint = match transport {
         Transport::Https => server.ready.https,
         Transport::Mqtt => server.ready.mqtt.unwrap(),
+        Transport::Amqp => server.ready.amqp.unwrap(),
     };
     ProvisionOptions {
         endpoint: endpoint.to_string(),

@@ -54,6 +54,7 @@ function configText(ip, dataDir) {
     '[listen]',
     `https = "${ip}:443"`,
     `mqtt = "${ip}:8883"`,
+    `amqp = "${ip}:5671"`,
     '[tls]',
     `subject_alt_names = ["${ip}", "localhost"]`,
     hubs,

@@ -7,6 +7,7 @@ const path = require('node:path');
 const { ProvisioningDeviceClient } = require('azure-iot-provisioning-device');
 const { Http } = require('azure-iot-provisioning-device-http');
 const { Mqtt, MqttWs } = require('azure-iot-provisioning-device-mqtt');
+const { Amqp, AmqpWs } = require('azure-iot-provisioning-device-amqp');
 const { SymmetricKeySecurityClient } = require('azure-iot-security-symmetric-key');
 const { X509Security } = require('azure-iot-security-x509');
 const { ProvisioningServiceClient } = require('azure-iot-provisioning-service');
@@ -25,9 +26,22 @@ const TRANSPORTS = {
   'mqtt-ws': () => new MqttWs(),
 };
 
+// AMQP 1.0 (spec 3): over TLS on 5671 and over WebSocket on 443 (subprotocol AMQPWSB10). Kept apart from
+// TRANSPORTS so the suites written before AMQP keep their scope; the AMQP test files iterate these.
+const AMQP_TRANSPORTS = {
+  amqp: () => new Amqp(),
+  'amqp-ws': () => new AmqpWs(),
+};
+
+function transportFor(name) {
+  const make = TRANSPORTS[name] || AMQP_TRANSPORTS[name];
+  if (!make) throw new Error(`unknown transport ${name}`);
+  return make();
+}
+
 // Provisions one device with the SDK; resolves to the DeviceRegistrationResult (registrationState).
 function register(host, registrationId, symmetricKey, transportName, payload) {
-  const transport = TRANSPORTS[transportName]();
+  const transport = transportFor(transportName);
   const security = new SymmetricKeySecurityClient(registrationId, symmetricKey);
   const client = ProvisioningDeviceClient.create(host, ID_SCOPE, transport, security);
   if (payload !== undefined) client.setProvisioningPayload(payload);
@@ -37,7 +51,7 @@ function register(host, registrationId, symmetricKey, transportName, payload) {
 // Provisions one X.509 device with the SDK: `credentials` = { cert, key } (PEM texts; `cert` is what the device
 // presents in TLS, its certificate followed by its intermediates). Resolves to the DeviceRegistrationResult.
 function registerX509(host, registrationId, credentials, transportName, payload) {
-  const transport = TRANSPORTS[transportName]();
+  const transport = transportFor(transportName);
   const security = new X509Security(registrationId, { cert: credentials.cert, key: credentials.key });
   const client = ProvisioningDeviceClient.create(host, ID_SCOPE, transport, security);
   if (payload !== undefined) client.setProvisioningPayload(payload);
@@ -191,6 +205,7 @@ async function drainQuery(query) {
 
 module.exports = {
   TRANSPORTS,
+  AMQP_TRANSPORTS,
   register,
   registerX509,
   serviceClient,

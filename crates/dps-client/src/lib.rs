@@ -4,8 +4,9 @@
 //! - [`machine`]: the transport-free registration state machine ([`RegistrationClient`]): register,
 //!   honour Retry-After, poll, retry 429/5xx and transport failures, and report the assignment or a
 //!   [`ClientError`] keeping the service's `errorCode`. Custom SDKs with their own I/O drive it directly.
-//! - [`provision`]: the whole registration over async HTTPS ([`https`], hyper) or MQTT 3.1.1 ([`mqtt`]),
-//!   on tokio and rustls (aws-lc-rs provider, passed explicitly).
+//! - [`provision`]: the whole registration over async HTTPS ([`https`], hyper), MQTT 3.1.1 ([`mqtt`]) or,
+//!   with the `amqp` feature, AMQP 1.0 (`amqp`, on `fe2o3-amqp`), on tokio and rustls (aws-lc-rs provider,
+//!   passed explicitly).
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), dps_client::ProvisionError> {
@@ -28,6 +29,8 @@
 //! ```
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "amqp")]
+pub mod amqp;
 pub mod https;
 pub mod machine;
 pub mod mqtt;
@@ -72,6 +75,9 @@ pub enum Transport {
     Https,
     /// MQTT 3.1.1 over TLS (port 8883 on Azure).
     Mqtt,
+    /// AMQP 1.0 over TLS (port 5671 on Azure). Needs the `amqp` feature; without it [`provision`] answers
+    /// [`ProvisionError::Config`].
+    Amqp,
 }
 
 /// Everything [`provision`] needs.
@@ -251,6 +257,8 @@ pub fn now() -> Timestamp {
 enum Link {
     Https(https::HttpsTransport),
     Mqtt(Box<mqtt::MqttTransport>),
+    #[cfg(feature = "amqp")]
+    Amqp(Box<amqp::AmqpTransport>),
 }
 
 /// Provisions the device described by `options`.
@@ -289,7 +297,7 @@ pub async fn provision(options: ProvisionOptions) -> Result<Provisioned, Provisi
     let server_name = options.server_name.as_deref().unwrap_or(host);
     let alpn: &[&[u8]] = match options.transport {
         Transport::Https => &[b"http/1.1"],
-        Transport::Mqtt => &[],
+        Transport::Mqtt | Transport::Amqp => &[],
     };
     let tls = tls::client_config(&options.roots, options.client_identity.as_ref(), alpn)?;
     let connector = Connector::new(options.endpoint.clone(), server_name, tls)?;
@@ -307,6 +315,12 @@ pub async fn provision_with(
     let mut link = match transport {
         Transport::Https => Link::Https(https::HttpsTransport::new(connector)),
         Transport::Mqtt => Link::Mqtt(Box::new(mqtt::MqttTransport::new(connector))),
+        #[cfg(feature = "amqp")]
+        Transport::Amqp => Link::Amqp(Box::new(amqp::AmqpTransport::new(connector))),
+        #[cfg(not(feature = "amqp"))]
+        Transport::Amqp => {
+            return Err(ProvisionError::Config("dps-client was built without the `amqp` feature".into()))
+        }
     };
     let mut client = RegistrationClient::new(config);
     let mut action = client.start(now());
@@ -319,6 +333,11 @@ pub async fn provision_with(
                         t.exchange(&request).await,
                     ),
                     Link::Mqtt(t) => (request.mqtt_topic("…"), t.exchange(&request).await),
+                    #[cfg(feature = "amqp")]
+                    Link::Amqp(t) => (
+                        format!("AMQP {} {:?}", amqp::link_address(&request), request.kind),
+                        t.exchange(&request).await,
+                    ),
                 };
                 let exchange = Exchange { request: line, outcome };
                 on_exchange(&exchange);
@@ -350,8 +369,11 @@ pub async fn provision_with(
             ClientAction::Failed(e) => break Err(ProvisionError::Registration(e)),
         };
     };
-    if let Link::Mqtt(t) = &mut link {
-        t.close().await;
+    match &mut link {
+        Link::Mqtt(t) => t.close().await,
+        #[cfg(feature = "amqp")]
+        Link::Amqp(t) => t.close().await,
+        Link::Https(_) => {}
     }
     outcome
 }

@@ -1,6 +1,6 @@
 //! The client crate against the reference server (`dps-server`, started in-process on 127.0.0.1 port 0):
-//! provisioning over HTTPS and over MQTT, with an individual key and with a group key, and a refused
-//! device keeping the service's error code.
+//! provisioning over HTTPS, over MQTT and (feature `amqp`) over AMQP, with an individual key and with a
+//! group key, and a refused device keeping the service's error code.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
 use dps_client::proto::sas::SymmetricKey;
@@ -44,6 +44,7 @@ fn options(
     let port = match transport {
         Transport::Https => server.ready.https.port(),
         Transport::Mqtt => server.ready.mqtt.unwrap().port(),
+        Transport::Amqp => server.ready.amqp.unwrap().port(),
     };
     let roots = dps_client::tls::certificates(&std::fs::read(server.data_dir.ca_cert()).unwrap()).unwrap();
     ProvisionOptions {
@@ -108,5 +109,37 @@ async fn group_key_devices_provision_and_bad_keys_keep_the_error_code() {
         ProvisionError::Registration(r) => assert_eq!(r.status, 401),
         other => panic!("{other:?}"),
     }
+    server.shutdown().await.unwrap();
+}
+
+#[cfg(feature = "amqp")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provisions_over_amqp_with_individual_and_group_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    enroll(&server, "client-amqp-1").await;
+    let result =
+        provision(options(&server, Transport::Amqp, "client-amqp-1", Auth::SymmetricKey(device_key())))
+            .await
+            .unwrap();
+    assert_eq!(result.assigned_hub, "hub-1.localhost");
+    assert_eq!(result.device_id, "client-amqp-1");
+    assert!(result.substatus.is_some());
+
+    let svc = service(&server);
+    svc.create(Kind::Group, "group-amqp", &EnrollmentSettings::default()).await.unwrap();
+    let group = svc.show(Kind::Group, "group-amqp", true).await.unwrap();
+    let group_key =
+        SymmetricKey::parse(group["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap()).unwrap();
+    let result = provision(options(&server, Transport::Amqp, "group-amqp-1", Auth::GroupKey(group_key)))
+        .await
+        .unwrap();
+    assert_eq!(result.device_id, "group-amqp-1");
+    // A wrong key is refused at SASL (outcome auth), reported as a 401 refusal.
+    let wrong = SymmetricKey::from_bytes(vec![42; 32]);
+    let e = provision(options(&server, Transport::Amqp, "group-amqp-2", Auth::GroupKey(wrong)))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ProvisionError::Refused { status: 401, .. }), "{e:?}");
     server.shutdown().await.unwrap();
 }

@@ -1,4 +1,5 @@
-//! The baseline: bare rustls + hyper (and a bare MQTT responder) in this process, answering each device's two
+//! The baseline: bare rustls + hyper (and a bare MQTT responder, and a bare AMQP responder on `fe2o3-amqp`'s
+//! acceptor, the AMQP implementation `dps-amqp` is built on) in this process, answering each device's two
 //! requests with **fixed** replies — a real `202 assigning` and a real `200 assigned` produced once by the
 //! engine for a sample device, so the bytes on the wire have the same size and shape as a server's. It does
 //! the same TLS work as a server (ECDSA P-256 certificate, TLS 1.3, aws-lc-rs) and nothing else: no
@@ -31,6 +32,11 @@ use dps_core::{
     run_blocking, AccessPolicy, Engine, EngineConfig, HttpRequest, LinkedHub, Reply, Rights, OWNER_POLICY,
 };
 use dps_store::MemoryStore;
+use fe2o3_amqp::acceptor::sasl_acceptor::SaslServerFrame;
+use fe2o3_amqp::acceptor::{ConnectionAcceptor, LinkAcceptor, LinkEndpoint, SaslAcceptor, SessionAcceptor};
+use fe2o3_amqp::types::messaging::{ApplicationProperties, Body, Message, Properties};
+use fe2o3_amqp::types::primitives::{Array, Binary, SimpleValue, Symbol, Value};
+use fe2o3_amqp::types::sasl::{SaslCode, SaslInit, SaslOutcome, SaslResponse};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -191,6 +197,7 @@ impl FixedReplies {
 pub struct BaselineServer {
     https_addr: SocketAddr,
     mqtt_addr: SocketAddr,
+    amqp_addr: SocketAddr,
     ca_pem: String,
     threads: Arc<Mutex<Vec<u32>>>,
     runtime: Option<tokio::runtime::Runtime>,
@@ -235,12 +242,12 @@ impl BaselineServer {
             })
             .build()
             .map_err(|e| Error::io("starting the baseline server's runtime", e))?;
-        let (https, mqtt) = {
+        let (https, mqtt, amqp) = {
             let _context = runtime.enter();
-            (listen(ip)?, listen(ip)?)
+            (listen(ip)?, listen(ip)?, listen(ip)?)
         };
         let local = |l: &TcpListener| l.local_addr().map_err(|e| Error::io("baseline listener address", e));
-        let (https_addr, mqtt_addr) = (local(&https)?, local(&mqtt)?);
+        let (https_addr, mqtt_addr, amqp_addr) = (local(&https)?, local(&mqtt)?, local(&amqp)?);
         // The workers register their thread IDs as they start; wait (briefly) for all of them so that CPU
         // readings taken from now on cover every thread.
         let workers = worker_threads.max(1);
@@ -252,8 +259,16 @@ impl BaselineServer {
         }
         let replies = Arc::new(replies);
         runtime.spawn(serve_https(https, acceptor.clone(), replies.clone()));
-        runtime.spawn(serve_mqtt(mqtt, acceptor, replies));
-        Ok(BaselineServer { https_addr, mqtt_addr, ca_pem: pki.ca_pem, threads, runtime: Some(runtime) })
+        runtime.spawn(serve_mqtt(mqtt, acceptor.clone(), replies.clone()));
+        runtime.spawn(serve_amqp(amqp, acceptor, replies));
+        Ok(BaselineServer {
+            https_addr,
+            mqtt_addr,
+            amqp_addr,
+            ca_pem: pki.ca_pem,
+            threads,
+            runtime: Some(runtime),
+        })
     }
 
     /// The HTTPS listener's address.
@@ -264,6 +279,11 @@ impl BaselineServer {
     /// The MQTT-over-TLS listener's address.
     pub fn mqtt_addr(&self) -> SocketAddr {
         self.mqtt_addr
+    }
+
+    /// The AMQP-over-TLS listener's address.
+    pub fn amqp_addr(&self) -> SocketAddr {
+        self.amqp_addr
     }
 
     /// The CA certificate (PEM) devices must trust.
@@ -411,6 +431,84 @@ where
     Ok(())
 }
 
+/// The baseline's SASL: offers PLAIN (and ANONYMOUS) and accepts any credential, as the other baselines
+/// authenticate nothing.
+#[derive(Debug, Clone)]
+struct AcceptAnyCredential;
+
+impl SaslAcceptor for AcceptAnyCredential {
+    fn mechanisms(&self) -> Array<Symbol> {
+        Array::from(vec![Symbol::from("PLAIN"), Symbol::from("ANONYMOUS")])
+    }
+
+    fn on_init(&mut self, _init: SaslInit) -> SaslServerFrame {
+        SaslServerFrame::Outcome(SaslOutcome { code: SaslCode::Ok, additional_data: None })
+    }
+
+    fn on_response(&mut self, _response: SaslResponse) -> SaslServerFrame {
+        SaslServerFrame::Outcome(SaslOutcome { code: SaslCode::Ok, additional_data: None })
+    }
+}
+
+async fn serve_amqp(listener: TcpListener, acceptor: TlsAcceptor, replies: Arc<FixedReplies>) {
+    accept_loop(listener, acceptor, move |tls| {
+        let replies = replies.clone();
+        async move {
+            let _ = amqp_connection(tls, &replies).await;
+        }
+    })
+    .await;
+}
+
+/// A bare AMQP responder: SASL accepting anything, one session, the device's two links, and each request
+/// message accepted and answered with the fixed reply of its operation type (a `data` section, the
+/// request's correlation-id, both Retry-After spellings), as `dps-amqp` answers.
+async fn amqp_connection<S>(stream: S, replies: &FixedReplies) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + std::fmt::Debug + Send + Unpin + 'static,
+{
+    let acceptor =
+        ConnectionAcceptor::builder().container_id("baseline").sasl_acceptor(AcceptAnyCredential).build();
+    let mut connection = acceptor.accept(stream).await.map_err(|e| e.to_string())?;
+    let mut session = SessionAcceptor::new().accept(&mut connection).await.map_err(|e| e.to_string())?;
+    let links = LinkAcceptor::new();
+    let (mut receiver, mut sender) = (None, None);
+    while receiver.is_none() || sender.is_none() {
+        match links.accept(&mut session).await.map_err(|e| e.to_string())? {
+            LinkEndpoint::Receiver(r) => receiver = Some(r),
+            LinkEndpoint::Sender(s) => sender = Some(s),
+        }
+    }
+    let (Some(mut receiver), Some(mut sender)) = (receiver, sender) else { return Ok(()) };
+    while let Ok(delivery) = receiver.recv::<Body<Value>>().await {
+        let message = delivery.message();
+        let register = message
+            .application_properties
+            .as_ref()
+            .and_then(|p| p.0.get("iotdps-operation-type"))
+            .is_some_and(|v| matches!(v, SimpleValue::String(s) if s == "iotdps-register"));
+        let reply = if register { &replies.register } else { &replies.poll };
+        let correlation_id = message.properties.as_ref().and_then(|p| p.correlation_id.clone());
+        receiver.accept(&delivery).await.map_err(|e| e.to_string())?;
+        let mut response =
+            Message::builder().properties(Properties { correlation_id, ..Properties::default() });
+        if let Some(secs) = reply.retry_after {
+            let secs = i32::try_from(secs).unwrap_or(i32::MAX);
+            response = response.application_properties(
+                ApplicationProperties::builder()
+                    .insert("retry-after", SimpleValue::Int(secs))
+                    .insert("Retry-After", SimpleValue::Int(secs))
+                    .build(),
+            );
+        }
+        let response = response.data(Binary::from(reply.body.to_vec())).build();
+        sender.send_batchable(response).await.map_err(|e| e.to_string())?;
+    }
+    let _ = session.end().await;
+    let _ = connection.close().await;
+    Ok(())
+}
+
 /// What a standalone baseline server writes to its ready file.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct BaselineReady {
@@ -418,6 +516,8 @@ pub struct BaselineReady {
     pub https: SocketAddr,
     /// MQTT-over-TLS listener.
     pub mqtt: SocketAddr,
+    /// AMQP-over-TLS listener.
+    pub amqp: SocketAddr,
     /// The CA certificate (PEM) devices must trust.
     pub ca_pem: String,
 }
@@ -435,8 +535,12 @@ pub fn serve_standalone(
 ) -> Result<(), Error> {
     let replies = FixedReplies::from_engine(id_scope, registration_id, crate::bench::BASELINE_HUB)?;
     let server = BaselineServer::start_with(bind, replies, worker_threads, client_auth)?;
-    let ready =
-        BaselineReady { https: server.https_addr, mqtt: server.mqtt_addr, ca_pem: server.ca_pem.clone() };
+    let ready = BaselineReady {
+        https: server.https_addr,
+        mqtt: server.mqtt_addr,
+        amqp: server.amqp_addr,
+        ca_pem: server.ca_pem.clone(),
+    };
     let json = serde_json::to_vec(&ready).map_err(|e| Error::Config(format!("ready file: {e}")))?;
     let partial = ready_file.with_extension("partial");
     std::fs::write(&partial, json).map_err(|e| Error::io(format!("writing {}", partial.display()), e))?;

@@ -26,6 +26,8 @@ pub struct Endpoint {
     pub https: SocketAddr,
     /// MQTT-over-TLS address.
     pub mqtt: SocketAddr,
+    /// AMQP-over-TLS address.
+    pub amqp: SocketAddr,
     /// Name verified against the server certificate (and sent as `Host`).
     pub server_name: String,
     /// Client TLS configuration trusting the server's CA.
@@ -37,17 +39,20 @@ impl Endpoint {
     pub fn new(
         https: SocketAddr,
         mqtt: SocketAddr,
+        amqp: SocketAddr,
         server_name: &str,
         ca_pem: &[u8],
         tls: impl Into<TlsOptions>,
     ) -> Result<Endpoint, Error> {
-        Ok(Endpoint { https, mqtt, server_name: server_name.to_owned(), tls: client_config(ca_pem, tls)? })
+        let tls = client_config(ca_pem, tls)?;
+        Ok(Endpoint { https, mqtt, amqp, server_name: server_name.to_owned(), tls })
     }
 
     /// The devices' target for a protocol.
     pub fn target(&self, protocol: Protocol) -> Result<Target, Error> {
         let addr = match protocol.transport() {
             Protocol::Mqtt => self.mqtt,
+            Protocol::Amqp => self.amqp,
             _ => self.https,
         };
         let host_header = match protocol.transport() {
@@ -132,6 +137,7 @@ pub async fn run_baseline(
         let endpoint = Endpoint::new(
             server.https_addr(),
             server.mqtt_addr(),
+            server.amqp_addr(),
             &bind.to_string(),
             server.ca_pem().as_bytes(),
             load.tls,
@@ -148,8 +154,14 @@ pub async fn run_baseline(
     .await
     .map_err(|e| Error::Config(format!("starting the baseline server process: {e}")))??;
     let ready = server.ready().clone();
-    let endpoint =
-        Endpoint::new(ready.https, ready.mqtt, &bind.to_string(), ready.ca_pem.as_bytes(), load.tls)?;
+    let endpoint = Endpoint::new(
+        ready.https,
+        ready.mqtt,
+        ready.amqp,
+        &bind.to_string(),
+        ready.ca_pem.as_bytes(),
+        load.tls,
+    )?;
     let target = Arc::new(endpoint.target(protocol)?);
     let output = run_load(protocol, target, set, &load.options(label), &server.cpu()).await;
     let _ = tokio::task::spawn_blocking(move || drop(server)).await;
@@ -175,6 +187,7 @@ fn baseline_client_auth(
 fn bare(protocol: Protocol) -> &'static str {
     match protocol.transport() {
         Protocol::Mqtt => "MQTT codec",
+        Protocol::Amqp => "fe2o3-amqp acceptor",
         _ => "hyper",
     }
 }
@@ -317,7 +330,7 @@ impl BenchResult {
                     vs(c.server.cpu_bound_rate(self.cores), h.cpu_bound_rate(self.cores))
                 );
             }
-            if let (Protocol::Mqtt | Protocol::X509 | Protocol::X509Mqtt, Some(h)) =
+            if let (Protocol::Mqtt | Protocol::X509 | Protocol::X509Mqtt | Protocol::Amqp, Some(h)) =
                 (c.protocol, https_baseline)
             {
                 let vs = |x: Option<f64>, y: Option<f64>| fmt_ratio(x.zip(y).map(|(x, y)| x / y));
@@ -497,8 +510,14 @@ pub async fn run_bench(plan: &BenchPlan, source: ServerSource) -> Result<BenchRe
             let server = SpawnedServer::start(&spawn.settings, "dps-server-1.log", spawn.timeout).await?;
             let (ca_pem, credentials) = read_data_dir(&spawn.settings)?;
             let s = &spawn.settings;
-            let endpoint =
-                Endpoint::new(s.https_addr(), s.mqtt_addr(), &s.host.to_string(), &ca_pem, plan.load.tls)?;
+            let endpoint = Endpoint::new(
+                s.https_addr(),
+                s.mqtt_addr(),
+                s.amqp_addr(),
+                &s.host.to_string(),
+                &ca_pem,
+                plan.load.tls,
+            )?;
             let cpu = ServerCpu::Process(server.pid());
             (endpoint, s.id_scope.clone(), Some(credentials), Some(server), cpu, "dps-server")
         }

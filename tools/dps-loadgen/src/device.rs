@@ -29,28 +29,33 @@ pub enum Protocol {
     X509,
     /// X.509 devices over MQTT (client certificate, username only, no password).
     X509Mqtt,
+    /// AMQP 1.0 over TLS (SASL PLAIN with the SAS token, a sender and a receiver link, one message per
+    /// request).
+    Amqp,
     /// Symmetric-key devices over HTTPS in a custom-allocation group: the server calls a local webhook
     /// (kept alive) for every registration. Compared with `https` (hashed) in the same run.
     Custom,
 }
 
 impl Protocol {
-    /// `https`, `mqtt`, `x509` or `x509-mqtt`.
+    /// `https`, `mqtt`, `x509`, `x509-mqtt`, `amqp` or `custom`.
     pub fn as_str(self) -> &'static str {
         match self {
             Protocol::Https => "https",
             Protocol::Mqtt => "mqtt",
             Protocol::X509 => "x509",
             Protocol::X509Mqtt => "x509-mqtt",
+            Protocol::Amqp => "amqp",
             Protocol::Custom => "custom",
         }
     }
 
-    /// The wire transport: [`Protocol::Https`] or [`Protocol::Mqtt`].
+    /// The wire transport: [`Protocol::Https`], [`Protocol::Mqtt`] or [`Protocol::Amqp`].
     pub fn transport(self) -> Protocol {
         match self {
             Protocol::Https | Protocol::X509 | Protocol::Custom => Protocol::Https,
             Protocol::Mqtt | Protocol::X509Mqtt => Protocol::Mqtt,
+            Protocol::Amqp => Protocol::Amqp,
         }
     }
 
@@ -360,6 +365,9 @@ pub async fn register_device(
         match protocol.transport() {
             Protocol::Mqtt => {
                 crate::mqtt::register(target, identity, &mut client, options, &mut progress, start).await
+            }
+            Protocol::Amqp => {
+                crate::amqp::register(target, identity, &mut client, options, &mut progress, start).await
             }
             _ => crate::https::register(target, identity, &mut client, options, &mut progress, start).await,
         }

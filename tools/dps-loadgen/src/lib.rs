@@ -1,5 +1,5 @@
 //! `dps-loadgen`: simulated symmetric-key devices that each open a **fresh TLS connection**, register and poll
-//! until assigned — over HTTPS or MQTT — driving the device-side state machine
+//! until assigned — over HTTPS, MQTT or AMQP — driving the device-side state machine
 //! [`dps_client::RegistrationClient`] rather than re-implementing the protocol. In the X.509 mode
 //! (`x509`, `x509-mqtt`) every device instead presents its own leaf certificate, signed by a root the load
 //! generator generates at start, on a fresh mutual-TLS connection, and its baseline requires and verifies
@@ -11,7 +11,7 @@
 //! loaded identically. A server is judged by how close it stays to that baseline, since each device's TLS
 //! handshake dominates the cost of a registration.
 //!
-//! Modules: [`device`] (identities and the per-device driver), [`https`] and [`mqtt`] (transports),
+//! Modules: [`device`] (identities and the per-device driver), [`https`], [`mqtt`] and [`amqp`] (transports),
 //! [`runner`] (concurrency, progress, aggregation), [`baseline`] (the fixed-reply servers), [`service`] (the
 //! service API: group setup and verification of stored registrations), [`server`] (spawning `dps-server`),
 //! [`bench`](mod@bench) (the whole comparison and its markdown table), [`stats`] and [`cpu`] (measurement), [`tls`],
@@ -20,6 +20,7 @@
 // A load generator is a program: it reads the clock, sleeps, opens sockets and files, and spawns processes.
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
+pub mod amqp;
 pub mod baseline;
 pub mod bench;
 pub mod cpu;

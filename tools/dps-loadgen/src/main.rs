@@ -123,7 +123,7 @@ enum Command {
         target: TargetArgs,
         #[command(flatten)]
         load: LoadArgs,
-        /// Start `dps-server` on --host (default 127.0.0.30) with --https-port and --mqtt-port.
+        /// Start `dps-server` on --host (default 127.0.0.30) with --https-port, --mqtt-port and --amqp-port.
         #[arg(long)]
         spawn_server: bool,
         /// The `dps-server` executable (default: next to this one, else target/release/dps-server).
@@ -133,7 +133,8 @@ enum Command {
         /// server's default) or after the final commit (false).
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
         server_respond_early: bool,
-        /// Protocols to run, in order (`x509`, `x509-mqtt`: X.509 devices, each with its own certificate).
+        /// Protocols to run, in order (`x509`, `x509-mqtt`: X.509 devices, each with its own certificate;
+        /// `amqp`: AMQP 1.0 over TLS).
         #[arg(long, alias = "protocols", value_enum, value_delimiter = ',', default_value = "https,mqtt")]
         modes: Vec<Protocol>,
         /// Skip the baselines.
@@ -171,6 +172,9 @@ struct TargetArgs {
     /// MQTT-over-TLS port.
     #[arg(long, default_value_t = 8883)]
     mqtt_port: u16,
+    /// AMQP-over-TLS port.
+    #[arg(long, default_value_t = 5671)]
+    amqp_port: u16,
     /// Name to verify the server certificate against (default: --host, as an IP SAN).
     #[arg(long)]
     server_name: Option<String>,
@@ -301,6 +305,7 @@ impl TargetArgs {
         Endpoint::new(
             SocketAddr::new(self.host, self.https_port),
             SocketAddr::new(self.host, self.mqtt_port),
+            SocketAddr::new(self.host, self.amqp_port),
             &name,
             &read_file(&ca)?,
             tls,
@@ -549,6 +554,7 @@ async fn main_inner(cli: Cli) -> Result<ExitCode, Error> {
                     host: target.host,
                     https_port: target.https_port,
                     mqtt_port: target.mqtt_port,
+                    amqp_port: target.amqp_port,
                     id_scope: target.id_scope.clone().unwrap_or_else(|| BASELINE_SCOPE.to_owned()),
                     service_host_name: "loadgen.localhost".to_owned(),
                     hubs: vec!["hub-1.loadgen.localhost".to_owned(), "hub-2.loadgen.localhost".to_owned()],

@@ -52,6 +52,8 @@ pub struct ServerSettings {
     pub https_port: u16,
     /// MQTT-over-TLS port.
     pub mqtt_port: u16,
+    /// AMQP-over-TLS port.
+    pub amqp_port: u16,
     /// The ID scope.
     pub id_scope: String,
     /// Service host name (the audience of service SAS tokens).
@@ -91,6 +93,7 @@ struct CustomAllocation {
 struct Listen {
     https: String,
     mqtt: String,
+    amqp: String,
 }
 
 #[derive(Serialize)]
@@ -114,6 +117,11 @@ impl ServerSettings {
         SocketAddr::new(self.host, self.mqtt_port)
     }
 
+    /// The AMQP listener's address.
+    pub fn amqp_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.host, self.amqp_port)
+    }
+
     /// The configuration file's text (TOML).
     pub fn config_toml(&self) -> Result<String, Error> {
         let file = ConfigFile {
@@ -122,7 +130,11 @@ impl ServerSettings {
             data_dir: &self.data_dir,
             retry_after_secs: self.retry_after_secs,
             respond_early: self.respond_early,
-            listen: Listen { https: self.https_addr().to_string(), mqtt: self.mqtt_addr().to_string() },
+            listen: Listen {
+                https: self.https_addr().to_string(),
+                mqtt: self.mqtt_addr().to_string(),
+                amqp: self.amqp_addr().to_string(),
+            },
             tls: Tls { subject_alt_names: vec![self.host.to_string(), "localhost".to_owned()] },
             linked_hubs: self.hubs.iter().map(|h| Hub { host_name: h }).collect(),
             custom_allocation: CustomAllocation { allow_http: true },
@@ -281,6 +293,7 @@ mod tests {
             host: "127.0.0.30".parse().unwrap(),
             https_port: 443,
             mqtt_port: 8883,
+            amqp_port: 5671,
             id_scope: "0ne00000A11".into(),
             service_host_name: "loadgen.localhost".into(),
             hubs: vec!["hub-1.localhost".into(), "hub-2.localhost".into()],
@@ -295,6 +308,7 @@ mod tests {
         assert_eq!(v["data_dir"].as_str(), Some("/tmp/x/data"));
         assert_eq!(v["listen"]["https"].as_str(), Some("127.0.0.30:443"));
         assert_eq!(v["listen"]["mqtt"].as_str(), Some("127.0.0.30:8883"));
+        assert_eq!(v["listen"]["amqp"].as_str(), Some("127.0.0.30:5671"));
         assert_eq!(v["tls"]["subject_alt_names"][0].as_str(), Some("127.0.0.30"));
         assert_eq!(v["linked_hubs"][1]["host_name"].as_str(), Some("hub-2.localhost"));
         assert_eq!(v["retry_after_secs"].as_integer(), Some(1));

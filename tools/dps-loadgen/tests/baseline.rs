@@ -111,6 +111,7 @@ async fn run_against(protocol: Protocol, replies: FixedReplies, n: usize, drive:
     let endpoint = Endpoint::new(
         server.https_addr(),
         server.mqtt_addr(),
+        server.amqp_addr(),
         LOCAL,
         server.ca_pem().as_bytes(),
         TlsVersions::Any,
@@ -221,7 +222,8 @@ async fn transport_failures_have_their_own_kinds() {
     // Nothing listens on a port that was just released: connect fails.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let pki = TestPki::generate(&[LOCAL.to_owned()]).unwrap();
-    let endpoint = Endpoint::new(closed, closed, LOCAL, pki.ca_pem.as_bytes(), TlsVersions::Any).unwrap();
+    let endpoint =
+        Endpoint::new(closed, closed, closed, LOCAL, pki.ca_pem.as_bytes(), TlsVersions::Any).unwrap();
     let options = LoadOptions {
         label: "closed".into(),
         devices: 3,
@@ -238,6 +240,7 @@ async fn transport_failures_have_their_own_kinds() {
     let endpoint = Endpoint::new(
         server.https_addr(),
         server.mqtt_addr(),
+        server.amqp_addr(),
         LOCAL,
         pki.ca_pem.as_bytes(),
         TlsVersions::Any,
@@ -270,4 +273,14 @@ async fn tls12_only_devices_work_too() {
     s.tls = TlsVersions::Tls12.into();
     let out = run_baseline(Protocol::Mqtt, set.clone(), &s, LOCAL.parse().unwrap()).await.unwrap();
     check_clean(&out, &set, 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_devices_are_assigned_by_the_amqp_baseline() {
+    // SASL PLAIN, two links, a register answered `assigning` with both Retry-After spellings, one poll.
+    let out = run_against(Protocol::Amqp, engine_replies(), 5, DriveOptions::default()).await;
+    let r = &out.report;
+    assert_eq!(r.assigned, 5, "{r}");
+    assert!(r.is_clean(), "{r}");
+    assert_eq!(r.requests, 10, "register + one poll per device");
 }

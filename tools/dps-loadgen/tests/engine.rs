@@ -18,7 +18,17 @@ use dps_loadgen::tls::TlsVersions;
 use std::sync::Arc;
 
 fn endpoint(server: &EngineServer) -> Endpoint {
-    Endpoint::new(server.https, server.mqtt, "127.0.0.1", server.ca_pem.as_bytes(), TlsVersions::Any).unwrap()
+    // The engine-backed test server has no AMQP listener; its MQTT address stands in, as no test here runs
+    // AMQP devices.
+    Endpoint::new(
+        server.https,
+        server.mqtt,
+        server.mqtt,
+        "127.0.0.1",
+        server.ca_pem.as_bytes(),
+        TlsVersions::Any,
+    )
+    .unwrap()
 }
 
 fn service(server: &EngineServer) -> ServiceClient {

@@ -88,6 +88,7 @@ fn x509_baseline(root: &DeviceCa) -> (BaselineServer, Endpoint) {
     let endpoint = Endpoint::new(
         server.https_addr(),
         server.mqtt_addr(),
+        server.amqp_addr(),
         LOCAL,
         server.ca_pem().as_bytes(),
         TlsVersions::Any,
@@ -128,6 +129,7 @@ async fn the_x509_baseline_refuses_devices_without_a_certificate_or_with_one_of_
     let tls12 = Endpoint::new(
         server.https_addr(),
         server.mqtt_addr(),
+        server.amqp_addr(),
         LOCAL,
         server.ca_pem().as_bytes(),
         TlsVersions::Tls12,
