@@ -187,7 +187,13 @@ impl AppState {
         let mut builder = Host::builder(engine_config(config, owner))
             .store(store.clone())
             .hubs(hubs.clone())
-            .poll_hold(config.poll_hold);
+            .poll_hold(config.poll_hold)
+            .quotas(config.quotas)
+            .faults(config.faults.clone());
+        if let Some(seed) = config.fault_seed {
+            use rand::SeedableRng;
+            builder = builder.fault_rng(Box::new(rand::rngs::StdRng::seed_from_u64(seed)));
+        }
         let issuer = match config.certificate_issuance {
             Some(settings) => {
                 let dir = DataDir::new(config.data_dir.clone()).issuer_dir();
@@ -268,6 +274,7 @@ impl AppState {
     pub fn refresh_store_metrics(&self) {
         let stats = self.store.inner().stats();
         self.metrics.set_store_stats(stats.batches, stats.rows);
+        self.metrics.set_gate_counts(self.host.gate_counts());
     }
 
     /// Closes the store and the hub directory: queued writes (and usage rows) are committed and the writer
