@@ -274,3 +274,45 @@ async fn the_admin_api_checks_rights_and_rules() {
     svc.call("DELETE", "/admin/faults/fault-1", None, &[]).await.unwrap();
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fault_cli_adds_lists_and_removes_rules_of_a_running_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(dir.path())).await;
+    let d = dir.path().to_str().unwrap().to_owned();
+    let added = tokio::task::spawn_blocking({
+        let d = d.clone();
+        move || {
+            cli_json(&[
+                "fault", "add", "--data-dir", &d, "--registration-id", "cli-*", "--kind", "throttle",
+                "--retry-after-secs", "9", "--times", "3",
+            ])
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(added["id"], "fault-1");
+    assert_eq!(added["retry_after_secs"], 9);
+    assert_eq!(server.state.host.faults()[0].rule.times, Some(3));
+    let listed = tokio::task::spawn_blocking({
+        let d = d.clone();
+        move || cli_json(&["fault", "list", "--data-dir", &d])
+    })
+    .await
+    .unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert_eq!(listed[0]["kind"], "throttle");
+    assert_eq!(listed[0]["fired"], 0);
+    let (removed, refused) = tokio::task::spawn_blocking(move || {
+        let removed = cli(&["fault", "remove", "--data-dir", &d, "--id", "fault-1"]);
+        let refused = cli(&["fault", "add", "--data-dir", &d, "--registration-id", "x", "--kind", "latency"]);
+        (removed, refused)
+    })
+    .await
+    .unwrap();
+    assert!(removed.status.success(), "{}", String::from_utf8_lossy(&removed.stderr));
+    assert!(server.state.host.faults().is_empty());
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("latency_ms"));
+    server.shutdown().await.unwrap();
+}

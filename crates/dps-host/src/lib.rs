@@ -551,7 +551,8 @@ impl DeviceHandler for Host {
 
 /// The blocking twin of [`Host`], for embedders without an async runtime (scripts, FFI callers, tests):
 /// a blocking store (e.g. `MemoryStore`, or `SqliteStore` through its blocking interface) and a blocking hub
-/// directory, driven on the caller's thread.
+/// directory, driven on the caller's thread. It applies no rate limits and no fault rules (those are
+/// [`Host`]'s, for the transports).
 pub struct BlockingHost<S, H> {
     engine: Engine,
     store: S,
