@@ -284,7 +284,8 @@ mod tests {
             assert!(e.starts_with("faults[1]"), "{e}");
             assert!(e.contains(needle), "{text}: {e}");
         }
-        let twice = [spec("id = 'a'\nregistration_id = 'x'\nkind = 'drop_connection'"); 2];
+        let one = spec("id = 'a'\nregistration_id = 'x'\nkind = 'drop_connection'");
+        let twice = [one.clone(), one];
         let e = rules_from_config(&twice).unwrap_err();
         assert!(e.contains("faults[1] ('a')") && e.contains("earlier rule"), "{e}");
         assert!(toml::from_str::<FaultSpec>("registration_id = 'a'\nkind = 'error'\nbogus = 1").is_err());

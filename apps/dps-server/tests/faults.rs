@@ -2,6 +2,8 @@
 //! rules from the configuration and the admin API, and the project's device client recovering from every
 //! kind of fault on both transports.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+// Tests are programs: they read files and the clock and spawn the server binary.
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
 mod common;
 
@@ -284,8 +286,18 @@ async fn the_fault_cli_adds_lists_and_removes_rules_of_a_running_server() {
         let d = d.clone();
         move || {
             cli_json(&[
-                "fault", "add", "--data-dir", &d, "--registration-id", "cli-*", "--kind", "throttle",
-                "--retry-after-secs", "9", "--times", "3",
+                "fault",
+                "add",
+                "--data-dir",
+                &d,
+                "--registration-id",
+                "cli-*",
+                "--kind",
+                "throttle",
+                "--retry-after-secs",
+                "9",
+                "--times",
+                "3",
             ])
         }
     })
