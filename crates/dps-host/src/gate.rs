@@ -23,8 +23,9 @@ pub struct Quotas {
     pub polls_per_device: Option<Rate>,
     /// Service API operations per instance.
     pub service_operations: Option<Rate>,
-    /// The most devices whose poll buckets are remembered at once (buckets that refilled are forgotten
-    /// first; at least 1).
+    /// The most devices whose poll buckets are remembered at once (at least 1). When a new device would
+    /// exceed it, buckets that refilled (they carry no information) are forgotten; if every bucket is still
+    /// in use, all are (the devices start with full buckets again) rather than growing without bound.
     pub max_tracked_devices: usize,
 }
 
