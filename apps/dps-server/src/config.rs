@@ -32,10 +32,21 @@
 //! host_name = "hub-1.example.net"
 //! allocation_weight = 1
 //! apply_allocation_policy = true
+//! location = "westeurope"                # optional: the name a [[latency]] row may use for the hub
+//! [[latency]]                            # geoLatency: client networks -> latency (ms) to hubs, by host
+//! network = "10.1.0.0/16"                #   name or location; the most specific network wins; a device
+//! hubs = { westeurope = 20, "hub-2.example.net" = 120 }  # from an unlisted network is hashed
 //! [certificate_issuance]                # devices may send a CSR (api-version 2025-07-01-preview)
 //! enabled = false                        # on: a CA is created in DATA_DIR/issuer and registered verified
 //! key = "p384"                           # p384 | p256: the issuing CA's key (new CA only)
 //! validity_days = 30                     # issued device certificates
+//! [custom_allocation]                   # the webhook client of allocationPolicy "custom" (spec 8.3-8.5)
+//! ca_file = "webhook-ca.pem"             # extra trust roots (PEM) besides the system's, e.g. a private CA
+//! allow_http = false                     # accept http:// webhook URLs (local development only)
+//! timeout_ms = 30000                     # one attempt (connect + TLS + request + answer)
+//! attempts = 10                          # on 429 / 5xx / timeout: Azure's 10 attempts,
+//! initial_interval_ms = 1000             #   waiting 1 s before the second,
+//! increment_ms = 9000                    #   and 9 s more before each further one
 //! [encryption]                          # encryption at rest of every stored secret (always on)
 //! key_provider = "file"                  # file | env: where the key-encryption key (KEK) comes from
 //! key_file = "./dps-data/kek.key"        # file: default DATA_DIR/kek.key, created (mode 0600) if absent
@@ -144,6 +155,57 @@ pub struct FileConfig {
     pub faults: Vec<crate::faults::FaultSpec>,
     /// Seed of the RNG that rolls fault probabilities (default: OS entropy).
     pub fault_seed: Option<u64>,
+    /// The custom allocation webhook client.
+    #[serde(default)]
+    pub custom_allocation: FileCustomAllocation,
+    /// The latency table of `geoLatency` allocation.
+    #[serde(default)]
+    pub latency: Vec<FileLatency>,
+}
+
+/// `[[latency]]` as written.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileLatency {
+    /// A client network in CIDR notation.
+    pub network: String,
+    /// Latency in ms to hubs, keyed by host name or location.
+    pub hubs: std::collections::BTreeMap<String, u32>,
+}
+
+/// `[custom_allocation]` as written.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCustomAllocation {
+    /// Extra trust roots (PEM) for https:// webhooks.
+    pub ca_file: Option<PathBuf>,
+    /// Accept http:// webhook URLs.
+    pub allow_http: Option<bool>,
+    /// Timeout of one attempt, ms.
+    pub timeout_ms: Option<u64>,
+    /// Attempts in all.
+    pub attempts: Option<u32>,
+    /// Wait before the second attempt, ms.
+    pub initial_interval_ms: Option<u64>,
+    /// Added to the wait before each further attempt, ms.
+    pub increment_ms: Option<u64>,
+}
+
+/// The custom allocation webhook client's settings (`[custom_allocation]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CustomAllocationConfig {
+    /// Extra trust roots (PEM file) besides the system's.
+    pub ca_file: Option<PathBuf>,
+    /// Accept http:// webhook URLs.
+    pub allow_http: bool,
+    /// Timeout of one attempt.
+    pub timeout: Duration,
+    /// Attempts in all (1..=20).
+    pub attempts: u32,
+    /// Wait before the second attempt.
+    pub initial_interval: Duration,
+    /// Added to the wait before each further attempt.
+    pub increment: Duration,
 }
 
 /// `[quotas]` as written.
@@ -234,6 +296,8 @@ pub struct FileLinkedHub {
     pub allocation_weight: Option<u32>,
     /// Whether the hub takes part in automatic allocation (default true).
     pub apply_allocation_policy: Option<bool>,
+    /// Where the hub runs (a name `[[latency]]` rows may use).
+    pub location: Option<String>,
 }
 
 /// `[[access_policies]]` as written.
@@ -448,6 +512,10 @@ pub struct ServerConfig {
     pub faults: Vec<dps_host::fault::FaultRule>,
     /// The fault RNG's seed (None: OS entropy).
     pub fault_seed: Option<u64>,
+    /// The custom allocation webhook client.
+    pub custom_allocation: CustomAllocationConfig,
+    /// The latency table of `geoLatency` allocation (None: no `[[latency]]` rows).
+    pub latency: Option<dps_core::policy::LatencyTable>,
 }
 
 /// The hub linked when the configuration names none.
@@ -565,17 +633,50 @@ impl ServerConfig {
                 host_name: DEFAULT_HUB.to_owned(),
                 allocation_weight: None,
                 apply_allocation_policy: None,
+                location: None,
             }]
         });
         let mut linked_hubs = Vec::with_capacity(hubs.len());
         for h in hubs {
-            let hub = LinkedHub::new(&h.host_name, h.allocation_weight, h.apply_allocation_policy)
+            let mut hub = LinkedHub::new(&h.host_name, h.allocation_weight, h.apply_allocation_policy)
                 .map_err(|e| err(format!("linked_hubs '{}': {}", h.host_name, e.message)))?;
+            match h.location.as_deref().map(str::trim) {
+                Some("") => return Err(err(format!("linked_hubs '{}': location is empty", h.host_name))),
+                Some(l) => hub = hub.with_location(l),
+                None => {}
+            }
             if linked_hubs.iter().any(|l: &LinkedHub| l.host_name == hub.host_name) {
                 return Err(err(format!("linked_hubs: '{}' is listed twice", h.host_name)));
             }
             linked_hubs.push(hub);
         }
+
+        let latency = if file.latency.is_empty() {
+            None
+        } else {
+            let rows: Vec<(&str, Vec<(String, u32)>)> = file
+                .latency
+                .iter()
+                .map(|row| (row.network.as_str(), row.hubs.iter().map(|(k, v)| (k.clone(), *v)).collect()))
+                .collect();
+            let table = dps_core::policy::LatencyTable::new(rows)
+                .map_err(|e| err(format!("latency: {}", e.message)))?;
+            for row in &file.latency {
+                for name in row.hubs.keys() {
+                    let known = linked_hubs.iter().any(|h: &LinkedHub| {
+                        h.is_named(name)
+                            || h.location.as_deref().is_some_and(|l| l.eq_ignore_ascii_case(name))
+                    });
+                    if !known {
+                        return Err(err(format!(
+                            "latency '{}': '{name}' is neither a linked hub's host_name nor its location",
+                            row.network
+                        )));
+                    }
+                }
+            }
+            Some(table)
+        };
 
         let mut access_policies: Vec<AccessPolicy> = Vec::with_capacity(file.access_policies.len());
         for p in file.access_policies {
@@ -625,6 +726,29 @@ impl ServerConfig {
         };
         let quotas = parse_quotas(&file.quotas)?;
         let faults = crate::faults::rules_from_config(&file.faults).map_err(err)?;
+        let custom_allocation = {
+            let c = &file.custom_allocation;
+            let ms = |v: Option<u64>, default: u64, name: &str| -> Result<Duration, ConfigError> {
+                match v.unwrap_or(default) {
+                    v if v > 3_600_000 => Err(err(format!("custom_allocation.{name} is over one hour"))),
+                    v => Ok(Duration::from_millis(v)),
+                }
+            };
+            CustomAllocationConfig {
+                ca_file: c.ca_file.clone(),
+                allow_http: c.allow_http.unwrap_or(false),
+                timeout: match ms(c.timeout_ms, 30_000, "timeout_ms")? {
+                    d if d.is_zero() => return Err(err("custom_allocation.timeout_ms must be at least 1")),
+                    d => d,
+                },
+                attempts: match c.attempts.unwrap_or(10) {
+                    n @ 1..=20 => n,
+                    n => return Err(err(format!("custom_allocation.attempts is {n}; it must be 1..=20"))),
+                },
+                initial_interval: ms(c.initial_interval_ms, 1_000, "initial_interval_ms")?,
+                increment: ms(c.increment_ms, 9_000, "increment_ms")?,
+            }
+        };
         let data_dir = file.data_dir.unwrap_or_else(|| PathBuf::from("./dps-data"));
         let key_provider = match file.encryption.key_provider.as_deref().map(str::trim) {
             None | Some("file") => KeyProviderConfig::File(
@@ -679,6 +803,8 @@ impl ServerConfig {
             quotas,
             faults,
             fault_seed: file.fault_seed,
+            custom_allocation,
+            latency,
         })
     }
 

@@ -310,6 +310,7 @@ async fn handle_https(mut req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Resp {
         max_item_count: header_string(&parts.headers, "x-ms-max-item-count"),
         continuation: header_string(&parts.headers, "x-ms-continuation"),
         body,
+        client_address: Some(peer.ip()),
     };
     // The engine runs inline, in this connection's task; if the connection is dropped while the flow waits
     // (the client went away, or shutdown gave up on the connection), the rest of the flow moves to a

@@ -34,10 +34,11 @@ impl DeviceApi {
 }
 
 impl dps_mqtt::DeviceHandler for DeviceApi {
-    fn handle(&self, request: DeviceRequest) -> impl Future<Output = Reply> + Send {
+    fn handle(&self, mut request: DeviceRequest) -> impl Future<Output = Reply> + Send {
         let state = Arc::clone(&self.state);
         let transport = self.transport;
         let peer = self.peer;
+        request.client_address = request.client_address.or(peer);
         async move {
             let register = matches!(request.call, DeviceCall::Register { .. });
             let started = Instant::now();

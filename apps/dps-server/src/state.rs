@@ -14,7 +14,7 @@ use dps_core::proto::Timestamp;
 use dps_core::store::{AsyncStore, StoreError, StoreOp, StoreResult};
 use dps_core::OWNER_POLICY;
 use dps_core::{AccessPolicy, DeviceRequest, Engine, EngineConfig, HttpRequest, Reply, Rights};
-use dps_host::{Clock, Host, LocalCa, SystemClock};
+use dps_host::{Clock, Host, LocalCa, SystemClock, WebhookConfig, Webhooks};
 use dps_store::seal::Sealer;
 use dps_store::{SqliteHubDirectory, SqliteOptions, SqliteStore};
 use std::future::Future;
@@ -148,6 +148,7 @@ pub fn engine_config(config: &ServerConfig, owner: &OwnerKeys) -> EngineConfig {
     engine.respond_before_assignment = config.respond_early;
     engine.max_symmetric_key_groups = config.max_symmetric_key_groups;
     engine.max_ca_certificates = config.max_ca_certificates;
+    engine.latency = config.latency.clone().map(|t| Arc::new(t) as Arc<dyn dps_core::policy::LatencySource>);
     engine.access_policies.push(AccessPolicy {
         key_name: OWNER_POLICY.to_owned(),
         primary_key: owner.primary.clone(),
@@ -156,6 +157,36 @@ pub fn engine_config(config: &ServerConfig, owner: &OwnerKeys) -> EngineConfig {
     });
     engine.access_policies.extend(config.access_policies.iter().cloned());
     engine
+}
+
+/// The custom allocation webhook client of `[custom_allocation]`: the system's trust roots plus `ca_file`.
+fn webhooks(c: &crate::config::CustomAllocationConfig) -> Result<Webhooks, ServerError> {
+    let mut roots = WebhookConfig::system_roots();
+    if let Some(path) = &c.ca_file {
+        let pem = std::fs::read(path).map_err(|e| {
+            ServerError::Config(crate::config::ConfigError(format!(
+                "custom_allocation.ca_file {}: {e}",
+                path.display()
+            )))
+        })?;
+        let extra = dps_client::tls::certificates(&pem).map_err(|e| {
+            ServerError::Config(crate::config::ConfigError(format!(
+                "custom_allocation.ca_file {}: {e}",
+                path.display()
+            )))
+        })?;
+        roots.extend(extra);
+    }
+    Webhooks::new(WebhookConfig {
+        roots,
+        timeout: c.timeout,
+        attempts: c.attempts,
+        initial_interval: c.initial_interval,
+        increment: c.increment,
+        allow_http: c.allow_http,
+        ..WebhookConfig::default()
+    })
+    .map_err(|e| ServerError::Config(crate::config::ConfigError(e)))
 }
 
 impl AppState {
@@ -212,6 +243,7 @@ impl AppState {
             }
             None => None,
         };
+        builder = builder.webhooks(webhooks(&config.custom_allocation)?);
         let host = builder.build().map_err(|e| ServerError::Config(crate::config::ConfigError(e.message)))?;
         let auth_failures = AuthFailureLimiter::new(config.auth_failures);
         Ok(AppState {

@@ -1575,20 +1575,6 @@ async fn the_table_of_bad_input() {
 
 // --- The failed-authentication limiter (401 storms) -----------------------------------------------------------
 
-async fn tls_from(
-    server: &RunningServer,
-    addr: std::net::SocketAddr,
-    source: &str,
-) -> tokio_rustls::client::TlsStream<TcpStream> {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
-    let tcp = socket.connect(addr).await.unwrap();
-    tokio_rustls::TlsConnector::from(client_tls(server))
-        .connect(rustls_pki_types::ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap()
-}
-
 /// One register from `source` with `token`: (status, errorCode, Retry-After).
 async fn register_from(
     server: &RunningServer,

@@ -25,6 +25,7 @@ fn two_hub_config(dir: &Path) -> dps_server::config::ServerConfig {
             host_name: (*h).to_owned(),
             allocation_weight: 1,
             apply_allocation_policy: true,
+            location: None,
         })
         .collect();
     c

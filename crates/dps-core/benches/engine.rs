@@ -228,6 +228,7 @@ fn register_request(group_key: &SymmetricKey, i: u64) -> DeviceRequest {
             Some("registration"),
         )),
         body: format!(r#"{{"registrationId":"{id}","payload":null}}"#).into_bytes(),
+        client_address: None,
     }
 }
 

@@ -125,6 +125,16 @@ pub struct EngineConfig {
     pub certificate_issuance: bool,
     /// The most CA certificates the instance holds (spec §10.1: 25 in Azure).
     pub max_ca_certificates: usize,
+    /// Whether an in-process allocation hook decides custom allocations (set by a host given one,
+    /// `dps_host::HostBuilder::allocation_hook`). Then an enrollment with `allocationPolicy: custom` may
+    /// omit `customAllocationDefinition`; without a hook it must name a webhook, as in Azure.
+    pub allocation_hook: bool,
+    /// Accept `http://` webhook URLs (local development only; Azure requires `https://`).
+    pub insecure_webhooks: bool,
+    /// Latency figures for `geoLatency` allocation (a [`dps_policy::LatencyTable`] or live measurements).
+    /// None, or a device whose address the transport did not pass, or a network the source does not know:
+    /// `geoLatency` allocates like `hashed`.
+    pub latency: Option<std::sync::Arc<dyn dps_policy::LatencySource>>,
 }
 
 impl EngineConfig {
@@ -144,6 +154,9 @@ impl EngineConfig {
             max_symmetric_key_groups: 100,
             certificate_issuance: false,
             max_ca_certificates: 25,
+            allocation_hook: false,
+            insecure_webhooks: false,
+            latency: None,
         }
     }
 

@@ -30,7 +30,7 @@
 //! service API releases the device.
 
 use crate::config::EngineConfig;
-use crate::effect::{Effect, EffectError, EffectResult, IssueRequest};
+use crate::effect::{AllocationCall, Effect, EffectError, EffectResult, IssueRequest};
 use crate::flow::{Flow, Input, Step};
 use crate::hub::{DeviceIdentity, DeviceTwin, HubAuthentication, HubError, HubOp, HubResult};
 use crate::reply::Reply;
@@ -38,12 +38,15 @@ use crate::request::{unexpected_store_result, DeviceCall, DeviceRequest, Nonces}
 use crate::store::{DeviceContext, EnrollmentRef, RegistrationRecord, StoreError, StoreOp, StoreResult};
 use dps_attest::{Attestation, HubCredential, MatchedEnrollment, Presented, VerifiedDevice};
 use dps_policy::{
-    allocate, billable_device_operation, candidate_hubs, Assignment, DeviceOperation, MeterEvent, TwinSource,
+    allocate, billable_device_operation, candidate_hubs, Assignment, DeviceOperation, MeterEvent,
+    ReprovisionPlan, TwinSource,
 };
+use dps_proto::allocation::{AllocationRequest, AllocationResponse, DeviceRuntimeContext};
 use dps_proto::credential::{Credential, TpmRegistration};
 use dps_proto::model::{
-    AllocationPolicy, DeviceRegistration, DeviceRegistrationResult, InitialTwin, RegistrationOperationStatus,
-    RegistrationStatus, RegistrationSubstatus, SymmetricKeyRegistrationResult,
+    AllocationPolicy, CustomAllocationDefinition, DeviceRegistration, DeviceRegistrationResult, InitialTwin,
+    RegistrationOperationStatus, RegistrationStatus, RegistrationSubstatus, ReprovisionPolicy,
+    SymmetricKeyRegistrationResult,
 };
 use dps_proto::{
     ApiVersion, DpsError, EnrollmentGroupId, ErrorCode, Etag, OperationId, RegistrationId, Timestamp,
@@ -76,6 +79,33 @@ struct AssignmentPlan {
     substatus: RegistrationSubstatus,
 }
 
+/// A custom-allocation device waiting for its webhook's (or hook's) answer: the call to make and what the
+/// plan needs once the answer is in.
+#[derive(Debug)]
+struct CustomPending {
+    /// Taken when the effect is asked for.
+    call: Option<Box<AllocationCall>>,
+    /// The hubs offered to the webhook (its answer must be one of them).
+    linked: Vec<String>,
+    previous: Option<Assignment>,
+    reprovision: Option<ReprovisionPolicy>,
+    api_version: ApiVersion,
+    device_id: String,
+    authentication: HubAuthentication,
+    enrollment_twin: DeviceTwin,
+    iot_edge: bool,
+}
+
+/// What [`plan_assignment`] decided: a plan, or a custom allocation to ask for first.
+#[derive(Debug)]
+// Built once per registration and moved straight into the job; boxing the plan would add an allocation on
+// the hot path of every built-in allocation.
+#[allow(clippy::large_enum_variant)]
+enum Planned {
+    Ready(AssignmentPlan),
+    Custom(Box<CustomPending>),
+}
+
 #[derive(Debug)]
 enum HubStage {
     ReadTwin,
@@ -98,6 +128,16 @@ struct Job {
     done: Option<HubStage>,
     /// A certificate to issue (the device sent a CSR) before the hub operations.
     issue: Option<IssueRequest>,
+    /// A custom allocation to ask for before anything else (the plan is made from its answer).
+    custom: Option<Box<CustomPending>>,
+}
+
+impl Job {
+    /// Whether the registration still has assignment work to do (a plan, or a custom allocation that
+    /// will make one).
+    fn has_work(&self) -> bool {
+        self.plan.is_some() || self.custom.is_some()
+    }
 }
 
 #[derive(Debug)]
@@ -108,6 +148,7 @@ enum State {
     AwaitEarlyResponded(Box<Job>),
     AwaitHub(Box<Job>, HubStage),
     AwaitIssued(Box<Job>),
+    AwaitAllocation(Box<Job>),
     AwaitCommit { responded: bool, operation_id: OperationId },
     Finishing,
     Finished,
@@ -347,28 +388,35 @@ impl DeviceFlow {
                 (enrollment_ref(&self.request.registration_id, d.enrollment())?, None)
             }
             Attestation::Verified(v) => {
-                let plan = plan_assignment(&self.config, v, previous, self.api_version());
+                let payload = self.body.payload.take();
+                let plan =
+                    plan_assignment(&self.config, v, previous, self.api_version(), payload, &self.request);
                 (enrollment_ref(&self.request.registration_id, v.enrollment())?, Some(plan))
             }
         };
         check_owner(&self.request.registration_id, previous, &enrollment)?;
         let mut record = self.new_record(previous, enrollment);
         record.x509 = x509;
-        let plan = match plan {
+        let (plan, custom) = match plan {
             None => {
                 record.status = RegistrationStatus::Disabled;
-                None
+                (None, None)
             }
             Some(Err(e)) => {
                 set_failed(&mut record, &e);
-                None
+                (None, None)
             }
-            Some(Ok(plan)) => Some(plan),
+            Some(Ok(Planned::Ready(plan))) => (Some(plan), None),
+            Some(Ok(Planned::Custom(pending))) => (None, Some(pending)),
         };
-        let issue = match (&plan, self.csr.take()) {
-            (Some(plan), Some((subject_public_key_info, csr_der))) => Some(IssueRequest {
+        let device_id = plan
+            .as_ref()
+            .map(|p| p.target.device_id.clone())
+            .or_else(|| custom.as_ref().map(|c| c.device_id.clone()));
+        let issue = match (device_id, self.csr.take()) {
+            (Some(device_id), Some((subject_public_key_info, csr_der))) => Some(IssueRequest {
                 registration_id: self.request.registration_id.clone(),
-                device_id: plan.target.device_id.clone(),
+                device_id,
                 subject_public_key_info,
                 csr_der,
             }),
@@ -382,8 +430,9 @@ impl DeviceFlow {
             responded: false,
             done: None,
             issue,
+            custom,
         });
-        if job.plan.is_some() && self.config.respond_before_assignment {
+        if job.has_work() && self.config.respond_before_assignment {
             // Commit an `assigning` record first so polls can see the operation, then answer.
             let mut assigning = job.record.clone();
             assigning.status = RegistrationStatus::Assigning;
@@ -395,9 +444,14 @@ impl DeviceFlow {
         Ok(self.next_hub_step(job))
     }
 
-    /// The next hub operation of the plan (after `job.done`), or the final commit. A certificate to issue
-    /// comes first: the hub identity then trusts the issuing CA.
+    /// The next hub operation of the plan (after `job.done`), or the final commit. A custom allocation
+    /// comes first (it makes the plan), then a certificate to issue: the hub identity then trusts the
+    /// issuing CA.
     fn next_hub_step(&mut self, mut job: Box<Job>) -> Step {
+        if let Some(call) = job.custom.as_mut().and_then(|c| c.call.take()) {
+            self.state = State::AwaitAllocation(job);
+            return Step::Effect(Effect::Allocate(call));
+        }
         if job.plan.is_some() {
             if let Some(request) = job.issue.take() {
                 self.state = State::AwaitIssued(job);
@@ -525,6 +579,34 @@ impl DeviceFlow {
         }
     }
 
+    /// The webhook's (or hook's) answer to a custom allocation: checked against spec §8.5, then planned
+    /// like any allocation (the reprovision table decides twin, substatus and what to delete).
+    fn on_allocated(&mut self, mut job: Box<Job>, result: Result<EffectResult, EffectError>) -> Step {
+        let Some(pending) = job.custom.take() else {
+            return self.fail(&unexpected_store_result());
+        };
+        let decided = match result {
+            Ok(EffectResult::Allocation(response)) => decide_custom(*pending, response),
+            Ok(_) => Err(DpsError::with_message(ErrorCode::InternalError, "unexpected allocation result")),
+            Err(e) => Err(DpsError::with_message(
+                e.code.unwrap_or(ErrorCode::CustomAllocationFailed),
+                format!("Custom allocation failed: {}", e.message),
+            )),
+        };
+        match decided {
+            Ok((plan, payload)) => {
+                job.record.payload = payload;
+                job.plan = Some(plan);
+                self.next_hub_step(job)
+            }
+            Err(e) => {
+                job.issue = None;
+                set_failed(&mut job.record, &e);
+                self.commit(job)
+            }
+        }
+    }
+
     fn register_reply(&self, operation_id: &OperationId) -> Reply {
         let body = RegistrationOperationStatus {
             operation_id: operation_id.to_string(),
@@ -627,6 +709,7 @@ impl Flow for DeviceFlow {
             (State::AwaitEarlyResponded(job), Input::Responded) => self.next_hub_step(job),
             (State::AwaitHub(job, stage), Input::Hub(result)) => self.on_hub(job, stage, result),
             (State::AwaitIssued(job), Input::Effect(result)) => self.on_issued(job, result),
+            (State::AwaitAllocation(job), Input::Effect(result)) => self.on_allocated(job, result),
             (State::AwaitCommit { responded: false, operation_id }, Input::Store(Ok(_))) => {
                 let reply = self.register_reply(&operation_id);
                 self.respond(reply)
@@ -737,21 +820,26 @@ fn twin_of(initial: Option<&InitialTwin>, iot_edge: bool) -> DeviceTwin {
     }
 }
 
-/// Decides where a verified device goes. Requires the attestation proof.
+/// Decides where a verified device goes (or, for custom allocation, what to ask the webhook). Requires the
+/// attestation proof.
 fn plan_assignment(
     config: &EngineConfig,
     device: &VerifiedDevice,
     previous: Option<&RegistrationRecord>,
     api_version: &ApiVersion,
-) -> Result<AssignmentPlan, DpsError> {
+    payload: Option<Value>,
+    request: &DeviceRequest,
+) -> Result<Planned, DpsError> {
+    let credential = &request.credential;
     struct Settings<'a> {
         policy: Option<AllocationPolicy>,
         hubs: Option<&'a [String]>,
         hub: Option<&'a str>,
-        reprovision: Option<dps_proto::model::ReprovisionPolicy>,
+        reprovision: Option<ReprovisionPolicy>,
         twin: Option<&'a InitialTwin>,
         iot_edge: bool,
         device_id: Option<&'a str>,
+        custom: Option<&'a CustomAllocationDefinition>,
     }
     let s = match device.enrollment() {
         MatchedEnrollment::Individual(e) => Settings {
@@ -762,6 +850,7 @@ fn plan_assignment(
             twin: e.initial_twin.as_ref(),
             iot_edge: e.capabilities.is_some_and(|c| c.iot_edge),
             device_id: e.device_id.as_deref().filter(|d| !d.is_empty()),
+            custom: e.custom_allocation_definition.as_ref(),
         },
         MatchedEnrollment::Group(g) => Settings {
             policy: g.allocation_policy,
@@ -771,27 +860,86 @@ fn plan_assignment(
             twin: g.initial_twin.as_ref(),
             iot_edge: g.capabilities.is_some_and(|c| c.iot_edge),
             device_id: None,
+            custom: g.custom_allocation_definition.as_ref(),
         },
     };
     let policy = s.policy.unwrap_or(config.default_allocation);
-    if policy == AllocationPolicy::Custom {
-        return Err(DpsError::with_message(
-            ErrorCode::CustomAllocationFailed,
-            "Custom allocation is not available in this service build.",
-        ));
-    }
     let registration_id = device.registration_id();
     let device_id = s.device_id.unwrap_or(registration_id.as_str()).to_owned();
     let previous_assignment = previous.and_then(|p| match (&p.assigned_hub, &p.device_id) {
         (Some(hub), Some(id)) => Some(Assignment::new(hub.clone(), id.clone())),
         _ => None,
     });
+    let authentication = hub_authentication(device)?;
+    let initial_twin = twin_of(s.twin, s.iot_edge);
+    if policy == AllocationPolicy::Custom {
+        // Spec §8.3: the hubs the webhook may choose from; only the current one under "never reprovision".
+        let effective = dps_policy::effective_policy(s.reprovision, api_version);
+        let linked: Vec<String> = match &previous_assignment {
+            Some(prev) if !effective.update_hub_assignment => vec![prev.hub.clone()],
+            _ => candidate_hubs(&config.linked_hubs, s.hubs, s.hub)?
+                .into_iter()
+                .map(|h| h.host_name.clone())
+                .collect(),
+        };
+        let request = AllocationRequest {
+            individual_enrollment: match device.enrollment() {
+                MatchedEnrollment::Individual(e) => Some(Box::new(webhook_view_individual(e, s.custom))),
+                MatchedEnrollment::Group(_) => None,
+            },
+            enrollment_group: match device.enrollment() {
+                MatchedEnrollment::Group(g) => Some(Box::new(webhook_view_group(g.group(), s.custom))),
+                MatchedEnrollment::Individual(_) => None,
+            },
+            device_runtime_context: DeviceRuntimeContext {
+                registration_id: registration_id.as_str().to_owned(),
+                current_iot_hub_host_name: previous_assignment.as_ref().map(|p| p.hub.clone()),
+                current_device_id: previous_assignment.as_ref().map(|p| p.device_id.clone()),
+                symmetric_key: matches!(credential, Credential::SasToken(_)).then(|| json!({})),
+                x509: device.x509_result(),
+                tpm: match credential {
+                    Credential::Tpm(t) => Some(dps_proto::model::TpmAttestation {
+                        endorsement_key: Some(t.endorsement_key.clone()),
+                        storage_root_key: Some(t.storage_root_key.clone()),
+                    }),
+                    _ => None,
+                },
+                payload,
+            },
+            linked_hubs: linked.clone(),
+        };
+        return Ok(Planned::Custom(Box::new(CustomPending {
+            call: Some(Box::new(AllocationCall { definition: s.custom.cloned(), request })),
+            linked,
+            previous: previous_assignment,
+            reprovision: s.reprovision,
+            api_version: api_version.clone(),
+            device_id,
+            authentication,
+            enrollment_twin: initial_twin,
+            iot_edge: s.iot_edge,
+        })));
+    }
     let plan =
         dps_policy::plan(previous_assignment.as_ref(), s.reprovision, api_version, &device_id, || {
             let candidates = candidate_hubs(&config.linked_hubs, s.hubs, s.hub)?;
-            Ok(allocate(policy, registration_id.key(), &candidates)?.host_name.clone())
+            match (policy, &config.latency, request.client_address) {
+                (AllocationPolicy::GeoLatency, Some(source), Some(client)) => {
+                    let latency = |hub: &dps_policy::LinkedHub| source.latency_ms(client, hub);
+                    Ok(dps_policy::lowest_latency(registration_id.key(), &candidates, latency)?
+                        .0
+                        .host_name
+                        .clone())
+                }
+                _ => Ok(allocate(policy, registration_id.key(), &candidates)?.host_name.clone()),
+            }
         })?;
-    let authentication = match device.hub_credential() {
+    Ok(Planned::Ready(assignment_plan(plan, authentication, initial_twin)))
+}
+
+/// The hub authentication for the device's credential.
+fn hub_authentication(device: &VerifiedDevice) -> Result<HubAuthentication, DpsError> {
+    Ok(match device.hub_credential() {
         HubCredential::Keys { primary, secondary } => {
             HubAuthentication::Sas { primary_key: primary.to_base64(), secondary_key: secondary.to_base64() }
         }
@@ -805,15 +953,111 @@ fn plan_assignment(
                 format!("no hub authentication for the device's credential {other:?}"),
             ))
         }
-    };
-    Ok(AssignmentPlan {
+    })
+}
+
+fn assignment_plan(
+    plan: ReprovisionPlan,
+    authentication: HubAuthentication,
+    initial_twin: DeviceTwin,
+) -> AssignmentPlan {
+    AssignmentPlan {
         identity: DeviceIdentity { device_id: plan.target.device_id.clone(), authentication },
         target: plan.target,
         twin: plan.twin,
-        initial_twin: twin_of(s.twin, s.iot_edge),
+        initial_twin,
         delete_previous: plan.delete_previous,
         substatus: plan.substatus,
+    }
+}
+
+/// Checks a webhook's answer (spec §8.4, §8.5) and plans the assignment; returns the plan and the payload
+/// for the device.
+fn decide_custom(
+    pending: CustomPending,
+    response: AllocationResponse,
+) -> Result<(AssignmentPlan, Option<Value>), DpsError> {
+    let chosen = response.iot_hub_host_name.as_deref().map(str::trim).unwrap_or_default();
+    if chosen.is_empty() {
+        return Err(DpsError::with_message(
+            ErrorCode::CustomAllocationIotHubNotSpecified,
+            "The custom allocation webhook answered without an iotHubHostName.",
+        ));
+    }
+    let Some(hub) = pending.linked.iter().find(|h| h.eq_ignore_ascii_case(chosen)).cloned() else {
+        return Err(DpsError::with_message(
+            ErrorCode::CustomAllocationFailed,
+            format!(
+                "The custom allocation webhook chose IoT hub '{}', which is not one of the linked hubs it was \
+                 offered ({}).",
+                chosen.chars().take(256).collect::<String>(),
+                pending.linked.join(", ")
+            ),
+        ));
+    };
+    let plan = dps_policy::plan(
+        pending.previous.as_ref(),
+        pending.reprovision,
+        &pending.api_version,
+        &pending.device_id,
+        || Ok(hub),
+    )?;
+    // Spec §8.4: the webhook's initial twin applies to a first assignment, and on reprovisioning only when
+    // the hub changes under "reset to initial config"; otherwise the enrollment's.
+    let hub_changed =
+        pending.previous.as_ref().is_some_and(|p| !p.hub.eq_ignore_ascii_case(&plan.target.hub));
+    let first = pending.previous.is_none();
+    let twin = match response.initial_twin.as_ref() {
+        Some(t) if first || (plan.twin == TwinSource::Initial && hub_changed) => {
+            twin_of(Some(t), pending.iot_edge)
+        }
+        _ => pending.enrollment_twin,
+    };
+    Ok((assignment_plan(plan, pending.authentication, twin), response.payload))
+}
+
+/// The webhook URL as an enrollment sent to a webhook shows it: the query (which carries the function key)
+/// masked, as Azure shows it.
+fn masked_definition(definition: Option<&CustomAllocationDefinition>) -> Option<CustomAllocationDefinition> {
+    definition.map(|d| CustomAllocationDefinition {
+        webhook_url: match d.webhook_url.split_once('?') {
+            Some((base, _)) => format!("{base}?****"),
+            None => d.webhook_url.clone(),
+        },
+        api_version: d.api_version.clone(),
     })
+}
+
+/// Whether an enrollment serialized for a webhook of `api_version` carries fields of 2021-10-01.
+fn has_2021_fields(definition: Option<&CustomAllocationDefinition>) -> bool {
+    definition.is_none_or(|d| d.api_version.get(..10).is_some_and(|date| date >= "2021-10-01"))
+}
+
+/// An individual enrollment as a webhook sees it (spec §8.3): keys stripped (`{"type":"symmetricKey"}`),
+/// no registration state, the webhook URL's query masked, serialized for the definition's api-version.
+fn webhook_view_individual(
+    e: &dps_proto::model::IndividualEnrollment,
+    definition: Option<&CustomAllocationDefinition>,
+) -> dps_proto::model::IndividualEnrollment {
+    let mut e = e.clone();
+    e.attestation.symmetric_key = None;
+    e.registration_state = None;
+    e.custom_allocation_definition = masked_definition(definition);
+    if !has_2021_fields(definition) {
+        e.optional_device_information = None;
+    }
+    e
+}
+
+/// An enrollment group as a webhook sees it; see [`webhook_view_individual`].
+fn webhook_view_group(
+    g: &dps_proto::model::EnrollmentGroup,
+    definition: Option<&CustomAllocationDefinition>,
+) -> dps_proto::model::EnrollmentGroup {
+    let mut g = g.clone();
+    g.attestation.symmetric_key = None;
+    g.custom_allocation_definition = masked_definition(definition);
+    g
 }
 
 /// The device-facing registration result of a record (spec §1.6); `with_issued_chain`: include the

@@ -75,6 +75,7 @@ impl Engine {
                 request.client_certificates.clone(),
             ),
             body: request.body.clone(),
+            client_address: request.client_address,
         };
         match matched.route {
             Route::Register { id_scope, registration_id } => EngineFlow::Device(self.device(

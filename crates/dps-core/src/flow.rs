@@ -153,7 +153,7 @@ pub async fn run_async_until_reply<F: Flow + ?Sized>(
         input = match flow.resume_at(clock(), input) {
             Step::Store(op) => Input::Store(store.execute(op).await),
             Step::Hub(op) => Input::Hub(hubs.execute(op).await),
-            Step::Effect(effect) => Input::Effect(effects.perform(effect, clock())),
+            Step::Effect(effect) => Input::Effect(effects.perform_async(effect, clock()).await),
             Step::Respond(reply) => {
                 return match flow.resume_at(clock(), Input::Responded) {
                     Step::Finished => Progress::Done(reply),
@@ -180,7 +180,7 @@ pub async fn finish_async<F: Flow + ?Sized>(
         let input = match step {
             Step::Store(op) => Input::Store(store.execute(op).await),
             Step::Hub(op) => Input::Hub(hubs.execute(op).await),
-            Step::Effect(effect) => Input::Effect(effects.perform(effect, clock())),
+            Step::Effect(effect) => Input::Effect(effects.perform_async(effect, clock()).await),
             Step::Respond(_) => Input::Responded,
             Step::Finished => return,
         };

@@ -38,11 +38,13 @@ pub use command::{Paging, Principal, ServiceCommand};
 pub use config::{AccessPolicy, EngineConfig, Rights, OWNER_POLICY};
 pub use device::register_meter;
 pub use dps_attest as attest;
+pub use dps_policy as policy;
 pub use dps_policy::{BillableOperation, LinkedHub, Meter, MeterEvent};
 pub use dps_proto as proto;
 pub use dps_proto::{DpsError, ErrorCode, Timestamp};
 pub use effect::{
-    CertificateIssuer, Effect, EffectError, EffectHandlers, EffectResult, Effects, IssueRequest, NoEffects,
+    AllocationCall, AllocationHook, CertificateIssuer, Effect, EffectError, EffectHandlers, EffectResult,
+    Effects, IssueRequest, NoEffects,
 };
 pub use engine::{DeviceCall, DeviceRequest, Engine, EngineFlow, HttpRequest, ServiceRequest};
 pub use flow::{

@@ -41,6 +41,9 @@ pub struct DeviceRequest {
     pub credential: Credential,
     /// The request body (may be empty; ignored for polls).
     pub body: Vec<u8>,
+    /// The client's network address, as the transport saw it (lowest-latency allocation uses it; None:
+    /// unknown).
+    pub client_address: Option<std::net::IpAddr>,
 }
 
 /// A service API request.
@@ -82,6 +85,8 @@ pub struct HttpRequest {
     pub continuation: Option<String>,
     /// Body.
     pub body: Vec<u8>,
+    /// The client's network address (carried into device requests).
+    pub client_address: Option<std::net::IpAddr>,
 }
 
 /// Random values a flow needs, drawn once when it is created.

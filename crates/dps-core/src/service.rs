@@ -20,8 +20,8 @@ use dps_proto::certificate::{CaCertificate, CertificateList, CertificateUpload, 
 use dps_proto::model::{
     AllocationPolicy, AttestationMechanism, AttestationType, BulkEnrollmentGroupOperation,
     BulkEnrollmentOperation, BulkEnrollmentOperationError, BulkEnrollmentOperationResult, BulkOperationMode,
-    DeviceCapabilities, DeviceRegistrationState, EnrollmentGroup, IndividualEnrollment, ProvisioningStatus,
-    QuerySpecification, SymmetricKeyAttestation,
+    CustomAllocationDefinition, DeviceCapabilities, DeviceRegistrationState, EnrollmentGroup,
+    IndividualEnrollment, ProvisioningStatus, QuerySpecification, SymmetricKeyAttestation,
 };
 use dps_proto::query::{parse_query, Query, QuerySource};
 use dps_proto::route::Route;
@@ -661,6 +661,53 @@ fn invalid(message: impl Into<String>) -> DpsError {
     DpsError::with_message(ErrorCode::InvalidEnrollment, message)
 }
 
+/// The oldest api-version a custom allocation webhook may ask the enrollment in (spec §8.3).
+const MIN_WEBHOOK_API_VERSION: &str = "2018-09-01";
+
+/// Checks a `customAllocationDefinition`: an absolute `https://` URL with a host (`http://` only when the
+/// instance allows insecure webhooks), at most 2048 characters, and a well-formed api-version no older
+/// than 2018-09-01-preview.
+fn check_custom_definition(config: &EngineConfig, d: &CustomAllocationDefinition) -> Result<(), DpsError> {
+    let url = d.webhook_url.as_str();
+    if url.len() > 2048 {
+        return Err(invalid(format!(
+            "customAllocationDefinition.webhookUrl is {} characters; the limit is 2048.",
+            url.len()
+        )));
+    }
+    let rest = if let Some(rest) = url.strip_prefix("https://") {
+        rest
+    } else if let Some(rest) = url.strip_prefix("http://").filter(|_| config.insecure_webhooks) {
+        rest
+    } else {
+        return Err(invalid(if url.starts_with("http://") {
+            "customAllocationDefinition.webhookUrl must be an https:// URL (this service does not allow \
+             http:// webhooks)."
+        } else {
+            "customAllocationDefinition.webhookUrl must be an absolute https:// URL."
+        }));
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.is_empty()
+        || authority.contains('@')
+        || url.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(invalid(
+            "customAllocationDefinition.webhookUrl needs a host name, no user information and no whitespace.",
+        ));
+    }
+    let version = dps_proto::ApiVersion::parse(&d.api_version)
+        .map_err(|e| invalid(format!("customAllocationDefinition.apiVersion: {}", e.message)))?;
+    if version.date() < MIN_WEBHOOK_API_VERSION {
+        return Err(invalid(format!(
+            "customAllocationDefinition.apiVersion '{}' is older than 2018-09-01-preview, the first version \
+             with custom allocation.",
+            d.api_version
+        )));
+    }
+    Ok(())
+}
+
 /// Validates the shared enrollment settings and fills in generated keys and defaults.
 #[allow(clippy::too_many_arguments)]
 fn prepare_common(
@@ -670,7 +717,7 @@ fn prepare_common(
     allocation: Option<AllocationPolicy>,
     iot_hubs: Option<&[String]>,
     iot_hub_host_name: Option<&str>,
-    custom: bool,
+    custom: Option<&CustomAllocationDefinition>,
     rng: &mut dyn RngCore,
 ) -> Result<Vec<CaReference>, DpsError> {
     let mut references = Vec::new();
@@ -707,8 +754,13 @@ fn prepare_common(
         }
     }
     let policy = allocation.unwrap_or(config.default_allocation);
-    if policy == AllocationPolicy::Custom || custom {
-        return Err(invalid("Custom allocation (webhook) is not available in this service build."));
+    if let Some(definition) = custom {
+        check_custom_definition(config, definition)?;
+    } else if policy == AllocationPolicy::Custom && !config.allocation_hook {
+        return Err(invalid(
+            "allocationPolicy 'custom' needs a customAllocationDefinition with the webhookUrl and apiVersion \
+             of the allocation webhook.",
+        ));
     }
     let explicit =
         iot_hubs.is_some_and(|h| !h.is_empty()) || iot_hub_host_name.is_some_and(|h| !h.is_empty());
@@ -749,7 +801,7 @@ fn prepare_enrollment(
         e.allocation_policy,
         e.iot_hubs.as_deref(),
         e.iot_hub_host_name.as_deref(),
-        e.custom_allocation_definition.is_some(),
+        e.custom_allocation_definition.as_ref(),
         rng,
     )?;
     e.registration_state = None;
@@ -784,7 +836,7 @@ fn prepare_group(
         g.allocation_policy,
         g.iot_hubs.as_deref(),
         g.iot_hub_host_name.as_deref(),
-        g.custom_allocation_definition.is_some(),
+        g.custom_allocation_definition.as_ref(),
         rng,
     )?;
     g.provisioning_status.get_or_insert(ProvisioningStatus::Enabled);

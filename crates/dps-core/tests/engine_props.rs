@@ -110,7 +110,7 @@ proptest! {
         let store = MemoryStore::new();
         let hubs = MemoryHubDirectory::new();
         let mut rng = ChaCha8Rng::seed_from_u64(1);
-        let request = HttpRequest { method, path_and_query: path, authorization, if_match, max_item_count: page, continuation, body, client_certificates: None };
+        let request = HttpRequest { method, path_and_query: path, authorization, if_match, max_item_count: page, continuation, body, client_certificates: None, client_address: None };
         let mut flow = engine.http(Timestamp::from_unix_seconds(NOW), &mut rng, request);
         let reply = run_blocking(&mut flow, &store, &hubs);
         check_reply(&reply);

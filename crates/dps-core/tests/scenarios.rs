@@ -108,6 +108,7 @@ impl World {
             max_item_count: page.map(|p| p.to_string()),
             continuation: continuation.map(str::to_owned),
             client_certificates: None,
+            client_address: None,
             body: body.map(|b| serde_json::to_vec(&b).unwrap()).unwrap_or_default(),
         };
         let mut flow = self.engine.http(self.now, &mut self.rng, request);
@@ -153,6 +154,7 @@ impl World {
             api_version: Some(ApiVersion::V2021_06_01),
             credential: dps_core::proto::Credential::from_transport(authorization, None),
             body: body.to_vec(),
+            client_address: None,
         };
         let mut flow = self.engine.device(self.now, &mut self.rng, request);
         run_blocking(&mut flow, &self.store, &self.hubs)
@@ -503,6 +505,7 @@ fn register_billing(w: &mut World, id: &str, token: String) -> (Reply, Vec<dps_c
         api_version: None,
         credential: dps_core::proto::Credential::SasToken(token),
         body: Vec::new(),
+        client_address: None,
     };
     let mut flow = w.engine.device(w.now, &mut w.rng, request);
     let (mut input, mut reply, mut billed) = (Input::Start, None, Vec::new());
@@ -591,6 +594,7 @@ fn respond_before_assignment_polls_see_assigning() {
         api_version: None,
         credential: dps_core::proto::Credential::SasToken(t.clone()),
         body: Vec::new(),
+        client_address: None,
     };
     let mut flow = w.engine.device(w.now, &mut w.rng, request);
     // Drive by hand up to the early reply.
@@ -643,6 +647,7 @@ fn concurrent_registrations_of_one_device_conflict() {
             api_version: None,
             credential: dps_core::proto::Credential::SasToken(t.clone()),
             body: Vec::new(),
+            client_address: None,
         };
         w.engine.device(w.now, &mut w.rng, request)
     };

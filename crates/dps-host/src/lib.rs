@@ -36,7 +36,9 @@
 
 mod assigning;
 mod gate;
+mod hooks;
 mod issuer;
+mod webhook;
 pub use assigning::AssigningRecords;
 use assigning::{FlowStore, Overlay};
 /// Fault rules and their parts (`dps_policy::fault`), for building [`HostBuilder::faults`].
@@ -45,9 +47,11 @@ pub use dps_policy::fault;
 pub use dps_policy::throttle;
 use gate::{Decision, Gate};
 pub use gate::{FaultStatus, GateCounts, Limit, Quotas, DEFAULT_TRACKED_DEVICES};
+pub use hooks::{hook_fn, BlockingEffects};
 pub use issuer::{CaKeyKind, LocalCa, CA_VALIDITY, DEFAULT_ISSUED_VALIDITY};
+pub use webhook::{WebhookConfig, Webhooks};
 
-use dps_core::effect::{CertificateIssuer, EffectHandlers};
+use dps_core::effect::{AllocationHook, CertificateIssuer, EffectHandlers};
 use dps_core::object::{DynHubDirectory, DynStore};
 use dps_core::proto::id::format_uuid;
 use dps_core::store::BlockingStore;
@@ -126,6 +130,8 @@ pub struct HostBuilder {
     quotas: Quotas,
     faults: Vec<fault::FaultRule>,
     fault_rng: Option<Box<dyn RngCore + Send>>,
+    hook: Option<Arc<dyn AllocationHook>>,
+    webhooks: Option<Webhooks>,
 }
 
 /// The default of [`HostBuilder::poll_hold`].
@@ -203,9 +209,39 @@ impl HostBuilder {
         self
     }
 
+    /// An in-process allocation hook that decides every custom-allocation device (spec §8.3-8.5) instead
+    /// of the enrollments' webhooks: it gets the same `AllocationRequest` and answers the same
+    /// `AllocationResponse`. With a hook, an enrollment with `allocationPolicy: custom` may omit its
+    /// `customAllocationDefinition`; to keep webhooks for some enrollments, hold a [`Webhooks`] in the hook
+    /// and call it. A hook that panics fails that registration with 400207; the host keeps serving.
+    pub fn allocation_hook(mut self, hook: Arc<dyn AllocationHook>) -> Self {
+        self.hook = Some(hook);
+        self
+    }
+
+    /// The webhook client for custom allocation (default: [`Webhooks`] with [`WebhookConfig::default`]
+    /// and the system's trust roots).
+    pub fn webhooks(mut self, webhooks: Webhooks) -> Self {
+        self.webhooks = Some(webhooks);
+        self
+    }
+
     /// Validates the configuration and builds the host.
     pub fn build(mut self) -> Result<Host, DpsError> {
         self.config.certificate_issuance = self.effects.issuer.is_some();
+        self.config.allocation_hook = self.hook.is_some();
+        let allocator: Arc<dyn AllocationHook> = match (self.hook, self.webhooks) {
+            (Some(hook), _) => hook,
+            (None, Some(webhooks)) => {
+                self.config.insecure_webhooks = webhooks.allows_http();
+                Arc::new(webhooks)
+            }
+            (None, None) => Arc::new(
+                Webhooks::new(WebhookConfig { roots: WebhookConfig::system_roots(), ..Default::default() })
+                    .map_err(|e| internal(&e))?,
+            ),
+        };
+        self.effects.allocator = Some(hooks::contained(allocator));
         let engine = Engine::new(self.config)?;
         let store = self.store.ok_or_else(|| {
             DpsError::with_message(dps_core::ErrorCode::InternalError, "Host::builder: no store was given")
@@ -296,6 +332,8 @@ impl Host {
             quotas: Quotas::none(),
             faults: Vec::new(),
             fault_rng: None,
+            hook: None,
+            webhooks: None,
         }
     }
 
@@ -559,7 +597,7 @@ pub struct BlockingHost<S, H> {
     hubs: H,
     clock: Arc<dyn Clock>,
     rng: Mutex<Box<dyn RngCore + Send>>,
-    effects: EffectHandlers,
+    effects: BlockingEffects,
 }
 
 impl<S, H> fmt::Debug for BlockingHost<S, H> {
@@ -579,8 +617,19 @@ impl<S: BlockingStore, H: dps_core::hub::BlockingHubDirectory> BlockingHost<S, H
             hubs,
             clock: Arc::new(SystemClock),
             rng: Mutex::new(Box::new(StdRng::from_entropy())),
-            effects: EffectHandlers::default(),
+            effects: BlockingEffects::default(),
         })
+    }
+
+    /// Adds an in-process allocation hook (see [`HostBuilder::allocation_hook`]); the blocking host waits
+    /// for its answer on the caller's thread. (The blocking host has no webhook client: [`Webhooks`]
+    /// needs the async [`Host`].)
+    pub fn with_allocation_hook(mut self, hook: Arc<dyn AllocationHook>) -> Result<Self, DpsError> {
+        let mut config = self.engine.config().clone();
+        config.allocation_hook = true;
+        self.engine = Engine::new(config)?;
+        self.effects.handlers.allocator = Some(hooks::contained(hook));
+        Ok(self)
     }
 
     /// Adds a certificate issuer (see [`HostBuilder::issuer`]).
@@ -588,7 +637,7 @@ impl<S: BlockingStore, H: dps_core::hub::BlockingHubDirectory> BlockingHost<S, H
         let mut config = self.engine.config().clone();
         config.certificate_issuance = true;
         self.engine = Engine::new(config)?;
-        self.effects.issuer = Some(issuer);
+        self.effects.handlers.issuer = Some(issuer);
         Ok(self)
     }
 
@@ -682,6 +731,7 @@ pub fn client_request(r: &dps_client::ClientRequest) -> DeviceRequest {
             None,
         ),
         body: r.body.clone(),
+        client_address: None,
     }
 }
 

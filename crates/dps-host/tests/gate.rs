@@ -176,6 +176,7 @@ async fn registrations_per_minute_are_limited_per_instance_with_retry_after() {
             api_version: None,
             credential: dps_core::proto::Credential::from_transport(Some(token("dev-3")), None),
             body: serde_json::to_vec(&json!({"registrationId": "dev-3"})).unwrap(),
+            client_address: None,
         })
         .await;
     assert_throttled(&mqtt, 30);

@@ -171,6 +171,7 @@ fn sessions(c: &mut Criterion) {
                 api_version: None,
                 credential: dps_core::proto::Credential::SasToken(token),
                 body: Vec::new(),
+                client_address: None,
             };
             let reply = rt.block_on(world.handle(request));
             assert_eq!(reply.status, 202);

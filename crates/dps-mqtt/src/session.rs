@@ -374,6 +374,7 @@ impl<H: DeviceHandler> Session<H> {
             api_version: username.api_version.clone(),
             credential: Credential::from_transport(password.clone(), self.client_certificates.clone()),
             body: Vec::new(),
+            client_address: None,
         };
         // A certificate session is not checked here: DPS answers a certificate problem at the request, with
         // the reason (spec §2.6, §7.5), and the TLS handshake already proved the client holds the key. Its
@@ -593,6 +594,7 @@ impl<H: DeviceHandler> Session<H> {
             api_version: c.username.api_version.clone(),
             credential: Credential::from_transport(c.password.clone(), self.client_certificates.clone()),
             body,
+            client_address: None,
         })
     }
 

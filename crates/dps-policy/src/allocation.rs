@@ -55,6 +55,10 @@ pub struct LinkedHub {
     /// Whether the hub takes part in automatic allocation. A hub with `false` is only used when an
     /// enrollment names it explicitly.
     pub apply_allocation_policy: bool,
+    /// Where the hub runs (e.g. `westeurope`): the name a [`crate::latency::LatencyTable`] may use for it
+    /// (lowest-latency allocation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
 }
 
 /// The serialized form of a [`LinkedHub`] before validation.
@@ -66,13 +70,19 @@ struct LinkedHubWire {
     allocation_weight: Option<u32>,
     #[serde(default)]
     apply_allocation_policy: Option<bool>,
+    #[serde(default)]
+    location: Option<String>,
 }
 
 impl TryFrom<LinkedHubWire> for LinkedHub {
     type Error = DpsError;
 
     fn try_from(w: LinkedHubWire) -> Result<Self, DpsError> {
-        LinkedHub::new(&w.host_name, w.allocation_weight, w.apply_allocation_policy)
+        let hub = LinkedHub::new(&w.host_name, w.allocation_weight, w.apply_allocation_policy)?;
+        Ok(match w.location {
+            Some(l) if !l.trim().is_empty() => hub.with_location(l.trim()),
+            _ => hub,
+        })
     }
 }
 
@@ -120,7 +130,15 @@ impl LinkedHub {
             host_name: host,
             allocation_weight: weight,
             apply_allocation_policy: apply_allocation_policy.unwrap_or(true),
+            location: None,
         })
+    }
+
+    /// This hub with a location (e.g. `westeurope`), the name a latency table may use for it.
+    #[must_use]
+    pub fn with_location(mut self, location: impl Into<String>) -> Self {
+        self.location = Some(location.into());
+        self
     }
 
     /// Whether this hub has the given host name (ASCII case-insensitive).
@@ -188,8 +206,9 @@ pub fn candidate_hubs<'a>(
 ///
 /// - [`AllocationPolicy::Hashed`]: weighted rendezvous hashing, see the [module docs](self) for the frozen
 ///   scheme.
-/// - [`AllocationPolicy::GeoLatency`]: this build has no latency data (spec §8.2 GAP), so it behaves exactly
-///   like `Hashed` — which is also what Azure does between equally near hubs.
+/// - [`AllocationPolicy::GeoLatency`]: without latency data, exactly like `Hashed`; with it, use
+///   [`crate::latency::lowest_latency`] (the engine does, when it knows the client's address and has a
+///   [`crate::latency::LatencySource`]).
 /// - [`AllocationPolicy::Static`]: the single candidate; zero or several candidates is
 ///   [`ErrorCode::NoHubAvailable`].
 /// - [`AllocationPolicy::Custom`]: always [`ErrorCode::CustomAllocationFailed`]; custom allocation is decided
@@ -547,8 +566,12 @@ mod tests {
     fn ties_go_to_smallest_host_name() {
         // Duplicate host names tie exactly; either copy is the same hub. Weight-0 hubs (only constructible
         // directly) all score 0 and tie: the smallest host name wins regardless of order.
-        let zero =
-            |n: &str| LinkedHub { host_name: n.into(), allocation_weight: 0, apply_allocation_policy: true };
+        let zero = |n: &str| LinkedHub {
+            host_name: n.into(),
+            allocation_weight: 0,
+            apply_allocation_policy: true,
+            location: None,
+        };
         let (b, a) = (zero("b.net"), zero("a.net"));
         assert_eq!(allocate(AllocationPolicy::Hashed, "d", &[&b, &a]).unwrap().host_name, "a.net");
         assert_eq!(allocate(AllocationPolicy::Hashed, "d", &[&a, &b]).unwrap().host_name, "a.net");
@@ -638,6 +661,7 @@ mod tests {
                     host_name,
                     allocation_weight,
                     apply_allocation_policy,
+                    location: None,
                 })
                 .collect();
             let c: Vec<&LinkedHub> = hubs.iter().collect();

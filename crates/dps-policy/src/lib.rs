@@ -3,6 +3,7 @@
 //!
 //! - [`allocation`]: the candidate hubs of an enrollment (spec §8.1) and the built-in allocation policies
 //!   (spec §8.2), with `hashed` as frozen weighted rendezvous hashing;
+//! - [`latency`]: lowest-latency allocation: client networks to hub latencies, and the choice;
 //! - [`reprovision`]: the reprovisioning decision table (spec §9.2) including the legacy "sticky"
 //!   behaviour (spec §9.4);
 //! - [`metering`]: billable operations (spec §10.3) and an in-memory meter;
@@ -16,10 +17,12 @@
 
 pub mod allocation;
 pub mod fault;
+pub mod latency;
 pub mod metering;
 pub mod reprovision;
 pub mod throttle;
 
 pub use allocation::{allocate, candidate_hubs, LinkedHub};
+pub use latency::{lowest_latency, IpNetwork, LatencySource, LatencyTable};
 pub use metering::{billable_device_operation, BillableOperation, DeviceOperation, Meter, MeterEvent};
 pub use reprovision::{effective_policy, plan, Assignment, ReprovisionPlan, TwinSource};

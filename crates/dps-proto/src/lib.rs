@@ -1,6 +1,7 @@
 //! Wire types and pure codecs of the Azure IoT Hub Device Provisioning Service (DPS) protocol.
 //!
 //! This crate does no I/O, reads no clock and spawns no threads. It holds:
+//! - [`allocation`]: the custom allocation webhook's request and response (spec §8.3-8.5);
 //! - [`model`]: device-API and service-API JSON models with Azure's exact field names;
 //! - [`id`]: identifiers built only by parsing (spec §11);
 //! - [`error`]: the one error-code table and the wire error body;
@@ -11,6 +12,7 @@
 //! - [`time`]: timestamps passed in by callers.
 #![forbid(unsafe_code)]
 
+pub mod allocation;
 pub mod certificate;
 pub mod credential;
 pub mod error;

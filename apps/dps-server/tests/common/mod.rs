@@ -55,6 +55,21 @@ pub fn service(server: &RunningServer) -> ServiceClient {
     ServiceClient::new(https(server), ConnectionString::parse(&text).unwrap())
 }
 
+/// A TLS stream to `addr` from the local address `source` (e.g. `127.0.0.2`): a client on another address.
+pub async fn tls_from(
+    server: &RunningServer,
+    addr: std::net::SocketAddr,
+    source: &str,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let tcp = socket.connect(addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(client_tls(server))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
 /// A raw TLS stream to the HTTPS listener (for malformed requests).
 pub async fn raw_tls(server: &RunningServer) -> tokio_rustls::client::TlsStream<TcpStream> {
     raw_tls_to(server, server.ready.https).await

@@ -17,6 +17,7 @@ pub fn device_request(r: &ClientRequest) -> DeviceRequest {
         api_version: Some(r.api_version().clone()),
         credential: dps_core::proto::Credential::SasToken(r.authorization.clone()),
         body: r.body.clone(),
+        client_address: None,
     }
 }
 

@@ -134,6 +134,7 @@ impl EngineServer {
                                     .unwrap_or_default(),
                                 authorization: header(&request, "authorization"),
                                 client_certificates: None,
+                                client_address: None,
                                 if_match: header(&request, "if-match"),
                                 max_item_count: header(&request, "x-ms-max-item-count"),
                                 continuation: header(&request, "x-ms-continuation"),
@@ -229,6 +230,7 @@ where
                             None,
                         ),
                         body: p.payload.to_vec(),
+                        client_address: None,
                     })
                     .await;
                 pkid = pkid.wrapping_add(1).max(1);
