@@ -73,6 +73,13 @@ pub enum Command {
         #[command(subcommand)]
         action: HubAction,
     },
+    /// Inject faults into a running server (its admin API, `/admin/faults`): add, list and remove rules
+    /// that make matching devices' requests fail, slow down, hang in `assigning` or lose their connection.
+    Fault {
+        /// The operation.
+        #[command(subcommand)]
+        action: FaultCommand,
+    },
     /// Provision a symmetric-key device over HTTPS or MQTT with the dps-client crate.
     ProvisionDevice(ProvisionArgs),
     /// Inspect a local server's hub directory, usage report and audit log. These commands do not use the
@@ -898,6 +905,105 @@ pub struct ConnectOnly {
     pub connect: ConnectArgs,
 }
 
+/// `fault add`: the keys of a `[[faults]]` rule as flags.
+#[derive(Debug, Clone, Args)]
+pub struct FaultAdd {
+    /// Connection.
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// The rule's name [default: fault-N].
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Registration IDs it applies to: a glob (`*` any run, `?` one character, case-insensitive).
+    #[arg(long, value_name = "PATTERN")]
+    pub registration_id: String,
+    /// What it does: throttle, error, latency, stuck_assigning or drop_connection.
+    #[arg(long)]
+    pub kind: String,
+    /// Which requests: any, register or poll [default: any].
+    #[arg(long)]
+    pub requests: Option<String>,
+    /// The chance it fires on a matching request, 0.0 to 1.0 [default: 1.0].
+    #[arg(long)]
+    pub probability: Option<f64>,
+    /// Fire at most this many times [default: no limit].
+    #[arg(long)]
+    pub times: Option<u64>,
+    /// throttle: the Retry-After to answer, 1 to 300 seconds.
+    #[arg(long)]
+    pub retry_after_secs: Option<u32>,
+    /// error: a 5xx code of the error table (500000, 500001, 500002, 503000).
+    #[arg(long)]
+    pub code: Option<u32>,
+    /// latency: milliseconds added before the request runs (at most 60000).
+    #[arg(long)]
+    pub latency_ms: Option<u32>,
+    /// stuck_assigning: how long polls answer assigning [default: until the rule is removed].
+    #[arg(long)]
+    pub duration_secs: Option<u32>,
+}
+
+/// `fault remove`.
+#[derive(Debug, Clone, Args)]
+pub struct FaultRemove {
+    /// Connection.
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// The rule's name.
+    #[arg(long)]
+    pub id: String,
+}
+
+/// Fault-rule operations.
+#[derive(Debug, Subcommand)]
+pub enum FaultCommand {
+    /// Add a rule (after the existing ones); prints it.
+    Add(FaultAdd),
+    /// List the rules in force with how often each fired.
+    List(ConnectOnly),
+    /// Remove a rule (a stuck assigning it caused ends).
+    Remove(FaultRemove),
+}
+
+async fn run_fault(action: FaultCommand) -> ExitCode {
+    let path = crate::faults::FAULTS_PATH;
+    match action {
+        FaultCommand::Add(a) => {
+            let spec = crate::faults::FaultSpec {
+                id: a.id,
+                registration_id: a.registration_id,
+                kind: a.kind,
+                requests: a.requests,
+                probability: a.probability,
+                times: a.times,
+                retry_after_secs: a.retry_after_secs,
+                code: a.code,
+                latency_ms: a.latency_ms,
+                duration_secs: a.duration_secs,
+            };
+            let body = match serde_json::to_value(&spec) {
+                Ok(b) => b,
+                Err(e) => return fail(e),
+            };
+            match service_client(&a.connect) {
+                Ok(c) => finish(c.call("POST", path, Some(&body), &[]).await.map(Some)),
+                Err(e) => fail(e),
+            }
+        }
+        FaultCommand::List(a) => match service_client(&a.connect) {
+            Ok(c) => finish(c.call("GET", path, None, &[]).await.map(Some)),
+            Err(e) => fail(e),
+        },
+        FaultCommand::Remove(a) => match service_client(&a.connect) {
+            Ok(c) => {
+                let target = format!("{path}/{}", crate::admin::segment(&a.id));
+                finish(c.call("DELETE", &target, None, &[]).await.map(|_| None))
+            }
+            Err(e) => fail(e),
+        },
+    }
+}
+
 /// `provision-device`.
 #[derive(Debug, Clone, Args)]
 pub struct ProvisionArgs {
@@ -1200,6 +1306,7 @@ pub async fn run_admin(command: Command) -> ExitCode {
         },
         Command::Certificate { action } => run_certificate(action).await,
         Command::Hubs { action } => run_hubs(action).await,
+        Command::Fault { action } => run_fault(action).await,
         Command::Admin { action } => {
             let result = match action {
                 AdminAction::HubDevices(a) => crate::admin::hub_devices(&a.local.dir(), &a.hub),

@@ -57,6 +57,17 @@
 //! key_provider = "file"                  # file | env: where the key-encryption key (KEK) comes from
 //! key_file = "./dps-data/kek.key"        # file: default DATA_DIR/kek.key, created (mode 0600) if absent
 //! env_var = "DPS_KEK"                    # env: the variable holding the base64 KEK (32 bytes)
+//! [quotas]                              # rate limits (spec 10.2): off unless set; 429001 + Retry-After beyond
+//! preset = "none"                        # none | azure (1000 registrations/min, 5 polls/device/10 s, 1000 service ops/min)
+//! registrations_per_minute = 1000        # register + status lookup, per instance (0 off)
+//! polls_per_device_per_10s = 5           # operation-status polls of one device (0 off)
+//! service_operations_per_minute = 1000   # service API calls, per instance (0 off)
+//! [[faults]]                            # fault injection (off unless rules are given; see crate::faults)
+//! registration_id = "flaky-*"
+//! kind = "throttle"                      # throttle | error | latency | stuck_assigning | drop_connection
+//! retry_after_secs = 5
+//! probability = 0.5
+//! fault_seed = 1                         # top-level: seed of the fault RNG (default: OS entropy)
 //! [[access_policies]]
 //! key_name = "enrollmentread"
 //! primary_key = "<base64>"
@@ -142,6 +153,14 @@ pub struct FileConfig {
     /// Encryption at rest.
     #[serde(default)]
     pub encryption: FileEncryption,
+    /// Rate limits.
+    #[serde(default)]
+    pub quotas: FileQuotas,
+    /// Fault rules.
+    #[serde(default)]
+    pub faults: Vec<crate::faults::FaultSpec>,
+    /// Seed of the RNG that rolls fault probabilities (default: OS entropy).
+    pub fault_seed: Option<u64>,
     /// The custom allocation webhook client.
     #[serde(default)]
     pub custom_allocation: FileCustomAllocation,
@@ -193,6 +212,22 @@ pub struct CustomAllocationConfig {
     pub initial_interval: Duration,
     /// Added to the wait before each further attempt.
     pub increment: Duration,
+}
+
+/// `[quotas]` as written.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileQuotas {
+    /// `none` (default) or `azure`: the values the keys below start from.
+    pub preset: Option<String>,
+    /// Registrations (register and status lookup) per minute, per instance; 0 turns the limit off.
+    pub registrations_per_minute: Option<u32>,
+    /// Operation-status polls per device per 10 seconds; 0 turns the limit off.
+    pub polls_per_device_per_10s: Option<u32>,
+    /// Service API operations per minute, per instance; 0 turns the limit off.
+    pub service_operations_per_minute: Option<u32>,
+    /// How many devices' poll budgets are remembered at once (default 100000).
+    pub tracked_devices: Option<usize>,
 }
 
 /// `[encryption]` as written.
@@ -546,6 +581,12 @@ pub struct ServerConfig {
     pub certificate_issuance: Option<IssuanceConfig>,
     /// The key provider of encryption at rest.
     pub key_provider: KeyProviderConfig,
+    /// The rate limits of `[quotas]` (default: none).
+    pub quotas: dps_host::Quotas,
+    /// The fault rules of `[[faults]]` (default: none).
+    pub faults: Vec<dps_host::fault::FaultRule>,
+    /// The fault RNG's seed (None: OS entropy).
+    pub fault_seed: Option<u64>,
     /// The custom allocation webhook client.
     pub custom_allocation: CustomAllocationConfig,
     /// The latency table of `geoLatency` allocation (None: no `[[latency]]` rows).
@@ -574,6 +615,29 @@ fn parse_allocation(value: &str) -> Result<AllocationPolicy, ConfigError> {
         "geolatency" => Ok(AllocationPolicy::GeoLatency),
         _ => Err(err(format!("default_allocation: '{value}' is not one of hashed, static, geoLatency"))),
     }
+}
+
+fn parse_quotas(q: &FileQuotas) -> Result<dps_host::Quotas, ConfigError> {
+    use dps_host::throttle::Rate;
+    let preset = match q.preset.as_deref().map(str::trim) {
+        None | Some("none") => dps_host::Quotas::none(),
+        Some("azure") => dps_host::Quotas::azure(),
+        Some(other) => return Err(err(format!("quotas.preset: '{other}' is not one of none, azure"))),
+    };
+    let rate = |value: Option<u32>, window: u32, preset: Option<Rate>| match value {
+        Some(n) => Rate::new(n, window),
+        None => preset,
+    };
+    let tracked = q.tracked_devices.unwrap_or(dps_host::DEFAULT_TRACKED_DEVICES);
+    if tracked == 0 {
+        return Err(err("quotas.tracked_devices must be at least 1"));
+    }
+    Ok(dps_host::Quotas {
+        registrations: rate(q.registrations_per_minute, 60, preset.registrations),
+        polls_per_device: rate(q.polls_per_device_per_10s, 10, preset.polls_per_device),
+        service_operations: rate(q.service_operations_per_minute, 60, preset.service_operations),
+        max_tracked_devices: tracked,
+    })
 }
 
 fn secs(value: Option<u64>, default: u64, name: &str) -> Result<Duration, ConfigError> {
@@ -742,6 +806,8 @@ impl ServerConfig {
             }),
             _ => None,
         };
+        let quotas = parse_quotas(&file.quotas)?;
+        let faults = crate::faults::rules_from_config(&file.faults).map_err(err)?;
         let custom_allocation = {
             let c = &file.custom_allocation;
             let ms = |v: Option<u64>, default: u64, name: &str| -> Result<Duration, ConfigError> {
@@ -817,6 +883,9 @@ impl ServerConfig {
             access_policies,
             certificate_issuance,
             key_provider,
+            quotas,
+            faults,
+            fault_seed: file.fault_seed,
             custom_allocation,
             latency,
         })
@@ -1004,6 +1073,50 @@ mod tests {
             let e = result.unwrap_err();
             assert!(e.0.contains(needle), "{text}: {e}");
         }
+    }
+
+    #[test]
+    fn quotas_are_off_by_default_and_azure_is_a_preset() {
+        let resolve = |text: &str| {
+            let file = FileConfig::parse(&format!("id_scope = \"0ne00000001\"\n{text}"), "test")?;
+            ServerConfig::resolve(file, &Overrides::default(), &Overrides::default())
+        };
+        assert_eq!(resolve("").unwrap().quotas, dps_host::Quotas::none());
+        assert!(resolve("").unwrap().faults.is_empty());
+        assert_eq!(resolve("[quotas]\npreset = \"azure\"").unwrap().quotas, dps_host::Quotas::azure());
+        // A key overrides the preset; 0 turns one limit off.
+        let q = resolve(
+            "[quotas]\npreset = \"azure\"\nregistrations_per_minute = 0\npolls_per_device_per_10s = 3",
+        )
+        .unwrap()
+        .quotas;
+        assert_eq!(q.registrations, None);
+        assert_eq!(q.polls_per_device, dps_host::throttle::Rate::new(3, 10));
+        assert_eq!(q.service_operations, dps_host::throttle::Rate::per_minute(1000));
+        let e = resolve("[quotas]\npreset = \"s2\"").unwrap_err();
+        assert!(e.0.contains("quotas.preset"), "{e}");
+        let e = resolve("[quotas]\nregistrations_per_hour = 1").unwrap_err();
+        assert!(e.0.contains("registrations_per_hour"), "{e}");
+    }
+
+    #[test]
+    fn fault_rules_are_validated_with_their_name() {
+        let file = FileConfig::parse(
+            "id_scope = \"0ne00000001\"\nfault_seed = 9\n[[faults]]\nid = \"slow\"\nregistration_id = \"*\"\nkind = \"latency\"\nlatency_ms = 10\n\
+             [[faults]]\nid = \"bad\"\nregistration_id = \"*\"\nkind = \"latency\"",
+            "test",
+        )
+        .unwrap();
+        let e = ServerConfig::resolve(file, &Overrides::default(), &Overrides::default()).unwrap_err();
+        assert!(e.0.contains("faults[1] ('bad')") && e.0.contains("latency_ms"), "{e}");
+        let file = FileConfig::parse(
+            "id_scope = \"0ne00000001\"\nfault_seed = 9\n[[faults]]\nregistration_id = \"*\"\nkind = \"drop_connection\"",
+            "test",
+        )
+        .unwrap();
+        let c = ServerConfig::resolve(file, &Overrides::default(), &Overrides::default()).unwrap();
+        assert_eq!(c.faults[0].id, "fault-1");
+        assert_eq!(c.fault_seed, Some(9));
     }
 
     #[test]

@@ -148,18 +148,35 @@ async fn read_body(mut body: Incoming, expect_continue: bool) -> Body {
     }
 }
 
+/// The error that makes hyper close an HTTPS connection without writing a response: a reply with
+/// [`Reply::drop_connection`] (fault injection's dropped connection).
+#[derive(Debug, thiserror::Error)]
+#[error("the connection is dropped without a response (fault injection)")]
+pub(crate) struct Dropped;
+
+/// Marks a response that must not be sent: the connection is closed instead.
+#[derive(Debug, Clone, Copy)]
+struct DropMarker;
+
 /// The HTTPS service of one connection.
 pub(crate) fn https_service(
     ctx: Arc<ConnCtx>,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = Resp,
-    Error = Infallible,
-    Future = impl Future<Output = Result<Resp, Infallible>> + Send,
+    Error = Dropped,
+    Future = impl Future<Output = Result<Resp, Dropped>> + Send,
 > + Send {
     hyper::service::service_fn(move |req| {
         let ctx = Arc::clone(&ctx);
-        async move { Ok::<_, Infallible>(handle_https(req, ctx).await) }
+        async move {
+            let response = handle_https(req, ctx).await;
+            if response.extensions().get::<DropMarker>().is_some() {
+                // hyper ends the connection on a service error, writing nothing.
+                return Err(Dropped);
+            }
+            Ok(response)
+        }
     })
 }
 
@@ -279,6 +296,20 @@ async fn handle_https(mut req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Resp {
         }
     };
 
+    if path_and_query.starts_with(crate::faults::FAULTS_PATH) {
+        let path = path_and_query.split('?').next().unwrap_or_default();
+        let authorization = header_string(&parts.headers, "authorization");
+        let reply = crate::faults::handle(
+            &shared.state,
+            parts.method.as_str(),
+            path,
+            authorization.as_deref(),
+            &body,
+        );
+        shared.state.metrics.request(Api::Service, reply.status);
+        return reply_response(reply, None, false);
+    }
+
     let started = Instant::now();
     // Linked hubs at run time: an extension of the service API, answered here (not by the engine).
     if let Some(reply) = crate::linked::serve(
@@ -333,6 +364,12 @@ async fn handle_https(mut req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Resp {
         }
     };
     let took = started.elapsed();
+    if reply.drop_connection {
+        tracing::debug!(%peer, path = %parts.uri.path(), "dropping the connection without a response (fault rule)");
+        let mut response = Response::new(Full::new(Bytes::new()));
+        response.extensions_mut().insert(DropMarker);
+        return response;
+    }
     if device_api {
         shared.state.note_auth_outcome(peer.ip(), &reply);
     }

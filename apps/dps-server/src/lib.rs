@@ -32,6 +32,7 @@ pub mod client;
 pub mod config;
 pub mod datadir;
 pub mod encryption;
+pub mod faults;
 mod http;
 pub mod linked;
 pub mod metrics;

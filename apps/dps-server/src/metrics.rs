@@ -164,6 +164,7 @@ pub struct Metrics {
     refused_tls: AtomicU64,
     auth_throttled: AtomicU64,
     store_stats: Mutex<Option<(u64, u64)>>,
+    gate: Mutex<dps_host::GateCounts>,
     billable: Mutex<BTreeMap<(BillableOperation, bool), u64>>,
 }
 
@@ -233,6 +234,11 @@ impl Metrics {
         self.open[transport.index()].load(Ordering::Relaxed)
     }
 
+    /// Sets the host's rate-limit refusals and fault injections shown at the next render.
+    pub fn set_gate_counts(&self, counts: dps_host::GateCounts) {
+        *self.gate.lock().unwrap_or_else(|e| e.into_inner()) = counts;
+    }
+
     /// Sets the store's write counters (batches, rows) shown at the next render.
     pub fn set_store_stats(&self, batches: u64, rows: u64) {
         *self.store_stats.lock().unwrap_or_else(|e| e.into_inner()) = Some((batches, rows));
@@ -295,6 +301,31 @@ impl Metrics {
              # TYPE dps_auth_throttled_total counter\ndps_auth_throttled_total {}",
             self.auth_throttled_count()
         );
+        let gate = *self.gate.lock().unwrap_or_else(|e| e.into_inner());
+        out.push_str(
+            "# HELP dps_throttled_total Requests refused (429001) by a rate limit of [quotas].\n\
+             # TYPE dps_throttled_total counter\n",
+        );
+        for limit in dps_host::Limit::ALL {
+            let _ = writeln!(
+                out,
+                "dps_throttled_total{{limit=\"{}\"}} {}",
+                limit.as_str(),
+                gate.throttled(limit)
+            );
+        }
+        out.push_str(
+            "# HELP dps_faults_injected_total Device requests a fault rule ([[faults]]) affected, by fault kind.\n\
+             # TYPE dps_faults_injected_total counter\n",
+        );
+        for kind in dps_host::fault::FaultKind::ALL {
+            let _ = writeln!(
+                out,
+                "dps_faults_injected_total{{kind=\"{}\"}} {}",
+                kind.as_str(),
+                gate.faults(kind)
+            );
+        }
         self.store_commit_latency.render(
             &mut out,
             "dps_store_commit_duration_seconds",

@@ -241,8 +241,16 @@ impl AppState {
             .map_err(|m| ServerError::Config(crate::config::ConfigError(m)))?;
         let mut engine = engine_config(config, owner);
         engine.linked_hubs = entries.iter().map(|e| e.hub.clone()).collect();
-        let mut builder =
-            Host::builder(engine).store(store.clone()).hubs(routing.clone()).poll_hold(config.poll_hold);
+        let mut builder = Host::builder(engine)
+            .store(store.clone())
+            .hubs(routing.clone())
+            .poll_hold(config.poll_hold)
+            .quotas(config.quotas)
+            .faults(config.faults.clone());
+        if let Some(seed) = config.fault_seed {
+            use rand::SeedableRng;
+            builder = builder.fault_rng(Box::new(rand::rngs::StdRng::seed_from_u64(seed)));
+        }
         let issuer = match config.certificate_issuance {
             Some(settings) => {
                 let dir = DataDir::new(config.data_dir.clone()).issuer_dir();
@@ -333,6 +341,7 @@ impl AppState {
     pub fn refresh_store_metrics(&self) {
         let stats = self.store.inner().stats();
         self.metrics.set_store_stats(stats.batches, stats.rows);
+        self.metrics.set_gate_counts(self.host.gate_counts());
     }
 
     /// Closes the store and the hub directory: queued writes (and usage rows) are committed and the writer

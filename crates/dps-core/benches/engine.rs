@@ -257,6 +257,69 @@ fn engine(c: &mut Criterion) {
     g.finish();
 }
 
+/// The rate-limit checks the host makes before a device request reaches the engine (`dps_host`'s gate,
+/// spec §10.2): the instance's registration bucket behind a mutex (every register), and a device's poll
+/// bucket in a map of 10,000 devices behind a mutex (every poll). `engine/register_…_throttled` is the
+/// registration benchmark with the registration check in the loop, for a ratio in the same run.
+fn throttle(c: &mut Criterion) {
+    use dps_policy::throttle::{Bucket, Rate};
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    // Limits that never refuse, so every check does the full work of an admitted request.
+    let rate = Rate::per_minute(u32::MAX).unwrap();
+    let mut g = c.benchmark_group("throttle");
+    g.throughput(Throughput::Elements(1));
+    let instance = Mutex::new(Bucket::default());
+    let mut t = NOW * 1_000_000_000;
+    g.bench_function("registration_check", |b| {
+        b.iter(|| {
+            t += 1_000;
+            let now = Timestamp::from_unix_nanos(t);
+            black_box(instance.lock().unwrap().take(&rate, black_box(now)).is_ok())
+        })
+    });
+    let poll_rate = Rate::new(u32::MAX, 10).unwrap();
+    let devices: Mutex<HashMap<String, Bucket>> =
+        Mutex::new((0..10_000).map(|i| (format!("sensor-{i:08}"), Bucket::default())).collect());
+    let keys: Vec<String> = (0..10_000).map(|i| format!("sensor-{i:08}")).collect();
+    let mut i = 0usize;
+    g.bench_function("poll_check_10k_devices", |b| {
+        b.iter(|| {
+            t += 1_000;
+            i = (i + 1) % keys.len();
+            let now = Timestamp::from_unix_nanos(t);
+            let mut map = devices.lock().unwrap();
+            black_box(map.get_mut(black_box(keys[i].as_str())).map(|b| b.take(&poll_rate, now).is_ok()))
+        })
+    });
+    g.finish();
+
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let mut g = c.benchmark_group("engine");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("register_group_device_memory_throttled", |b| {
+        b.iter_custom(|iters| {
+            let (engine, store, hubs, group_key) = engine_with_group();
+            let requests: Vec<_> = (0..iters).map(|i| register_request(&group_key, i)).collect();
+            let bucket = Mutex::new(Bucket::default());
+            let start = std::time::Instant::now();
+            for request in requests {
+                let now = Timestamp::from_unix_seconds(NOW);
+                let admitted = bucket.lock().unwrap().take(&rate, now).is_ok();
+                debug_assert!(admitted);
+                let mut flow = engine.device(now, &mut rng, request);
+                let reply = run_blocking(&mut flow, &store, &hubs);
+                debug_assert_eq!(reply.status, 202);
+                black_box((admitted, reply));
+            }
+            let elapsed = start.elapsed();
+            drop((store, hubs));
+            elapsed
+        })
+    });
+    g.finish();
+}
+
 /// Durable registrations on SQLite (WAL, synchronous=FULL). `concurrent_512` runs 512 registrations at a
 /// time through the async driver, so the store's writer commits them in groups (one fsync per group);
 /// `sequential` waits for each registration's own commit (one fsync each) — the floor group commit beats.
@@ -336,6 +399,6 @@ fn sqlite(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(30).warm_up_time(std::time::Duration::from_millis(500)).measurement_time(std::time::Duration::from_secs(3));
-    targets = floor, sas, x509, engine, sqlite
+    targets = floor, sas, x509, engine, throttle, sqlite
 }
 criterion_main!(benches);

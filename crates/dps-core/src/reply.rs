@@ -22,6 +22,10 @@ pub struct Reply {
     pub headers: Vec<(&'static str, String)>,
     /// The billable operation this reply completed, if any (spec §10.3).
     pub meter: Option<MeterEvent>,
+    /// The transport must close the connection without sending this reply (fault injection's dropped
+    /// connection): HTTPS closes the connection with no response, MQTT closes the session, AMQP detaches.
+    /// A transport that cannot drop sends the reply itself (a `503`).
+    pub drop_connection: bool,
 }
 
 impl Reply {
@@ -36,6 +40,7 @@ impl Reply {
                 tracking_id,
                 headers: Vec::new(),
                 meter: None,
+                drop_connection: false,
             },
             Err(e) => Reply::error_plain(&DpsError::with_message(
                 ErrorCode::InternalError,
@@ -54,6 +59,7 @@ impl Reply {
             tracking_id,
             headers: Vec::new(),
             meter: None,
+            drop_connection: false,
         }
     }
 
@@ -69,6 +75,7 @@ impl Reply {
             tracking_id,
             headers: Vec::new(),
             meter: None,
+            drop_connection: false,
         }
     }
 

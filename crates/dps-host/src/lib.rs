@@ -23,17 +23,30 @@
 //! register commits an `assigning` record, the host returns the `202` to the caller, and the remaining
 //! hub work and final commit continue on a background task tracked by the host; polls see `assigning`
 //! until that commit lands. [`Host::drain`] waits for that background work (graceful shutdown).
+//!
+//! **Quotas and fault injection.** Before a request reaches the engine the host applies its rate limits
+//! ([`HostBuilder::quotas`], Azure's with [`Quotas::azure`], none by default) and its fault rules
+//! ([`HostBuilder::faults`], [`Host::add_fault`]; none by default), so every transport answers the same
+//! `429` / `429001` with a `Retry-After`, the same injected errors and delays. A dropped connection is
+//! a reply with [`Reply::drop_connection`] set: the transport closes the connection without sending it.
 
 #![forbid(unsafe_code)]
 // A host crate: it reads the wall clock (SystemClock) and spawns Tokio tasks for early-answered flows.
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
 mod assigning;
+mod gate;
 mod hooks;
 mod issuer;
 mod webhook;
 pub use assigning::AssigningRecords;
 use assigning::{FlowStore, Overlay};
+/// Fault rules and their parts (`dps_policy::fault`), for building [`HostBuilder::faults`].
+pub use dps_policy::fault;
+/// Rates of [`Quotas`] (`dps_policy::throttle`).
+pub use dps_policy::throttle;
+use gate::{Decision, Gate};
+pub use gate::{FaultStatus, GateCounts, Limit, Quotas, DEFAULT_TRACKED_DEVICES};
 pub use hooks::{hook_fn, BlockingEffects};
 pub use issuer::{CaKeyKind, LocalCa, CA_VALIDITY, DEFAULT_ISSUED_VALIDITY};
 pub use webhook::{WebhookConfig, Webhooks};
@@ -114,6 +127,9 @@ pub struct HostBuilder {
     poll_hold: Duration,
     assigning: AssigningRecords,
     effects: EffectHandlers,
+    quotas: Quotas,
+    faults: Vec<fault::FaultRule>,
+    fault_rng: Option<Box<dyn RngCore + Send>>,
     hook: Option<Arc<dyn AllocationHook>>,
     webhooks: Option<Webhooks>,
 }
@@ -172,6 +188,27 @@ impl HostBuilder {
         self
     }
 
+    /// The rate limits (default: none; [`Quotas::azure`] for Azure's). A request beyond one is answered
+    /// `429` / `429001` with a `Retry-After` before it reaches the engine.
+    pub fn quotas(mut self, quotas: Quotas) -> Self {
+        self.quotas = quotas;
+        self
+    }
+
+    /// The fault rules in force from the start (default: none; see [`Host::add_fault`]). Each is
+    /// validated by [`build`](Self::build); IDs must be unique.
+    pub fn faults(mut self, rules: Vec<fault::FaultRule>) -> Self {
+        self.faults = rules;
+        self
+    }
+
+    /// The RNG that rolls fault probabilities (default: `StdRng` from OS entropy); seed it for
+    /// reproducible tests. Kept apart from [`rng`](Self::rng) so faults do not change generated IDs.
+    pub fn fault_rng(mut self, rng: Box<dyn RngCore + Send>) -> Self {
+        self.fault_rng = Some(rng);
+        self
+    }
+
     /// An in-process allocation hook that decides every custom-allocation device (spec §8.3-8.5) instead
     /// of the enrollments' webhooks: it gets the same `AllocationRequest` and answers the same
     /// `AllocationResponse`. With a hook, an enrollment with `allocationPolicy: custom` may omit its
@@ -211,6 +248,14 @@ impl HostBuilder {
         })?;
         let hubs = self.hubs.unwrap_or_else(|| Arc::new(dps_core::hub::MemoryHubDirectory::new()));
         let rng = self.rng.unwrap_or_else(|| Box::new(StdRng::from_entropy()));
+        let gate = Gate::new(
+            self.quotas,
+            Vec::new(),
+            self.fault_rng.unwrap_or_else(|| Box::new(StdRng::from_entropy())),
+        );
+        for rule in self.faults {
+            gate.add_fault(rule)?;
+        }
         Ok(Host {
             inner: Arc::new(Inner {
                 engine,
@@ -226,6 +271,7 @@ impl HostBuilder {
                     AssigningRecords::Host => Some(Arc::new(Overlay::default())),
                     AssigningRecords::Store => None,
                 },
+                gate,
             }),
         })
     }
@@ -246,6 +292,8 @@ struct Inner {
     effects: Arc<EffectHandlers>,
     /// In-memory `assigning` records (with [`AssigningRecords::Host`]).
     overlay: Option<Arc<Overlay>>,
+    /// Rate limits and fault rules.
+    gate: Gate,
 }
 
 type FlowKey = (String, String);
@@ -281,6 +329,9 @@ impl Host {
             poll_hold: DEFAULT_POLL_HOLD,
             assigning: AssigningRecords::default(),
             effects: EffectHandlers::default(),
+            quotas: Quotas::none(),
+            faults: Vec::new(),
+            fault_rng: None,
             hook: None,
             webhooks: None,
         }
@@ -326,29 +377,114 @@ impl Host {
     /// Runs a device API request (already addressed by a transport) to its reply. If the flow answers
     /// early, the rest of it continues on a background task (see the crate docs); this needs a Tokio
     /// runtime only in that case.
+    ///
+    /// Rate limits and fault rules apply first (see the crate docs); a refused request is answered
+    /// without reaching the engine.
     pub async fn device(&self, request: DeviceRequest) -> Reply {
         let now = self.now();
+        let stuck = match self.admit(&request, now).await {
+            Ok(stuck) => stuck,
+            Err(reply) => return reply,
+        };
         let flow = self.with_rng(|rng| self.inner.engine.device(now, rng, request));
         let key = self.hold_poll(flow.request()).await;
-        self.drive(flow, key).await
+        let stuck = stuck.then(|| stuck_poll(flow.request()));
+        let reply = self.drive(flow, key).await;
+        self.shown(reply, stuck.flatten())
     }
 
     /// Runs an HTTP request (device or service API: method, path and query, headers, body) to its reply.
+    /// Device API requests pass the rate limits and fault rules as [`device`](Self::device) does; service
+    /// API requests count against the service-operation limit.
     pub async fn http(&self, request: HttpRequest) -> Reply {
         let now = self.now();
         let flow = self.with_rng(|rng| self.inner.engine.http(now, rng, request));
-        let key = match flow.device_request() {
-            Some(request) => self.hold_poll(request).await,
-            None => None,
+        let (key, stuck) = match flow.device_request() {
+            Some(request) => {
+                let stuck = match self.admit(request, now).await {
+                    Ok(stuck) => stuck.then(|| stuck_poll(request)).flatten(),
+                    Err(reply) => return reply,
+                };
+                (self.hold_poll(request).await, stuck)
+            }
+            None => {
+                if let Some(error) = self.inner.gate.service(now) {
+                    return self.error_reply(&error);
+                }
+                (None, None)
+            }
         };
-        self.drive(flow, key).await
+        let reply = self.drive(flow, key).await;
+        self.shown(reply, stuck)
+    }
+
+    /// Applies the fault rules and the rate limits to a device request: `Ok(stuck)` to run it (after an
+    /// injected delay), `Err` with the reply that refuses it.
+    async fn admit(&self, request: &DeviceRequest, now: Timestamp) -> Result<bool, Reply> {
+        match self.inner.gate.device(request, now) {
+            Decision::Run { delay_ms, stuck } => {
+                if delay_ms > 0 {
+                    tokio::time::sleep(Duration::from_millis(u64::from(delay_ms))).await;
+                }
+                Ok(stuck)
+            }
+            Decision::Refuse { error, drop } => {
+                let mut reply = self.error_reply(&error);
+                reply.drop_connection = drop;
+                Err(reply)
+            }
+        }
+    }
+
+    /// A stuck registration's final poll answer is shown as `202 assigning` (errors stay as they are).
+    fn shown(&self, reply: Reply, stuck: Option<(String, String)>) -> Reply {
+        match stuck {
+            Some((operation_id, registration_id)) if reply.status == 200 => {
+                let body = gate::assigning_body(&operation_id, &registration_id);
+                Reply::json(202, &body, reply.tracking_id)
+                    .with_retry_after(self.inner.engine.config().retry_after_secs)
+            }
+            _ => reply,
+        }
+    }
+
+    /// Adds a fault rule at run time (after the existing ones). Refused with `400000` when the rule is not
+    /// valid ([`fault::FaultRule::validate`]) and `409000` when its ID is taken.
+    pub fn add_fault(&self, rule: fault::FaultRule) -> Result<(), DpsError> {
+        self.inner.gate.add_fault(rule)
+    }
+
+    /// Removes the fault rule with this ID (and ends the stuck `assigning` it caused); false when there is
+    /// none.
+    pub fn remove_fault(&self, id: &str) -> bool {
+        self.inner.gate.remove_fault(id)
+    }
+
+    /// The fault rules in force, in order, with how often each fired.
+    pub fn faults(&self) -> Vec<FaultStatus> {
+        self.inner.gate.faults()
+    }
+
+    /// The rate limits in force.
+    pub fn quotas(&self) -> Quotas {
+        self.inner.gate.quotas()
+    }
+
+    /// How many requests each rate limit refused and each kind of fault affected, since the start.
+    pub fn gate_counts(&self) -> GateCounts {
+        self.inner.gate.counts()
     }
 
     /// Executes a typed service command (create, query, delete enrollments, groups and registration
     /// states) under `principal`, e.g. `Principal::granted("backend", Rights::ALL)`: no token, no JSON.
     /// The reply is the one the HTTP service API would give (status, JSON body, ETag header, error code).
+    ///
+    /// Counts against the service-operation rate limit.
     pub async fn command(&self, principal: &Principal, command: ServiceCommand) -> Reply {
         let now = self.now();
+        if let Some(error) = self.inner.gate.service(now) {
+            return self.error_reply(&error);
+        }
         let flow = self.with_rng(|rng| self.inner.engine.command(now, rng, principal, command));
         self.drive(flow, None).await
     }
@@ -453,7 +589,8 @@ impl DeviceHandler for Host {
 
 /// The blocking twin of [`Host`], for embedders without an async runtime (scripts, FFI callers, tests):
 /// a blocking store (e.g. `MemoryStore`, or `SqliteStore` through its blocking interface) and a blocking hub
-/// directory, driven on the caller's thread.
+/// directory, driven on the caller's thread. It applies no rate limits and no fault rules (those are
+/// [`Host`]'s, for the transports).
 pub struct BlockingHost<S, H> {
     engine: Engine,
     store: S,
@@ -595,6 +732,16 @@ pub fn client_request(r: &dps_client::ClientRequest) -> DeviceRequest {
         ),
         body: r.body.clone(),
         client_address: None,
+    }
+}
+
+/// The operation and registration IDs of a poll (what a stuck `assigning` answer names).
+fn stuck_poll(request: &DeviceRequest) -> Option<(String, String)> {
+    match &request.call {
+        DeviceCall::OperationStatus(op) => {
+            Some((op.as_str().to_owned(), request.registration_id.as_str().to_owned()))
+        }
+        _ => None,
     }
 }
 

@@ -160,6 +160,10 @@ pub enum MqttError {
         /// Why it is not a request.
         reason: String,
     },
+    /// The handler's reply asked for the connection to be dropped ([`dps_core::Reply::drop_connection`],
+    /// fault injection): the session was closed without answering the request.
+    #[error("the connection was dropped without an answer, as the handler asked")]
+    Dropped,
     /// The HTTP request is not a valid WebSocket upgrade ([`websocket_upgrade_response`]).
     #[error("not a valid WebSocket upgrade request: {0}")]
     InvalidUpgrade(String),

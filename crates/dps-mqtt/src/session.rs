@@ -449,6 +449,12 @@ impl<H: DeviceHandler> Session<H> {
                             format!("the request handler failed: {panic}"),
                         ))
                     });
+                    if reply.drop_connection {
+                        // The handler asked for a dropped connection (fault injection): nothing more is
+                        // written, not even what is queued.
+                        self.out.clear();
+                        return Err(MqttError::Dropped);
+                    }
                     let refused = reply.status >= 400;
                     if let Some((rid, _)) = self.queue.pop_front() {
                         self.respond(&rid, reply)?;

@@ -6,7 +6,9 @@
 //! - [`latency`]: lowest-latency allocation: client networks to hub latencies, and the choice;
 //! - [`reprovision`]: the reprovisioning decision table (spec §9.2) including the legacy "sticky"
 //!   behaviour (spec §9.4);
-//! - [`metering`]: billable operations (spec §10.3) and an in-memory meter.
+//! - [`metering`]: billable operations (spec §10.3) and an in-memory meter;
+//! - [`throttle`]: rate limits (spec §10.2) as a token bucket fed `now`;
+//! - [`fault`]: fault-injection rules (which rule fires for a device request).
 //!
 //! The crate is pure: it does no I/O, reads no clock or environment, spawns no threads and uses no
 //! randomness. Every answer is a deterministic function of the arguments (timestamps are passed in), so
@@ -14,9 +16,11 @@
 #![forbid(unsafe_code)]
 
 pub mod allocation;
+pub mod fault;
 pub mod latency;
 pub mod metering;
 pub mod reprovision;
+pub mod throttle;
 
 pub use allocation::{allocate, candidate_hubs, LinkedHub};
 pub use latency::{lowest_latency, IpNetwork, LatencySource, LatencyTable};

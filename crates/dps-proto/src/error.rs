@@ -130,6 +130,8 @@ error_codes! {
     StoreUnavailable = 500001, true, "The storage backend is unavailable.";
     /// An IoT hub operation failed (hub unreachable or refused the device identity).
     HubOperationFailed = 500002, true, "An error occurred while sending the request to the IoT hub.";
+    /// The service is temporarily unavailable (fault injection's 503; DPS documents no 503 code of its own).
+    ServiceUnavailable = 503000, true, "The service is temporarily unavailable; retry later.";
 }
 
 impl ErrorCode {
