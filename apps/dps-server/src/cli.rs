@@ -252,6 +252,9 @@ pub struct RunArgs {
     /// Data directory [env: DPS_DATA_DIR].
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// The store: sqlite (default) or postgres://user:password@host:5432/db [env: DPS_STORE].
+    #[arg(long, value_name = "STORE")]
+    pub store: Option<String>,
     /// Default allocation policy: hashed, static or geoLatency [env: DPS_DEFAULT_ALLOCATION].
     #[arg(long)]
     pub default_allocation: Option<String>,
@@ -296,6 +299,7 @@ impl RunArgs {
             service_host_name: self.service_host_name.clone(),
             device_host_name: self.device_host_name.clone(),
             data_dir: self.data_dir.clone(),
+            store: self.store.clone(),
             default_allocation: self.default_allocation.clone(),
             retry_after_secs: self.retry_after_secs.clone(),
             respond_early: self.respond_early.clone(),

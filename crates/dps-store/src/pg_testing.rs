@@ -67,8 +67,9 @@ pub fn admin_sql(sql: &str) {
 
 /// Runs SQL statements on the database at `url`.
 pub fn admin_sql_on(url: &str, sql: &str) {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    runtime.block_on(async {
+    let (url, sql) = (url.to_owned(), sql.to_owned());
+    on_own_runtime(move || async move {
+        let (url, sql) = (url.as_str(), sql.as_str());
         let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
             .await
             .unwrap_or_else(|e| panic!("connecting to the test cluster: {e}"));
@@ -76,13 +77,29 @@ pub fn admin_sql_on(url: &str, sql: &str) {
         client.batch_execute(sql).await.unwrap_or_else(|e| panic!("running {sql:?}: {e:?}"));
         drop(client);
         let _ = driver.await;
-    });
+    })
+}
+
+/// Runs the future `make` builds on a runtime of its own, on a thread of its own (so that it also works
+/// from inside an async test), and returns its output.
+fn on_own_runtime<T, F>(make: impl FnOnce() -> F + Send + 'static) -> T
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = T>,
+{
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(make())
+    })
+    .join()
+    .unwrap_or_else(|_| panic!("the test cluster task panicked (see above)"))
 }
 
 /// The first column (as text) of every row `sql` returns on the database at `url`.
 pub fn query_text_on(url: &str, sql: &str) -> Vec<String> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    runtime.block_on(async {
+    let (url, sql) = (url.to_owned(), sql.to_owned());
+    on_own_runtime(move || async move {
+        let (url, sql) = (url.as_str(), sql.as_str());
         let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
             .await
             .unwrap_or_else(|e| panic!("connecting to the test cluster: {e}"));

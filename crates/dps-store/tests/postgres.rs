@@ -6,6 +6,8 @@
 //! connection lost mid-transaction).
 #![cfg(feature = "postgres")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+// The tests race threads, time failures and find free ports: the I/O the workspace bans in pure crates.
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
 use dps_core::proto::model::ProvisioningStatus;
 use dps_core::store::{BlockingStore, StoreError, StoreOp, StoreResult, WriteCondition};
