@@ -269,3 +269,168 @@ async fn a_group_disabled_through_one_replica_refuses_devices_on_the_others() {
     }
     replicas.shutdown().await;
 }
+
+/// Fills a SQLite store in `dir` (sealed with the data directory's keys, as the server does): CA
+/// certificates, groups, enrollments, registrations through a group and through an enrollment.
+async fn fill_sqlite(dir: &Path) {
+    use dps_core::store::{AsyncStore, StoreOp, WriteCondition};
+    use dps_store::testing::{ca, enrollment, record, sym_group};
+    let data = dps_server::datadir::DataDir::new(dir);
+    data.create().unwrap();
+    let provider = dps_server::config::KeyProviderConfig::File(dir.join("kek.key"));
+    let sealer = dps_server::encryption::open_sealer(&provider, &data).unwrap();
+    let store = dps_server::state::ServerStore::open(&StoreConfig::Sqlite, &data.database(), sealer).unwrap();
+    let ops = [
+        StoreOp::PutCertificate {
+            certificate: Box::new(ca("Root-A", "c1")),
+            condition: WriteCondition::Upsert,
+            max_certificates: None,
+        },
+        StoreOp::PutCertificate {
+            certificate: Box::new(ca("inter-b", "c2")),
+            condition: WriteCondition::Upsert,
+            max_certificates: None,
+        },
+        StoreOp::PutGroup {
+            group: Box::new(sym_group("g1", "e1")),
+            condition: WriteCondition::Upsert,
+            max_symmetric_key_groups: None,
+        },
+        StoreOp::PutGroup {
+            group: Box::new(sym_group("g2", "e2")),
+            condition: WriteCondition::Upsert,
+            max_symmetric_key_groups: None,
+        },
+        StoreOp::PutEnrollment {
+            enrollment: Box::new(enrollment("dev-solo", "e3")),
+            condition: WriteCondition::Upsert,
+        },
+        StoreOp::PutEnrollment {
+            enrollment: Box::new(enrollment("dev-other", "e4")),
+            condition: WriteCondition::Upsert,
+        },
+        StoreOp::CommitRegistration { record: Box::new(record("dev-solo", None, "r1")), expected: None },
+        StoreOp::CommitRegistration {
+            record: Box::new(record("dev-g1-a", Some("g1"), "r2")),
+            expected: None,
+        },
+        StoreOp::CommitRegistration {
+            record: Box::new(record("dev-g1-b", Some("g1"), "r3")),
+            expected: None,
+        },
+        StoreOp::CommitRegistration {
+            record: Box::new(record("dev-g2-a", Some("g2"), "r4")),
+            expected: None,
+        },
+    ];
+    for op in ops {
+        store.execute(op).await.unwrap();
+    }
+    tokio::task::spawn_blocking(move || store.close()).await.unwrap().unwrap();
+}
+
+fn export_with(args: &[&str], output: &Path) -> Value {
+    let mut all = vec!["export", "--id-scope", SCOPE, "--output", output.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let out = cli(&all);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stderr).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_and_import_move_a_deployment_between_sqlite_and_postgres() {
+    let (sqlite_a, pg_dir, sqlite_c, files) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    fill_sqlite(sqlite_a.path()).await;
+    let url = dps_store::pg_testing::fresh_database();
+    let (first, second, third) =
+        (files.path().join("a.jsonl"), files.path().join("pg.jsonl"), files.path().join("c.jsonl"));
+
+    let counts = export_with(&["--data-dir", sqlite_a.path().to_str().unwrap()], &first);
+    assert_eq!(
+        counts,
+        serde_json::json!({"certificates": 2, "groups": 2, "enrollments": 2, "registrations": 4})
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&first).unwrap().permissions().mode() & 0o777,
+            0o600,
+            "the export holds secrets"
+        );
+    }
+    let text = std::fs::read_to_string(&first).unwrap();
+    assert!(
+        text.contains("\"cHJpbWFyeQ==\""),
+        "secrets are exported in the clear, to be sealed again on import"
+    );
+
+    // SQLite → PostgreSQL (sealed there with the PostgreSQL deployment's own keys).
+    let pg = ["--data-dir", pg_dir.path().to_str().unwrap(), "--store", url.as_str()];
+    let imported = cli_json(
+        &[&["import", "--id-scope", SCOPE, "--input", first.to_str().unwrap()][..], &pg[..]].concat(),
+    );
+    assert_eq!(imported, counts);
+    export_with(&pg, &second);
+    assert_eq!(std::fs::read_to_string(&second).unwrap(), text, "PostgreSQL holds exactly what SQLite held");
+    let schema = url.rsplit("search_path%3D").next().unwrap();
+    let raw = dps_store::pg_testing::query_text_on(
+        dps_store::pg_testing::cluster_url(),
+        &format!(
+            "SELECT json FROM {schema}.enrollments UNION ALL SELECT json FROM {schema}.enrollment_groups"
+        ),
+    );
+    assert_eq!(raw.len(), 4);
+    assert!(raw.iter().all(|r| r.contains("sealed:v1:") && !r.contains("\"cHJpbWFyeQ==\"")), "{raw:?}");
+
+    // PostgreSQL → another SQLite deployment; importing twice changes nothing.
+    let c = ["--data-dir", sqlite_c.path().to_str().unwrap()];
+    for _ in 0..2 {
+        cli_json(
+            &[&["import", "--id-scope", SCOPE, "--input", second.to_str().unwrap()][..], &c[..]].concat(),
+        );
+    }
+    export_with(&c, &third);
+    assert_eq!(std::fs::read_to_string(&third).unwrap(), text);
+
+    // The imported deployment serves: a server on it reads the registration state.
+    let mut config = config(sqlite_c.path());
+    config.store = StoreConfig::Sqlite;
+    let server = start(config).await;
+    let state = service(&server).registration("dev-g1-b").await.unwrap();
+    assert_eq!(state["etag"], "r3");
+    server.shutdown().await.unwrap();
+}
+
+#[test]
+fn a_server_refuses_a_wrong_postgres_password_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dps_store::pg_testing::cluster_url();
+    let (scheme, rest) = good.split_once("://").unwrap();
+    let host = rest.split_once('@').unwrap().1;
+    let bad = format!("{scheme}://dps:wrong-password@{host}");
+    let out = cli(&[
+        "run",
+        "--id-scope",
+        SCOPE,
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--store",
+        &bad,
+        "--https-listen",
+        "127.0.0.1:0",
+        "--mqtt-listen",
+        "",
+        "--admin-listen",
+        "",
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("refused the credentials"), "{stderr}");
+    assert!(!stderr.contains("wrong-password"), "the password is never printed: {stderr}");
+}
