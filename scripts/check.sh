@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one entry point for every check: formatting, lints (clippy --all-targets also type-checks the
 # benchmarks), every test of every crate, the fuzz corpora and a short fuzz smoke run (scripts/fuzz.sh), and
-# the conformance tests with the real Azure SDKs.
+# the conformance tests with the real Azure SDKs. The PostgreSQL tests run on a throwaway cluster that
+# scripts/pg.sh installs (postgresql-15 from Debian's packages, if missing) and starts on loopback.
 # CI (.ci/run) calls exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +28,13 @@ cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 echo "== Mosquitto (the hub-adapter tests' broker): installed if missing"
 ./scripts/mosquitto.sh
 
-echo "== cargo test (all crates)"
+echo "== PostgreSQL: a throwaway cluster on loopback for the store and replica tests (scripts/pg.sh)"
+pg_env=$(./scripts/pg.sh start)
+eval "export $(echo "$pg_env" | grep '^DPS_TEST_POSTGRES_URL=')"
+pg_dir=$(echo "$pg_env" | sed -n 's/^DPS_TEST_POSTGRES_DIR=//p')
+trap 'rm -f "$log"; ./scripts/pg.sh stop "$pg_dir"' EXIT
+
+echo "== cargo test (all crates; the PostgreSQL tests on that cluster)"
 cargo test --workspace --locked 2>&1 | tee "$log"
 rust_passed=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) if ($i ~ /^passed;?$/) s += $(i-1) } END { print s + 0 }' "$log")
 rust_failed=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) if ($i ~ /^failed;?$/) s += $(i-1) } END { print s + 0 }' "$log")

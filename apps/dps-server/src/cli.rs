@@ -82,6 +82,12 @@ pub enum Command {
     },
     /// Provision a symmetric-key device over HTTPS or MQTT with the dps-client crate.
     ProvisionDevice(ProvisionArgs),
+    /// Write every CA certificate, enrollment group, individual enrollment and registration record of the
+    /// configured store (SQLite or PostgreSQL) as JSON Lines. Secrets are in the clear: the file is
+    /// created with mode 0600.
+    Export(ExportArgs),
+    /// Read an export into the configured store (each item created or replaced).
+    Import(ImportArgs),
     /// Inspect a local server's hub directory, usage report and audit log. These commands do not use the
     /// HTTPS API: they read the data directory's databases directly, read-only (the server may be running).
     Admin {
@@ -89,6 +95,73 @@ pub enum Command {
         #[command(subcommand)]
         action: AdminAction,
     },
+}
+
+/// `export`.
+#[derive(Debug, Clone, Args)]
+pub struct ExportArgs {
+    /// The file to write (default: standard output).
+    #[arg(long, short, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// The store and its keys: the same settings as the server's (--config, --store, --data-dir, …).
+    #[command(flatten)]
+    pub server: RunArgs,
+}
+
+/// `import`.
+#[derive(Debug, Clone, Args)]
+pub struct ImportArgs {
+    /// The export to read.
+    #[arg(long, short, value_name = "FILE")]
+    pub input: PathBuf,
+    /// The store and its keys: the same settings as the server's (--config, --store, --data-dir, …).
+    #[command(flatten)]
+    pub server: RunArgs,
+}
+
+/// Opens the store a server configuration names, with the data directory's encryption keys.
+async fn open_configured_store(args: &RunArgs) -> Result<crate::state::ServerStore, ServerError> {
+    let config = args.resolve(|k| std::env::var(k).ok())?;
+    let dir = DataDir::new(config.data_dir.clone());
+    dir.create()?;
+    tokio::task::spawn_blocking(move || {
+        let sealer = crate::encryption::open_sealer(&config.key_provider, &dir)?;
+        crate::state::ServerStore::open(&config.store, &dir.database(), sealer).map_err(ServerError::Store)
+    })
+    .await
+    .map_err(|e| ServerError::Client(format!("the store open task failed: {e}")))?
+}
+
+/// `export`: the counts of what was written.
+pub async fn run_export(a: &ExportArgs) -> Result<Value, ServerError> {
+    let store = open_configured_store(&a.server).await?;
+    let counts = match &a.output {
+        Some(path) => {
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create(true).truncate(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            let file =
+                options.open(path).map_err(|e| ServerError::io(format!("creating {}", path.display()), e))?;
+            crate::transfer::export(&store, &mut std::io::BufWriter::new(file)).await?
+        }
+        None => crate::transfer::export(&store, &mut std::io::stdout().lock()).await?,
+    };
+    let _ = tokio::task::spawn_blocking(move || store.close()).await;
+    serde_json::to_value(counts).map_err(|e| ServerError::Client(e.to_string()))
+}
+
+/// `import`: the counts of what was written.
+pub async fn run_import(a: &ImportArgs) -> Result<Value, ServerError> {
+    let file = std::fs::File::open(&a.input)
+        .map_err(|e| ServerError::io(format!("opening {}", a.input.display()), e))?;
+    let store = open_configured_store(&a.server).await?;
+    let counts = crate::transfer::import(&store, std::io::BufReader::new(file)).await?;
+    let closed = tokio::task::spawn_blocking(move || store.close())
+        .await
+        .map_err(|e| ServerError::Client(format!("the store close task failed: {e}")))?;
+    closed.map_err(ServerError::Store)?;
+    serde_json::to_value(counts).map_err(|e| ServerError::Client(e.to_string()))
 }
 
 /// Where the local-database admin commands find the data directory.
@@ -265,6 +338,9 @@ pub struct RunArgs {
     /// Data directory [env: DPS_DATA_DIR].
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// The store: sqlite (default) or postgres://user:password@host:5432/db [env: DPS_STORE].
+    #[arg(long, value_name = "STORE")]
+    pub store: Option<String>,
     /// Default allocation policy: hashed, static or geoLatency [env: DPS_DEFAULT_ALLOCATION].
     #[arg(long)]
     pub default_allocation: Option<String>,
@@ -312,6 +388,7 @@ impl RunArgs {
             service_host_name: self.service_host_name.clone(),
             device_host_name: self.device_host_name.clone(),
             data_dir: self.data_dir.clone(),
+            store: self.store.clone(),
             default_allocation: self.default_allocation.clone(),
             retry_after_secs: self.retry_after_secs.clone(),
             respond_early: self.respond_early.clone(),
@@ -1330,6 +1407,20 @@ pub async fn run_admin(command: Command) -> ExitCode {
                 Err(e) => fail(e),
             }
         }
+        Command::Export(a) => match run_export(&a).await {
+            Ok(v) => {
+                eprintln!("{v}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+        Command::Import(a) => match run_import(&a).await {
+            Ok(v) => {
+                print_json(&v);
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
         Command::ProvisionDevice(a) => match provision_device(&a).await {
             Ok(v) => {
                 print_json(&v);

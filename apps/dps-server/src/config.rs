@@ -9,6 +9,9 @@
 //! service_host_name = "localhost"        # HostName of the connection string = audience of service SAS tokens
 //! device_host_name = "localhost"         # used in Location headers
 //! data_dir = "./dps-data"
+//! store = "sqlite"                       # or "postgres://user:password@host:5432/db": replicas share it
+//! store_max_connections = 16             # postgres: pooled connections per process
+//! store_pool_wait_ms = 2000              # postgres: a request waits this long for a free connection
 //! default_allocation = "hashed"          # hashed | static | geoLatency
 //! retry_after_secs = 2
 //! respond_early = true                 # answer a register 202 before the hub work (Azure's behaviour)
@@ -108,6 +111,12 @@ pub struct FileConfig {
     pub device_host_name: Option<String>,
     /// Data directory.
     pub data_dir: Option<PathBuf>,
+    /// The store: `sqlite` (default, `dps.sqlite3` in the data directory) or a `postgres://` URL.
+    pub store: Option<String>,
+    /// PostgreSQL: pooled connections per process.
+    pub store_max_connections: Option<usize>,
+    /// PostgreSQL: how long a request waits for a free pooled connection, in milliseconds.
+    pub store_pool_wait_ms: Option<u64>,
     /// Default allocation policy.
     pub default_allocation: Option<String>,
     /// Retry-After of 202 answers.
@@ -406,6 +415,8 @@ pub struct Overrides {
     pub device_host_name: Option<String>,
     /// `--data-dir` / `DPS_DATA_DIR`.
     pub data_dir: Option<PathBuf>,
+    /// `--store` / `DPS_STORE` (`sqlite` or a `postgres://` URL).
+    pub store: Option<String>,
     /// `--default-allocation` / `DPS_DEFAULT_ALLOCATION`.
     pub default_allocation: Option<String>,
     /// `--retry-after-secs` / `DPS_RETRY_AFTER_SECS`.
@@ -439,6 +450,7 @@ impl Overrides {
             service_host_name: lookup("DPS_SERVICE_HOST_NAME"),
             device_host_name: lookup("DPS_DEVICE_HOST_NAME"),
             data_dir: lookup("DPS_DATA_DIR").map(PathBuf::from),
+            store: lookup("DPS_STORE"),
             default_allocation: lookup("DPS_DEFAULT_ALLOCATION"),
             retry_after_secs: lookup("DPS_RETRY_AFTER_SECS"),
             respond_early: lookup("DPS_RESPOND_EARLY"),
@@ -476,6 +488,7 @@ impl Overrides {
         set(&mut file.service_host_name, &self.service_host_name);
         set(&mut file.device_host_name, &self.device_host_name);
         set(&mut file.data_dir, &self.data_dir);
+        set(&mut file.store, &self.store);
         set(&mut file.default_allocation, &self.default_allocation);
         num(&mut file.retry_after_secs, &self.retry_after_secs, "retry_after_secs")?;
         if let Some(v) = &self.respond_early {
@@ -532,6 +545,8 @@ pub struct ServerConfig {
     pub device_host_name: String,
     /// Data directory (database, TLS material, keys, `ready.json`).
     pub data_dir: PathBuf,
+    /// Where enrollments, groups, registrations, CA certificates and the audit log are stored.
+    pub store: StoreConfig,
     /// Default allocation policy.
     pub default_allocation: AllocationPolicy,
     /// Retry-After of 202 answers, in seconds.
@@ -591,6 +606,67 @@ pub struct ServerConfig {
     pub custom_allocation: CustomAllocationConfig,
     /// The latency table of `geoLatency` allocation (None: no `[[latency]]` rows).
     pub latency: Option<dps_core::policy::LatencyTable>,
+}
+
+/// Where the server stores its data.
+#[derive(Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// `dps.sqlite3` in the data directory (one process).
+    Sqlite,
+    /// A PostgreSQL database, shared by any number of replicas.
+    Postgres {
+        /// The connection string (may hold a password: never printed, see the `Debug` impl).
+        url: String,
+        /// Pool and timeout settings.
+        options: dps_store::PostgresOptions,
+    },
+}
+
+impl StoreConfig {
+    /// Parses the `store` setting: `sqlite`, or a `postgres://` / `postgresql://` URL.
+    pub fn parse(value: &str) -> Result<StoreConfig, ConfigError> {
+        let value = value.trim();
+        if value.is_empty() || value.eq_ignore_ascii_case("sqlite") {
+            return Ok(StoreConfig::Sqlite);
+        }
+        if value.starts_with("postgres://") || value.starts_with("postgresql://") {
+            return Ok(StoreConfig::Postgres {
+                url: value.to_owned(),
+                options: dps_store::PostgresOptions::default(),
+            });
+        }
+        Err(err("store: expected \"sqlite\" or a postgres:// URL (postgres://user:password@host:5432/db)"))
+    }
+
+    /// A description safe to log: the PostgreSQL URL without its password.
+    pub fn describe(&self) -> String {
+        match self {
+            StoreConfig::Sqlite => "sqlite".into(),
+            StoreConfig::Postgres { url, .. } => redact_password(url),
+        }
+    }
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+/// `scheme://user:password@host/…` with the password replaced by `***`.
+pub fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let (authority, tail) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((credentials, host)) => match credentials.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
 }
 
 /// The hub linked when the configuration names none.
@@ -832,6 +908,15 @@ impl ServerConfig {
             }
         };
         let data_dir = file.data_dir.unwrap_or_else(|| PathBuf::from("./dps-data"));
+        let mut store = StoreConfig::parse(file.store.as_deref().unwrap_or("sqlite"))?;
+        if let StoreConfig::Postgres { options, .. } = &mut store {
+            if let Some(n) = file.store_max_connections {
+                options.max_connections = n.clamp(1, 1000);
+            }
+            if let Some(ms) = file.store_pool_wait_ms {
+                options.pool_wait = Duration::from_millis(ms.clamp(1, 60_000));
+            }
+        }
         let key_provider = match file.encryption.key_provider.as_deref().map(str::trim) {
             None | Some("file") => KeyProviderConfig::File(
                 file.encryption.key_file.clone().unwrap_or_else(|| data_dir.join("kek.key")),
@@ -853,6 +938,7 @@ impl ServerConfig {
             service_host_name,
             device_host_name,
             data_dir,
+            store,
             default_allocation,
             retry_after_secs,
             respond_early: file.respond_early.unwrap_or(true),
@@ -939,6 +1025,39 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("./dps-data"));
         assert_eq!(c.header_read_timeout, Duration::from_secs(10));
         assert_eq!(c.max_connections, 10_000);
+    }
+
+    #[test]
+    fn the_store_is_sqlite_or_a_postgres_url_never_shown_with_its_password() {
+        let scope = "id_scope = \"0ne00000001\"\n";
+        let c = ServerConfig::resolve(FileConfig::parse(scope, "t").unwrap(), &env(&[]), &env(&[])).unwrap();
+        assert_eq!(c.store, StoreConfig::Sqlite);
+        let file =
+            format!("{scope}store = \"postgres://dps:s3cret@db:5432/dps\"\nstore_max_connections = 4\n");
+        let c = ServerConfig::resolve(FileConfig::parse(&file, "t").unwrap(), &env(&[]), &env(&[])).unwrap();
+        match &c.store {
+            StoreConfig::Postgres { url, options } => {
+                assert_eq!(url, "postgres://dps:s3cret@db:5432/dps");
+                assert_eq!(options.max_connections, 4);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(format!("{:?}", c.store), "postgres://dps:***@db:5432/dps");
+        assert!(!format!("{c:?}").contains("s3cret"));
+        let c = ServerConfig::resolve(
+            FileConfig::parse(scope, "t").unwrap(),
+            &env(&[("DPS_STORE", "postgresql://x@h/d")]),
+            &env(&[]),
+        )
+        .unwrap();
+        assert!(matches!(c.store, StoreConfig::Postgres { .. }));
+        let bad = ServerConfig::resolve(
+            FileConfig::parse(&format!("{scope}store = \"mysql://x\"\n"), "t").unwrap(),
+            &env(&[]),
+            &env(&[]),
+        )
+        .unwrap_err();
+        assert!(bad.0.contains("store:"), "{bad}");
     }
 
     #[test]

@@ -42,6 +42,7 @@ pub mod server;
 pub mod state;
 pub mod throttle;
 pub mod tls;
+pub mod transfer;
 pub mod usage;
 
 /// Why the server (or a CLI command) could not do its job.

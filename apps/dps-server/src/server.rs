@@ -299,7 +299,7 @@ impl RunningServer {
             or_off(self.ready.amqp),
             or_off(self.ready.admin),
             d.root().display(),
-            d.database().display(),
+            self.state.store.inner().describe(),
             d.ca_cert().display(),
             d.server_cert().display(),
             d.owner_key().display(),

@@ -14,10 +14,10 @@ use dps_core::proto::Timestamp;
 use dps_core::store::{AsyncStore, StoreError, StoreOp, StoreResult};
 use dps_core::OWNER_POLICY;
 use dps_core::{AccessPolicy, DeviceRequest, Engine, EngineConfig, HttpRequest, Reply, Rights};
-use dps_host::{Clock, Host, LocalCa, SystemClock, WebhookConfig, Webhooks};
+use dps_host::{AssigningRecords, Clock, Host, LocalCa, SystemClock, WebhookConfig, Webhooks};
 use dps_hubs::RoutingDirectory;
 use dps_store::seal::Sealer;
-use dps_store::{SqliteHubDirectory, SqliteOptions, SqliteStore};
+use dps_store::{PostgresStore, SqliteHubDirectory, SqliteOptions, SqliteStats, SqliteStore};
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
@@ -28,18 +28,94 @@ pub fn now() -> Timestamp {
     SystemClock.now()
 }
 
-/// The SQLite store, timing every `CommitRegistration` into
+/// The store the server runs on, as configured (`store = "sqlite"` or a `postgres://` URL).
+#[derive(Debug, Clone)]
+pub enum ServerStore {
+    /// `dps.sqlite3` in the data directory: one process.
+    Sqlite(SqliteStore),
+    /// A PostgreSQL database shared by every replica.
+    Postgres(PostgresStore),
+}
+
+impl ServerStore {
+    /// Opens the configured store: SQLite at `database`, or PostgreSQL (connecting with retries, migrating).
+    /// Blocks; call it from a blocking context.
+    pub fn open(
+        config: &crate::config::StoreConfig,
+        database: &Path,
+        sealer: Arc<Sealer>,
+    ) -> Result<ServerStore, StoreError> {
+        Ok(match config {
+            crate::config::StoreConfig::Sqlite => ServerStore::Sqlite(SqliteStore::open_sealed(
+                database,
+                SqliteOptions::default(),
+                Some(sealer),
+            )?),
+            crate::config::StoreConfig::Postgres { url, options } => {
+                ServerStore::Postgres(PostgresStore::connect(url, options.clone(), Some(sealer))?)
+            }
+        })
+    }
+
+    /// Where the data is: the SQLite file, or the PostgreSQL target without its password.
+    pub fn describe(&self) -> String {
+        match self {
+            ServerStore::Sqlite(s) => s.path().display().to_string(),
+            ServerStore::Postgres(p) => p.target().to_owned(),
+        }
+    }
+
+    /// The SQLite write-path counters (zero on PostgreSQL, which commits each write on its own).
+    pub fn stats(&self) -> SqliteStats {
+        match self {
+            ServerStore::Sqlite(s) => s.stats(),
+            ServerStore::Postgres(_) => SqliteStats::default(),
+        }
+    }
+
+    /// Closes the store: SQLite commits what is queued and stops its writer; PostgreSQL closes its pool.
+    pub fn close(self) -> Result<(), StoreError> {
+        match self {
+            ServerStore::Sqlite(s) => s.close(),
+            ServerStore::Postgres(p) => {
+                p.close();
+                Ok(())
+            }
+        }
+    }
+}
+
+impl AsyncStore for ServerStore {
+    fn execute(&self, op: StoreOp) -> impl Future<Output = Result<StoreResult, StoreError>> + Send {
+        enum Pending<A, B> {
+            Sqlite(A),
+            Postgres(B),
+        }
+        let pending = match self {
+            ServerStore::Sqlite(s) => Pending::Sqlite(AsyncStore::execute(s, op)),
+            ServerStore::Postgres(p) => Pending::Postgres(AsyncStore::execute(p, op)),
+        };
+        async move {
+            match pending {
+                Pending::Sqlite(f) => f.await,
+                Pending::Postgres(f) => f.await,
+            }
+        }
+    }
+}
+
+/// The store, timing every `CommitRegistration` into
 /// [`Metrics::store_commit_latency`](crate::metrics::Metrics).
 #[derive(Debug, Clone)]
 pub struct MeteredStore {
-    inner: SqliteStore,
+    inner: ServerStore,
     metrics: Arc<Metrics>,
     billing: Option<Arc<Billing>>,
 }
 
 impl MeteredStore {
     /// Wraps a store.
-    pub fn new(inner: SqliteStore, metrics: Arc<Metrics>) -> Self {
+    pub fn new(inner: ServerStore, metrics: Arc<Metrics>) -> Self {
         MeteredStore { inner, metrics, billing: None }
     }
 
@@ -51,7 +127,7 @@ impl MeteredStore {
     }
 
     /// The wrapped store.
-    pub fn inner(&self) -> &SqliteStore {
+    pub fn inner(&self) -> &ServerStore {
         &self.inner
     }
 }
@@ -195,7 +271,7 @@ fn webhooks(c: &crate::config::CustomAllocationConfig) -> Result<Webhooks, Serve
 }
 
 impl AppState {
-    /// Opens the store at `database` and the hub directory (`hubs.sqlite3` in the data directory) and builds
+    /// Opens the configured store (SQLite at `database`, or PostgreSQL) and the hub directory (`hubs.sqlite3` in the data directory) and builds
     /// the engine.
     ///
     /// Every secret the stores write (enrollment and group keys, webhook URLs, hub device keys, the issuing
@@ -213,8 +289,8 @@ impl AppState {
             Some(Arc::clone(&sealer)),
         )
         .map_err(|e| ServerError::DataDir(format!("{}: {e}", hubs_path.display())))?;
-        let store = SqliteStore::open_sealed(database, SqliteOptions::default(), Some(Arc::clone(&sealer)))
-            .map_err(ServerError::Store)?;
+        let store =
+            ServerStore::open(&config.store, database, Arc::clone(&sealer)).map_err(ServerError::Store)?;
         let metrics = Arc::new(Metrics::default());
         let billing = Arc::new(Billing::new(config.id_scope.to_string(), Arc::clone(&metrics), hubs.clone()));
         let store =
@@ -246,7 +322,13 @@ impl AppState {
             .hubs(routing.clone())
             .poll_hold(config.poll_hold)
             .quotas(config.quotas)
-            .faults(config.faults.clone());
+            .faults(config.faults.clone())
+            // Replicas sharing PostgreSQL must see an early-answered registration's `assigning` record (a
+            // device's poll may reach another replica): it is written to the store, not kept in memory.
+            .assigning_records(match config.store {
+                crate::config::StoreConfig::Sqlite => AssigningRecords::Host,
+                crate::config::StoreConfig::Postgres { .. } => AssigningRecords::Store,
+            });
         if let Some(seed) = config.fault_seed {
             use rand::SeedableRng;
             builder = builder.fault_rng(Box::new(rand::rngs::StdRng::seed_from_u64(seed)));

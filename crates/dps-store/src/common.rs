@@ -126,6 +126,33 @@ pub(crate) fn backend(message: impl Into<String>) -> StoreError {
     StoreError::Backend { message: message.into() }
 }
 
+/// The stored ETag column as the item's `etag` (an empty column means the item had none).
+pub(crate) fn non_empty(s: &str) -> Option<&str> {
+    if s.is_empty() {
+        None
+    } else {
+        Some(s)
+    }
+}
+
+/// Checks a put's condition against the stored `(etag, json)` and carries the stored creation time over.
+pub(crate) fn prepare_put<T>(
+    condition: &WriteCondition,
+    existing: Option<(String, String)>,
+    mut item: T,
+    set_created: impl FnOnce(&mut T, String),
+) -> Result<T, StoreError> {
+    check_write(condition, existing.as_ref().map(|(etag, _)| non_empty(etag)))?;
+    if let Some((_, json)) = existing {
+        let value: serde_json::Value = serde_json::from_str(&json)
+            .map_err(|e| json_error("reading the stored item's creation time", &e))?;
+        if let Some(created) = value.get("createdDateTimeUtc").and_then(|v| v.as_str()) {
+            set_created(&mut item, created.to_owned());
+        }
+    }
+    Ok(item)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

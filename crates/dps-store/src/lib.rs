@@ -9,6 +9,8 @@
 //! - [`SqliteStore`] (feature `sqlite`, on by default): one SQLite database file in WAL mode with
 //!   `synchronous=FULL`. A write is acknowledged only once it is committed and fsynced, so an acknowledged
 //!   registration, enrollment or group survives a crash or power loss (as far as the disk honours fsync).
+//! - [`PostgresStore`] (feature `postgres`): a PostgreSQL database shared by any number of server
+//!   replicas; every write is one transaction whose precondition is checked against the row it locks.
 //!
 //! # Group commit
 //!
@@ -28,7 +30,11 @@
 
 mod common;
 mod memory;
-#[cfg(feature = "sqlite")]
+#[cfg(all(feature = "testing", feature = "postgres"))]
+pub mod pg_testing;
+#[cfg(feature = "postgres")]
+mod postgres;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 mod secrets;
 #[cfg(feature = "sqlite")]
 mod sqlite;
@@ -39,9 +45,11 @@ pub mod testing;
 
 /// Encryption at rest (the sealer, key providers and keyring), re-exported for callers of
 /// [`SqliteStore::open_sealed`] and [`SqliteHubDirectory::open_sealed`].
-#[cfg(feature = "sqlite")]
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub use dps_seal as seal;
 pub use memory::MemoryStore;
+#[cfg(feature = "postgres")]
+pub use postgres::{PostgresOptions, PostgresStore, POSTGRES_SCHEMA_VERSION};
 #[cfg(feature = "sqlite")]
 pub use sqlite::{read_audit_log, SqliteOptions, SqliteStats, SqliteStore, SCHEMA_VERSION};
 #[cfg(feature = "sqlite")]

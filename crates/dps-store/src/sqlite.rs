@@ -2,7 +2,7 @@
 
 use crate::common::{
     backend, check_certificate_limit, check_delete, check_group_limit, check_write, enrollment_key,
-    group_key, is_symmetric_key_group, json_error, page_limit,
+    group_key, is_symmetric_key_group, json_error, non_empty, page_limit, prepare_put,
 };
 use crate::secrets::{self, HasSecrets};
 use dps_core::audit::{AuditFilter, AuditOperation, AuditRecord, AuditTransport};
@@ -1777,32 +1777,6 @@ impl Writer {
     fn current_item(&self, sql: &str, key: &str) -> Result<Option<(String, String)>, rusqlite::Error> {
         self.conn.prepare_cached(sql)?.query_row([key], |r| Ok((r.get(0)?, r.get(1)?))).optional()
     }
-}
-
-/// The stored ETag column as the item's `etag` (an empty column means the item had none).
-fn non_empty(s: &str) -> Option<&str> {
-    if s.is_empty() {
-        None
-    } else {
-        Some(s)
-    }
-}
-
-/// Checks a put's condition against the stored `(etag, json)` and carries the stored creation time over.
-fn prepare_put<T>(
-    condition: &WriteCondition,
-    existing: Option<(String, String)>,
-    mut item: T,
-    set_created: impl FnOnce(&mut T, String),
-) -> Result<T, StoreError> {
-    check_write(condition, existing.as_ref().map(|(etag, _)| non_empty(etag)))?;
-    if let Some((_, json)) = existing {
-        let value: serde_json::Value = from_json("reading the stored item's creation time", &json)?;
-        if let Some(created) = value.get("createdDateTimeUtc").and_then(|v| v.as_str()) {
-            set_created(&mut item, created.to_owned());
-        }
-    }
-    Ok(item)
 }
 
 // ------------------------------------------------------------------------------------------------
