@@ -83,6 +83,7 @@ fn request(text: &str) -> HttpRequest {
         continuation,
         body,
         client_certificates: None,
+        client_address: None,
     }
 }
 
